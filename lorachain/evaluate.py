@@ -1,0 +1,75 @@
+"""Evaluation: loss on the targets, and accuracy by scoring every candidate label."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorachain.data import Example, collate
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, seqs: list[Example], pad_id: int, batch_size: int
+                      ) -> list[tuple[float, int]]:
+    """(sum of target-token log-probs, number of target tokens) for each example."""
+    out = []
+    for k in range(0, len(seqs), batch_size):
+        chunk = seqs[k: k + batch_size]
+        batch = collate(chunk, pad_id, classifier=False)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        mask = labels != -100
+        tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        out += list(zip(tok.sum(1).tolist(), mask.sum(1).tolist(), strict=True))
+    return out
+
+
+def with_target(e: Example, target_ids: list[int]) -> Example:
+    prompt = e.input_ids[: e.prompt_len]
+    return Example(prompt + target_ids, [-100] * len(prompt) + target_ids, e.label, len(prompt))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int,
+             classifier: bool, candidate_ids: list[list[int]] | None = None) -> dict[str, float]:
+    """eval_loss (mean NLL per target token, or cross-entropy per example for classifiers) and,
+    with candidates or a classifier, accuracy."""
+    was_training = model.training
+    model.eval()
+    try:
+        if classifier:
+            return _eval_classifier(model, examples, pad_id, batch_size)
+        scored = sequence_logprobs(model, examples, pad_id, batch_size)
+        nll, ntok = -sum(s for s, _ in scored), sum(n for _, n in scored)
+        result = {"eval_loss": nll / max(ntok, 1), "eval_ppl": math.exp(min(nll / max(ntok, 1), 50))}
+        if candidate_ids is not None:
+            pairs = [with_target(e, c) for e in examples for c in candidate_ids]
+            scores = sequence_logprobs(model, pairs, pad_id, batch_size)
+            k = len(candidate_ids)
+            preds = [max(range(k), key=lambda j, i=i: scores[i * k + j][0]) for i in range(len(examples))]
+            result["accuracy"] = accuracy(preds, [e.label for e in examples])
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _eval_classifier(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int
+                     ) -> dict[str, float]:
+    losses, preds = [], []
+    for k in range(0, len(examples), batch_size):
+        batch = collate(examples[k: k + batch_size], pad_id, classifier=True)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses += F.cross_entropy(logits.float(), batch["labels"], reduction="none").tolist()
+        preds += logits.argmax(-1).tolist()
+    return {"eval_loss": sum(losses) / len(losses),
+            "accuracy": accuracy(preds, [e.label for e in examples])}
+
+
+def accuracy(preds: list[int], labels: list[int | None]) -> float:
+    if not preds:
+        raise ValueError("accuracy of no predictions")
+    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / len(preds)

@@ -1,0 +1,137 @@
+"""Load any Hugging Face causal LM or sequence classifier, and find where LoRA can go.
+
+GGUF checkpoints are dequantised once and cached as safetensors under the user cache folder, so a
+second run loads in seconds and the result can be saved with plain `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.pytorch_utils import Conv1D
+
+from lorachain.config import ConfigError, ModelConfig
+from lorachain.io import atomic_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live (`LORACHAIN_CACHE` or the platform's user cache folder)."""
+    if env := os.environ.get("LORACHAIN_CACHE"):
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("lorachain"))
+
+
+def convert_gguf(folder: str, gguf_file: str) -> Path:
+    """Dequantise `folder/gguf_file` to a safetensors model folder in the cache; return its path."""
+    src = Path(folder) / gguf_file
+    if not src.is_file():
+        raise ConfigError(f"model.gguf_file: {src} not found")
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "models" / f"{src.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+
+    def fill(tmp: Path) -> None:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(out, fill)
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    """The folder or hub id to load from, after GGUF conversion."""
+    if cfg.gguf_file:
+        return str(convert_gguf(cfg.name_or_path, cfg.gguf_file))
+    return cfg.name_or_path
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, num_labels: int | None = None) -> PreTrainedModel:
+    """Load the model named by `cfg` (hub id, folder, or GGUF file) in eval mode."""
+    path = resolve_path(cfg)
+    dtype = DTYPES[cfg.dtype]
+    try:
+        if cfg.task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels or cfg.num_labels, dtype=dtype
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise ConfigError(f"model.name_or_path: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def model_family(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Distinct last-name parts of the model's Linear and Conv1D layers (LoRA targets)."""
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    return sorted(names)
+
+
+def resolve_target_modules(model: nn.Module, targets: list[str] | None) -> list[str]:
+    """Check `targets` against the model's linear layers; None means PEFT's default for its family."""
+    available = linear_layer_names(model)
+    if targets is None:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        family = model_family(model)
+        if family not in defaults:
+            raise ConfigError(
+                f"chain.target_modules: no default for model type {family!r}; "
+                f"choose from its linear layers: {', '.join(available)}"
+            )
+        targets = list(defaults[family])
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise ConfigError(
+            f"chain.target_modules: {', '.join(unknown)} not found in {model_family(model)}; "
+            f"its linear layers are: {', '.join(available)}"
+        )
+    return targets
+
+
+def uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    """True when the targets are GPT-2 style Conv1D layers (weights stored transposed)."""
+    return any(isinstance(m, Conv1D) and n.split(".")[-1] in targets for n, m in model.named_modules())
+
+
+def base_config_name(path: str) -> str:
+    """A short identity for the base model (its config's name or the path)."""
+    try:
+        return getattr(AutoConfig.from_pretrained(path), "_name_or_path", "") or path
+    except OSError:
+        return path

@@ -1,0 +1,369 @@
+"""The one training loop: LoRA, COLA and every baseline are configurations of it.
+
+`train(cfg)` runs a chain link by link inside one fixed budget: tune the link (`run_steps`), tie a
+knot, extend the chain with a fresh adapter and a new optimizer. It checkpoints atomically, resumes
+from the last checkpoint (mid-link or between links) to the same weights, and writes the run folder:
+config.json, metrics.jsonl, tb/, chain.safetensors, adapter/, summary.json (and merged/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorachain.chain.export import head_state, save_chain, write_adapter, write_merged
+from lorachain.chain.knot import (
+    Knot, apply_factors, check_lora_bias, extend, lora_config, tie_knot, trainable_state, unload,
+)
+from lorachain.chain.policy import KnotPolicy, make_policy
+from lorachain.config import ConfigError, OptimConfig, RunConfig
+from lorachain.data import Example, candidates, collate, load_examples, micro_batches, steps_per_epoch
+from lorachain.evaluate import evaluate
+from lorachain.io import atomic_write, write_json, write_text
+from lorachain.models import load_model, load_tokenizer, resolve_path, resolve_target_modules, uses_conv1d
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """A fresh base optimizer (no state): AdamW, SGD or AdaGrad."""
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at 0-based `step` of a `total`-step schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def run_steps(model: nn.Module, opt: torch.optim.Optimizer, examples: list[Example], cfg: RunConfig,
+              start: int, end: int, lr_at: Callable[[int], float], pad_id: int, classifier: bool,
+              on_step: Callable[[int, float, int], bool]) -> int:
+    """Optimizer steps `start`..`end`-1; after each, `on_step(step_count, loss, tokens)` may stop
+    the loop by returning True. Returns the number of steps done so far (the global count)."""
+    t = cfg.train
+    params = trainable(model)
+    model.train()
+    step = start
+    while step < end:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss_sum, tokens = 0.0, 0
+        batches = list(micro_batches(examples, step, t.batch_size, t.grad_accum, t.seed))
+        for chunk in batches:
+            batch = collate(chunk, pad_id, classifier)
+            loss = model(**batch).loss / len(batches)
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        if cfg.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if on_step(step, loss_sum, tokens):
+            break
+    return step
+
+
+@dataclass
+class State:
+    """Everything a checkpoint holds besides the model and optimizer."""
+
+    step: int = 0
+    link: int = 0
+    link_start: int = 0
+    knots: list[Knot] = field(default_factory=list)
+    links: list[dict] = field(default_factory=list)  # per-link summary rows
+
+
+@dataclass
+class Result:
+    summary: dict
+    model: nn.Module | None = None
+    tokenizer: object | None = None
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a stop never lands mid-update."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.old: dict = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.stop = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def prepare_run_dir(out: Path, cfg: RunConfig) -> None:
+    """Write config.json, or check that an existing run folder holds the same config."""
+    path = out / "config.json"
+    new = json.loads(cfg.to_json())
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old.pop("lorachain_version", None)
+        new.pop("lorachain_version", None)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(
+                f"{out}: holds a run with another config (differs in {', '.join(diff)}); "
+                "choose another output_dir or delete it"
+            )
+        return
+    write_text(path, cfg.to_json() + "\n")
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """Holds one run's moving parts; `run()` is the loop. Use `train(cfg)` rather than this."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module | None, tokenizer, progress: bool) -> None:
+        self.cfg, self.out, self.progress = cfg, Path(cfg.output_dir), progress
+        self.classifier = cfg.model.task == "classification"
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
+        labels = len(cfg.data.label_words) if cfg.data.label_words else None
+        self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
+        if self.classifier and self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        d = cfg.data
+        self.train_ex = load_examples(d.train, d, self.tokenizer, self.classifier, d.max_train_rows)
+        self.eval_ex = (load_examples(d.eval, d, self.tokenizer, self.classifier, d.max_eval_rows)
+                        if d.eval else [])
+        cands = None if self.classifier else candidates(d)
+        self.cand_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cands] if cands else None
+        t = cfg.train
+        self.spe = steps_per_epoch(len(self.train_ex), t.batch_size, t.grad_accum)
+        self.total = t.max_steps or max(1, round((t.epochs or 1) * self.spe))
+        self.policy: KnotPolicy = make_policy(cfg.chain, self.total, self.spe)
+        self.targets = resolve_target_modules(self.model, cfg.chain.target_modules)
+        self.fan_in_fan_out = uses_conv1d(self.model, self.targets)
+        if cfg.chain.bias == "lora_only":
+            check_lora_bias(self.model, self.targets)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+    # -- the chain ---------------------------------------------------------------------------
+    def extend(self, st: State) -> None:
+        """Extend the chain with link `st.link` and a new, empty optimizer."""
+        link = self.cfg.chain.links[st.link]
+        config = lora_config(link, self.cfg.chain, self.targets, self.fan_in_fan_out, self.cfg.model.task)
+        self.peft = extend(self.model, config)
+        self.modules_to_save = list(self.peft.peft_config["default"].modules_to_save or [])
+        self.opt = make_optimizer(trainable(self.peft), self.cfg.optim)
+        if len(st.links) <= st.link:
+            n_train = sum(p.numel() for p in trainable(self.peft))
+            st.links.append({"link": st.link, "rank": link.rank, "alpha": link.alpha,
+                             "start_step": st.step, "trainable_params": n_train, "tokens": 0,
+                             "est_train_flops": 0.0, "wall_seconds": 0.0, "losses": []})
+
+    def tie(self, st: State, reason: str) -> None:
+        """Tie a knot: merge the link into the base, evaluate, record; extend unless finished."""
+        t0 = time.perf_counter()
+        link = self.cfg.chain.links[st.link]
+        knot = tie_knot(self.peft, st.link, st.step, link.rank, link.alpha, reason)
+        self.model = unload(self.peft)
+        knot_seconds = time.perf_counter() - t0
+        st.knots.append(knot)
+        row = st.links[st.link]
+        losses = row.pop("losses")
+        row.update(end_step=st.step, steps=st.step - row["start_step"], knot_reason=reason,
+                   knot_seconds=knot_seconds,
+                   final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])))
+        if self.eval_ex:
+            row["eval"] = self.evaluate(self.model)
+        self.log(f"knot {st.link} at step {st.step} ({reason}); rank {link.rank}", row.get("eval"))
+        if st.step < self.total:
+            st.link, st.link_start = st.link + 1, st.step
+            self.extend(st)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return evaluate(model, self.eval_ex, self.pad_id, self.cfg.train.eval_batch_size,
+                        self.classifier, self.cand_ids)
+
+    def lr_at(self, st: State) -> Callable[[int], float]:
+        o = self.cfg.optim
+        if o.restart_per_link:
+            ends = getattr(self.policy, "ends", None)
+            end = ends[st.link] if ends else self.total
+            return lambda s: o.lr * lr_factor(s - st.link_start, end - st.link_start, o.warmup_steps, o.schedule)
+        return lambda s: o.lr * lr_factor(s, self.total, o.warmup_steps, o.schedule)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, st: State) -> None:
+        state = {
+            "step": st.step, "link": st.link, "link_start": st.link_start,
+            "knots": [k.to_state() for k in st.knots], "links": json.dumps(st.links),
+            "trainable": trainable_state(self.peft), "optimizer": self.opt.state_dict(),
+            "policy": json.dumps(self.policy.state_dict()), "rng": torch.get_rng_state(),
+        }
+        atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+    def restore(self) -> State:
+        """The state of the last checkpoint, with the model rebuilt to match; a new State if none."""
+        path = self.out / CHECKPOINT
+        st = State()
+        if not path.is_file():
+            self.extend(st)
+            return st
+        ck = torch.load(path, weights_only=True)
+        st = State(ck["step"], ck["link"], ck["link_start"],
+                   [Knot.from_state(k) for k in ck["knots"]], json.loads(ck["links"]))
+        for knot in st.knots:
+            apply_factors(self.model, knot.factors)
+        self.extend(st)
+        missing = set(trainable_state(self.peft)) - set(ck["trainable"])
+        if missing:
+            raise RuntimeError(f"{path}: checkpoint lacks {sorted(missing)[0]}; delete it to restart")
+        self.peft.load_state_dict(ck["trainable"], strict=False)
+        self.opt.load_state_dict(ck["optimizer"])
+        self.policy.load_state_dict(json.loads(ck["policy"]))
+        torch.set_rng_state(ck["rng"])
+        self._trim_metrics(st.step)
+        self.log(f"resumed from {path} at step {st.step}, link {st.link}")
+        return st
+
+    def _trim_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            write_text(path, "".join(ln + "\n" for ln in keep))
+
+    # -- logging -----------------------------------------------------------------------------
+    def log(self, msg: str, extra: dict | None = None) -> None:
+        if self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(f"[lorachain] {msg}" + (f" {json.dumps(extra)}" if extra else ""))
+
+    def run(self, stop_after: int | None = None) -> Result:
+        """Train to the end of the budget (or `stop_after` steps, as if interrupted)."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        st = self.restore()
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=st.step or None)
+        metrics = (self.out / "metrics.jsonl").open("a")
+        bar = tqdm(total=self.total, initial=st.step, disable=not self.progress, desc="train", unit="step")
+        interrupted = False
+        try:
+            with _StopFlag() as flag:
+                while st.step < self.total and not interrupted:
+                    t0 = time.perf_counter()
+
+                    def on_step(step: int, loss: float, tokens: int) -> bool:
+                        nonlocal interrupted, t0
+                        st.step = step
+                        row = st.links[st.link]
+                        row["losses"].append(loss)
+                        row["tokens"] += tokens
+                        row["est_train_flops"] += tokens * (4 * self.n_params + 2 * row["trainable_params"])
+                        now = time.perf_counter()
+                        row["wall_seconds"] += now - t0
+                        t0 = now
+                        lr = self.opt.param_groups[0]["lr"]
+                        metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
+                        metrics.flush()
+                        writer.add_scalar("train/loss", loss, step)
+                        writer.add_scalar("train/lr", lr, step)
+                        bar.update(1)
+                        bar.set_postfix(link=st.link, loss=f"{loss:.4f}")
+                        reason = self.policy.should_tie(step, st.link, st.link_start, loss)
+                        if reason is None and step == self.total:
+                            reason = "end of budget"
+                        if reason:
+                            self.tie(st, reason)
+                            writer.add_scalar("chain/knot", st.link, step)
+                        if step < self.total and (flag.stop or (stop_after or self.total) <= step):
+                            interrupted = True
+                        if reason or interrupted or step % self.cfg.train.save_every == 0:
+                            if step < self.total:
+                                self.save_checkpoint(st)
+                        return bool(reason) or interrupted
+
+                    run_steps(self.peft, self.opt, self.train_ex, self.cfg, st.step, self.total,
+                              self.lr_at(st), self.pad_id, self.classifier, on_step)
+        finally:
+            bar.close()
+            metrics.close()
+            writer.close()
+        if interrupted:
+            self.log(f"stopped at step {st.step}; run the same command again to resume")
+            return Result({"status": "interrupted", "step": st.step}, self.peft, self.tokenizer)
+        return Result(self.finish(st), self.model, self.tokenizer)
+
+    def finish(self, st: State) -> dict:
+        """Write the chain, the single-adapter export, (merged model) and summary.json."""
+        cfg = self.cfg
+        meta = {"base_model": cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file,
+                "task": cfg.model.task, "target_modules": self.targets}
+        head = head_state(self.model, self.modules_to_save)
+        save_chain(self.out / "chain.safetensors", st.knots, head, meta)
+        write_adapter(self.out / "adapter", st.knots, head, meta)
+        if cfg.export_merged:
+            write_merged(self.out / "merged", self.model, [], {}, self.tokenizer)
+        summary = {
+            "status": "finished", "total_steps": self.total, "steps_per_epoch": self.spe,
+            "train_examples": len(self.train_ex), "eval_examples": len(self.eval_ex),
+            "links": st.links, "chain_rank": sum(k.rank for k in st.knots),
+            "wall_seconds": sum(r["wall_seconds"] for r in st.links),
+            "est_train_flops": sum(r["est_train_flops"] for r in st.links),
+            "peak_memory_mb": peak_memory_mb(), "target_modules": self.targets,
+            "final_eval": st.links[-1].get("eval", {}),
+        }
+        write_json(self.out / "summary.json", summary)
+        (self.out / CHECKPOINT).unlink(missing_ok=True)
+        return summary
+
+
+def train(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None, *,
+          stop_after: int | None = None, progress: bool = True) -> Result:
+    """Train the chain described by `cfg`; resume if its output_dir holds a checkpoint.
+
+    `model`/`tokenizer` may be given (tests, notebooks); the model is modified in place. A finished
+    run folder returns its summary without training again.
+    """
+    out = Path(cfg.output_dir)
+    prepare_run_dir(out, cfg)
+    if (out / "summary.json").is_file():
+        return Result(json.loads((out / "summary.json").read_text()))
+    return Trainer(cfg, model, tokenizer, progress).run(stop_after)
