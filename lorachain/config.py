@@ -257,7 +257,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     data = {k: v for k, v in data.items() if k != "lorachain_version"}
     unknown = sorted(set(data) - names)
     prefix = f"{where}." if where else ""
-    _check(not unknown, f"{prefix}{unknown[0] if unknown else ''}: unknown key; expected one of {sorted(names)}")
+    _check(
+        not unknown, f"{prefix}{unknown[0] if unknown else ''}: unknown key; expected one of {sorted(names)}"
+    )
     kwargs = {k: _convert(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -288,8 +290,9 @@ def set_dotted(data: dict[str, Any], override: str) -> None:
         node[last] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
     """Load a RunConfig from a YAML file (or a mapping) plus dotted overrides."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:

