@@ -282,7 +282,12 @@ def set_dotted(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         _check(isinstance(node, dict | list), f"override {key}: {part} is not a mapping")
     last = parts[-1]
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # "a: {b}" is text, not a mapping
     if isinstance(node, list):
         _check(last.isdigit() and int(last) < len(node), f"override {key}: no list item {last}")
         node[int(last)] = value

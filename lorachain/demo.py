@@ -65,8 +65,11 @@ def format_table(rows: list[dict]) -> str:
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> list[dict]:
     """Train each method in its own process (a clean peak-memory reading), then compare."""
+    import os
+
     from lorachain.plots import plot_runs
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network
     out = Path(out)
     ctx = mp.get_context("spawn")
     zero = _zero_shot(demo_config(out / "zero", [{"rank": 8}], steps))

@@ -177,10 +177,6 @@ class Trainer:
         self.classifier = cfg.model.task == "classification"
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
-        labels = len(cfg.data.label_words) if cfg.data.label_words else None
-        self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
-        if self.classifier and self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         d = cfg.data
         self.train_ex = load_examples(d.train, d, self.tokenizer, self.classifier, d.max_train_rows)
         self.eval_ex = (
@@ -194,6 +190,11 @@ class Trainer:
         self.spe = steps_per_epoch(len(self.train_ex), t.batch_size, t.grad_accum)
         self.total = t.max_steps or max(1, round((t.epochs or 1) * self.spe))
         self.policy: KnotPolicy = make_policy(cfg.chain, self.total, self.spe)
+        # the model is loaded last, so that bad data or shares fail before the slow part
+        labels = len(cfg.data.label_words) if cfg.data.label_words else None
+        self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
+        if self.classifier and self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.targets = resolve_target_modules(self.model, cfg.chain.target_modules)
         self.fan_in_fan_out = uses_conv1d(self.model, self.targets)
         if cfg.chain.bias == "lora_only":
@@ -317,9 +318,11 @@ class Trainer:
     # -- logging -----------------------------------------------------------------------------
     def log(self, msg: str, extra: dict | None = None) -> None:
         if self.progress:
+            import sys
+
             from tqdm import tqdm
 
-            tqdm.write(f"[lorachain] {msg}" + (f" {json.dumps(extra)}" if extra else ""))
+            tqdm.write(f"[lorachain] {msg}" + (f" {json.dumps(extra)}" if extra else ""), file=sys.stderr)
 
     def run(self, stop_after: int | None = None) -> Result:
         """Train to the end of the budget (or `stop_after` steps, as if interrupted)."""
@@ -340,7 +343,7 @@ class Trainer:
             row["wall_seconds"] += time.perf_counter() - t0
             row["losses"].append(loss)
             row["tokens"] += tokens
-            row["est_train_flops"] += tokens * (4 * self.n_params + 2 * row["trainable_params"])
+            row["est_train_flops"] += tokens * (4 * self.n_params + 6 * row["trainable_params"])
             lr = self.opt.param_groups[0]["lr"]
             metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
             metrics.flush()

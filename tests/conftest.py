@@ -17,13 +17,21 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
+    BloomConfig,
+    BloomForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 POS = ["good", "great", "fine", "lovely", "superb", "nice"]
@@ -86,6 +94,42 @@ def tiny_model(family: str) -> torch.nn.Module:
             **SMALL,
         )
         return OPTForCausalLM(cfg).eval()
+    if family == "qwen2":
+        cfg = Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **SMALL,
+        )
+        return Qwen2ForCausalLM(cfg).eval()
+    if family == "gemma3_text":
+        cfg = Gemma3TextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            sliding_window=16,
+            **SMALL,
+        )
+        return Gemma3ForCausalLM(cfg).eval()
+    if family == "bloom":
+        return BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, **SMALL)).eval()
+    if family == "gpt_neox":
+        cfg = GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            **SMALL,
+        )
+        return GPTNeoXForCausalLM(cfg).eval()
     if family == "bert":
         cfg = BertConfig(
             hidden_size=32,

@@ -20,7 +20,7 @@ from lorachain.config import ChainConfig, ConfigError, LinkConfig, OptimConfig
 from lorachain.models import resolve_target_modules, uses_conv1d
 from lorachain.train import make_optimizer, trainable
 
-FAMILIES = ["llama", "gpt2", "opt", "bert"]
+FAMILIES = ["llama", "gpt2", "opt", "bert", "qwen2", "gemma3_text", "bloom", "gpt_neox"]
 SHAPES = {"one": [8], "three": [8, 8, 8], "step-down": [8, 4], "step-up": [2, 6]}
 X = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16], [2, 20, 21, 22, 23, 24, 25, 26]])
 

@@ -80,13 +80,28 @@ def test_one_link_chain_matches_plain_peft_lora(tmp_path, toy_data, tokenizer):
     torch.manual_seed(cfg.train.seed)  # as train() does before extending the chain
     plain = get_peft_model(
         base,
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1,
-                   init_lora_weights="gaussian"),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.1,
+            init_lora_weights="gaussian",
+        ),
     )
     examples = load_examples(cfg.data.train, cfg.data, tokenizer, classifier=False)
     opt = make_optimizer(trainable(plain), cfg.optim)
-    run_steps(plain, opt, examples, cfg, 0, 12, lambda s: cfg.optim.lr * lr_factor(s, 12, 0, "linear"),
-              0, False, lambda *a: False)
+    run_steps(
+        plain,
+        opt,
+        examples,
+        cfg,
+        0,
+        12,
+        lambda s: cfg.optim.lr * lr_factor(s, 12, 0, "linear"),
+        0,
+        False,
+        lambda *a: False,
+    )
     merged = plain.merge_and_unload()
     for (n, p), (_, q) in zip(merged.named_parameters(), chained.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
@@ -99,8 +114,12 @@ def final_weights(tmp_path, name) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stops", [[4], [6], [3, 5, 8]], ids=["mid-link", "at-knot", "three-stops"])
 def test_resume_equals_uninterrupted(tmp_path, toy_data, tokenizer, stops):
     over = {"chain__dropout": 0.1, "chain__links": CHAINS["stepdown"]}
-    ref = train(cfg_for(tmp_path, toy_data, "gpt2", output_dir=str(tmp_path / "ref"), **over),
-                tiny_model("gpt2"), tokenizer, progress=False)
+    ref = train(
+        cfg_for(tmp_path, toy_data, "gpt2", output_dir=str(tmp_path / "ref"), **over),
+        tiny_model("gpt2"),
+        tokenizer,
+        progress=False,
+    )
     cfg = cfg_for(tmp_path, toy_data, "gpt2", output_dir=str(tmp_path / "resumed"), **over)
     for stop in stops:
         r = train(cfg, tiny_model("gpt2"), tokenizer, stop_after=stop, progress=False)
@@ -147,8 +166,13 @@ def test_finished_run_is_not_retrained_and_other_config_is_refused(tmp_path, toy
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adamw"])
 def test_base_optimizers_reduce_loss(tmp_path, toy_data, tokenizer, optimizer):
     lr = {"sgd": 0.5, "adagrad": 0.05, "adamw": 0.01}[optimizer]
-    cfg = cfg_for(tmp_path, toy_data, "llama", optim={"name": optimizer, "lr": lr},
-                  train={"epochs": 4, "batch_size": 8, "seed": 0})
+    cfg = cfg_for(
+        tmp_path,
+        toy_data,
+        "llama",
+        optim={"name": optimizer, "lr": lr},
+        train={"epochs": 4, "batch_size": 8, "seed": 0},
+    )
     s = train(cfg, tiny_model("llama"), tokenizer, progress=False).summary
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["loss"] for r in rows[:4]) / 4
@@ -156,9 +180,10 @@ def test_base_optimizers_reduce_loss(tmp_path, toy_data, tokenizer, optimizer):
 
 
 def test_auto_policy_ties_on_plateau_within_max_links(tmp_path, toy_data, tokenizer):
-    chain = ChainConfig(links=[LinkConfig(rank=4)] * 3,
-                        knot=KnotConfig(policy="auto", window=3, min_delta=0.0, smoothing=0.0,
-                                        min_link_steps=2))
+    chain = ChainConfig(
+        links=[LinkConfig(rank=4)] * 3,
+        knot=KnotConfig(policy="auto", window=3, min_delta=0.0, smoothing=0.0, min_link_steps=2),
+    )
     policy = PlateauKnots(chain, total=100, steps_per_epoch=10)
     losses = [5, 4, 3, 3, 3, 3, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     reasons = {}
@@ -171,9 +196,16 @@ def test_auto_policy_ties_on_plateau_within_max_links(tmp_path, toy_data, tokeni
     assert list(reasons) == [6, 11]  # 3 steps without improvement, twice; then max length
     assert "did not improve" in reasons[6]
 
-    cfg = cfg_for(tmp_path, toy_data, "llama", chain={
-        "links": [{"rank": 4, "alpha": 8}] * 4, "dropout": 0.0,
-        "knot": {"policy": "auto", "window": 2, "min_delta": 0.5, "min_link_steps": 2}})
+    cfg = cfg_for(
+        tmp_path,
+        toy_data,
+        "llama",
+        chain={
+            "links": [{"rank": 4, "alpha": 8}] * 4,
+            "dropout": 0.0,
+            "knot": {"policy": "auto", "window": 2, "min_delta": 0.5, "min_link_steps": 2},
+        },
+    )
     s = train(cfg, tiny_model("llama"), tokenizer, progress=False).summary
     assert 1 < len(s["links"]) <= 4
     assert all(link["knot_reason"].startswith("auto") for link in s["links"][:-1])
