@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,68 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route_train(args: argparse.Namespace) -> int:
+    from lorachain.config import RouteConfig, load_config
+    from lorachain.routing.train import route_train
+
+    cfg = load_config(args.config, args.overrides, cls=RouteConfig)
+    manifest = route_train(cfg)
+    if manifest is None:
+        return 130
+    print(f"store: {cfg.output_dir} ({len(manifest.adapters)} adapters)")
+    return 0
+
+
+def _router(args: argparse.Namespace):
+    from lorachain.serve.router import Router
+
+    return Router.from_store(args.store, mode=args.mode, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+
+
+def _route_eval(args: argparse.Namespace) -> int:
+    from lorachain.routing.evaluate import route_eval
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    result = route_eval(
+        _router(args),
+        args.store,
+        args.out,
+        args.max_per_task,
+        modes,
+        args.max_new_tokens,
+        args.judge_url,
+        args.judge_model,
+    )
+    from lorachain.routing.evaluate import report_markdown
+
+    print(report_markdown(result))
+    return 0
+
+
+def _human_rates(args: argparse.Namespace) -> int:
+    from lorachain.routing.judge import human_rates
+
+    print(json.dumps(human_rates(args.sheet), indent=2))
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    router = _router(args)
+    answers = router.ask(args.instruction, adapter=args.adapter)
+    out = [asdict(a) for a in answers]
+    print(json.dumps(out[0] if len(out) == 1 else out, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _router_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("store", help="adapter store folder (made by `lorachain route train`)")
+    p.add_argument("--mode", choices=["score", "generate"], default="score", help="task selection mode")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorachain", description=__doc__)
     p.add_argument("--version", action="version", version=f"lorachain {__version__}")
@@ -53,6 +116,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="training steps per method (default: 1 epoch)")
     d.set_defaults(func=_demo)
+
+    r = sub.add_parser("route", help="task routing: train a store, evaluate it, rate human sheets")
+    rsub = r.add_subparsers(dest="route_cmd", required=True)
+    rt = rsub.add_parser("train", help="train task adapters, the selector and the mixed adapter")
+    rt.add_argument("config")
+    rt.add_argument("overrides", nargs="*")
+    rt.set_defaults(func=_route_train)
+    re_ = rsub.add_parser("eval", help="perplexity, selector accuracy, answer quality on the test split")
+    _router_args(re_, 32)
+    re_.add_argument("--out", default=None, help="report folder (default STORE/eval)")
+    re_.add_argument("--max-per-task", type=int, default=None, help="test rows per task")
+    re_.add_argument("--modes", default="score,generate")
+    re_.add_argument(
+        "--judge-url",
+        default=os.environ.get("LORACHAIN_JUDGE_URL"),
+        help="OpenAI-compatible base URL for 1-6 helpfulness ratings (optional)",
+    )
+    re_.add_argument("--judge-model", default=os.environ.get("LORACHAIN_JUDGE_MODEL", "gpt-3.5-turbo"))
+    re_.set_defaults(func=_route_eval)
+    rh = rsub.add_parser("human-rates", help="pass/excellent/fail rates from a filled human_eval.csv")
+    rh.add_argument("sheet")
+    rh.set_defaults(func=_human_rates)
+
+    a = sub.add_parser("ask", help="route an instruction to its task adapter and answer (JSON)")
+    _router_args(a, 64)
+    a.add_argument("instruction", nargs="+", help="one or more instructions (answered as a batch)")
+    a.add_argument("--adapter", default=None, help="skip selection and use this adapter")
+    a.set_defaults(func=_ask)
     return p
 
 

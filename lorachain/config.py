@@ -208,6 +208,58 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+@dataclass
+class RouteDataConfig:
+    """A labelled instruction file and how to split it (per task, seeded)."""
+
+    path: str = ""  # JSONL, JSON, CSV or Parquet
+    instruction_field: str = "instruction"
+    input_field: str | None = None  # optional context appended to the instruction
+    output_field: str = "output"
+    task_field: str = "task"
+    tasks: list[str] | None = None  # keep only these labels (default: all)
+    max_per_task: int | None = None  # subsample each task first (CPU budgets)
+    split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    seed: int = 0
+    max_length: int = 256
+    max_eval_rows: int | None = 64  # validation rows evaluated at each knot
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.path: expected a JSONL, JSON, CSV or Parquet file")
+        _check(
+            len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and min(self.split) >= 0,
+            f"data.split: expected three fractions adding up to 1, got {self.split}",
+        )
+        _check(self.max_per_task is None or self.max_per_task >= 5, "data.max_per_task: expected >= 5")
+
+
+@dataclass
+class RouteConfig:
+    """`lorachain route train`: task adapters, the task-selection adapter and the mixed baseline."""
+
+    model: ModelConfig
+    data: RouteDataConfig
+    prompt: str = "### Instruction:\n{instruction}\n\n### Response:\n"  # task and mixed adapters
+    task_prompt: str = "Which type of task is this instruction?\nInstruction: {instruction}\nTask type:"
+    chain: ChainConfig = field(default_factory=ChainConfig)  # task and mixed adapters
+    selector_chain: ChainConfig | None = None  # default: same as chain
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # each task adapter
+    mixed_train: TrainConfig | None = None  # default: train
+    selector_train: TrainConfig | None = None  # default: train
+    output_dir: str = "stores/default"
+
+    def __post_init__(self) -> None:
+        _check(self.model.task == "causal_lm", "model.task: task routing needs a causal LM")
+        _check("{instruction}" in self.prompt, "prompt: must contain {instruction}")
+        _check("{instruction}" in self.task_prompt, "task_prompt: must contain {instruction}")
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"lorachain_version": __version__, **dataclasses.asdict(self)}, indent=2, sort_keys=True
+        )
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`, building nested dataclasses."""
     origin = typing.get_origin(tp)
@@ -296,9 +348,12 @@ def set_dotted(data: dict[str, Any], override: str) -> None:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
-) -> RunConfig:
-    """Load a RunConfig from a YAML file (or a mapping) plus dotted overrides."""
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+    cls: type = RunConfig,
+) -> Any:
+    """Load a RunConfig (or `cls`) from a YAML file (or a mapping) plus dotted overrides."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         p = Path(path)
@@ -311,4 +366,4 @@ def load_config(
         data.update(loaded)
     for ov in overrides or []:
         set_dotted(data, ov)
-    return from_dict(RunConfig, data)
+    return from_dict(cls, data)

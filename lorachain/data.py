@@ -92,6 +92,14 @@ def row_label(cfg: DataConfig, row: dict[str, Any], where: str) -> int:
     return keys.index(key)
 
 
+def prompt_ids(
+    cfg: DataConfig, tokenizer: Any, row: dict[str, Any], reserve: int = 0, where: str = "request"
+) -> list[int]:
+    """Token ids of the rendered prompt alone, cut from the left to leave `reserve` tokens."""
+    ids = tokenizer(render(cfg.prompt, row, where))["input_ids"]
+    return ids[-max(1, cfg.max_length - reserve) :]
+
+
 def encode_row(cfg: DataConfig, tokenizer: Any, row: dict[str, Any], where: str, classifier: bool) -> Example:
     """One row -> token ids and labels, truncating the prompt from the left to fit max_length."""
     prompt = render(cfg.prompt, row, where)

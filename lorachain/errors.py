@@ -3,5 +3,7 @@
 from lorachain.chain.knot import KnotError
 from lorachain.config import ConfigError
 from lorachain.data import DataError
+from lorachain.routing.judge import JudgeError
+from lorachain.store import StoreError
 
-USER_ERRORS = (ConfigError, DataError, KnotError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, KnotError, StoreError, JudgeError, FileNotFoundError)

@@ -53,8 +53,26 @@ WORDS = [
 ]
 
 
+ROUTE_WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "three",
+    "=>",
+    "task:",
+    "sky",
+    "sea",
+    "leaf",
+]
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(WORDS)}
+    vocab = {w: i for i, w in enumerate(WORDS + ROUTE_WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -152,6 +170,23 @@ def toy_rows(n: int, seed: int) -> list[dict]:
         words = rng.sample(FILL, 3) + [rng.choice(POS if label else NEG)]
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def route_rows(n_per_task: int, seed: int = 0) -> list[dict]:
+    """A trivially separable instruction set: each task has its own words and its own answer."""
+    rng = random.Random(seed)
+    spec = {
+        "alpha": (["red", "sky"], "one"),
+        "beta": (["blue", "sea"], "two"),
+        "gamma": (["green", "leaf"], "three"),
+    }
+    rows = []
+    for task, (words, answer) in spec.items():
+        for _ in range(n_per_task):
+            text = " ".join(rng.choice(words) for _ in range(3))
+            rows.append({"instruction": text, "output": answer, "task": task})
+    rng.shuffle(rows)
     return rows
 
 

@@ -1,0 +1,66 @@
+"""Pure metric functions: perplexity, accuracy, top-k, exact match, token F1, ROUGE-L."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    """exp of the mean negative log-likelihood per token (natural log)."""
+    if n_tokens <= 0:
+        raise ValueError("perplexity of no tokens")
+    return math.exp(nll_sum / n_tokens)
+
+
+def top_k_accuracy(ranked: list[list[str]], gold: list[str], k: int) -> float:
+    """Share of examples whose gold label is among the first k ranked labels."""
+    if not gold:
+        raise ValueError("top-k accuracy of no examples")
+    return sum(g in r[:k] for r, g in zip(ranked, gold, strict=True)) / len(gold)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (beta = 1) over normalised word tokens."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    lcs = _lcs(pred, ref)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(pred), lcs / len(ref)
+    return 2 * p * r / (p + r)

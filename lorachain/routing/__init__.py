@@ -1,0 +1,1 @@
+"""Task routing (the second "Chain of LoRA"): data, task selection, training, evaluation."""

@@ -1,0 +1,166 @@
+"""`lorachain route train`: one adapter per task, the task-selection adapter and the mixed-task
+adapter, each trained by the one training loop (so each may be a COLA chain) on one base model,
+adapter by adapter, resumable; the result is an adapter store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from lorachain.config import DataConfig, RouteConfig, RunConfig
+from lorachain.io import atomic_dir, write_text
+from lorachain.models import load_model, load_tokenizer, resolve_path
+from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
+from lorachain.store import MIXED, SELECTOR, Manifest, file_hashes, fingerprint, safe_name, write_manifest
+from lorachain.train import train
+
+
+def write_rows(path: Path, rows: list[InstructionRow]) -> Path:
+    lines = [
+        json.dumps({"instruction": r.instruction, "output": r.output, "task": r.task, "line": r.line})
+        for r in rows
+    ]
+    return write_text(path, "".join(line + "\n" for line in lines))
+
+
+def load_split(cfg: RouteConfig) -> dict[str, list[InstructionRow]]:
+    d = cfg.data
+    rows = read_instruction_rows(d.path, d.instruction_field, d.output_field, d.task_field, d.input_field)
+    if d.tasks:
+        rows = [r for r in rows if r.task in set(d.tasks)]
+    return stratified_split(rows, tuple(d.split), d.seed, d.max_per_task)
+
+
+def adapter_runs(cfg: RouteConfig, root: Path, labels: list[str]) -> dict[str, tuple[str, RunConfig]]:
+    """name -> (kind, RunConfig) for every adapter of the store, in training order."""
+    d = cfg.data
+    splits = root / "splits"
+
+    def run(name: str, train_file: Path, eval_file: Path, data: DataConfig, chain, budget) -> RunConfig:
+        return RunConfig(
+            model=cfg.model,
+            data=replace(data, train=str(train_file), eval=str(eval_file)),
+            chain=chain,
+            optim=cfg.optim,
+            train=budget,
+            output_dir=str(root / "runs" / name),
+        )
+
+    answer = DataConfig(
+        train="-",
+        prompt=cfg.prompt,
+        target="{output}",
+        label_field=None,
+        max_length=d.max_length,
+        max_eval_rows=d.max_eval_rows,
+    )
+    select = DataConfig(
+        train="-",
+        prompt=cfg.task_prompt,
+        target=" {label}",
+        label_field="task",
+        label_words={t: t for t in labels},
+        max_length=d.max_length,
+        max_eval_rows=d.max_eval_rows,
+    )
+    runs: dict[str, tuple[str, RunConfig]] = {}
+    for label in labels:
+        name = safe_name(label)
+        runs[name] = (
+            "task",
+            run(
+                name,
+                splits / "by_task" / f"{name}.train.jsonl",
+                splits / "by_task" / f"{name}.val.jsonl",
+                answer,
+                cfg.chain,
+                cfg.train,
+            ),
+        )
+    runs[MIXED] = (
+        "mixed",
+        run(
+            MIXED,
+            splits / "train.jsonl",
+            splits / "val.jsonl",
+            answer,
+            cfg.chain,
+            cfg.mixed_train or cfg.train,
+        ),
+    )
+    runs[SELECTOR] = (
+        "selector",
+        run(
+            SELECTOR,
+            splits / "train.jsonl",
+            splits / "val.jsonl",
+            select,
+            cfg.selector_chain or cfg.chain,
+            cfg.selector_train or cfg.train,
+        ),
+    )
+    return runs
+
+
+def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = True) -> Manifest | None:
+    """Train every adapter of the store in `cfg.output_dir`; None if interrupted (rerun resumes)."""
+    root = Path(cfg.output_dir)
+    split = load_split(cfg)
+    labels = sorted({r.task for r in split["train"]})
+    names = [safe_name(label) for label in labels]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task labels {labels} give clashing folder names {names}")
+    for part, rows in split.items():
+        write_rows(root / "splits" / f"{part}.jsonl", rows)
+        for label in labels:
+            mine = [r for r in rows if r.task == label]
+            write_rows(root / "splits" / "by_task" / f"{safe_name(label)}.{part}.jsonl", mine)
+    write_text(root / "route_config.json", cfg.to_json() + "\n")
+    tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
+    model = model if model is not None else load_model(cfg.model)
+    pristine = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    manifest = Manifest(
+        base_model={
+            "name_or_path": cfg.model.name_or_path,
+            "gguf_file": cfg.model.gguf_file,
+            "dtype": cfg.model.dtype,
+            "fingerprint": fingerprint(model),
+        },
+        labels=labels,
+        templates={"prompt": cfg.prompt, "task_prompt": cfg.task_prompt, "max_length": cfg.data.max_length},
+    )
+    for name, (kind, run_cfg) in adapter_runs(cfg, root, labels).items():
+        result = train(run_cfg, model, tokenizer, progress=progress)
+        with torch.no_grad():
+            model.load_state_dict(pristine)  # every adapter starts from the same base
+        if result.summary.get("status") == "interrupted":
+            return None
+        folder = Path("adapters") / name
+        atomic_dir(root / folder, lambda tmp, src=Path(run_cfg.output_dir) / "adapter": _copy(src, tmp))
+        s = result.summary
+        manifest.adapters[name] = {
+            "path": str(folder),
+            "kind": kind,
+            "task": labels[names.index(name)] if kind == "task" else None,
+            "files": file_hashes(root / folder, root),
+            "summary": {
+                "links": [
+                    {k: link.get(k) for k in ("rank", "steps", "final_loss", "eval")} for link in s["links"]
+                ],
+                "train_examples": s["train_examples"],
+                "total_steps": s["total_steps"],
+                "wall_seconds": s["wall_seconds"],
+                "chain": asdict(run_cfg.chain),
+            },
+        }
+        write_manifest(root, manifest)
+    return manifest
+
+
+def _copy(src: Path, dst: Path) -> None:
+    for path in src.iterdir():
+        shutil.copy2(path, dst / path.name)

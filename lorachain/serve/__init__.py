@@ -1,0 +1,1 @@
+"""Serving: one base model in memory, adapters from a store, routed and batched generation."""

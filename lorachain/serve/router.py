@@ -1,0 +1,220 @@
+"""One base model in memory, adapters from a store: select a task, swap its adapter in, answer.
+
+`Router.from_store(path).ask(instructions)` runs the task-selection adapter (`score` or `generate`
+mode), picks each instruction's task adapter (loaded from disk on first use, kept in a bounded LRU,
+sha256-checked against the manifest) and generates the answers greedily, batched per adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from lorachain.config import ConfigError, DataConfig, ModelConfig
+from lorachain.data import encode_row, prompt_ids
+from lorachain.evaluate import sequence_logprobs, with_target
+from lorachain.models import load_model, load_tokenizer, resolve_path
+from lorachain.routing.select import Selection, decide, match_labels, rank_scores
+from lorachain.store import MIXED, SELECTOR, Manifest, check_base, read_manifest, verify_adapter
+
+MODES = ("score", "generate")
+
+
+@dataclass
+class Answer:
+    instruction: str
+    task: str | None
+    top_k: list[dict]
+    adapter: str
+    answer: str
+    fallback: str | None = None
+    selector_output: str = ""
+    timings: dict = field(default_factory=dict)  # select_s, swap_s, generate_s (per batch)
+
+
+class Router:
+    """The base model wrapped once by PEFT; the selector stays loaded, task adapters come and go."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        manifest: Manifest,
+        model: PeftModel,
+        tokenizer,
+        *,
+        mode: str = "score",
+        top_k: int = 3,
+        cache_size: int = 8,
+        fallback: str = MIXED,
+        min_confidence: float = 0.0,
+        max_new_tokens: int = 64,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"mode: expected one of {MODES}, got {mode!r}")
+        if fallback not in manifest.adapters:
+            raise ConfigError(
+                f"fallback: no adapter {fallback!r} in the store; known: {sorted(manifest.adapters)}"
+            )
+        if cache_size < 1:
+            raise ConfigError("cache_size: expected >= 1")
+        self.root, self.manifest, self.model, self.tok = Path(root), manifest, model, tokenizer
+        self.mode, self.top_k, self.cache_size = mode, top_k, cache_size
+        self.fallback, self.min_confidence, self.max_new_tokens = fallback, min_confidence, max_new_tokens
+        self.cache: OrderedDict[str, None] = OrderedDict()  # loaded task/mixed adapters, LRU order
+        self.labels = manifest.labels
+        t = manifest.templates
+        self.select_cfg = DataConfig(
+            train="-",
+            prompt=t["task_prompt"],
+            target=" {label}",
+            label_field="task",
+            label_words={x: x for x in self.labels},
+            max_length=t["max_length"],
+        )
+        self.answer_cfg = DataConfig(
+            train="-", prompt=t["prompt"], target="{output}", label_field=None, max_length=t["max_length"]
+        )
+        self.label_ids = [tokenizer(f" {x}", add_special_tokens=False)["input_ids"] for x in self.labels]
+        self.adapters = {a["task"]: name for name, a in manifest.adapters.items() if a["kind"] == "task"}
+
+    @classmethod
+    def from_store(cls, path: str | Path, model=None, tokenizer=None, **kwargs) -> Router:
+        """Open a store: check the base model's fingerprint and the selector's files, load it."""
+        manifest = read_manifest(path)
+        b = manifest.base_model
+        mcfg = ModelConfig(
+            name_or_path=b["name_or_path"], gguf_file=b.get("gguf_file"), dtype=b.get("dtype", "float32")
+        )
+        tokenizer = tokenizer or load_tokenizer(resolve_path(mcfg))
+        model = model if model is not None else load_model(mcfg)
+        check_base(path, manifest, model)
+        selector = verify_adapter(path, manifest, SELECTOR)
+        peft = PeftModel.from_pretrained(model, str(selector), adapter_name=SELECTOR).eval()
+        return cls(path, manifest, peft, tokenizer, **kwargs)
+
+    # -- adapters ----------------------------------------------------------------------------
+    def activate(self, name: str) -> bool:
+        """Make adapter `name` active, loading it if needed (LRU-bounded); True if it was cold."""
+        cold = name != SELECTOR and name not in self.cache
+        if cold:
+            folder = verify_adapter(self.root, self.manifest, name)
+            self.model.load_adapter(str(folder), adapter_name=name)
+            self.cache[name] = None
+        elif name in self.cache:
+            self.cache.move_to_end(name)
+        self.model.set_adapter(name)
+        while len(self.cache) > self.cache_size:
+            old, _ = self.cache.popitem(last=False)
+            self.model.delete_adapter(old)
+        return cold
+
+    # -- selection ---------------------------------------------------------------------------
+    def _prompt(self, cfg: DataConfig, instruction: str):
+        return encode_row(
+            cfg,
+            self.tok,
+            {"instruction": instruction, "task": self.labels[0], "output": ""},
+            "request",
+            classifier=False,
+        )
+
+    @torch.no_grad()
+    def select(self, instructions: list[str], mode: str | None = None) -> list[Selection]:
+        """Rank the task labels for each instruction and choose an adapter."""
+        mode = mode or self.mode
+        self.activate(SELECTOR)
+        if mode == "score":
+            pairs = [
+                with_target(self._prompt(self.select_cfg, x), ids)
+                for x in instructions
+                for ids in self.label_ids
+            ]
+            scored = sequence_logprobs(self.model, pairs, self.tok.pad_token_id, batch_size=16)
+            n = len(self.labels)
+            sels = []
+            for i in range(len(instructions)):
+                ranked, probs = rank_scores(self.labels, [s for s, _ in scored[i * n : (i + 1) * n]])
+                sels.append(Selection(ranked, probs))
+        else:
+            longest = max(len(ids) for ids in self.label_ids) + 4
+            prompts = [
+                prompt_ids(self.select_cfg, self.tok, {"instruction": x}, longest) for x in instructions
+            ]
+            texts = self._generate(prompts, longest)
+            sels = [Selection(match_labels(t, self.labels), [], t) for t in texts]
+        for sel in sels:
+            decide(sel, set(self.adapters), self.fallback, self.min_confidence)
+            if sel.adapter in self.adapters:
+                sel.adapter = self.adapters[sel.adapter]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the selector's activations are not kept
+        return sels
+
+    # -- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy decoding of a left-padded batch; returns only the new text."""
+        pad = self.tok.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=self.tok.eos_token_id,
+        )
+        return self.tok.batch_decode(out[:, width:], skip_special_tokens=True)
+
+    def answer_prompt(self, instruction: str, max_new_tokens: int = 0) -> list[int]:
+        return prompt_ids(self.answer_cfg, self.tok, {"instruction": instruction}, max_new_tokens)
+
+    def ask(
+        self,
+        instructions: str | list[str],
+        mode: str | None = None,
+        adapter: str | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[Answer]:
+        """Route and answer a batch; `adapter` skips selection and uses that adapter."""
+        batch = [instructions] if isinstance(instructions, str) else list(instructions)
+        t0 = time.perf_counter()
+        if adapter is None:
+            sels = self.select(batch, mode)
+        else:
+            if adapter not in self.manifest.adapters or adapter == SELECTOR:
+                raise ConfigError(f"adapter: unknown {adapter!r}; known: {sorted(self.adapters.values())}")
+            sels = [Selection([], [], adapter=adapter) for _ in batch]
+        select_s = time.perf_counter() - t0
+        answers: list[Answer | None] = [None] * len(batch)
+        for name in dict.fromkeys(s.adapter for s in sels):
+            idx = [i for i, s in enumerate(sels) if s.adapter == name]
+            t1 = time.perf_counter()
+            self.activate(name)
+            t2 = time.perf_counter()
+            new = max_new_tokens or self.max_new_tokens
+            texts = self._generate([self.answer_prompt(batch[i], new) for i in idx], new)
+            t3 = time.perf_counter()
+            for i, text in zip(idx, texts, strict=True):
+                s = sels[i]
+                answers[i] = Answer(
+                    batch[i],
+                    s.ranked[0] if s.ranked else None,
+                    s.top(self.top_k),
+                    name,
+                    text.strip(),
+                    s.fallback,
+                    s.text,
+                    {"select_s": select_s, "swap_s": t2 - t1, "generate_s": t3 - t2},
+                )
+        return answers  # type: ignore[return-value]

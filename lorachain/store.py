@@ -1,0 +1,126 @@
+"""The on-disk adapter store: the folder users copy and serve. Trains nothing.
+
+    STORE/manifest.json           base model identity + fingerprint, labels, templates, adapters
+    STORE/adapters/<name>/        one standard PEFT adapter folder per task, `_selector`, `_mixed`
+    STORE/splits/{train,val,test}.jsonl
+
+Every adapter file's sha256 is in the manifest; loading checks it, and checks the base model's
+fingerprint, so a tampered file or a different base model fails with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorachain import __version__
+from lorachain.io import write_json
+
+FORMAT = 1
+SELECTOR, MIXED = "_selector", "_mixed"
+
+
+class StoreError(ValueError):
+    """The store is missing, corrupt, or does not match the base model; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap identity of the base weights: sha256 over each parameter's name, shape and first
+    4096 values (fp32). Differs for another checkpoint, dtype change aside."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            name = name.removeprefix("base_model.model.")
+            if "lora_" in name or "modules_to_save" in name:
+                continue
+            h.update(f"{name}:{tuple(p.shape)}".encode())
+            h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def safe_name(label: str) -> str:
+    """A folder name for a task label (letters, digits, _ . -)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "task"
+    return name
+
+
+@dataclass
+class Manifest:
+    base_model: dict  # name_or_path, gguf_file, task, fingerprint
+    labels: list[str]
+    templates: dict  # prompt (task adapters), task_prompt (selector)
+    adapters: dict[str, dict] = field(default_factory=dict)  # name -> path, kind, task, files, summary
+    lorachain_version: str = __version__
+    format: int = FORMAT
+
+    def adapter_for(self, label: str) -> str | None:
+        for name, a in self.adapters.items():
+            if a.get("kind") == "task" and a.get("task") == label:
+                return name
+        return None
+
+
+def file_hashes(folder: Path, root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_manifest(root: str | Path, manifest: Manifest) -> Path:
+    return write_json(Path(root) / "manifest.json", vars(manifest))
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise StoreError(f"{path}: no manifest (is {root} an adapter store made by `lorachain route train`?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if data.get("format", 0) > FORMAT:
+        raise StoreError(
+            f"{path}: store format {data['format']} is newer than this lorachain reads ({FORMAT})"
+        )
+    try:
+        return Manifest(**data)
+    except TypeError as e:
+        raise StoreError(f"{path}: unexpected manifest fields ({e})") from None
+
+
+def verify_adapter(root: str | Path, manifest: Manifest, name: str) -> Path:
+    """The adapter folder of `name`, after checking every file against the manifest's sha256."""
+    if name not in manifest.adapters:
+        raise StoreError(f"{root}: no adapter named {name!r}; known: {sorted(manifest.adapters)}")
+    entry = manifest.adapters[name]
+    root = Path(root)
+    for rel, digest in entry["files"].items():
+        path = root / rel
+        if not path.is_file():
+            raise StoreError(f"{path}: missing (listed in the manifest of adapter {name!r})")
+        if sha256_file(path) != digest:
+            raise StoreError(f"{path}: sha256 does not match the manifest (file changed or truncated)")
+    return root / entry["path"]
+
+
+def check_base(root: str | Path, manifest: Manifest, model: nn.Module) -> None:
+    """Refuse a base model whose weights differ from the one the store was trained on."""
+    expected = manifest.base_model.get("fingerprint")
+    if expected and fingerprint(model) != expected:
+        raise StoreError(
+            f"{Path(root) / 'manifest.json'}: adapters were trained on base "
+            f"{manifest.base_model.get('name_or_path')!r} with another weight fingerprint; "
+            "load the same base model"
+        )

@@ -1,0 +1,272 @@
+"""Task routing on a tiny model: split, selection, store integrity, LRU, eval, CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tokenizer, route_rows, tiny_model, write_jsonl
+from peft import PeftModel
+
+from lorachain.config import RouteConfig, from_dict
+from lorachain.data import DataError
+from lorachain.routing.data import read_instruction_rows, stratified_split
+from lorachain.routing.evaluate import route_eval
+from lorachain.routing.judge import human_rates, judge_score
+from lorachain.routing.select import Selection, decide, kmp_find_all, match_labels, rank_scores
+from lorachain.routing.train import route_train
+from lorachain.serve.router import Router
+from lorachain.store import MIXED, SELECTOR, StoreError, read_manifest
+
+
+def route_cfg(tmp: Path, data: Path) -> RouteConfig:
+    return from_dict(
+        RouteConfig,
+        {
+            "model": {"name_or_path": "tiny"},
+            "data": {"path": str(data), "max_length": 16},
+            "prompt": "{instruction} =>",
+            "task_prompt": "{instruction} task:",
+            "chain": {"links": [{"rank": 4, "alpha": 8}], "dropout": 0.0},
+            "selector_chain": {"links": [{"rank": 4, "alpha": 8}, {"rank": 2, "alpha": 4}], "dropout": 0.0},
+            "optim": {"lr": 0.02},
+            "train": {"epochs": 3, "batch_size": 4},
+            "output_dir": str(tmp / "store"),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("route")
+    data = write_jsonl(tmp / "rows.jsonl", route_rows(20))
+    manifest = route_train(route_cfg(tmp, data), tiny_model("llama"), make_tokenizer(), progress=False)
+    assert manifest is not None
+    return tmp / "store"
+
+
+def router(store: Path, **kw) -> Router:
+    return Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer(), **kw)
+
+
+def test_split_is_stratified_and_reproducible(tmp_path):
+    rows = read_instruction_rows(write_jsonl(tmp_path / "r.jsonl", route_rows(10)))
+    a, b = stratified_split(rows, seed=3), stratified_split(rows, seed=3)
+    assert [r.line for r in a["test"]] == [r.line for r in b["test"]]
+    assert stratified_split(rows, seed=4)["test"] != a["test"]
+    for part, n in (("train", 6), ("val", 2), ("test", 2)):
+        assert sorted({r.task for r in a[part]}) == ["alpha", "beta", "gamma"]
+        assert all(sum(r.task == t for r in a[part]) == n for t in ("alpha", "beta", "gamma"))
+    assert not {r.line for r in a["train"]} & {r.line for r in a["test"]}
+
+
+def test_bad_rows_are_reported_by_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(
+        '{"instruction": "x", "output": "y", "task": "a"}\n{"instruction": "x", "output": "y", "task": ""}\n'
+        '{"instruction": "x", "task": "a"}\n'
+    )
+    with pytest.raises(DataError, match=r"r.jsonl: line 2: missing or empty field 'task' \(and 1 more\)"):
+        read_instruction_rows(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("the task is sentiment.", ["sentiment"]),
+        ("topic_classification or sentiment", ["topic_classification", "sentiment"]),
+        ("SENTIMENT then topic_classification then sentiment", ["sentiment", "topic_classification"]),
+        ("closed_book_qa", ["closed_book_qa"]),  # "qa"-like shorter labels inside do not count
+        ("nothing here", []),
+    ],
+)
+def test_match_labels(text, expected):
+    labels = ["sentiment", "topic_classification", "closed_book_qa", "book"]
+    assert match_labels(text, labels) == expected
+
+
+def test_kmp_finds_overlapping_occurrences():
+    assert kmp_find_all("aaaa", "aa") == [0, 1, 2]
+    assert kmp_find_all("abcabcab", "cab") == [2, 5]
+    assert kmp_find_all("abc", "") == []
+
+
+def test_rank_scores_and_fallback():
+    ranked, probs = rank_scores(["a", "b", "c"], [-1.0, -3.0, -0.5])
+    assert ranked == ["c", "a", "b"]
+    assert sum(probs) == pytest.approx(1) and probs[0] == pytest.approx(
+        1 / (1 + torch.e**-0.5 + torch.e**-2.5)
+    )
+    sel = decide(Selection(ranked, probs), {"a", "b", "c"}, MIXED, min_confidence=0.9)
+    assert sel.adapter == MIXED and "probability" in sel.fallback
+    assert (
+        decide(Selection([], []), {"a"}, MIXED, 0.0).fallback
+        == "no task label found in the selector's output"
+    )
+    assert decide(Selection(["a"], [1.0]), {"a"}, MIXED, 0.0).adapter == "a"
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_selector_reaches_full_accuracy_on_separable_tasks(store, mode):
+    r = router(store, mode=mode)
+    test = [json.loads(x) for x in (store / "splits" / "test.jsonl").read_text().splitlines()]
+    sels = r.select([t["instruction"] for t in test])
+    assert [s.ranked[0] for s in sels] == [t["task"] for t in test]
+    assert all(s.fallback is None for s in sels)
+    if mode == "score":
+        assert all(len(s.ranked) == 3 and s.scores[0] > 0.34 for s in sels)
+
+
+def test_store_layout_and_plain_peft_loading(store):
+    m = read_manifest(store)
+    assert m.labels == ["alpha", "beta", "gamma"]
+    assert set(m.adapters) == {"alpha", "beta", "gamma", MIXED, SELECTOR}
+    assert m.adapters[SELECTOR]["summary"]["links"][0]["rank"] == 4  # the selector is a 2-link chain
+    assert len(m.adapters[SELECTOR]["summary"]["links"]) == 2
+    for name, a in m.adapters.items():
+        assert all(len(h) == 64 for h in a["files"].values())
+        PeftModel.from_pretrained(tiny_model("llama"), str(store / a["path"]))  # a standard adapter, name
+
+
+def test_lru_never_exceeds_bound_and_evicts_least_recent(store):
+    r = router(store, cache_size=2)
+    assert r.activate("alpha") is True
+    assert r.activate("beta") is True
+    assert r.activate("alpha") is False  # cached: alpha is now most recent
+    assert r.activate("gamma") is True  # evicts beta
+    assert list(r.cache) == ["alpha", "gamma"]
+    assert set(r.model.peft_config) == {SELECTOR, "alpha", "gamma"}
+
+
+def test_ask_answers_with_the_chosen_adapter(store):
+    r = router(store)
+    answers = r.ask(["red sky red", "blue sea blue"])
+    assert [a.task for a in answers] == ["alpha", "beta"]
+    assert [a.adapter for a in answers] == ["alpha", "beta"]
+    assert all(set(a.timings) == {"select_s", "swap_s", "generate_s"} for a in answers)
+    direct = r.ask(["red sky red"], adapter="alpha")[0]
+    assert direct.answer == answers[0].answer and direct.top_k == []
+
+
+def test_tampered_file_and_wrong_base_are_refused(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    weights = copy / "adapters" / "beta" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    r = router(copy)
+    with pytest.raises(StoreError, match=r"beta/adapter_model.safetensors: sha256 does not match"):
+        r.activate("beta")
+    other = tiny_model("llama")
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(StoreError, match="another weight fingerprint"):
+        Router.from_store(store, model=other, tokenizer=make_tokenizer())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
+    with pytest.raises(StoreError, match="store format 99 is newer"):
+        read_manifest(copy)
+
+
+class _Judge(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Judge.seen.append((self.path, body))
+        reply = {"choices": [{"message": {"role": "assistant", "content": "Rating: 5"}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_url():
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_judge_parses_rating(judge_url):
+    assert judge_score(judge_url, "m", "do x", "ref", "ans") == 5
+    path, body = _Judge.seen[-1]
+    assert (
+        path == "/v1/chat/completions" and body["model"] == "m" and "do x" in body["messages"][0]["content"]
+    )
+
+
+def test_route_eval_writes_report(store, tmp_path, judge_url):
+    result = route_eval(
+        router(store),
+        store,
+        tmp_path / "eval",
+        max_per_task=2,
+        max_new_tokens=4,
+        judge_url=judge_url,
+        judge_model="m",
+    )
+    assert result["test_rows"] == 6
+    assert result["selection"]["score"]["top1"] == 1.0 and result["selection"]["generate"]["top1"] == 1.0
+    for kind in ("oracle", "mixed", "routed"):
+        assert set(result["perplexity"][kind]) == {"alpha", "beta", "gamma"}
+        assert all(v > 1 for v in result["perplexity"][kind].values())
+    # routing is perfect here, so the routed chain is the oracle
+    assert result["perplexity"]["routed"] == result["perplexity"]["oracle"]
+    assert result["judge"]["routed"] == {"alpha": 5.0, "beta": 5.0, "gamma": 5.0}
+    for f in (
+        "route_eval.json",
+        "route_eval.md",
+        "confusion_score.png",
+        "confusion_generate.png",
+        "human_eval.csv",
+    ):
+        assert (tmp_path / "eval" / f).is_file()
+    assert "| alpha | 2 |" in (tmp_path / "eval" / "route_eval.md").read_text()
+
+
+def test_human_rates(tmp_path):
+    sheet = tmp_path / "s.csv"
+    sheet.write_text(
+        "instruction,task,adapter,answer,rating\nx,a,a,y,pass\nx,a,a,y,Excellent\nx,b,b,y,fail\nx,b,b,y,\n"
+    )
+    rates = human_rates(sheet)
+    assert rates["overall"] == {"rated": 3, "excellent": 1 / 3, "pass": 1 / 3, "fail": 1 / 3}
+    assert rates["per_task"]["a"]["fail"] == 0.0
+    sheet.write_text("instruction,task,adapter,answer,rating\nx,a,a,y,great\n")
+    with pytest.raises(DataError, match="line 2: rating 'great'"):
+        human_rates(sheet)
+
+
+def test_cli_ask_and_route_train(tmp_path, capsys):
+    """`lorachain route train` then `lorachain ask` on a tiny model saved to disk."""
+    import yaml
+
+    from lorachain.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "rows.jsonl", route_rows(10))
+    cfg = json.loads(route_cfg(tmp_path, data).to_json())
+    cfg["model"]["name_or_path"] = str(model_dir)
+    (tmp_path / "route.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["route", "train", str(tmp_path / "route.yaml"), "train.epochs=4"]) == 0
+    capsys.readouterr()
+    assert main(["ask", str(tmp_path / "store"), "green leaf green", "--max-new-tokens", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "gamma" and out["adapter"] == "gamma" and len(out["top_k"]) == 3
+    assert main(["ask", str(tmp_path / "nowhere"), "x"]) == 2
+    assert "no manifest" in capsys.readouterr().err
