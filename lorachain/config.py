@@ -129,9 +129,12 @@ class ChainConfig:
     bias: str = "none"  # none | lora_only (a bias on each LoRA, merged into the layer's bias)
     init: str = "gaussian"  # init of A: gaussian (the paper, after Hu et al.) | kaiming (PEFT)
     knot: KnotConfig = field(default_factory=KnotConfig)
+    method: str = "lora"  # lora (a chain of LoRA) | full (full fine-tuning baseline, one link)
 
     def __post_init__(self) -> None:
         _check(len(self.links) >= 1, "chain.links: expected at least one link")
+        _check(self.method in ("lora", "full"), f"chain.method: expected lora or full, got {self.method!r}")
+        _check(self.method == "lora" or len(self.links) == 1, "chain.links: full fine-tuning takes one link")
         _check(0 <= self.dropout < 1, f"chain.dropout: expected [0, 1), got {self.dropout}")
         _check(self.bias in BIASES, f"chain.bias: expected one of {BIASES}, got {self.bias!r}")
         _check(self.init in INITS, f"chain.init: expected one of {INITS}, got {self.init!r}")
@@ -223,9 +226,11 @@ class RouteDataConfig:
     seed: int = 0
     max_length: int = 256
     max_eval_rows: int | None = 64  # validation rows evaluated at each knot
+    on_bad_rows: str = "error"  # error | skip (skipped rows are listed in STORE/splits/rejected.txt)
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path: expected a JSONL, JSON, CSV or Parquet file")
+        _check(self.on_bad_rows in ("error", "skip"), "data.on_bad_rows: expected error or skip")
         _check(
             len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and min(self.split) >= 0,
             f"data.split: expected three fractions adding up to 1, got {self.split}",

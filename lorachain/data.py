@@ -49,7 +49,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         rows = list(enumerate(data, 1))
     else:
         rows = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
+        for i, line in enumerate(p.read_text().split("\n"), 1):  # not splitlines: U+2028 is text
             if not line.strip():
                 continue
             try:

@@ -195,7 +195,8 @@ class Trainer:
         self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
         if self.classifier and self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.targets = resolve_target_modules(self.model, cfg.chain.target_modules)
+        self.full = cfg.chain.method == "full"
+        self.targets = [] if self.full else resolve_target_modules(self.model, cfg.chain.target_modules)
         self.fan_in_fan_out = uses_conv1d(self.model, self.targets)
         if cfg.chain.bias == "lora_only":
             check_lora_bias(self.model, self.targets)
@@ -206,9 +207,13 @@ class Trainer:
     def extend(self, st: State) -> None:
         """Extend the chain with link `st.link` and a new, empty optimizer."""
         link = self.cfg.chain.links[st.link]
-        config = lora_config(link, self.cfg.chain, self.targets, self.fan_in_fan_out, self.cfg.model.task)
-        self.peft = extend(self.model, config, gaussian=self.cfg.chain.init == "gaussian")
-        self.modules_to_save = list(self.peft.peft_config["default"].modules_to_save or [])
+        if self.full:
+            self.peft, self.modules_to_save = self.model, []
+            self.model.requires_grad_(True)
+        else:
+            config = lora_config(link, self.cfg.chain, self.targets, self.fan_in_fan_out, self.cfg.model.task)
+            self.peft = extend(self.model, config, gaussian=self.cfg.chain.init == "gaussian")
+            self.modules_to_save = list(self.peft.peft_config["default"].modules_to_save or [])
         self.opt = make_optimizer(trainable(self.peft), self.cfg.optim)
         if len(st.links) <= st.link:
             n_train = sum(p.numel() for p in trainable(self.peft))
@@ -230,10 +235,10 @@ class Trainer:
         """Tie a knot: merge the link into the base, evaluate, record; extend unless finished."""
         t0 = time.perf_counter()
         link = self.cfg.chain.links[st.link]
-        knot = tie_knot(self.peft, st.link, st.step, link.rank, link.alpha, reason)
-        self.model = unload(self.peft)
+        if not self.full:  # full fine-tuning has nothing to merge
+            st.knots.append(tie_knot(self.peft, st.link, st.step, link.rank, link.alpha, reason))
+            self.model = unload(self.peft)
         knot_seconds = time.perf_counter() - t0
-        st.knots.append(knot)
         row = st.links[st.link]
         losses = row.pop("losses")
         row.update(
@@ -397,10 +402,11 @@ class Trainer:
             "task": cfg.model.task,
             "target_modules": self.targets,
         }
-        head = head_state(self.model, self.modules_to_save)
-        save_chain(self.out / "chain.safetensors", st.knots, head, meta)
-        write_adapter(self.out / "adapter", st.knots, head, meta)
-        if cfg.export_merged:
+        if not self.full:
+            head = head_state(self.model, self.modules_to_save)
+            save_chain(self.out / "chain.safetensors", st.knots, head, meta)
+            write_adapter(self.out / "adapter", st.knots, head, meta)
+        if cfg.export_merged or self.full:
             write_merged(self.out / "merged", self.model, [], {}, self.tokenizer)
         summary = {
             "status": "finished",

@@ -30,6 +30,12 @@ def test_read_jsonl_json_csv(tmp_path):
     ]
 
 
+def test_unicode_line_separators_inside_strings(tmp_path):
+    (tmp_path / "u.jsonl").write_text('{"text": "a\u2028b\x85c", "label": 1}\r\n{"text": "d", "label": 0}\n')
+    rows = read_rows(tmp_path / "u.jsonl")
+    assert [i for i, _ in rows] == [1, 2] and rows[0][1]["text"] == "a\u2028b\x85c"
+
+
 def test_bad_json_names_line(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(DataError, match=r"a.jsonl: line 2: not valid JSON"):

@@ -127,7 +127,7 @@ def test_store_layout_and_plain_peft_loading(store):
     assert set(m.adapters) == {"alpha", "beta", "gamma", MIXED, SELECTOR}
     assert m.adapters[SELECTOR]["summary"]["links"][0]["rank"] == 4  # the selector is a 2-link chain
     assert len(m.adapters[SELECTOR]["summary"]["links"]) == 2
-    for name, a in m.adapters.items():
+    for a in m.adapters.values():
         assert all(len(h) == 64 for h in a["files"].values())
         PeftModel.from_pretrained(tiny_model("llama"), str(store / a["path"]))  # a standard adapter, name
 
@@ -270,3 +270,14 @@ def test_cli_ask_and_route_train(tmp_path, capsys):
     assert out["task"] == "gamma" and out["adapter"] == "gamma" and len(out["top_k"]) == 3
     assert main(["ask", str(tmp_path / "nowhere"), "x"]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_bad_rows_can_be_skipped_with_a_report(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(
+        '{"instruction": "x", "output": "y", "task": "a"}\n{"instruction": "x", "output": "", "task": "a"}\n'
+    )
+    rejected: list[str] = []
+    rows = read_instruction_rows(path, rejected=rejected)
+    assert [r.line for r in rows] == [1]
+    assert rejected == [f"{path}: line 2: missing or empty field 'output'"]

@@ -227,3 +227,32 @@ def test_lr_schedule() -> None:
     assert lr_factor(0, 10, 2, "linear") == 0.5  # warmup
     assert lr_factor(10, 10, 0, "cosine") == pytest.approx(0.0)
     assert lr_factor(7, 10, 0, "constant") == 1.0
+
+
+def test_full_finetuning_baseline_uses_the_same_loop(tmp_path, toy_data, tokenizer):
+    over = {"chain": {"links": [{"rank": 1}], "method": "full", "dropout": 0.0}, "optim": {"lr": 1e-3}}
+    original = tiny_model("llama")
+    ref = train(
+        cfg_for(tmp_path, toy_data, "llama", output_dir=str(tmp_path / "ref"), **over),
+        copy.deepcopy(original),
+        tokenizer,
+        progress=False,
+    )
+    s = ref.summary
+    assert s["links"][0]["trainable_params"] == sum(p.numel() for p in original.parameters())
+    assert s["chain_rank"] == 0 and not (tmp_path / "ref" / "adapter").exists()
+    changed = [
+        n
+        for (n, p), (_, q) in zip(original.named_parameters(), ref.model.named_parameters(), strict=True)
+        if not torch.equal(p, q)
+    ]
+    assert "model.layers.0.mlp.up_proj.weight" in changed and "model.norm.weight" in changed
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "merged")
+    torch.testing.assert_close(logits(reloaded), logits(ref.model))
+    cfg = cfg_for(tmp_path, toy_data, "llama", output_dir=str(tmp_path / "resumed"), **over)
+    train(cfg, copy.deepcopy(original), tokenizer, stop_after=5, progress=False)
+    done = train(cfg, copy.deepcopy(original), tokenizer, progress=False)
+    for (n, p), (_, q) in zip(ref.model.named_parameters(), done.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n

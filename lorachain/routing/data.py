@@ -27,8 +27,10 @@ def read_instruction_rows(
     output: str = "output",
     task: str = "task",
     input_field: str | None = None,
+    rejected: list[str] | None = None,
 ) -> list[InstructionRow]:
-    """Rows of a JSONL, JSON, CSV or Parquet file; every missing or empty field is an error."""
+    """Rows of a JSONL, JSON, CSV or Parquet file. A row with a missing or empty field is an
+    error, or, when a `rejected` list is given, is skipped and described there by line."""
     p = Path(path)
     if p.suffix.lower() == ".parquet":
         rows = _read_parquet(p)
@@ -44,7 +46,9 @@ def read_instruction_rows(
         if input_field and row.get(input_field):
             text = f"{text}\n{row[input_field]}"
         out.append(InstructionRow(line, text, str(row[output]), str(row[task]).strip()))
-    if problems:
+    if problems and rejected is not None:
+        rejected += [f"{p}: {x}" for x in problems]
+    elif problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DataError(f"{p}: {problems[0]}{more}")
     if not out:

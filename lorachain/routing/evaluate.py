@@ -22,7 +22,7 @@ NONE = "(none)"
 
 
 def load_test_rows(store: Path, max_per_task: int | None) -> list[dict]:
-    rows = [json.loads(x) for x in (store / "splits" / "test.jsonl").read_text().splitlines() if x]
+    rows = [json.loads(x) for x in (store / "splits" / "test.jsonl").read_text().split("\n") if x]
     if max_per_task:
         seen: dict[str, int] = defaultdict(int)
         kept = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,9 +28,16 @@ def write_rows(path: Path, rows: list[InstructionRow]) -> Path:
     return write_text(path, "".join(line + "\n" for line in lines))
 
 
-def load_split(cfg: RouteConfig) -> dict[str, list[InstructionRow]]:
+def load_split(cfg: RouteConfig, rejected: list[str] | None = None) -> dict[str, list[InstructionRow]]:
     d = cfg.data
-    rows = read_instruction_rows(d.path, d.instruction_field, d.output_field, d.task_field, d.input_field)
+    rows = read_instruction_rows(
+        d.path,
+        d.instruction_field,
+        d.output_field,
+        d.task_field,
+        d.input_field,
+        rejected if d.on_bad_rows == "skip" else None,
+    )
     if d.tasks:
         rows = [r for r in rows if r.task in set(d.tasks)]
     return stratified_split(rows, tuple(d.split), d.seed, d.max_per_task)
@@ -109,7 +117,15 @@ def adapter_runs(cfg: RouteConfig, root: Path, labels: list[str]) -> dict[str, t
 def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = True) -> Manifest | None:
     """Train every adapter of the store in `cfg.output_dir`; None if interrupted (rerun resumes)."""
     root = Path(cfg.output_dir)
-    split = load_split(cfg)
+    rejected: list[str] = []
+    split = load_split(cfg, rejected)
+    if rejected:
+        write_text(root / "splits" / "rejected.txt", "".join(f"{x}\n" for x in rejected))
+        print(
+            f"[lorachain] skipped {len(rejected)} bad rows (first: {rejected[0]}); all listed in "
+            f"{root / 'splits' / 'rejected.txt'}",
+            file=sys.stderr,
+        )
     labels = sorted({r.task for r in split["train"]})
     names = [safe_name(label) for label in labels]
     if len(set(names)) != len(names):

@@ -1,0 +1,229 @@
+"""What routing costs: adapter switches, routed `ask` latency, and memory per registered adapter.
+
+One command: `python benchmarks/routing_cost.py [--repeats 5]`. On SmolLM2-135M with r=8 q/v adapters
+(random weights of the trained shapes, written as a real adapter store), it measures side by side:
+- switch time: lorachain's cached switch and cold load (sha256 check + load) against PEFT's own
+  `load_adapter` + `set_adapter` done naively per request;
+- routed `ask` (score mode, 64-token answer) split into select / swap / generate, against the same
+  answer from the right adapter with no routing;
+- resident memory with 1, 8 and 32 adapters registered against the base alone (fresh process each).
+Prints a table and writes JSON (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+LABELS = [
+    "closed_book_qa",
+    "extractive_qa",
+    "multiple_choice_qa",
+    "paraphrase_identification",
+    "sentiment",
+    "structure_to_text",
+    "summarization",
+    "topic_classification",
+]
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+INSTRUCTIONS = [
+    "Is this review positive or negative? The food was cold and the waiter was rude.",
+    "Sentence 1: The cat sat on the mat. Sentence 2: A cat was sitting on a mat. Paraphrase? Yes or No?",
+    "What is the capital of France?",
+    "Summarize: The city council met on Monday to discuss the new park, which will open next spring.",
+]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_store(root: Path, n_tasks: int) -> None:
+    """A store of `n_tasks` random r=8 adapters plus selector and mixed, with a real manifest."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorachain.config import ModelConfig
+    from lorachain.models import load_model
+    from lorachain.store import MIXED, SELECTOR, Manifest, file_hashes, fingerprint, write_manifest
+
+    base = load_model(ModelConfig(name_or_path=MODEL))
+    labels = [LABELS[i % len(LABELS)] + ("" if i < len(LABELS) else f"_{i}") for i in range(n_tasks)]
+    manifest = Manifest(
+        base_model={
+            "name_or_path": MODEL,
+            "gguf_file": None,
+            "dtype": "float32",
+            "fingerprint": fingerprint(base),
+        },
+        labels=labels,
+        templates={
+            "prompt": "### Instruction:\n{instruction}\n\n### Response:\n",
+            "task_prompt": "Which type of task is this instruction?\nInstruction: {instruction}\nTask type:",
+            "max_length": 256,
+        },
+    )
+    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    for i, name in enumerate([*labels, MIXED, SELECTOR]):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * 0.01)
+        peft.save_pretrained(str(root / "adapters" / name))
+        kind = "task" if name in labels else name.strip("_")
+        manifest.adapters[name] = {
+            "path": f"adapters/{name}",
+            "kind": kind,
+            "task": name if kind == "task" else None,
+            "files": file_hashes(root / "adapters" / name, root),
+            "summary": {},
+        }
+    write_manifest(root, manifest)
+
+
+def switch_times(store: Path, repeats: int) -> dict:
+    from lorachain.serve.router import Router
+
+    r = Router.from_store(store, cache_size=8)
+    names = [r.adapters[t] for t in r.labels[:8]]
+    cold = []
+    for n in names:
+        t0 = time.perf_counter()
+        r.activate(n)
+        cold.append(time.perf_counter() - t0)
+    cached = []
+    for _ in range(repeats * 20):
+        for n in names:
+            t0 = time.perf_counter()
+            r.activate(n)
+            cached.append(time.perf_counter() - t0)
+    naive = []  # PEFT's own calls per request: load from disk, set active, drop
+    folder = store / "adapters" / names[0]
+    for i in range(repeats * 4):
+        t0 = time.perf_counter()
+        r.model.load_adapter(str(folder), adapter_name=f"naive{i}")
+        r.model.set_adapter(f"naive{i}")
+        naive.append(time.perf_counter() - t0)
+        r.model.set_adapter(names[0])
+        r.model.delete_adapter(f"naive{i}")
+    size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+    return {
+        "cached_switch_ms": 1e3 * statistics.median(cached),
+        "cold_load_ms": 1e3 * statistics.median(cold),
+        "peft_naive_load_set_ms": 1e3 * statistics.median(naive),
+        "adapter_mb_on_disk": size,
+    }
+
+
+def ask_latency(store: Path, repeats: int) -> dict:
+    from lorachain.serve.router import Router
+
+    r = Router.from_store(store, mode="score", max_new_tokens=64)
+    r.ask(INSTRUCTIONS[0])  # warm-up
+    parts: dict[str, list[float]] = {
+        "select_s": [],
+        "swap_s": [],
+        "generate_s": [],
+        "routed_total_s": [],
+        "direct_total_s": [],
+    }
+    for _ in range(repeats):
+        for x in INSTRUCTIONS:
+            t0 = time.perf_counter()
+            a = r.ask(x)[0]
+            parts["routed_total_s"].append(time.perf_counter() - t0)
+            for k in ("select_s", "swap_s", "generate_s"):
+                parts[k].append(a.timings[k])
+            t0 = time.perf_counter()
+            b = r.ask(x, adapter=a.adapter)[0]
+            parts["direct_total_s"].append(time.perf_counter() - t0)
+            assert a.answer == b.answer
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    med["routing_overhead"] = med["routed_total_s"] / med["direct_total_s"] - 1
+    return med
+
+
+def memory_with(store: Path, k: int) -> dict:
+    import gc
+
+    from lorachain.config import ModelConfig
+    from lorachain.models import load_model
+    from lorachain.store import read_manifest
+
+    manifest = read_manifest(store)
+    model = load_model(ModelConfig(name_or_path=MODEL))
+    gc.collect()
+    base = rss_mb()
+    if k:
+        from peft import PeftModel
+
+        names = [n for n, a in manifest.adapters.items() if a["kind"] == "task"][:k]
+        peft = PeftModel.from_pretrained(model, str(store / "adapters" / names[0]), adapter_name=names[0])
+        for n in names[1:]:
+            peft.load_adapter(str(store / "adapters" / n), adapter_name=n)
+    gc.collect()
+    return {"adapters": k, "base_rss_mb": base, "rss_mb": rss_mb(), "growth_mb": rss_mb() - base}
+
+
+def in_child(fn, *args):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/routing_cost.json")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        store, store32 = Path(tmp) / "store8", Path(tmp) / "store32"
+        in_child(make_store, store, 8)  # the paper's setting here: 8 task types
+        in_child(make_store, store32, 32)
+        switch = in_child(switch_times, store, args.repeats)
+        latency = in_child(ask_latency, store, args.repeats)
+        memory = [in_child(memory_with, store32, k) for k in (0, 1, 8, 32)]
+    per_adapter = switch["adapter_mb_on_disk"]
+    for m in memory:
+        m["expected_mb"] = m["adapters"] * per_adapter
+    rows = [
+        ("cached switch (ms)", switch["cached_switch_ms"], "< 1"),
+        ("cold load, sha256-checked (ms)", switch["cold_load_ms"], "< 20"),
+        ("PEFT load_adapter+set_adapter per request (ms)", switch["peft_naive_load_set_ms"], "baseline"),
+        ("ask: select (s)", latency["select_s"], ""),
+        ("ask: swap (s)", latency["swap_s"], ""),
+        ("ask: generate 64 tokens (s)", latency["generate_s"], ""),
+        ("routed ask total (s)", latency["routed_total_s"], ""),
+        ("same answer, no routing (s)", latency["direct_total_s"], "baseline"),
+        ("routing overhead (ratio - 1)", latency["routing_overhead"], "<= 0.20"),
+    ] + [
+        (
+            f"RSS growth, {m['adapters']} adapters (MB; on disk {m['expected_mb']:.1f})",
+            m["growth_mb"],
+            "~ on disk",
+        )
+        for m in memory[1:]
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure'.ljust(width)}  {'median':>10}  target")
+    for name, value, target in rows:
+        print(f"{name.ljust(width)}  {value:>10.4f}  {target}")
+    result = {"model": MODEL, "repeats": args.repeats, "switch": switch, "ask": latency, "memory": memory}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
