@@ -29,6 +29,30 @@ def sequence_logprobs(
     return out
 
 
+@torch.no_grad()
+def continuation_logprobs(model: nn.Module, prompt: list[int], continuations: list[list[int]]) -> list[float]:
+    """Sum of log-probs of each continuation after one shared prompt: the prompt runs once, its KV
+    cache is repeated for the continuations, which run as one right-padded batch."""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    first = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) predicts each first token
+    n, width = len(continuations), max(len(c) for c in continuations)
+    if width == 1:
+        return [first[c[0]].item() for c in continuations]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.ones((n, len(prompt) + width), dtype=torch.long)
+    for i, c in enumerate(continuations):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, len(prompt) + len(c) :] = 0
+    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float(), -1)
+    scores = []
+    for i, c in enumerate(continuations):  # position j of the batch predicts token j + 1
+        rest = sum(logp[i, j - 1, c[j]].item() for j in range(1, len(c)))
+        scores.append(first[c[0]].item() + rest)
+    return scores
+
+
 def with_target(e: Example, target_ids: list[int]) -> Example:
     prompt = e.input_ids[: e.prompt_len]
     return Example(prompt + target_ids, [-100] * len(prompt) + target_ids, e.label, len(prompt))

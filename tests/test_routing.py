@@ -281,3 +281,15 @@ def test_bad_rows_can_be_skipped_with_a_report(tmp_path):
     rows = read_instruction_rows(path, rejected=rejected)
     assert [r.line for r in rows] == [1]
     assert rejected == [f"{path}: line 2: missing or empty field 'output'"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_cached_label_scoring_equals_full_sequences(family):
+    from lorachain.data import Example
+    from lorachain.evaluate import continuation_logprobs, sequence_logprobs
+
+    model = tiny_model(family)
+    prompt, labels = [2, 10, 11, 12, 13], [[20], [21, 22, 23], [24, 25]]
+    cached = continuation_logprobs(model, prompt, labels)
+    full = sequence_logprobs(model, [Example(prompt + c, [-100] * 5 + c, None, 5) for c in labels], 0, 8)
+    assert cached == pytest.approx([s for s, _ in full], abs=1e-4)

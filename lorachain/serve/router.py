@@ -17,7 +17,7 @@ from peft import PeftModel
 
 from lorachain.config import ConfigError, DataConfig, ModelConfig
 from lorachain.data import encode_row, prompt_ids
-from lorachain.evaluate import sequence_logprobs, with_target
+from lorachain.evaluate import continuation_logprobs
 from lorachain.models import load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels, rank_scores
 from lorachain.store import MIXED, SELECTOR, Manifest, check_base, read_manifest, verify_adapter
@@ -129,16 +129,14 @@ class Router:
         mode = mode or self.mode
         self.activate(SELECTOR)
         if mode == "score":
-            pairs = [
-                with_target(self._prompt(self.select_cfg, x), ids)
-                for x in instructions
-                for ids in self.label_ids
-            ]
-            scored = sequence_logprobs(self.model, pairs, self.tok.pad_token_id, batch_size=16)
-            n = len(self.labels)
             sels = []
-            for i in range(len(instructions)):
-                ranked, probs = rank_scores(self.labels, [s for s, _ in scored[i * n : (i + 1) * n]])
+            for x in instructions:
+                prompt = prompt_ids(
+                    self.select_cfg, self.tok, {"instruction": x}, max(map(len, self.label_ids))
+                )
+                ranked, probs = rank_scores(
+                    self.labels, continuation_logprobs(self.model, prompt, self.label_ids)
+                )
                 sels.append(Selection(ranked, probs))
         else:
             longest = max(len(ids) for ids in self.label_ids) + 4
