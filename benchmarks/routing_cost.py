@@ -50,46 +50,18 @@ def rss_mb() -> float:
 
 def make_store(root: Path, n_tasks: int) -> None:
     """A store of `n_tasks` random r=8 adapters plus selector and mixed, with a real manifest."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     from lorachain.config import ModelConfig
     from lorachain.models import load_model
-    from lorachain.store import MIXED, SELECTOR, Manifest, file_hashes, fingerprint, write_manifest
+    from lorachain.store import random_store
 
     base = load_model(ModelConfig(name_or_path=MODEL))
     labels = [LABELS[i % len(LABELS)] + ("" if i < len(LABELS) else f"_{i}") for i in range(n_tasks)]
-    manifest = Manifest(
-        base_model={
-            "name_or_path": MODEL,
-            "gguf_file": None,
-            "dtype": "float32",
-            "fingerprint": fingerprint(base),
-        },
-        labels=labels,
-        templates={
-            "prompt": "### Instruction:\n{instruction}\n\n### Response:\n",
-            "task_prompt": "Which type of task is this instruction?\nInstruction: {instruction}\nTask type:",
-            "max_length": 256,
-        },
-    )
-    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    for i, name in enumerate([*labels, MIXED, SELECTOR]):
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for n, p in peft.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn_like(p) * 0.01)
-        peft.save_pretrained(str(root / "adapters" / name))
-        kind = "task" if name in labels else name.strip("_")
-        manifest.adapters[name] = {
-            "path": f"adapters/{name}",
-            "kind": kind,
-            "task": name if kind == "task" else None,
-            "files": file_hashes(root / "adapters" / name, root),
-            "summary": {},
-        }
-    write_manifest(root, manifest)
+    templates = {
+        "prompt": "### Instruction:\n{instruction}\n\n### Response:\n",
+        "task_prompt": "Which type of task is this instruction?\nInstruction: {instruction}\nTask type:",
+        "max_length": 256,
+    }
+    random_store(root, base, labels, templates, rank=8, target_modules=["q_proj", "v_proj"], base_name=MODEL)
 
 
 def switch_times(store: Path, repeats: int) -> dict:

@@ -92,6 +92,26 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lorachain.serve.api import create_app
+    from lorachain.serve.engine import Engine
+    from lorachain.serve.router import Router
+
+    router = Router.from_store(args.store, mode=args.mode, top_k=args.top_k, cache_size=args.cache_size)
+    engine = Engine(
+        router, max_batch=args.max_batch, window_ms=args.batch_window_ms, max_queue=args.max_queue
+    )
+    key = args.api_key or os.environ.get("LORACHAIN_API_KEY")
+    app = create_app(
+        engine, api_key=key, max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    engine.close()
+    return 0
+
+
 def _router_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("store", help="adapter store folder (made by `lorachain route train`)")
     p.add_argument("--mode", choices=["score", "generate"], default="score", help="task selection mode")
@@ -144,6 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("instruction", nargs="+", help="one or more instructions (answered as a batch)")
     a.add_argument("--adapter", default=None, help="skip selection and use this adapter")
     a.set_defaults(func=_ask)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server over an adapter store")
+    s.add_argument("store")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--mode", choices=["score", "generate"], default="score")
+    s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--cache-size", type=int, default=8, help="task adapters kept loaded (LRU)")
+    s.add_argument("--max-batch", type=int, default=16)
+    s.add_argument("--batch-window-ms", type=float, default=10.0)
+    s.add_argument("--max-queue", type=int, default=64, help="queued requests before 429")
+    s.add_argument("--max-prompt-tokens", type=int, default=1024)
+    s.add_argument("--max-tokens-limit", type=int, default=256)
+    s.add_argument("--api-key", default=None, help="required bearer key (or LORACHAIN_API_KEY)")
+    s.set_defaults(func=_serve)
     return p
 
 

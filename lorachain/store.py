@@ -124,3 +124,49 @@ def check_base(root: str | Path, manifest: Manifest, model: nn.Module) -> None:
             f"{manifest.base_model.get('name_or_path')!r} with another weight fingerprint; "
             "load the same base model"
         )
+
+
+def random_store(
+    root: str | Path,
+    model: nn.Module,
+    labels: list[str],
+    templates: dict,
+    rank: int = 8,
+    target_modules: list[str] | None = None,
+    seed: int = 0,
+    base_name: str = "random",
+) -> Manifest:
+    """A store of random (non-zero) LoRA adapters, one per label plus selector and mixed: real
+    files and manifest, for cost benchmarks and serving tests, not for answers."""
+    from peft import LoraConfig, get_peft_model
+
+    root = Path(root)
+    manifest = Manifest(
+        base_model={
+            "name_or_path": base_name,
+            "gguf_file": None,
+            "dtype": "float32",
+            "fingerprint": fingerprint(model),
+        },
+        labels=list(labels),
+        templates=dict(templates),
+    )
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target_modules))
+    for i, name in enumerate([*[safe_name(x) for x in labels], MIXED, SELECTOR]):
+        g = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        peft.save_pretrained(str(root / "adapters" / name))
+        kind = "task" if i < len(labels) else name.strip("_")
+        manifest.adapters[name] = {
+            "path": f"adapters/{name}",
+            "kind": kind,
+            "task": labels[i] if kind == "task" else None,
+            "files": file_hashes(root / "adapters" / name, root),
+            "summary": {},
+        }
+    peft.unload()
+    write_manifest(root, manifest)
+    return manifest

@@ -98,8 +98,8 @@ class Router:
         return cls(path, manifest, peft, tokenizer, **kwargs)
 
     # -- adapters ----------------------------------------------------------------------------
-    def activate(self, name: str) -> bool:
-        """Make adapter `name` active, loading it if needed (LRU-bounded); True if it was cold."""
+    def load(self, name: str) -> bool:
+        """Make sure adapter `name` is loaded (LRU-bounded, sha256-checked); True if it was cold."""
         cold = name != SELECTOR and name not in self.cache
         if cold:
             folder = verify_adapter(self.root, self.manifest, name)
@@ -107,10 +107,17 @@ class Router:
             self.cache[name] = None
         elif name in self.cache:
             self.cache.move_to_end(name)
-        self.model.set_adapter(name)
         while len(self.cache) > self.cache_size:
             old, _ = self.cache.popitem(last=False)
+            if self.model.active_adapter == old:
+                self.model.set_adapter(SELECTOR)
             self.model.delete_adapter(old)
+        return cold
+
+    def activate(self, name: str) -> bool:
+        """Load adapter `name` if needed and make it the active one; True if it was cold."""
+        cold = self.load(name)
+        self.model.set_adapter(name)
         return cold
 
     # -- selection ---------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""The batching engine: one worker thread owns the model; requests for any adapters share batches.
+
+Requests wait in a bounded queue. The worker takes the first, gathers more for a short window (up
+to `max_batch`, and no more distinct adapters than the router's LRU holds), routes the `auto` ones
+with the selector in one call, then decodes the whole batch greedily in one forward pass per token,
+each row with its own adapter (PEFT's mixed-adapter batches), stopping each row on EOS, its
+max_tokens or a stop string, and streaming text deltas back to the request's event queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lorachain.routing.select import Selection
+from lorachain.serve.router import Router
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+AUTO = "auto"
+
+
+class QueueFull(RuntimeError):
+    """The request queue is at its bound; the API answers 429."""
+
+
+@dataclass
+class GenRequest:
+    """One generation job. `emit(kind, payload)` receives ("route", Selection), ("delta", text),
+    ("done", finish_reason) or ("error", message), from the worker thread."""
+
+    prompt_ids: list[int] | None  # None: built from `instruction` with the store's template
+    adapter: str  # adapter name, BASE, or AUTO
+    max_tokens: int
+    emit: Callable[[str, object], None]
+    instruction: str = ""
+    stop: list[str] = field(default_factory=list)
+    selection: Selection | None = None
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters already emitted
+    done: bool = False
+
+
+class Engine:
+    def __init__(
+        self, router: Router, max_batch: int = 16, window_ms: float = 10.0, max_queue: int = 64
+    ) -> None:
+        self.router, self.max_batch, self.window = router, max_batch, window_ms / 1000
+        self.queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
+        self.stats: Counter = Counter()
+        self.batch_sizes: Counter = Counter()
+        self._held: list[GenRequest] = []  # taken from the queue but left for the next batch
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="lorachain-engine", daemon=True)
+        self.thread.start()
+
+    # -- API side ----------------------------------------------------------------------------
+    def submit(self, req: GenRequest) -> None:
+        try:
+            self.queue.put_nowait(req)
+        except queue.Full:
+            raise QueueFull(f"request queue is full ({self.queue.maxsize}); retry later") from None
+
+    def depth(self) -> int:
+        return self.queue.qsize() + len(self._held)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+
+    # -- worker side -------------------------------------------------------------------------
+    def _gather(self) -> list[GenRequest]:
+        batch = self._held[: self.max_batch]
+        self._held = self._held[self.max_batch :]
+        if not batch:
+            try:
+                batch.append(self.queue.get(timeout=0.1))
+            except queue.Empty:
+                return []
+        deadline = time.monotonic() + self.window
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._gather()
+            if not batch:
+                continue
+            try:
+                self._route(batch)
+                batch = self._fit_cache(batch)
+                self._decode(batch)
+            except Exception as e:  # a failed batch answers its requests, the server lives on
+                for req in batch:
+                    req.emit("error", f"generation failed: {type(e).__name__}: {e}")
+
+    def _route(self, batch: list[GenRequest]) -> None:
+        auto = [r for r in batch if r.adapter == AUTO]
+        if auto:
+            for req, sel in zip(auto, self.router.select([r.instruction for r in auto]), strict=True):
+                req.adapter, req.selection = sel.adapter, sel
+                req.emit("route", sel)
+
+    def _fit_cache(self, batch: list[GenRequest]) -> list[GenRequest]:
+        """Keep the requests whose adapters fit in the LRU together; hold the rest for later."""
+        allowed: list[str] = []
+        keep = []
+        for req in batch:
+            name = req.adapter
+            if name == BASE or name in allowed or len(allowed) < self.router.cache_size:
+                if name != BASE and name not in allowed:
+                    allowed.append(name)
+                keep.append(req)
+            else:
+                self._held.append(req)
+        for name in allowed:
+            self.router.load(name)
+        return keep
+
+    @torch.no_grad()
+    def _decode(self, batch: list[GenRequest]) -> None:
+        tok, model = self.router.tok, self.router.model
+        for req in batch:
+            if req.prompt_ids is None:
+                req.prompt_ids = self.router.answer_prompt(req.instruction, req.max_tokens)
+        rows = [_Row(r) for r in batch]
+        names = [r.adapter for r in batch]
+        self.batch_sizes[len(batch)] += 1
+        for name in names:
+            self.stats[name] += 1
+        pad = tok.pad_token_id
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):  # left padding
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, adapter_names=names
+        )
+        cache = out.past_key_values
+        for _ in range(max(r.max_tokens for r in batch)):
+            nxt = out.logits[:, -1].argmax(-1)  # (B,)
+            for i, row in enumerate(rows):
+                if not row.done:
+                    self._advance(row, int(nxt[i]))
+            if all(row.done for row in rows):
+                break
+            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                adapter_names=names,
+            )
+            cache = out.past_key_values
+        for row in rows:
+            if not row.done:
+                self._finish(row, "length")
+
+    def _advance(self, row: _Row, token: int) -> None:
+        tok = self.router.tok
+        if token == tok.eos_token_id:
+            self._finish(row, "stop")
+            return
+        row.ids.append(token)
+        text = tok.decode(row.ids, skip_special_tokens=True)
+        for s in row.req.stop:
+            if s and s in text:
+                self._flush(row, text[: text.index(s)])
+                self._finish(row, "stop", flush=False)
+                return
+        if len(row.ids) >= row.req.max_tokens:
+            self._flush(row, text)
+            self._finish(row, "length")
+            return
+        hold = max((len(s) - 1 for s in row.req.stop), default=0)  # a stop string may be starting
+        safe = len(text) - hold
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character
+            safe = min(safe, len(text) - 1)
+        self._flush(row, text[: max(safe, row.sent)])
+
+    def _flush(self, row: _Row, text: str) -> None:
+        if len(text) > row.sent:
+            row.req.emit("delta", text[row.sent :])
+            row.sent = len(text)
+
+    def _finish(self, row: _Row, reason: str, flush: bool = True) -> None:
+        if not row.done:
+            if flush:
+                self._flush(row, self.router.tok.decode(row.ids, skip_special_tokens=True))
+            row.done = True
+            self.stats["tokens"] += len(row.ids)
+            row.req.emit("done", reason)
