@@ -23,6 +23,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.run_dir == "vllm":  # `lorachain export vllm STORE OUT`
+        from lorachain.serve.export_vllm import export_vllm
+
+        if len(args.rest) != 2:
+            raise SystemExit("usage: lorachain export vllm STORE OUT")
+        print(export_vllm(*args.rest))
+        return 0
     from lorachain.export import export_run
 
     for path in export_run(args.run_dir, args.out, merged=args.merged):
@@ -128,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 chain.links.0.rank=4")
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="export a finished run as one PEFT adapter (and a merged model)")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a finished run folder, or `vllm` followed by STORE OUT")
+    e.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     e.add_argument("--out", default=None, help="adapter folder (default RUN_DIR/adapter)")
     e.add_argument("--merged", default=None, help="also write the merged model to this folder")
     e.set_defaults(func=_export)
@@ -178,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=1024)
     s.add_argument("--max-tokens-limit", type=int, default=256)
     s.add_argument("--api-key", default=None, help="required bearer key (or LORACHAIN_API_KEY)")
+    s.add_argument(
+        "--upstream",
+        default=None,
+        help="proxy mode: run only the selector here, forward to this OpenAI-compatible URL",
+    )
     s.set_defaults(func=_serve)
     return p
 

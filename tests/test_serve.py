@@ -24,8 +24,15 @@ TEMPLATES = {"prompt": "{instruction} =>", "task_prompt": "{instruction} task:",
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve") / "store"
-    random_store(root, tiny_model("llama"), ["alpha", "beta", "gamma"], TEMPLATES, rank=4,
-                 target_modules=["q_proj", "v_proj"], base_name="tiny")
+    random_store(
+        root,
+        tiny_model("llama"),
+        ["alpha", "beta", "gamma"],
+        TEMPLATES,
+        rank=4,
+        target_modules=["q_proj", "v_proj"],
+        base_name="tiny",
+    )
     return root
 
 
@@ -70,10 +77,12 @@ def run_alone_and_together(engine: Engine, reqs: list[tuple[str, str]]):
         results = [[] for _ in batch]
         done = [threading.Event() for _ in batch]
         for i, (adapter, text) in enumerate(batch):
+
             def emit(kind, payload, i=i):
                 results[i].append((kind, payload.adapter if kind == "route" else payload))
                 if kind in ("done", "error"):
                     done[i].set()
+
             engine.submit(GenRequest(None, adapter, 8, emit, instruction=text))
         assert all(d.wait(30) for d in done)
         return results
@@ -83,8 +92,14 @@ def run_alone_and_together(engine: Engine, reqs: list[tuple[str, str]]):
 
 def test_mixed_adapter_batch_equals_each_request_alone(store):
     engine = make_engine(store, max_batch=8, window_ms=200)
-    reqs = [("alpha", "red sky red"), ("beta", "blue sea"), (BASE, "green leaf"), (AUTO, "green leaf green"),
-            ("gamma", "red red"), ("alpha", "sea sky")]
+    reqs = [
+        ("alpha", "red sky red"),
+        ("beta", "blue sea"),
+        (BASE, "green leaf"),
+        (AUTO, "green leaf green"),
+        ("gamma", "red red"),
+        ("alpha", "sea sky"),
+    ]
     together, alone = run_alone_and_together(engine, reqs)
     assert together == alone
     assert engine.batch_sizes[len(reqs)] == 1  # the first run was one batch of all six
@@ -121,16 +136,25 @@ def test_openai_client_completions_chat_and_streaming(live):
     c = client(live)
     r = c.completions.create(model="alpha", prompt="red sky", max_tokens=6)
     assert r.choices[0].finish_reason in ("stop", "length") and isinstance(r.choices[0].text, str)
-    chat = c.chat.completions.create(model="auto", messages=[{"role": "user", "content": "blue sea"}], max_tokens=6)
+    chat = c.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "blue sea"}], max_tokens=6
+    )
     route = chat.model_extra["lorachain_route"]
     assert route["adapter"] in ("alpha", "beta", "gamma", "_mixed") and len(route["top_k"]) == 3
     assert sum(t["score"] for t in route["top_k"]) == pytest.approx(1.0, abs=1e-6)  # 3 labels: all of them
-    stream = c.chat.completions.create(model=route["adapter"] if route["adapter"] != "_mixed" else "mixed",
-                                       messages=[{"role": "user", "content": "blue sea"}], max_tokens=6, stream=True)
+    stream = c.chat.completions.create(
+        model=route["adapter"] if route["adapter"] != "_mixed" else "mixed",
+        messages=[{"role": "user", "content": "blue sea"}],
+        max_tokens=6,
+        stream=True,
+    )
     streamed = "".join(ch.choices[0].delta.content or "" for ch in stream)
     assert streamed == chat.choices[0].message.content
-    raw = httpx.post(f"{live.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                     json={"model": "auto", "messages": [{"role": "user", "content": "blue sea"}], "max_tokens": 2})
+    raw = httpx.post(
+        f"{live.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "auto", "messages": [{"role": "user", "content": "blue sea"}], "max_tokens": 2},
+    )
     assert json.loads(raw.headers["x-lorachain-route"]) == raw.json()["lorachain_route"]
     models = {m.id for m in c.models.list()}
     assert models == {"auto", "base", "mixed", "alpha", "beta", "gamma"}
@@ -144,16 +168,19 @@ def post(live, path, body, key=KEY, raw=None):
     return httpx.post(f"{live.url}{path}", json=body, headers=headers, timeout=60)
 
 
-@pytest.mark.parametrize(("body", "status", "needle"), [
-    ({"model": "../../etc/passwd", "prompt": "x"}, 404, "known models"),
-    ({"model": "/tmp/adapters/alpha", "prompt": "x"}, 404, "not found"),
-    ({"model": "alpha", "prompt": "x", "bogus": 1}, 400, "bogus"),
-    ({"model": "alpha", "prompt": 5}, 400, "prompt"),
-    ({"model": "alpha"}, 400, "prompt"),
-    ({"model": "alpha", "prompt": "x", "max_tokens": 999}, 400, "limit of 16"),
-    ({"model": "alpha", "prompt": "red " * 40}, 400, "limit of 24"),
-    ({"model": "alpha", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"model": "../../etc/passwd", "prompt": "x"}, 404, "known models"),
+        ({"model": "/tmp/adapters/alpha", "prompt": "x"}, 404, "not found"),
+        ({"model": "alpha", "prompt": "x", "bogus": 1}, 400, "bogus"),
+        ({"model": "alpha", "prompt": 5}, 400, "prompt"),
+        ({"model": "alpha"}, 400, "prompt"),
+        ({"model": "alpha", "prompt": "x", "max_tokens": 999}, 400, "limit of 16"),
+        ({"model": "alpha", "prompt": "red " * 40}, 400, "limit of 24"),
+        ({"model": "alpha", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ],
+)
 def test_bad_requests_get_openai_shaped_4xx(live, body, status, needle):
     r = post(live, "/v1/completions", body)
     assert r.status_code == status
@@ -184,11 +211,61 @@ def test_full_queue_answers_429_and_nothing_hangs(store):
     try:
         body = {"model": "alpha", "prompt": "red sky", "max_tokens": 16}
         with ThreadPoolExecutor(24) as pool:
-            codes = list(pool.map(lambda _: httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).status_code,
-                                  range(24)))
+            codes = list(
+                pool.map(
+                    lambda _: httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).status_code,
+                    range(24),
+                )
+            )
         assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) > 0
         r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200  # the server recovered
     finally:
         srv.stop()
         engine.close()
+
+
+def test_proxy_forwards_with_the_chosen_adapter(store):
+    from lorachain.serve.proxy import create_proxy_app
+
+    engine = make_engine(store, window_ms=1)
+    upstream = LiveServer(create_app(engine, max_tokens_limit=16))
+    selector_only = Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer())
+    proxy = LiveServer(create_proxy_app(selector_only, f"{upstream.url}", api_key=KEY, max_tokens_limit=16))
+    try:
+        msg = {"messages": [{"role": "user", "content": "red sky"}], "max_tokens": 4}
+        r = post(proxy, "/v1/chat/completions", {"model": "auto", **msg}).json()
+        chosen = r["lorachain_route"]["adapter"]
+        assert r["model"] == (
+            "mixed" if chosen == "_mixed" else chosen
+        )  # the upstream saw the adapter's name
+        direct = post(upstream, "/v1/chat/completions", {"model": r["model"], **msg}, key=None).json()
+        assert direct["choices"][0]["message"]["content"] == r["choices"][0]["message"]["content"]
+        r = post(
+            proxy, "/v1/completions", {"model": "beta", "prompt": "sea", "max_tokens": 3, "stream": True}
+        )
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        assert post(proxy, "/v1/completions", {"model": "../x", "prompt": "sea"}).status_code == 404
+        assert 'lorachain_adapter_requests_total{adapter="beta"}' in httpx.get(f"{upstream.url}/metrics").text
+    finally:
+        proxy.stop()
+        upstream.stop()
+        engine.close()
+
+
+def test_export_vllm_layout_and_command(store, tmp_path):
+    from peft import PeftConfig
+
+    from lorachain.serve.export_vllm import export_vllm
+
+    command = export_vllm(store, tmp_path / "vllm")
+    assert sorted(p.name for p in (tmp_path / "vllm").iterdir()) == [
+        "alpha",
+        "beta",
+        "gamma",
+        "mixed",
+        "vllm_command.sh",
+    ]
+    assert PeftConfig.from_pretrained(str(tmp_path / "vllm" / "alpha")).r == 4
+    assert command.startswith("vllm serve tiny --enable-lora --max-loras 4 --max-lora-rank 8 ")
+    assert f"alpha={(tmp_path / 'vllm' / 'alpha').resolve()}" in command

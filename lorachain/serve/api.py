@@ -81,13 +81,14 @@ class Server:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | None,
         api_key: str | None,
         max_prompt_tokens: int,
         max_tokens_limit: int,
         default_max_tokens: int,
+        router=None,
     ) -> None:
-        self.engine, self.router, self.api_key = engine, engine.router, api_key
+        self.engine, self.router, self.api_key = engine, router or engine.router, api_key
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self.default_max_tokens = min(default_max_tokens, max_tokens_limit)
         self.names = {
@@ -160,6 +161,8 @@ class Server:
 
     def metrics_text(self) -> str:
         lines = [f"{k} {v}" for k, v in sorted(self.counters.items())]
+        if self.engine is None:
+            return "\n".join(lines) + "\n"
         lines.append(f"lorachain_queue_depth {self.engine.depth()}")
         lines.append(f"lorachain_generated_tokens_total {self.engine.stats['tokens']}")
         lines += [
