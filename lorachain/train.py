@@ -423,6 +423,9 @@ class Trainer:
             "final_eval": st.links[-1].get("eval", {}),
         }
         write_json(self.out / "summary.json", summary)
+        from lorachain.plots import plot_runs
+
+        plot_runs({self.out.name or "run": self.out}, self.out / "loss.png")
         (self.out / CHECKPOINT).unlink(missing_ok=True)
         return summary
 

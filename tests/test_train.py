@@ -41,9 +41,15 @@ def test_train_writes_run_and_export_reproduces_chain(tmp_path, toy_data, tokeni
     result = train(cfg, copy.deepcopy(original), tokenizer, progress=False)
     s = result.summary
     out = tmp_path / "run"
-    assert {"config.json", "metrics.jsonl", "summary.json", "chain.safetensors", "adapter", "tb"} <= {
-        p.name for p in out.iterdir()
-    }
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "chain.safetensors",
+        "adapter",
+        "tb",
+        "loss.png",
+    } <= {p.name for p in out.iterdir()}
     assert not (out / "checkpoint.pt").exists()
     ranks = [link["rank"] for link in CHAINS[chain]]
     assert [link["rank"] for link in s["links"]] == ranks
