@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import signal
 import threading
 import time
@@ -289,7 +290,9 @@ class Trainer:
         """The state of the last checkpoint, with the model rebuilt to match; a new State if none."""
         path = self.out / CHECKPOINT
         st = State()
-        if not path.is_file():
+        if not path.is_file():  # a fresh start: drop what a run killed before its first checkpoint wrote
+            self._trim_metrics(0)
+            shutil.rmtree(self.out / "tb", ignore_errors=True)
             self.extend(st)
             return st
         ck = torch.load(path, weights_only=True)
