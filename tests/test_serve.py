@@ -269,3 +269,61 @@ def test_export_vllm_layout_and_command(store, tmp_path):
     assert PeftConfig.from_pretrained(str(tmp_path / "vllm" / "alpha")).r == 4
     assert command.startswith("vllm serve tiny --enable-lora --max-loras 4 --max-lora-rank 8 ")
     assert f"alpha={(tmp_path / 'vllm' / 'alpha').resolve()}" in command
+
+
+def test_cli_serve_end_to_end(tmp_path):
+    """`lorachain serve STORE --port P` as a user runs it: health, one routed answer, clean stop."""
+    import socket
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    random_store(
+        tmp_path / "store",
+        tiny_model("llama"),
+        ["alpha", "beta"],
+        TEMPLATES,
+        rank=4,
+        target_modules=["q_proj", "v_proj"],
+        base_name=str(model_dir),
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorachain",
+            "serve",
+            str(tmp_path / "store"),
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+            json={"model": "auto", "messages": [{"role": "user", "content": "red sky"}], "max_tokens": 3},
+        )
+        assert r.status_code == 200 and r.json()["lorachain_route"]["adapter"] in ("alpha", "beta", "_mixed")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
