@@ -139,7 +139,20 @@ def test_lru_never_exceeds_bound_and_evicts_least_recent(store):
     assert r.activate("alpha") is False  # cached: alpha is now most recent
     assert r.activate("gamma") is True  # evicts beta
     assert list(r.cache) == ["alpha", "gamma"]
-    assert set(r.model.peft_config) == {SELECTOR, "alpha", "gamma"}
+    assert set(r.model.peft_config) == {SELECTOR, "slot0", "slot1"}  # gamma reused beta's slot
+
+
+def test_slot_reuse_gives_the_same_outputs_as_a_fresh_load(store):
+    r = router(store, cache_size=1)
+    x = torch.tensor([[2, 49, 50, 49]])
+    for name in ("alpha", "beta", "gamma", "alpha"):
+        r.activate(name)  # one slot: every load after the first copies weights into it
+        with torch.no_grad():
+            got = r.model(input_ids=x).logits
+        fresh = PeftModel.from_pretrained(tiny_model("llama"), str(store / "adapters" / name)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(got, fresh(input_ids=x).logits)
+    assert set(r.model.peft_config) == {SELECTOR, "slot0"}
 
 
 def test_ask_answers_with_the_chosen_adapter(store):

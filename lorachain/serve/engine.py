@@ -138,10 +138,10 @@ class Engine:
             if req.prompt_ids is None:
                 req.prompt_ids = self.router.answer_prompt(req.instruction, req.max_tokens)
         rows = [_Row(r) for r in batch]
-        names = [r.adapter for r in batch]
+        names = [r.adapter if r.adapter == BASE else self.router.slot(r.adapter) for r in batch]
         self.batch_sizes[len(batch)] += 1
-        for name in names:
-            self.stats[name] += 1
+        for req in batch:
+            self.stats[req.adapter] += 1
         pad = tok.pad_token_id
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)

@@ -8,7 +8,6 @@ sha256-checked against the manifest) and generates the answers greedily, batched
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from lorachain.data import encode_row, prompt_ids
 from lorachain.evaluate import continuation_logprobs
 from lorachain.models import load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels, rank_scores
+from lorachain.serve.slots import AdapterSlots
 from lorachain.store import MIXED, SELECTOR, Manifest, check_base, read_manifest, verify_adapter
 
 MODES = ("score", "generate")
@@ -65,7 +65,7 @@ class Router:
         self.root, self.manifest, self.model, self.tok = Path(root), manifest, model, tokenizer
         self.mode, self.top_k, self.cache_size = mode, top_k, cache_size
         self.fallback, self.min_confidence, self.max_new_tokens = fallback, min_confidence, max_new_tokens
-        self.cache: OrderedDict[str, None] = OrderedDict()  # loaded task/mixed adapters, LRU order
+        self.slots = AdapterSlots(model, cache_size)  # loaded task/mixed adapters, LRU
         self.labels = manifest.labels
         t = manifest.templates
         self.select_cfg = DataConfig(
@@ -98,26 +98,31 @@ class Router:
         return cls(path, manifest, peft, tokenizer, **kwargs)
 
     # -- adapters ----------------------------------------------------------------------------
+    @property
+    def cache(self) -> list[str]:
+        """Names of the loaded task/mixed adapters, least recently used first."""
+        return list(self.slots.lru)
+
+    def slot(self, name: str) -> str:
+        """The PEFT adapter name that holds adapter `name` (loading it if needed)."""
+        if name == SELECTOR:
+            return SELECTOR
+        self.load(name)
+        return self.slots.lru[name]
+
     def load(self, name: str) -> bool:
         """Make sure adapter `name` is loaded (LRU-bounded, sha256-checked); True if it was cold."""
-        cold = name != SELECTOR and name not in self.cache
-        if cold:
-            folder = verify_adapter(self.root, self.manifest, name)
-            self.model.load_adapter(str(folder), adapter_name=name)
-            self.cache[name] = None
-        elif name in self.cache:
-            self.cache.move_to_end(name)
-        while len(self.cache) > self.cache_size:
-            old, _ = self.cache.popitem(last=False)
-            if self.model.active_adapter == old:
-                self.model.set_adapter(SELECTOR)
-            self.model.delete_adapter(old)
-        return cold
+        if name == SELECTOR or name in self.slots.lru:
+            if name != SELECTOR:
+                self.slots.lru.move_to_end(name)
+            return False
+        self.slots.get(name, verify_adapter(self.root, self.manifest, name))
+        return True
 
     def activate(self, name: str) -> bool:
         """Load adapter `name` if needed and make it the active one; True if it was cold."""
         cold = self.load(name)
-        self.model.set_adapter(name)
+        self.slots.switch(self.slot(name))
         return cold
 
     # -- selection ---------------------------------------------------------------------------
