@@ -197,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # dependencies' deprecation notices are not the user's business (children inherit this)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     from lorachain.errors import USER_ERRORS
 
