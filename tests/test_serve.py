@@ -327,3 +327,21 @@ def test_cli_serve_end_to_end(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_gathered_lora_equals_peft_mixed_batch(store):
+    import torch
+
+    from lorachain.serve.batched_lora import GatheredLoRA
+
+    r = Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer(), cache_size=4)
+    rows = [r.slot("alpha"), r.slot("beta"), BASE, r.slot("gamma"), r.slot("alpha")]
+    x = torch.randint(4, 40, (len(rows), 6))
+    with torch.no_grad():
+        reference = r.model(input_ids=x, adapter_names=rows).logits
+        with GatheredLoRA(r.model, [None if n == BASE else n for n in rows]):
+            gathered = r.model(input_ids=x).logits
+        after = r.model(input_ids=x, adapter_names=rows).logits
+    torch.testing.assert_close(gathered, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after, reference)  # hooks removed, PEFT's LoRA path back on
+    assert not torch.allclose(reference[0], reference[2], atol=1e-3)  # adapters do change the output

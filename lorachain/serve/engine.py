@@ -9,6 +9,7 @@ max_tokens or a stop string, and streaming text deltas back to the request's eve
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorachain.routing.select import Selection
+from lorachain.serve.batched_lora import GatheredLoRA
 from lorachain.serve.router import Router
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -150,31 +152,40 @@ class Engine:
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, adapter_names=names
-        )
-        cache = out.past_key_values
-        for _ in range(max(r.max_tokens for r in batch)):
-            nxt = out.logits[:, -1].argmax(-1)  # (B,)
-            for i, row in enumerate(rows):
-                if not row.done:
-                    self._advance(row, int(nxt[i]))
-            if all(row.done for row in rows):
-                break
-            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(
-                input_ids=nxt[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                adapter_names=names,
-            )
+        with self._adapters(names):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
             cache = out.past_key_values
+            for _ in range(max(r.max_tokens for r in batch)):
+                nxt = out.logits[:, -1].argmax(-1)  # (B,)
+                for i, row in enumerate(rows):
+                    if not row.done:
+                        self._advance(row, int(nxt[i]))
+                if all(row.done for row in rows):
+                    break
+                mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache = out.past_key_values
         for row in rows:
             if not row.done:
                 self._finish(row, "length")
+
+    def _adapters(self, names: list[str]):
+        """One adapter for the whole batch: switch to it (or disable LoRA for the base);
+        several: each row its own adapter through gathered factors."""
+        distinct = set(names)
+        if distinct == {BASE}:
+            return self.router.model.disable_adapter()
+        if len(distinct) == 1:
+            self.router.slots.switch(names[0])
+            return contextlib.nullcontext()
+        return GatheredLoRA(self.router.model, [None if n == BASE else n for n in names])
 
     def _advance(self, row: _Row, token: int) -> None:
         tok = self.router.tok
