@@ -67,6 +67,7 @@ async def load(url: str, models: list[str], concurrency: int, n: int, max_tokens
                 "prompt": PROMPTS[i % len(PROMPTS)],
                 "max_tokens": max_tokens,
                 "stop": [],
+                "ignore_eos": True,  # every answer max_tokens long: set-ups compare at equal work
             }
             t0 = time.perf_counter()
             r = await client.post(f"{url}/v1/completions", json=body)
@@ -81,6 +82,7 @@ async def load(url: str, models: list[str], concurrency: int, n: int, max_tokens
         wall = time.perf_counter() - t0
     lat.sort()
     return {
+        "requests_per_s": n / wall,
         "requests": n,
         "ok": codes.count(200),
         "tokens": tokens,

@@ -345,3 +345,19 @@ def test_gathered_lora_equals_peft_mixed_batch(store):
     torch.testing.assert_close(gathered, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after, reference)  # hooks removed, PEFT's LoRA path back on
     assert not torch.allclose(reference[0], reference[2], atol=1e-3)  # adapters do change the output
+
+
+def test_ignore_eos_generates_exactly_max_tokens(live):
+    body = {"model": "alpha", "prompt": "red sky", "max_tokens": 7, "ignore_eos": True}
+    r = post(live, "/v1/completions", body).json()
+    assert r["choices"][0]["finish_reason"] == "length"
+    before = httpx.get(f"{live.url}/metrics").text
+    post(live, "/v1/completions", body)
+    after = httpx.get(f"{live.url}/metrics").text
+
+    def generated(text):
+        return int(
+            next(x for x in text.splitlines() if x.startswith("lorachain_generated_tokens_total")).split()[1]
+        )
+
+    assert generated(after) - generated(before) == 7

@@ -59,6 +59,7 @@ class _Common(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=1)
     user: str | None = Field(default=None, max_length=200)
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens
 
 
 class CompletionRequest(_Common):
@@ -143,7 +144,11 @@ class Server:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
         try:
-            self.engine.submit(GenRequest(prompt_ids, adapter, max_tokens, emit, instruction, stop[:4]))
+            self.engine.submit(
+                GenRequest(
+                    prompt_ids, adapter, max_tokens, emit, instruction, stop[:4], ignore_eos=req.ignore_eos
+                )
+            )
         except QueueFull as e:
             raise ApiError(429, str(e), type_="rate_limit_error", code="queue_full") from None
         self.count(f'lorachain_requests_total{{model="{req.model}"}}')

@@ -43,6 +43,7 @@ class GenRequest:
     instruction: str = ""
     stop: list[str] = field(default_factory=list)
     selection: Selection | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever (benchmarks; vLLM's extension)
 
 
 @dataclass
@@ -189,7 +190,7 @@ class Engine:
 
     def _advance(self, row: _Row, token: int) -> None:
         tok = self.router.tok
-        if token == tok.eos_token_id:
+        if token == tok.eos_token_id and not row.req.ignore_eos:
             self._finish(row, "stop")
             return
         row.ids.append(token)
