@@ -6,6 +6,7 @@ Imports no model code. A bad row fails with one line naming the file, the line a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import string
 from collections.abc import Iterator
@@ -30,18 +31,31 @@ class Example:
     prompt_len: int = 0
 
 
+def _text(p: Path) -> str:
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{p}: line {line}: not UTF-8 text (byte {e.start})") from None
+
+
 def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of a JSONL, JSON (list of objects) or CSV file, each with its 1-based line number."""
+    """Rows of a JSONL, JSON (list of objects) or CSV file (UTF-8), each with its 1-based line number."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: data file not found")
     suffix = p.suffix.lower()
+    body = _text(p)
     if suffix == ".csv":
-        with p.open(newline="") as f:
-            return [(i + 2, row) for i, row in enumerate(csv.DictReader(f))]
+        try:
+            reader = csv.DictReader(io.StringIO(body, newline=""))
+            return [(reader.line_num, dict(row)) for row in reader]
+        except csv.Error as e:
+            raise DataError(f"{p}: not valid CSV ({e})") from None
     if suffix == ".json":
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(body)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(data, list):
@@ -49,7 +63,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         rows = list(enumerate(data, 1))
     else:
         rows = []
-        for i, line in enumerate(p.read_text().split("\n"), 1):  # not splitlines: U+2028 is text
+        for i, line in enumerate(body.split("\n"), 1):  # not splitlines: U+2028 is text
             if not line.strip():
                 continue
             try:

@@ -90,14 +90,27 @@ def read_manifest(root: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise StoreError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    fmt = data.get("format", 0)
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise StoreError(f"{path}: field 'format' should be an integer, got {fmt!r}")
     if data.get("format", 0) > FORMAT:
         raise StoreError(
             f"{path}: store format {data['format']} is newer than this lorachain reads ({FORMAT})"
         )
     try:
-        return Manifest(**data)
+        manifest = Manifest(**data)
     except TypeError as e:
         raise StoreError(f"{path}: unexpected manifest fields ({e})") from None
+    expected = {"base_model": dict, "labels": list, "templates": dict, "adapters": dict}
+    for name, kind in expected.items():
+        if not isinstance(getattr(manifest, name), kind):
+            raise StoreError(f"{path}: field {name!r} should be a {kind.__name__}")
+    for name, entry in manifest.adapters.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict) or "path" not in entry:
+            raise StoreError(f"{path}: adapter {name!r} needs 'path' and 'files'")
+    return manifest
 
 
 def verify_adapter(root: str | Path, manifest: Manifest, name: str) -> Path:
