@@ -1,0 +1,136 @@
+"""Bounded load on loopback: every request answered (200 or 429), none lost, no 5xx, RSS bounded.
+
+One command: `python benchmarks/serve_stress.py [--requests 2000 --concurrency 64]`. The real server
+(uvicorn, 127.0.0.1) on a tiny random Llama with a 3-adapter store, a small queue (so 429s happen),
+requests mixing `auto`, adapters, `base`, chat, completions and streaming. Prints counts and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+
+
+async def drive(url: str, n: int, concurrency: int) -> tuple[Counter, int, list[float]]:
+    import httpx
+
+    sem, codes, lost, lat = asyncio.Semaphore(concurrency), Counter(), 0, []
+    models = ["auto", "alpha", "beta", "gamma", "base", "mixed"]
+
+    async def one(i: int, client) -> None:
+        nonlocal lost
+        async with sem:
+            model = models[i % len(models)]
+            stream = i % 5 == 0
+            if i % 2:
+                path, body = (
+                    "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "red sky sea"}]},
+                )
+            else:
+                path, body = "/v1/completions", {"prompt": "green leaf red"}
+            body |= {"model": model, "max_tokens": 8, "stream": stream}
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url + path, json=body)
+                if stream and r.status_code == 200 and not r.text.rstrip().endswith("data: [DONE]"):
+                    lost += 1
+                codes[r.status_code] += 1
+            except httpx.HTTPError:
+                lost += 1
+            lat.append(time.perf_counter() - t0)
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await asyncio.gather(*(one(i, client) for i in range(n)))
+    return codes, lost, lat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/results/serve_stress.json")
+    args = ap.parse_args()
+    import uvicorn
+    from conftest import make_tokenizer, tiny_model
+
+    from lorachain.serve.api import create_app
+    from lorachain.serve.engine import Engine
+    from lorachain.serve.router import Router
+    from lorachain.store import random_store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        templates = {"prompt": "{instruction} =>", "task_prompt": "{instruction} task:", "max_length": 32}
+        random_store(
+            store,
+            tiny_model("llama"),
+            ["alpha", "beta", "gamma"],
+            templates,
+            rank=4,
+            target_modules=["q_proj", "v_proj"],
+            base_name="tiny",
+        )
+        router = Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer(), cache_size=2)
+        engine = Engine(router, max_batch=16, window_ms=5, max_queue=32)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(engine, max_tokens_limit=16), host="127.0.0.1", port=0, log_level="error"
+            )
+        )
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        samples, stop = [rss_mb()], threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.5):
+                samples.append(rss_mb())
+
+        threading.Thread(target=sample, daemon=True).start()
+        t0 = time.perf_counter()
+        codes, lost, lat = asyncio.run(drive(url, args.requests, args.concurrency))
+        wall = time.perf_counter() - t0
+        stop.set()
+        server.should_exit = True
+        engine.close()
+    lat.sort()
+    fivexx = sum(n for c, n in codes.items() if c >= 500)
+    result = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "codes": dict(codes),
+        "lost": lost,
+        "5xx": fivexx,
+        "answered": sum(codes.values()),
+        "wall_s": wall,
+        "p50_s": lat[len(lat) // 2],
+        "p99_s": lat[int(0.99 * (len(lat) - 1))],
+        "rss_mb_start": samples[0],
+        "rss_mb_max": max(samples),
+        "rss_mb_end": samples[-1],
+    }
+    print(json.dumps(result, indent=2))
+    ok = result["answered"] == args.requests and lost == 0 and fivexx == 0 and set(codes) <= {200, 429}
+    print(f"\nall answered 200/429, none lost, no 5xx: {ok}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
