@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorachain.chain.export import head_state, save_chain, write_adapter, write_merged
@@ -36,6 +38,7 @@ from lorachain.chain.knot import (
 from lorachain.chain.policy import KnotPolicy, make_policy
 from lorachain.config import ConfigError, OptimConfig, RunConfig
 from lorachain.data import Example, candidates, collate, load_examples, micro_batches, steps_per_epoch
+from lorachain.dist import Dist, init_dist
 from lorachain.evaluate import evaluate
 from lorachain.io import atomic_write, write_json, write_text
 from lorachain.models import load_model, load_tokenizer, resolve_path, resolve_target_modules, uses_conv1d
@@ -68,6 +71,25 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], classifier: bool) -> torch.Tensor:
+    """Sum of the per-token (causal LM) or per-example (classifier) cross-entropy of a batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if classifier:
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    shifted = logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def loss_units(e: Example, classifier: bool) -> int:
+    """What the loss is averaged over: target tokens (causal LM) or examples (classifier)."""
+    return 1 if classifier else sum(1 for y in e.labels[1:] if y != -100)
+
+
 def run_steps(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -79,9 +101,13 @@ def run_steps(
     pad_id: int,
     classifier: bool,
     on_step: Callable[[int, float, int], bool],
+    dist: Dist = Dist(),  # noqa: B008 (frozen)
 ) -> int:
     """Optimizer steps `start`..`end`-1; after each, `on_step(step_count, loss, tokens)` may stop
-    the loop by returning True. Returns the number of steps done so far (the global count)."""
+    the loop by returning True. Returns the number of steps done so far (the global count).
+
+    The loss of a step is the sum over its global batch divided by the batch's target tokens (or
+    examples), so gradient accumulation and data parallelism (`dist`) follow the same gradient."""
     t = cfg.train
     params = trainable(model)
     model.train()
@@ -89,20 +115,25 @@ def run_steps(
     while step < end:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss_sum, tokens = 0.0, 0
         batches = list(micro_batches(examples, step, t.batch_size, t.grad_accum, t.seed))
+        units = max(1, sum(loss_units(e, classifier) for chunk in batches for e in chunk))
+        loss_sum, tokens = 0.0, 0
         for chunk in batches:
-            batch = collate(chunk, pad_id, classifier)
-            loss = model(**batch).loss / len(batches)
+            mine = dist.shard(chunk)
+            if not mine:
+                continue
+            batch = collate(mine, pad_id, classifier)
+            loss = summed_loss(model, batch, classifier) / units
             loss.backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
+        dist.sum_grads(params)
         if cfg.optim.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if on_step(step, loss_sum, tokens):
+        if on_step(step, dist.sum(loss_sum), int(dist.sum(tokens))):
             break
     return step
 
@@ -123,6 +154,16 @@ class Result:
     summary: dict
     model: nn.Module | None = None
     tokenizer: object | None = None
+
+
+class _NoWriter:
+    """TensorBoard writer of the ranks that write nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _StopFlag:
@@ -174,7 +215,9 @@ class Trainer:
     """Holds one run's moving parts; `run()` is the loop. Use `train(cfg)` rather than this."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module | None, tokenizer, progress: bool) -> None:
-        self.cfg, self.out, self.progress = cfg, Path(cfg.output_dir), progress
+        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        self.dist = init_dist()
+        self.progress = progress and self.dist.main
         self.classifier = cfg.model.task == "classification"
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
@@ -249,7 +292,7 @@ class Trainer:
             knot_seconds=knot_seconds,
             final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])),
         )
-        if self.eval_ex:
+        if self.eval_ex and self.dist.main:
             row["eval"] = self.evaluate(self.model)
         self.log(f"knot {st.link} at step {st.step} ({reason}); rank {link.rank}", row.get("eval"))
         if st.step < self.total:
@@ -273,6 +316,8 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, st: State) -> None:
+        if not self.dist.main:
+            return
         state = {
             "step": st.step,
             "link": st.link,
@@ -291,8 +336,9 @@ class Trainer:
         path = self.out / CHECKPOINT
         st = State()
         if not path.is_file():  # a fresh start: drop what a run killed before its first checkpoint wrote
-            self._trim_metrics(0)
-            shutil.rmtree(self.out / "tb", ignore_errors=True)
+            if self.dist.main:
+                self._trim_metrics(0)
+                shutil.rmtree(self.out / "tb", ignore_errors=True)
             self.extend(st)
             return st
         ck = torch.load(path, weights_only=True)
@@ -313,7 +359,8 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         self.policy.load_state_dict(json.loads(ck["policy"]))
         torch.set_rng_state(ck["rng"])
-        self._trim_metrics(st.step)
+        if self.dist.main:
+            self._trim_metrics(st.step)
         self.log(f"resumed from {path} at step {st.step}, link {st.link}")
         return st
 
@@ -338,8 +385,9 @@ class Trainer:
         from tqdm import tqdm
 
         st = self.restore()
-        writer = SummaryWriter(str(self.out / "tb"), purge_step=st.step or None)
-        metrics = (self.out / "metrics.jsonl").open("a")
+        main = self.dist.main
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=st.step or None) if main else _NoWriter()
+        metrics = (self.out / "metrics.jsonl").open("a") if main else open(os.devnull, "w")
         bar = tqdm(total=self.total, initial=st.step, disable=not self.progress, desc="train", unit="step")
         interrupted = False
         t0 = time.perf_counter()
@@ -386,6 +434,7 @@ class Trainer:
                         self.pad_id,
                         self.classifier,
                         on_step,
+                        self.dist,
                     )
         finally:
             bar.close()
@@ -397,8 +446,10 @@ class Trainer:
         return Result(self.finish(st), self.model, self.tokenizer)
 
     def finish(self, st: State) -> dict:
-        """Write the chain, the single-adapter export, (merged model) and summary.json."""
+        """Write the chain, the single-adapter export, (merged model) and summary.json (rank 0)."""
         cfg = self.cfg
+        if not self.dist.main:
+            return {"status": "finished", "rank": self.dist.rank, "total_steps": self.total}
         meta = {
             "base_model": cfg.model.name_or_path,
             "gguf_file": cfg.model.gguf_file,
@@ -447,7 +498,8 @@ def train(
     run folder returns its summary without training again.
     """
     out = Path(cfg.output_dir)
-    prepare_run_dir(out, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_run_dir(out, cfg)
     if (out / "summary.json").is_file():
         return Result(json.loads((out / "summary.json").read_text()))
     return Trainer(cfg, model, tokenizer, progress).run(stop_after)
