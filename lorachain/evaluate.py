@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorachain.data import Example, collate
+from lorachain.models import device_of
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def sequence_logprobs(
     out = []
     for k in range(0, len(seqs), batch_size):
         chunk = seqs[k : k + batch_size]
-        batch = collate(chunk, pad_id, classifier=False)
+        batch = {k: v.to(device_of(model)) for k, v in collate(chunk, pad_id, classifier=False).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
         labels = batch["labels"][:, 1:]  # (B, T-1)
@@ -33,7 +34,8 @@ def sequence_logprobs(
 def continuation_logprobs(model: nn.Module, prompt: list[int], continuations: list[list[int]]) -> list[float]:
     """Sum of log-probs of each continuation after one shared prompt: the prompt runs once, its KV
     cache is repeated for the continuations, which run as one right-padded batch."""
-    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    device = device_of(model)
+    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) predicts each first token
     n, width = len(continuations), max(len(c) for c in continuations)
     if width == 1:
@@ -45,6 +47,7 @@ def continuation_logprobs(model: nn.Module, prompt: list[int], continuations: li
     for i, c in enumerate(continuations):
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, len(prompt) + len(c) :] = 0
+    ids, mask = ids.to(device), mask.to(device)
     logp = F.log_softmax(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits.float(), -1)
     scores = []
     for i, c in enumerate(continuations):  # position j of the batch predicts token j + 1
@@ -93,7 +96,10 @@ def _eval_classifier(
 ) -> dict[str, float]:
     losses, preds = [], []
     for k in range(0, len(examples), batch_size):
-        batch = collate(examples[k : k + batch_size], pad_id, classifier=True)
+        batch = {
+            k2: v.to(device_of(model))
+            for k2, v in collate(examples[k : k + batch_size], pad_id, True).items()
+        }
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         losses += F.cross_entropy(logits.float(), batch["labels"], reduction="none").tolist()
         preds += logits.argmax(-1).tolist()

@@ -146,3 +146,14 @@ def resolve_target_modules(model: nn.Module, targets: list[str] | None) -> list[
 def uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
     """True when the targets are GPT-2 style Conv1D layers (weights stored transposed)."""
     return any(isinstance(m, Conv1D) and n.split(".")[-1] in targets for n, m in model.named_modules())
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def best_device() -> torch.device:
+    """This process's GPU (its local rank's under a distributed launch), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")

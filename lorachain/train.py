@@ -41,7 +41,15 @@ from lorachain.data import Example, candidates, collate, load_examples, micro_ba
 from lorachain.dist import Dist, init_dist
 from lorachain.evaluate import evaluate
 from lorachain.io import atomic_write, write_json, write_text
-from lorachain.models import load_model, load_tokenizer, resolve_path, resolve_target_modules, uses_conv1d
+from lorachain.models import (
+    best_device,
+    device_of,
+    load_model,
+    load_tokenizer,
+    resolve_path,
+    resolve_target_modules,
+    uses_conv1d,
+)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -110,6 +118,7 @@ def run_steps(
     examples), so gradient accumulation and data parallelism (`dist`) follow the same gradient."""
     t = cfg.train
     params = trainable(model)
+    device = device_of(model)
     model.train()
     step = start
     while step < end:
@@ -122,7 +131,7 @@ def run_steps(
             mine = dist.shard(chunk)
             if not mine:
                 continue
-            batch = collate(mine, pad_id, classifier)
+            batch = {k: v.to(device) for k, v in collate(mine, pad_id, classifier).items()}
             loss = summed_loss(model, batch, classifier) / units
             loss.backward()
             loss_sum += loss.item()
@@ -237,6 +246,7 @@ class Trainer:
         # the model is loaded last, so that bad data or shares fail before the slow part
         labels = len(cfg.data.label_words) if cfg.data.label_words else None
         self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
+        self.model.to(best_device())
         if self.classifier and self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.full = cfg.chain.method == "full"

@@ -26,7 +26,7 @@ def head_state(model: nn.Module, modules_to_save: list[str] | None) -> dict[str,
     """Parameters of the fully trained modules (a classifier's new head), by base-model name."""
     names = set(modules_to_save or [])
     return {
-        f"{mod_name}.{p_name}": p.detach().float().clone()
+        f"{mod_name}.{p_name}": p.detach().float().cpu().clone()
         for mod_name, module in model.named_modules()
         if mod_name.split(".")[-1] in names
         for p_name, p in module.named_parameters(recurse=False)
@@ -137,7 +137,7 @@ def merge_into(base: nn.Module, knots: list[Knot], head: dict[str, torch.Tensor]
     if head:
         with torch.no_grad():
             for name, value in head.items():
-                base.get_parameter(name).copy_(value)
+                base.get_parameter(name).copy_(value.to(base.get_parameter(name).device))
     return base
 
 

@@ -115,10 +115,10 @@ def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
 
 def layer_factors(layer: LoraLayer) -> Factors:
     b = layer.lora_B[ADAPTER]
-    bias = b.bias.detach().float().clone() if getattr(b, "bias", None) is not None else None
+    bias = b.bias.detach().float().cpu().clone() if getattr(b, "bias", None) is not None else None
     return Factors(
-        A=layer.lora_A[ADAPTER].weight.detach().float().clone(),
-        B=b.weight.detach().float().clone(),
+        A=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+        B=b.weight.detach().float().cpu().clone(),
         scale=float(layer.scaling[ADAPTER]),
         bias=bias,
         fan_in_fan_out=bool(layer.fan_in_fan_out),
@@ -127,12 +127,13 @@ def layer_factors(layer: LoraLayer) -> Factors:
 
 def merged_params(module: nn.Module, f: Factors, name: str) -> dict[str, torch.Tensor]:
     """New weight (and bias) of `module` after adding `f`, computed in fp32 and checked finite."""
-    delta = f.scale * (f.B @ f.A)  # (out, in)
+    device = module.weight.device
+    delta = f.scale * (f.B.to(device) @ f.A.to(device))  # (out, in)
     if f.fan_in_fan_out:
         delta = delta.T  # Conv1D stores (in, out)
     out = {"weight": module.weight.detach().float() + delta}
     if f.bias is not None:
-        out["bias"] = module.bias.detach().float() + f.scale * f.bias
+        out["bias"] = module.bias.detach().float() + f.scale * f.bias.to(device)
     for key, value in out.items():
         if not torch.isfinite(value).all():
             raise KnotError(f"tying a knot on {name}.{key} gives non-finite weights; nothing was merged")

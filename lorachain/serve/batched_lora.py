@@ -22,8 +22,9 @@ def _factors(
     r_max = max(layer.r[a] for a in names)
     a_in = layer.lora_A[next(iter(names))].in_features
     b_out = layer.lora_B[next(iter(names))].out_features
-    A = torch.zeros(len(rows), r_max, a_in)  # (B, r, in)
-    B = torch.zeros(len(rows), b_out, r_max)  # (B, out, r)
+    device = layer.lora_A[next(iter(names))].weight.device
+    A = torch.zeros(len(rows), r_max, a_in, device=device)  # (B, r, in)
+    B = torch.zeros(len(rows), b_out, r_max, device=device)  # (B, out, r)
     bias = None
     for i, name in enumerate(rows):
         if name is None:
@@ -32,7 +33,7 @@ def _factors(
         A[i, :r] = layer.lora_A[name].weight
         B[i, :, :r] = layer.lora_B[name].weight * s
         if getattr(layer.lora_B[name], "bias", None) is not None:
-            bias = torch.zeros(len(rows), b_out) if bias is None else bias
+            bias = torch.zeros(len(rows), b_out, device=device) if bias is None else bias
             bias[i] = layer.lora_B[name].bias * s
     return A, B, bias
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorachain.models import device_of
 from lorachain.routing.select import Selection
 from lorachain.serve.batched_lora import GatheredLoRA
 from lorachain.serve.router import Router
@@ -152,6 +153,8 @@ class Engine:
         for i, r in enumerate(batch):  # left padding
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
+        device = device_of(model)
+        ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self._adapters(names):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -163,7 +166,7 @@ class Engine:
                         self._advance(row, int(nxt[i]))
                 if all(row.done for row in rows):
                     break
-                mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
+                mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long, device=device)], dim=1)
                 positions = positions[:, -1:] + 1
                 out = model(
                     input_ids=nxt[:, None],

@@ -17,7 +17,7 @@ from peft import PeftModel
 from lorachain.config import ConfigError, DataConfig, ModelConfig
 from lorachain.data import encode_row, prompt_ids
 from lorachain.evaluate import continuation_logprobs
-from lorachain.models import load_model, load_tokenizer, resolve_path
+from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels, rank_scores
 from lorachain.serve.slots import AdapterSlots
 from lorachain.store import MIXED, SELECTOR, Manifest, check_base, read_manifest, verify_adapter
@@ -91,7 +91,7 @@ class Router:
             name_or_path=b["name_or_path"], gguf_file=b.get("gguf_file"), dtype=b.get("dtype", "float32")
         )
         tokenizer = tokenizer or load_tokenizer(resolve_path(mcfg))
-        model = model if model is not None else load_model(mcfg)
+        model = model if model is not None else load_model(mcfg).to(best_device())
         check_base(path, manifest, model)
         selector = verify_adapter(path, manifest, SELECTOR)
         peft = PeftModel.from_pretrained(model, str(selector), adapter_name=SELECTOR).eval()
@@ -176,6 +176,7 @@ class Router:
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(device_of(self.model)), mask.to(device_of(self.model))
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
