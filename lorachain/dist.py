@@ -37,6 +37,12 @@ class Dist:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def sum(self, value: float) -> float:
         if self.world == 1:
             return value

@@ -73,3 +73,62 @@ def test_two_processes_equal_one(tmp_path, toy_data, policy):
     for k in a:  # same global batch: equal up to the order of floating-point sums across ranks
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert not list((tmp_path / "two").glob("*.tmp"))  # rank 0 alone wrote, atomically
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not on PATH")
+def test_route_train_on_two_processes_equals_one(tmp_path):
+    from conftest import route_rows, write_jsonl
+
+    model = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model)
+    make_tokenizer().save_pretrained(model)
+    data = write_jsonl(tmp_path / "rows.jsonl", route_rows(10))
+    for name in ("one", "two"):
+        cfg = {
+            "model": {"name_or_path": str(model)},
+            "data": {"path": str(data), "max_length": 16},
+            "prompt": "{instruction} =>",
+            "task_prompt": "{instruction} task:",
+            "chain": {"links": [{"rank": 4, "alpha": 8}], "dropout": 0.0},
+            "optim": {"lr": 0.02},
+            "train": {"epochs": 2, "batch_size": 4},
+            "output_dir": str(tmp_path / name),
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["route", "train", str(tmp_path / "one.yaml")]) == 0
+    proc = subprocess.run(
+        [
+            ACCELERATE,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "lorachain",
+            "route",
+            "train",
+            str(tmp_path / "two.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("one", "two"))
+    assert (
+        one["adapters"].keys() == two["adapters"].keys() == {"alpha", "beta", "gamma", "_mixed", "_selector"}
+    )
+    for name in one["adapters"]:
+        a, b = (
+            load_file(str(tmp_path / n / "adapters" / name / "adapter_model.safetensors"))
+            for n in ("one", "two")
+        )
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lorachain.config import DataConfig, RouteConfig, RunConfig
+from lorachain.dist import init_dist
 from lorachain.io import atomic_dir, write_text
 from lorachain.models import load_model, load_tokenizer, resolve_path
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
@@ -114,11 +115,7 @@ def adapter_runs(cfg: RouteConfig, root: Path, labels: list[str]) -> dict[str, t
     return runs
 
 
-def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = True) -> Manifest | None:
-    """Train every adapter of the store in `cfg.output_dir`; None if interrupted (rerun resumes)."""
-    root = Path(cfg.output_dir)
-    rejected: list[str] = []
-    split = load_split(cfg, rejected)
+def write_splits(cfg: RouteConfig, root: Path, split: dict, labels: list[str], rejected: list[str]) -> None:
     if rejected:
         write_text(root / "splits" / "rejected.txt", "".join(f"{x}\n" for x in rejected))
         print(
@@ -126,16 +123,27 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
             f"{root / 'splits' / 'rejected.txt'}",
             file=sys.stderr,
         )
-    labels = sorted({r.task for r in split["train"]})
-    names = [safe_name(label) for label in labels]
-    if len(set(names)) != len(names):
-        raise ValueError(f"task labels {labels} give clashing folder names {names}")
     for part, rows in split.items():
         write_rows(root / "splits" / f"{part}.jsonl", rows)
         for label in labels:
             mine = [r for r in rows if r.task == label]
             write_rows(root / "splits" / "by_task" / f"{safe_name(label)}.{part}.jsonl", mine)
     write_text(root / "route_config.json", cfg.to_json() + "\n")
+
+
+def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = True) -> Manifest | None:
+    """Train every adapter of the store in `cfg.output_dir`; None if interrupted (rerun resumes)."""
+    root = Path(cfg.output_dir)
+    dist = init_dist()
+    rejected: list[str] = []
+    split = load_split(cfg, rejected)
+    labels = sorted({r.task for r in split["train"]})
+    names = [safe_name(label) for label in labels]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task labels {labels} give clashing folder names {names}")
+    if dist.main:
+        write_splits(cfg, root, split, labels, rejected)
+    dist.barrier()  # the other ranks read the split files rank 0 wrote
     tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
     model = model if model is not None else load_model(cfg.model)
     pristine = {n: p.detach().clone() for n, p in model.state_dict().items()}
@@ -155,6 +163,8 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
             model.load_state_dict(pristine)  # every adapter starts from the same base
         if result.summary.get("status") == "interrupted":
             return None
+        if not dist.main:
+            continue  # rank 0 writes the store
         folder = Path("adapters") / name
         atomic_dir(root / folder, lambda tmp, src=Path(run_cfg.output_dir) / "adapter": _copy(src, tmp))
         s = result.summary
