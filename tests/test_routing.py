@@ -306,3 +306,25 @@ def test_cached_label_scoring_equals_full_sequences(family):
     cached = continuation_logprobs(model, prompt, labels)
     full = sequence_logprobs(model, [Example(prompt + c, [-100] * 5 + c, None, 5) for c in labels], 0, 8)
     assert cached == pytest.approx([s for s, _ in full], abs=1e-4)
+
+
+def test_adapter_of_wrong_shape_is_refused_with_one_line(store, tmp_path):
+    """A store whose adapter files do not fit the base (here: rank 4 weights behind a rank-8
+    config, hashes made to match, as a broken producer would) fails naming the adapter."""
+    import shutil
+
+    from lorachain.store import file_hashes, write_manifest
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    cfg_path = copy / "adapters" / "beta" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["r"] = 8
+    cfg_path.write_text(json.dumps(cfg))
+    m = read_manifest(copy)
+    m.adapters["beta"]["files"] = file_hashes(copy / "adapters" / "beta", copy)
+    write_manifest(copy, m)
+    r = router(copy, cache_size=2)
+    with pytest.raises(StoreError, match=r"adapters/beta: does not fit the base model"):
+        r.activate("beta")
+    r.activate("alpha")  # the router still works

@@ -17,6 +17,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load as load_safetensors
 
+from lorachain.store import StoreError
+
 SIGNATURE_KEYS = (
     "r",
     "lora_alpha",
@@ -70,6 +72,12 @@ class AdapterSlots:
         params = self.params[slot]
         if tensors.keys() != params.keys():
             return False
+        for key, value in tensors.items():
+            if value.shape != params[key].shape:
+                raise StoreError(
+                    f"{folder}: {key} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(params[key].shape)} (rank {self.shape[slot]})"
+                )
         with torch.no_grad():
             for key, value in tensors.items():
                 params[key].copy_(value)
@@ -78,7 +86,14 @@ class AdapterSlots:
     def _build(self, slot: str, folder: Path, sig: str) -> None:
         if slot in self.params:
             self.model.delete_adapter(slot)
-        self.model.load_adapter(str(folder), adapter_name=slot)
+        try:
+            self.model.load_adapter(str(folder), adapter_name=slot)
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes or names that do not fit the base
+            if slot in self.model.peft_config:
+                self.model.delete_adapter(slot)
+            self.params.pop(slot, None)
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise StoreError(f"{folder}: does not fit the base model ({first})") from None
         tag = f".{slot}."
         self.params[slot] = {n.replace(tag, "."): p for n, p in self.model.named_parameters() if tag in n}
         self.shape[slot] = sig
