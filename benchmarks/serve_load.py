@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,22 +34,14 @@ PROMPTS = [
 
 
 def serve(store: Path, max_batch: int, cache_size: int):
-    import uvicorn
-
     from lorachain.serve.api import create_app
+    from lorachain.serve.background import BackgroundServer
     from lorachain.serve.engine import Engine
     from lorachain.serve.router import Router
 
     router = Router.from_store(store, cache_size=cache_size)
     engine = Engine(router, max_batch=max_batch, window_ms=20, max_queue=256)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, max_tokens_limit=256), host="127.0.0.1", port=0, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, engine, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    return BackgroundServer(create_app(engine, max_tokens_limit=256)), engine
 
 
 async def load(url: str, models: list[str], concurrency: int, n: int, max_tokens: int) -> dict:
@@ -113,7 +104,8 @@ def main() -> None:
 
         tasks = [n for n, a in read_manifest(store).adapters.items() if a["kind"] == "task"]
         for name, s in SETUPS.items():
-            server, thread, engine, url = serve(store, s["max_batch"], s["cache_size"])
+            server, engine = serve(store, s["max_batch"], s["cache_size"])
+            url = server.url
             models = tasks if s["spread"] else tasks[:1]
             asyncio.run(load(url, models, 1, 2, args.max_tokens))  # warm-up
             for c in (1, 8, 32):
@@ -125,8 +117,7 @@ def main() -> None:
                     f"p99 {r['p99_s']:.2f}s  ok {r['ok']}/{r['requests']}",
                     flush=True,
                 )
-            server.should_exit = True
-            thread.join(timeout=10)
+            server.stop()
             engine.close()
     ratios = {
         c: {

@@ -65,10 +65,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/serve_stress.json")
     args = ap.parse_args()
-    import uvicorn
     from conftest import make_tokenizer, tiny_model
 
     from lorachain.serve.api import create_app
+    from lorachain.serve.background import BackgroundServer
     from lorachain.serve.engine import Engine
     from lorachain.serve.router import Router
     from lorachain.store import random_store
@@ -87,15 +87,8 @@ def main() -> None:
         )
         router = Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer(), cache_size=2)
         engine = Engine(router, max_batch=16, window_ms=5, max_queue=32)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(engine, max_tokens_limit=16), host="127.0.0.1", port=0, log_level="error"
-            )
-        )
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        server = BackgroundServer(create_app(engine, max_tokens_limit=16))
+        url = server.url
         samples, stop = [rss_mb()], threading.Event()
 
         def sample() -> None:
@@ -107,7 +100,7 @@ def main() -> None:
         codes, lost, lat = asyncio.run(drive(url, args.requests, args.concurrency))
         wall = time.perf_counter() - t0
         stop.set()
-        server.should_exit = True
+        server.stop()
         engine.close()
     lat.sort()
     fivexx = sum(n for c, n in codes.items() if c >= 500)

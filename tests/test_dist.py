@@ -17,6 +17,27 @@ from lorachain.cli import main
 ACCELERATE = shutil.which("accelerate")
 
 
+def launch_two(args: list[str], cwd) -> subprocess.CompletedProcess:
+    """`accelerate launch` on 2 CPU processes (gloo) of `python -m lorachain ARGS`."""
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "lorachain",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not on PATH")
 @pytest.mark.parametrize("policy", ["fixed", "auto"])
 def test_two_processes_equal_one(tmp_path, toy_data, policy):
@@ -41,29 +62,7 @@ def test_two_processes_equal_one(tmp_path, toy_data, policy):
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
     assert main(["train", str(paths["one"])]) == 0
-    proc = subprocess.run(
-        [
-            ACCELERATE,
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "lorachain",
-            "train",
-            str(paths["two"]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    proc = launch_two(["train", str(paths["two"])], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
     assert [link["end_step"] for link in one["links"]] == [link["end_step"] for link in two["links"]]
@@ -96,30 +95,7 @@ def test_route_train_on_two_processes_equals_one(tmp_path):
         }
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["route", "train", str(tmp_path / "one.yaml")]) == 0
-    proc = subprocess.run(
-        [
-            ACCELERATE,
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "lorachain",
-            "route",
-            "train",
-            str(tmp_path / "two.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    proc = launch_two(["route", "train", str(tmp_path / "two.yaml")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("one", "two"))
     assert (

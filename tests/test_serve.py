@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 from conftest import make_tokenizer, tiny_model
 
 from lorachain.serve.api import create_app
+from lorachain.serve.background import BackgroundServer
 from lorachain.serve.engine import AUTO, BASE, Engine, GenRequest
 from lorachain.serve.router import Router
 from lorachain.store import random_store
@@ -41,20 +41,7 @@ def make_engine(store, **kw) -> Engine:
     return Engine(router, **kw)
 
 
-class LiveServer:
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+LiveServer = BackgroundServer
 
 
 @pytest.fixture(scope="module")
