@@ -1,0 +1,236 @@
+"""Task loaders on a few hand-written rows in each official format: prompts, label mapping,
+candidate sets, and malformed rows failing with file, line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorachain.data import DataError
+from lorachain.tasks import TaskExample, get_task, register
+
+
+def jsonl(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def load(name, path):
+    return get_task(name).load(path)
+
+
+def test_sst2_rte_cb_boolq_label_mapping(tmp_path):
+    s = load(
+        "sst2",
+        jsonl(
+            tmp_path, "s.jsonl", [{"sentence": "a fine film ", "label": 1}, {"sentence": "dull", "label": 0}]
+        ),
+    )
+    assert [(e.prompt, e.candidates, e.gold) for e in s] == [
+        ("a fine film It was", [" terrible", " great"], 1),
+        ("dull It was", [" terrible", " great"], 0),
+    ]
+    row = {"premise": "P.", "hypothesis": "H", "idx": 0}
+    rte = load(
+        "rte",
+        jsonl(tmp_path, "r.jsonl", [{**row, "label": "entailment"}, {**row, "label": "not_entailment"}]),
+    )
+    assert [e.gold for e in rte] == [1, 0] and rte[0].candidates == ["No", "Yes"]
+    assert rte[0].prompt == 'P.\nDoes this mean that "H" is true? Yes or No?\n'
+    cb = load(
+        "cb",
+        jsonl(tmp_path, "c.jsonl", [{**row, "label": x} for x in ("contradiction", "entailment", "neutral")]),
+    )
+    assert [e.target for e in cb] == ["No", "Yes", "Maybe"]
+    b = load("boolq", jsonl(tmp_path, "b.jsonl", [{"passage": "Ps", "question": "is it", "label": False}]))
+    assert b[0].prompt == "Ps is it?" and b[0].target == "No"
+
+
+def test_wic_wsc_copa(tmp_path):
+    wic = load(
+        "wic",
+        jsonl(tmp_path, "w.jsonl", [{"word": "class", "sentence1": "A.", "sentence2": "B.", "label": True}]),
+    )
+    assert wic[0].prompt.startswith('Does the word "class" have the same meaning') and wic[0].target == "Yes"
+    wsc = load(
+        "wsc",
+        jsonl(
+            tmp_path,
+            "s.jsonl",
+            [{"text": "Mark lied. He", "label": False, "target": {"span1_text": "Mark", "span2_text": "He"}}],
+        ),
+    )
+    assert 'pronoun "He" refer to Mark?' in wsc[0].prompt and wsc[0].gold == 0
+    copa = load(
+        "copa",
+        jsonl(
+            tmp_path,
+            "c.jsonl",
+            [
+                {
+                    "premise": "The sun rose.",
+                    "choice1": "It got light.",
+                    "choice2": "It rained.",
+                    "question": "effect",
+                    "label": 0,
+                },
+                {
+                    "premise": "I slept.",
+                    "choice1": "I was tired.",
+                    "choice2": "I ran.",
+                    "question": "cause",
+                    "label": 0,
+                },
+            ],
+        ),
+    )
+    assert copa[0].prompt == "The sun rose so" and copa[0].candidates == [" it got light.", " it rained."]
+    assert copa[1].prompt == "I slept because" and copa[1].target == " i was tired."
+
+
+def test_multirc_record_groups_and_candidates(tmp_path):
+    m = load(
+        "multirc",
+        jsonl(
+            tmp_path,
+            "m.jsonl",
+            [
+                {
+                    "passage": {
+                        "text": "T",
+                        "questions": [
+                            {
+                                "question": "Q1",
+                                "answers": [{"text": "a", "label": 1}, {"text": "b", "label": 0}],
+                            },
+                            {"question": "Q2", "answers": [{"text": "c", "label": 0}]},
+                        ],
+                    }
+                }
+            ],
+        ),
+    )
+    assert [(e.group.split("#")[1], e.gold) for e in m] == [("0", 1), ("0", 0), ("1", 0)]
+    text = "Ann met Bob in Rome."
+    rec = load(
+        "record",
+        jsonl(
+            tmp_path,
+            "r.jsonl",
+            [
+                {
+                    "passage": {
+                        "text": text,
+                        "entities": [
+                            {"start": 0, "end": 2},
+                            {"start": 8, "end": 10},
+                            {"start": 15, "end": 18},
+                        ],
+                    },
+                    "qas": [
+                        {
+                            "query": "@placeholder lives in Rome.",
+                            "answers": [{"start": 8, "end": 10, "text": "Bob"}],
+                        }
+                    ],
+                }
+            ],
+        ),
+    )
+    e = rec[0]
+    assert e.candidates == [" Ann lives in Rome.", " Bob lives in Rome.", " Rome lives in Rome."]
+    assert e.gold == 1 and e.answers == ["Bob"]
+
+
+def test_squad_and_drop(tmp_path):
+    squad = tmp_path / "squad.json"
+    squad.write_text(
+        json.dumps(
+            {
+                "data": [
+                    {
+                        "title": "T",
+                        "paragraphs": [
+                            {
+                                "context": "C",
+                                "qas": [
+                                    {
+                                        "id": "q1",
+                                        "question": "Q?",
+                                        "answers": [
+                                            {"text": "x", "answer_start": 0},
+                                            {"text": "y", "answer_start": 1},
+                                        ],
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    (e,) = load("squad", squad)
+    assert e.prompt == "Title: T\nContext: C\nQuestion: Q?\nAnswer:" and e.answers == [" x", " y"]
+    drop = tmp_path / "drop.json"
+    drop.write_text(
+        json.dumps(
+            {
+                "p1": {
+                    "passage": "P",
+                    "qa_pairs": [
+                        {"question": "How many?", "answer": {"number": "3", "spans": [], "date": {}}},
+                        {"question": "Who?", "answer": {"number": "", "spans": ["A", "B"], "date": {}}},
+                        {
+                            "question": "When?",
+                            "answer": {
+                                "number": "",
+                                "spans": [],
+                                "date": {"day": "1", "month": "May", "year": "1990"},
+                            },
+                        },
+                    ],
+                }
+            }
+        )
+    )
+    assert [e.answers[0] for e in load("drop", drop)] == [" 3", " A, B", " 1 May 1990"]
+
+
+@pytest.mark.parametrize(
+    ("task", "rows", "message"),
+    [
+        ("rte", [{"premise": "P", "hypothesis": "H", "label": "maybe"}], "line 1: field 'label' is 'maybe'"),
+        ("boolq", [{"passage": "P", "label": True}], "line 1: missing field 'question'"),
+        (
+            "copa",
+            [{"premise": "P", "choice1": "a", "choice2": "b", "question": "why", "label": 0}],
+            "field 'question' is 'why'",
+        ),
+        ("wsc", [{"text": "t", "label": True, "target": "x"}], "field 'target' should be dict"),
+        (
+            "sst2",
+            [{"sentence": "ok", "label": 1}, {"sentence": 5, "label": 1}],
+            "line 2: field 'sentence' should be str",
+        ),
+    ],
+)
+def test_malformed_rows_name_file_line_field(tmp_path, task, rows, message):
+    path = jsonl(tmp_path, "bad.jsonl", rows)
+    with pytest.raises(DataError, match=message) as err:
+        load(task, path)
+    assert str(path) in str(err.value)
+
+
+def test_registry_accepts_a_user_task_and_refuses_duplicates(tmp_path):
+    @register("my_yes_no_test")
+    def mine(path):
+        return [TaskExample("Q?", ["no", "yes"], 1)]
+
+    assert get_task("my_yes_no_test").load(tmp_path)[0].target == "yes"
+    with pytest.raises(ValueError, match="already registered"):
+        register("sst2")(mine)
+    with pytest.raises(DataError, match="not registered"):
+        get_task("nope")
