@@ -110,3 +110,20 @@ def accuracy(preds: list[int], labels: list[int | None]) -> float:
     if not preds:
         raise ValueError("accuracy of no predictions")
     return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / len(preds)
+
+
+def predict_choices(
+    model: nn.Module, tokenizer, prompts: list[str], candidates: list[list[str]]
+) -> list[int]:
+    """For each prompt, the index of its most likely candidate continuation (sum of token
+    log-probs; the prompt runs once and its KV cache serves every candidate)."""
+    model.eval()
+    preds = []
+    for prompt, cands in zip(prompts, candidates, strict=True):
+        ids = tokenizer(prompt)["input_ids"]
+        cand_ids = [
+            tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for c in cands
+        ]
+        scores = continuation_logprobs(model, ids, cand_ids)
+        preds.append(max(range(len(cands)), key=scores.__getitem__))
+    return preds

@@ -64,3 +64,18 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     p, r = lcs / len(pred), lcs / len(ref)
     return 2 * p * r / (p + r)
+
+
+def best_over(metric, prediction: str, references: list[str]) -> float:
+    """A metric against several references: the best match counts (SQuAD, ReCoRD)."""
+    if not references:
+        raise ValueError("no references")
+    return max(metric(prediction, r) for r in references)
+
+
+def binary_f1(preds: list[int], golds: list[int]) -> float:
+    """F1 of the positive class (MultiRC's F1a over all answer options)."""
+    tp = sum(p == g == 1 for p, g in zip(preds, golds, strict=True))
+    fp = sum(p == 1 and g == 0 for p, g in zip(preds, golds, strict=True))
+    fn = sum(p == 0 and g == 1 for p, g in zip(preds, golds, strict=True))
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0

@@ -33,3 +33,13 @@ def test_perplexity_and_top_k():
     ranked = [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
     assert top_k_accuracy(ranked, ["a", "a", "a"], 1) == pytest.approx(1 / 3)
     assert top_k_accuracy(ranked, ["a", "a", "a"], 2) == pytest.approx(2 / 3)
+
+
+def test_best_over_references_and_binary_f1():
+    from lorachain.metrics import best_over, binary_f1
+
+    assert best_over(exact_match, "Bhutto", ["Benazir Bhutto", "bhutto"]) == 1.0
+    assert best_over(token_f1, "benazir", ["Benazir Bhutto", "x"]) == pytest.approx(2 / 3)
+    # tp = 2, fp = 1, fn = 1 -> 4 / 6
+    assert binary_f1([1, 1, 1, 0, 0], [1, 1, 0, 1, 0]) == pytest.approx(2 / 3)
+    assert binary_f1([0, 0], [0, 0]) == 0.0

@@ -234,3 +234,30 @@ def test_registry_accepts_a_user_task_and_refuses_duplicates(tmp_path):
         register("sst2")(mine)
     with pytest.raises(DataError, match="not registered"):
         get_task("nope")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_predict_choices_picks_the_most_likely_candidate(family):
+    """Cached candidate scoring agrees with scoring every full sequence on its own."""
+    from conftest import make_tokenizer, tiny_model
+
+    from lorachain.data import Example
+    from lorachain.evaluate import predict_choices, sequence_logprobs
+
+    tok, model = make_tokenizer(), tiny_model(family)
+    prompts = ["Review : good film Sentiment :", "Review : dull plot Sentiment :", "the movie was"]
+    cands = [[" positive", " negative"], [" negative", " positive", " fine"], [" good great", " bad"]]
+    preds = predict_choices(model, tok, prompts, cands)
+    for prompt, options, pred in zip(prompts, cands, preds, strict=True):
+        p_ids = tok(prompt)["input_ids"]
+        seqs = [
+            Example(
+                p_ids + tok(c, add_special_tokens=False)["input_ids"],
+                [-100] * len(p_ids) + tok(c, add_special_tokens=False)["input_ids"],
+                None,
+                len(p_ids),
+            )
+            for c in options
+        ]
+        scores = [s for s, _ in sequence_logprobs(model, seqs, 0, 8)]
+        assert pred == max(range(len(options)), key=scores.__getitem__)
