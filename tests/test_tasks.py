@@ -261,3 +261,23 @@ def test_predict_choices_picks_the_most_likely_candidate(family):
         ]
         scores = [s for s, _ in sequence_logprobs(model, seqs, 0, 8)]
         assert pred == max(range(len(options)), key=scores.__getitem__)
+
+
+def test_protocol_sampling_counts_and_disjointness():
+    from lorachain.tasks.protocol import sample_splits
+
+    train = [TaskExample(f"t{i}", ["a", "b"], 0) for i in range(2000)]
+    val = [TaskExample(f"v{i}", ["a", "b"], 0) for i in range(1500)]
+    s = sample_splits(train, val, seed=1)
+    assert s.counts == {"train": 1000, "val": 500, "test": 1000, "borrowed_from_validation": 0}
+    assert all(e.prompt.startswith("v") for e in s.test) and all(
+        e.prompt.startswith("t") for e in s.train + s.val
+    )
+    assert (
+        sample_splits(train, val, seed=1).train == s.train
+        and sample_splits(train, val, seed=2).train != s.train
+    )
+    # a tiny train split (BoolQ here has 32 rows): the rest comes from validation rows not in test
+    small = sample_splits(train[:32], val, seed=0)  # 32 train rows + the 500 validation rows left
+    assert small.counts == {"train": 355, "val": 177, "test": 1000, "borrowed_from_validation": 500}
+    assert not {e.prompt for e in small.test} & {e.prompt for e in small.train + small.val}
