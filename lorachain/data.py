@@ -94,6 +94,12 @@ def candidates(cfg: DataConfig) -> list[str] | None:
     return [(cfg.target or "{label}").format(label=w) for w in cfg.label_words.values()]
 
 
+def candidate_ids(cfg: DataConfig, tokenizer: Any) -> list[list[int]] | None:
+    """Token ids of every label's target text (None without label_words)."""
+    texts = candidates(cfg)
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] if texts else None
+
+
 def row_label(cfg: DataConfig, row: dict[str, Any], where: str) -> int:
     assert cfg.label_words is not None and cfg.label_field is not None
     if cfg.label_field not in row:

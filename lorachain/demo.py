@@ -44,7 +44,7 @@ def _train_in_child(cfg_dict: dict) -> dict:
 
 
 def _zero_shot(cfg_dict: dict) -> dict:
-    from lorachain.data import candidates, load_examples
+    from lorachain.data import candidate_ids, load_examples
     from lorachain.evaluate import evaluate
     from lorachain.models import load_model, load_tokenizer, resolve_path
 
@@ -52,7 +52,7 @@ def _zero_shot(cfg_dict: dict) -> dict:
     tok = load_tokenizer(resolve_path(cfg.model))
     model = load_model(cfg.model)
     examples = load_examples(cfg.data.eval, cfg.data, tok, classifier=False)
-    cands = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates(cfg.data) or []]
+    cands = candidate_ids(cfg.data, tok)
     return evaluate(model, examples, tok.pad_token_id, cfg.train.eval_batch_size, False, cands)
 
 

@@ -67,12 +67,6 @@ class Manifest:
     lorachain_version: str = __version__
     format: int = FORMAT
 
-    def adapter_for(self, label: str) -> str | None:
-        for name, a in self.adapters.items():
-            if a.get("kind") == "task" and a.get("task") == label:
-                return name
-        return None
-
 
 def file_hashes(folder: Path, root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -37,7 +37,7 @@ from lorachain.chain.knot import (
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
 from lorachain.config import ConfigError, OptimConfig, RunConfig
-from lorachain.data import Example, candidates, collate, load_examples, micro_batches, steps_per_epoch
+from lorachain.data import Example, candidate_ids, collate, load_examples, micro_batches, steps_per_epoch
 from lorachain.dist import Dist, init_dist
 from lorachain.evaluate import evaluate
 from lorachain.io import atomic_write, write_json, write_text
@@ -235,10 +235,7 @@ class Trainer:
         self.eval_ex = (
             load_examples(d.eval, d, self.tokenizer, self.classifier, d.max_eval_rows) if d.eval else []
         )
-        cands = None if self.classifier else candidates(d)
-        self.cand_ids = (
-            [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cands] if cands else None
-        )
+        self.cand_ids = None if self.classifier else candidate_ids(d, self.tokenizer)
         t = cfg.train
         self.spe = steps_per_epoch(len(self.train_ex), t.batch_size, t.grad_accum)
         self.total = t.max_steps or max(1, round((t.epochs or 1) * self.spe))

@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 
 from lorachain.config import ConfigError, DataConfig, ModelConfig
-from lorachain.data import encode_row, prompt_ids
+from lorachain.data import prompt_ids
 from lorachain.evaluate import continuation_logprobs
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels, rank_scores
@@ -126,15 +126,6 @@ class Router:
         return cold
 
     # -- selection ---------------------------------------------------------------------------
-    def _prompt(self, cfg: DataConfig, instruction: str):
-        return encode_row(
-            cfg,
-            self.tok,
-            {"instruction": instruction, "task": self.labels[0], "output": ""},
-            "request",
-            classifier=False,
-        )
-
     @torch.no_grad()
     def select(self, instructions: list[str], mode: str | None = None) -> list[Selection]:
         """Rank the task labels for each instruction and choose an adapter."""
