@@ -44,6 +44,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from lorachain.config import ExperimentConfig, load_config
+    from lorachain.experiment.runner import run_experiment
+
+    cfg = load_config(args.config, args.overrides, cls=ExperimentConfig)
+    try:
+        counts = run_experiment(cfg)
+    except KeyboardInterrupt:
+        print("stopped; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"{counts['computed']} cells computed, {counts['cached']} already done; {cfg.output_dir}/report.md")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lorachain.experiment.report import write_report
+    from lorachain.experiment.runner import collect
+
+    results = collect(args.folder)
+    if not results:
+        raise SystemExit(f"lorachain: error: {args.folder}: no finished cells (cells/**/result.json)")
+    print(write_report(results, Path(args.folder)))
+    return 0
+
+
 def _route_train(args: argparse.Namespace) -> int:
     from lorachain.config import RouteConfig, load_config
     from lorachain.routing.train import route_train
@@ -144,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="training steps per method (default: 1 epoch)")
     d.set_defaults(func=_demo)
+
+    x = sub.add_parser("experiment", help="the COLA paper's grid: tasks x methods x seeds x lrs (resumable)")
+    x.add_argument("config", help="YAML experiment config (see configs/experiments/)")
+    x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0] tasks=[rte]")
+    x.set_defaults(func=_experiment)
+    rp = sub.add_parser("report", help="tables and plots of an experiment folder's finished cells")
+    rp.add_argument("folder")
+    rp.set_defaults(func=_report)
 
     r = sub.add_parser("route", help="task routing: train a store, evaluate it, rate human sheets")
     rsub = r.add_subparsers(dest="route_cmd", required=True)

@@ -69,6 +69,7 @@ class DataConfig:
     label_field: str | None = "label"
     label_words: dict[str, str] | None = None  # label value -> verbalizer text
     max_length: int = 256
+    eos: bool = True  # append EOS to free-text targets (not to label_words), so generation stops
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
 
@@ -265,6 +266,54 @@ class RouteConfig:
         )
 
 
+@dataclass
+class ExperimentConfig:
+    """`lorachain experiment`: tasks x methods x seeds x learning rates, as in the COLA paper.
+
+    A method is a mapping of RunConfig sections (chain, optim, train) laid over `base`, plus
+    optional `n_train` (low-resource runs), `lrs` (its own grid), `seeds` and `baseline` (zero_shot
+    or icl: no training). The learning rate is picked on validation; test is reported.
+    """
+
+    model: ModelConfig
+    tasks: list[str] = field(default_factory=lambda: ["sst2"])
+    methods: dict[str, Any] = field(default_factory=lambda: {"lora": {}})
+    base: dict[str, Any] = field(default_factory=dict)  # RunConfig sections shared by every method
+    data_dir: str = "../shared/data"  # folder laid out as shared/data (see tasks.protocol.PATHS)
+    paths: dict[str, Any] = field(default_factory=dict)  # task -> {train: path, test: path}
+    seeds: list[int] = field(default_factory=lambda: [0])
+    lrs: list[float] = field(default_factory=lambda: [1e-4])
+    n_train: int = 1000
+    n_val: int = 500
+    n_test: int = 1000
+    max_length: int = 256
+    eval_batch_size: int = 16
+    max_new_tokens: int = 32  # generation tasks
+    icl_k: int = 4  # demonstrations of the in-context baseline
+    keep_models: bool = False  # keep merged/ of full fine-tuning cells (large)
+    output_dir: str = "runs/experiment"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.tasks), "tasks: expected at least one task")
+        _check(bool(self.methods), "methods: expected at least one method")
+        _check(bool(self.seeds), "seeds: expected at least one seed")
+        _check(bool(self.lrs) and min(self.lrs) > 0, f"lrs: expected positive numbers, got {self.lrs}")
+        for name in ("n_train", "n_val", "n_test", "max_length", "eval_batch_size", "icl_k"):
+            _check(getattr(self, name) > 0, f"{name}: expected > 0, got {getattr(self, name)}")
+        for name, m in self.methods.items():
+            _check(isinstance(m, dict), f"methods.{name}: expected a mapping, got {m!r}")
+            b = m.get("baseline")
+            _check(
+                b in (None, "zero_shot", "icl"),
+                f"methods.{name}.baseline: expected zero_shot or icl, got {b!r}",
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"lorachain_version": __version__, **dataclasses.asdict(self)}, indent=2, sort_keys=True
+        )
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`, building nested dataclasses."""
     origin = typing.get_origin(tp)
@@ -288,7 +337,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         _check(isinstance(value, dict), f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _convert(str, v, f"{where}.{k}") for k, v in value.items()}
+        _, vt = typing.get_args(tp)
+        return {str(k): v if vt is Any else _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         _check(ok, f"{where}: expected a number, got {value!r}")

@@ -138,7 +138,7 @@ def encode_row(cfg: DataConfig, tokenizer: Any, row: dict[str, Any], where: str,
     else:
         target = render(cfg.target, row, where)
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    if cfg.label_words is None and tokenizer.eos_token_id is not None:
+    if cfg.eos and cfg.label_words is None and tokenizer.eos_token_id is not None:
         target_ids = target_ids + [tokenizer.eos_token_id]
     target_ids = target_ids[: cfg.max_length - 1]
     prompt_ids = prompt_ids[-(cfg.max_length - len(target_ids)) :]

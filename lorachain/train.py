@@ -46,6 +46,7 @@ from lorachain.models import (
     device_of,
     load_model,
     load_tokenizer,
+    logits_at,
     resolve_path,
     resolve_target_modules,
     uses_conv1d,
@@ -81,16 +82,14 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], classifier: bool) -> torch.Tensor:
     """Sum of the per-token (causal LM) or per-example (classifier) cross-entropy of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if classifier:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-    shifted = logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
-    return F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]),
-        batch["labels"][:, 1:].reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)  # (N, V)
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
 
 
 def loss_units(e: Example, classifier: bool) -> int:

@@ -105,8 +105,18 @@ def test_cli_error_has_no_traceback(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path):
-    from lorachain.config import RouteConfig
+    from lorachain.config import ExperimentConfig, RouteConfig
 
+    if "experiments" in path.parts:  # every method's RunConfig must build too
+        from lorachain.experiment.runner import Cell, run_config
+        from lorachain.tasks import get_task
+
+        cfg = load_config(path, cls=ExperimentConfig)
+        for name, method in cfg.methods.items():
+            if not method.get("baseline"):
+                run = run_config(cfg, Cell(cfg.tasks[0], name, 0, 1e-3), get_task(cfg.tasks[0]), Path("/tmp"))
+                assert run.chain.links and run.train.max_steps
+        return
     cls = RouteConfig if "route" in path.parts else RunConfig
     cfg = load_config(path, cls=cls)
     assert cfg.chain.links and cfg.model.name_or_path

@@ -4,8 +4,10 @@ candidate sets, and malformed rows failing with file, line and field."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from lorachain.data import DataError
 from lorachain.tasks import TaskExample, get_task, register
@@ -281,3 +283,99 @@ def test_protocol_sampling_counts_and_disjointness():
     small = sample_splits(train[:32], val, seed=0)  # 32 train rows + the 500 validation rows left
     assert small.counts == {"train": 355, "val": 177, "test": 1000, "borrowed_from_validation": 500}
     assert not {e.prompt for e in small.test} & {e.prompt for e in small.train + small.val}
+
+
+class Prefers(torch.nn.Module):
+    """A fake causal LM whose next-token distribution always favours `favourite`, then `second`."""
+
+    def __init__(self, favourite: int, second: int, vocab: int = 64) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+        with torch.no_grad():
+            self.bias[favourite], self.bias[second] = 5.0, 2.0
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=None, **kw):
+        from types import SimpleNamespace
+
+        logits = self.bias.expand(*input_ids.shape, -1)
+        if logits_to_keep is not None:
+            logits = logits[logits_to_keep]
+        return SimpleNamespace(logits=logits)
+
+
+def test_candidate_scoring_picks_what_the_model_prefers():
+    from conftest import make_tokenizer
+
+    from lorachain.evaluate import choice_scores, score_task
+    from lorachain.tasks import Task
+
+    tok = make_tokenizer()
+    pos, neg = tok.convert_tokens_to_ids(["positive", "negative"])
+    task = Task("t", lambda p: [], "accuracy", "classification")
+    exs = [
+        TaskExample("Review : good", [" negative", " positive"], 1),
+        TaskExample("dull", [" negative", " positive"], 0),
+    ]
+    assert score_task(Prefers(pos, neg), tok, task, exs) == {"accuracy": 0.5, "score": 0.5, "n": 2}
+    assert score_task(Prefers(neg, pos), tok, task, exs)["accuracy"] == 0.5
+    (s,) = choice_scores(Prefers(pos, neg), tok, exs[:1])
+    norm = math.log(math.exp(5.0) + math.exp(2.0) + 62)  # log-softmax of the fake model's bias
+    assert s == pytest.approx([2.0 - norm, 5.0 - norm], abs=1e-5)
+    # multi-token candidates with mean log-prob: two favourite tokens beat one favourite + one other
+    mc = Task("m", lambda p: [], "accuracy", "multiple_choice")
+    two = [TaskExample("the", [" positive negative", " positive positive"], 1)]
+    assert score_task(Prefers(pos, neg), tok, mc, two)["accuracy"] == 1.0
+    # MultiRC's F1a over answer options: predicts "Yes" everywhere -> tp=2, fp=1 -> F1 = 0.8
+    yes = tok.convert_tokens_to_ids("great")
+    f1 = Task("f", lambda p: [], "f1", "classification")
+    opts = [TaskExample("q", [" bad", " great"], g, group="q") for g in (1, 1, 0)]
+    assert score_task(Prefers(yes, pos), tok, f1, opts)["f1"] == pytest.approx(0.8)
+
+
+def test_record_scores_the_chosen_entity_by_em_and_f1():
+    from conftest import make_tokenizer
+
+    from lorachain.evaluate import score_task
+    from lorachain.tasks import Task
+
+    tok = make_tokenizer()
+    fav = tok.convert_tokens_to_ids("film")
+    task = Task("r", lambda p: [], "em_f1", "multiple_choice")
+    ex = TaskExample("plot", [" film was", " movie was"], 0, answers=["film"])
+    assert score_task(Prefers(fav, 4), tok, task, [ex]) == {"em": 1.0, "f1": 1.0, "score": 1.0, "n": 1}
+    wrong = TaskExample("plot", [" film was", " movie was"], 1, answers=["the movie"])
+    assert score_task(Prefers(fav, 4), tok, task, [wrong])["em"] == 0.0
+
+
+def test_greedy_generation_matches_one_prompt_at_a_time():
+    """Left-padded batches decode exactly what each prompt decodes alone; EM/F1 score the text."""
+    from conftest import make_tokenizer, tiny_model
+
+    from lorachain.evaluate import generate_greedy, score_task
+    from lorachain.tasks import Task
+
+    tok, model = make_tokenizer(), tiny_model("llama")
+    prompts = ["Review : good film", "the", "the movie was very dull and the plot"]
+    batched = generate_greedy(model, tok, prompts, max_new_tokens=4, batch_size=3, max_length=32)
+    alone = [
+        generate_greedy(model, tok, [p], max_new_tokens=4, batch_size=1, max_length=32)[0] for p in prompts
+    ]
+    assert batched == alone and all(isinstance(t, str) for t in batched)
+    task = Task("g", lambda p: [], "em_f1", "generation")
+    exs = [TaskExample(p, answers=[f" {t}", " nothing"]) for p, t in zip(prompts, batched, strict=True)]
+    assert score_task(model, tok, task, exs, max_length=32, max_new_tokens=4)["em"] == 1.0
+
+
+def test_encoder_classifier_scores_by_its_head():
+    from conftest import make_tokenizer, tiny_model
+
+    from lorachain.evaluate import classifier_scores, score_task
+    from lorachain.tasks import Task
+
+    tok, model = make_tokenizer(), tiny_model("bert")
+    exs = [TaskExample("good film", [" no", " yes"], 1), TaskExample("dull plot", [" no", " yes"], 0)]
+    logits = classifier_scores(model, tok, exs, batch_size=2, max_length=16)
+    want = [max(range(2), key=row.__getitem__) for row in logits]
+    acc = score_task(model, tok, Task("c", lambda p: [], "accuracy", "classification"), exs, classifier=True)
+    assert acc["accuracy"] == sum(w == e.gold for w, e in zip(want, exs, strict=True)) / 2
+    assert len(logits) == 2 and len(logits[0]) == 2

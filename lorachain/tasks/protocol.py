@@ -47,3 +47,16 @@ def sample_splits(
         "borrowed_from_validation": len(borrowed),
     }
     return Splits(train, val, test, counts)
+
+
+# Where each built-in task's (train, test) files are under a folder laid out like shared/data;
+# test is the official validation split. One file for both: the splits are drawn from it disjointly.
+PATHS = {
+    "sst2": ("sst2/train.jsonl", "sst2/val.jsonl"),
+    **{
+        name.lower(): (f"superglue/{name}/train.jsonl", f"superglue/{name}/val.jsonl")
+        for name in ("CB", "RTE", "WSC", "COPA", "WiC", "BoolQ", "MultiRC", "ReCoRD")
+    },
+    "squad": ("squad/xquad.en.json", "squad/xquad.en.json"),
+    "drop": ("drop/drop_dataset_train_300_annotations.json", "drop/drop_dataset_train_300_annotations.json"),
+}

@@ -1,0 +1,1 @@
+"""The COLA paper's experiments: a grid runner resumable cell by cell, and its reports."""

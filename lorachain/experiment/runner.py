@@ -1,0 +1,389 @@
+"""`lorachain experiment`: the grid of tasks x methods x seeds x learning rates, one cell at a time.
+
+Every cell writes `cells/<task>/<method>/seed<s>/lr<lr>/result.json` atomically when it is done and
+is never computed again; a killed cell resumes from its training checkpoint. Each cell trains with
+the one loop (`lorachain.train.train`) on a fresh copy of the base model, then scores validation
+and test with the task's metric, and records its cost: time, estimated FLOPs, peak memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorachain.config import ConfigError, ExperimentConfig, RunConfig, from_dict
+from lorachain.evaluate import score_task
+from lorachain.io import write_json, write_text
+from lorachain.tasks import Task, TaskExample, get_task
+from lorachain.tasks.protocol import PATHS, Splits, sample_splits
+
+RESERVED = ("n_train", "lrs", "seeds", "baseline")  # method keys that are not RunConfig sections
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    method: str
+    seed: int
+    lr: float | None  # None: a baseline without training
+
+    @property
+    def id(self) -> str:
+        lr = "none" if self.lr is None else f"{self.lr:g}"
+        return f"{self.task}/{self.method}/seed{self.seed}/lr{lr}"
+
+
+def plan(cfg: ExperimentConfig) -> list[Cell]:
+    """Every cell of the grid, tasks outermost, so a task's results complete early."""
+    cells = []
+    for task in cfg.tasks:
+        for name, m in cfg.methods.items():
+            lrs = [None] if m.get("baseline") else m.get("lrs", cfg.lrs)
+            cells += [Cell(task, name, seed, lr) for seed in m.get("seeds", cfg.seeds) for lr in lrs]
+    return cells
+
+
+def task_paths(cfg: ExperimentConfig, task: str) -> tuple[Path, Path]:
+    given = cfg.paths.get(task)
+    if given is not None:
+        if not isinstance(given, dict) or "train" not in given or "test" not in given:
+            raise ConfigError(f"paths.{task}: expected a mapping with train and test")
+        return Path(given["train"]), Path(given["test"])
+    if task not in PATHS:
+        raise ConfigError(f"paths.{task}: no default location for this task; give paths.{task}.train/test")
+    train, test = PATHS[task]
+    return Path(cfg.data_dir) / train, Path(cfg.data_dir) / test
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_config(cfg: ExperimentConfig, cell: Cell, task: Task, folder: Path, n_labels: int = 2) -> RunConfig:
+    """The RunConfig of a training cell: base, then the method's sections, then the cell's own."""
+    sections = {k: v for k, v in cfg.methods[cell.method].items() if k not in RESERVED}
+    merged = _deep_merge(cfg.base, sections)
+    merged = _deep_merge(
+        merged,
+        {
+            "model": json.loads(json.dumps(cfg.model.__dict__)),
+            "data": {"train": str(folder / "train.jsonl"), "eval": None, "max_length": cfg.max_length},
+            "optim": {"lr": cell.lr},
+            "train": {"seed": cell.seed},
+            "output_dir": str(folder / "run"),
+        },
+    )
+    if cfg.model.task == "classification":
+        words = {str(i): str(i) for i in range(n_labels)}
+        merged["data"].update(prompt="{prompt}", target=None, label_field="label", label_words=words)
+    else:
+        merged["data"].update(prompt="{prompt}", target="{target}", label_field=None)
+        merged["data"]["eos"] = task.kind == "generation"
+    return from_dict(RunConfig, merged, f"methods.{cell.method}")
+
+
+def _rows(examples: list[TaskExample], classifier: bool) -> list[dict]:
+    if classifier:
+        return [{"prompt": e.prompt, "label": str(e.gold)} for e in examples]
+    return [{"prompt": e.prompt, "target": e.target} for e in examples if e.gold is not None or e.answers]
+
+
+def icl_examples(test: list[TaskExample], train: list[TaskExample], k: int, seed: int) -> list[TaskExample]:
+    """The in-context baseline's inputs: k random training demonstrations before each prompt."""
+    rng = random.Random(seed)
+    pool = [e for e in train if e.gold is not None or e.answers]
+    out = []
+    for e in test:
+        demos = rng.sample(pool, min(k, len(pool)))
+        context = "".join(f"{d.prompt}{d.target}\n\n" for d in demos)
+        out.append(TaskExample(context + e.prompt, e.candidates, e.gold, e.answers, e.group))
+    return out
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM)
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Runner:
+    """The loaded base model, tokenizer and splits, shared by every cell of one process."""
+
+    def __init__(self, cfg: ExperimentConfig, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.output_dir)
+        self._base = self._tokenizer = None
+        self._loaded: dict[str, tuple[list[TaskExample], list[TaskExample]]] = {}
+
+    def base(self):
+        if self._base is None:
+            from lorachain.models import load_model, load_tokenizer, resolve_path
+
+            self._tokenizer = load_tokenizer(resolve_path(self.cfg.model))
+            num_labels = self.cfg.model.num_labels
+            self._base = load_model(self.cfg.model, num_labels=num_labels)
+            if self._base.config.pad_token_id is None:
+                self._base.config.pad_token_id = self._tokenizer.pad_token_id
+        return self._base, self._tokenizer
+
+    def splits(self, task: str, seed: int, n_train: int) -> Splits:
+        if task not in self._loaded:
+            train_path, test_path = task_paths(self.cfg, task)
+            load = get_task(task).load
+            if train_path.resolve() == test_path.resolve():  # one file: draw every split from it
+                self._loaded[task] = ([], load(test_path))
+            else:
+                self._loaded[task] = (load(train_path), load(test_path))
+        pool, held = self._loaded[task]
+        c = self.cfg
+        return sample_splits(pool, held, seed, n_train, c.n_val, c.n_test)
+
+    def score(self, model, task: Task, examples: list[TaskExample], max_length: int) -> dict:
+        c = self.cfg
+        classifier = c.model.task == "classification"
+        return score_task(
+            model,
+            self._tokenizer,
+            task,
+            examples,
+            c.eval_batch_size,
+            max_length,
+            c.max_new_tokens,
+            classifier,
+        )
+
+    def run_cell(self, cell: Cell) -> dict:
+        c, method = self.cfg, self.cfg.methods[cell.method]
+        task = get_task(cell.task)
+        n_train = int(method.get("n_train", c.n_train))
+        splits = self.splits(cell.task, cell.seed, n_train)
+        folder = self.out / "cells" / cell.id
+        base, tok = self.base()
+        _reset_peak()
+        t0 = time.perf_counter()
+        row = {
+            "task": cell.task,
+            "method": cell.method,
+            "seed": cell.seed,
+            "lr": cell.lr,
+            "metric": task.metric,
+        }
+        row["counts"] = splits.counts
+        baseline = method.get("baseline")
+        if baseline:
+            model, summary = base, {}
+            val, test, length = splits.val, splits.test, c.max_length
+            if baseline == "icl":
+                k, length = c.icl_k, min(2048, c.max_length * (c.icl_k + 1))
+                val = icl_examples(val, splits.train, k, cell.seed)
+                test = icl_examples(test, splits.train, k, cell.seed + 1)
+            row["spec"] = {
+                "baseline": baseline,
+                "icl_k": c.icl_k if baseline == "icl" else 0,
+                "n_train": n_train,
+            }
+        else:
+            model, summary, run_cfg = self._train(cell, task, splits, folder)
+            val, test, length = splits.val, splits.test, c.max_length
+            row["spec"] = {
+                "method": run_cfg.chain.method,
+                "ranks": [link.rank for link in run_cfg.chain.links],
+                "optimizer": run_cfg.optim.name,
+                "knot_policy": run_cfg.chain.knot.policy,
+                "n_train": n_train,
+                "steps": summary["total_steps"],
+            }
+            row["knots"] = [
+                {k: link.get(k) for k in ("link", "rank", "end_step", "knot_reason", "final_loss")}
+                for link in summary["links"]
+            ]
+        t1 = time.perf_counter()
+        row["val"] = self.score(model, task, val, length) if val else {}
+        row["test"] = self.score(model, task, test, length)
+        t2 = time.perf_counter()
+        row["cost"] = {
+            "train_seconds": summary.get("wall_seconds", 0.0),
+            "eval_seconds": t2 - t1,
+            "cell_seconds": t2 - t0,
+            "est_train_flops": summary.get("est_train_flops", 0.0),
+            "peak_rss_mb": peak_rss_mb(),
+            "trainable_params": sum(link["trainable_params"] for link in summary.get("links", [])),
+        }
+        if not c.keep_models:
+            shutil.rmtree(folder / "run" / "merged", ignore_errors=True)
+        return row
+
+    def _train(self, cell: Cell, task: Task, splits: Splits, folder: Path):
+        from lorachain.train import train
+
+        c = self.cfg
+        classifier = c.model.task == "classification"
+        if classifier and task.kind != "classification":
+            raise ConfigError(
+                f"tasks: {cell.task} is {task.kind}; a classifier model handles classification only"
+            )
+        n_labels = len(splits.train[0].candidates)
+        run_cfg = run_config(c, cell, task, folder, n_labels)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = _rows(splits.train, classifier)
+        write_text(folder / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        model = self.fresh(cell.seed, n_labels)
+        result = train(run_cfg, model=model, tokenizer=self.base()[1], progress=self.progress)
+        if result.summary.get("status") != "finished":
+            raise KeyboardInterrupt(f"cell {cell.id} interrupted")
+        model = result.model if result.model is not None else self._rebuild(run_cfg, cell.seed, n_labels)
+        return model, result.summary, run_cfg
+
+    def fresh(self, seed: int, n_labels: int):
+        """A copy of the base model; a classifier gets a new head of `n_labels`, seeded."""
+        if self.cfg.model.task != "classification":
+            return copy.deepcopy(self.base()[0])
+        import torch
+
+        from lorachain.models import load_model
+
+        torch.manual_seed(seed)
+        model = load_model(self.cfg.model, num_labels=n_labels)
+        model.config.pad_token_id = self.base()[1].pad_token_id
+        return model
+
+    def _rebuild(self, run_cfg: RunConfig, seed: int, n_labels: int):
+        """The trained model of a run that finished before its cell's result was written."""
+        from lorachain.chain.export import load_chain
+        from lorachain.chain.knot import apply_factors
+        from lorachain.models import load_model
+
+        run = Path(run_cfg.output_dir)
+        if run_cfg.chain.method == "full":
+            return load_model(
+                run_cfg.model.__class__(name_or_path=str(run / "merged"), task=run_cfg.model.task)
+            )
+        model = self.fresh(seed, n_labels)
+        knots, head, _ = load_chain(run / "chain.safetensors")
+        for knot in knots:
+            apply_factors(model, knot.factors)
+        if head:
+            model.load_state_dict(head, strict=False)
+        return model
+
+
+@contextlib.contextmanager
+def cell_lock(folder: Path):
+    """Yield True if this process holds the cell's lock (workers on one grid share the cells).
+    A lock whose process is gone is taken over, so a killed worker's cell is resumed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "cell.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                if pid != os.getpid():
+                    yield False
+                    return
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                pass
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def prepare(cfg: ExperimentConfig) -> None:
+    """Write experiment.json, or check that the folder holds the same grid definition."""
+    out = Path(cfg.output_dir)
+    path = out / "experiment.json"
+    new = json.loads(cfg.to_json())
+    new.pop("lorachain_version")
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old.pop("lorachain_version", None)
+        # the grid may grow (tasks, methods, seeds, lrs); what a finished cell means may not change
+        fixed = ("model", "base", "n_train", "n_val", "n_test", "max_length", "icl_k", "max_new_tokens")
+        changed = [k for k in fixed if old.get(k) != new.get(k)]
+        changed += [
+            f"methods.{m}"
+            for m in old["methods"]
+            if m in new["methods"] and old["methods"][m] != new["methods"][m]
+        ]
+        if changed:
+            raise ConfigError(
+                f"{out}: holds an experiment with another {', '.join(changed)}; choose another output_dir"
+            )
+    write_text(path, cfg.to_json() + "\n")
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    """Run every cell not yet done; write results.json and the report. Returns counts."""
+    from tqdm import tqdm
+
+    from lorachain.experiment.report import write_report
+
+    prepare(cfg)
+    for task in cfg.tasks:  # fail on an unknown task or missing file before any training
+        get_task(task)
+        for p in task_paths(cfg, task):
+            if not p.is_file():
+                raise ConfigError(f"paths.{task}: {p} not found")
+    runner = Runner(cfg, progress)
+    cells = plan(cfg)
+    for cell in cells:  # every method's RunConfig must build before the first cell runs
+        if not cfg.methods[cell.method].get("baseline"):
+            run_config(cfg, cell, get_task(cell.task), Path(cfg.output_dir))
+    computed = cached = busy = 0
+    bar = tqdm(cells, desc="experiment", unit="cell", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.id)
+        path = runner.out / "cells" / cell.id / "result.json"
+        if path.is_file():
+            cached += 1
+            continue
+        with cell_lock(path.parent) as mine:
+            if not mine:  # another worker on this grid runs it
+                busy += 1
+                continue
+            if not path.is_file():
+                write_json(path, runner.run_cell(cell))
+                computed += 1
+    bar.close()
+    results = collect(cfg.output_dir)
+    write_json(Path(cfg.output_dir) / "results.json", results)
+    write_report(results, Path(cfg.output_dir), tasks=cfg.tasks, methods=list(cfg.methods))
+    counts = {"cells": len(cells), "computed": computed, "cached": cached}
+    return counts | ({"busy": busy} if busy else {})
+
+
+def collect(output_dir: str | Path) -> list[dict]:
+    """Every finished cell's result under `output_dir`, in a stable order."""
+    paths = sorted(Path(output_dir).glob("cells/**/result.json"))
+    return [json.loads(p.read_text()) for p in paths]

@@ -1,0 +1,246 @@
+"""The experiment runner (resumable cell by cell) and the paper-shaped report tables."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_tokenizer, tiny_model, toy_rows, write_jsonl
+
+from lorachain.config import ConfigError, ExperimentConfig, from_dict
+from lorachain.data import read_rows
+from lorachain.experiment import report
+from lorachain.experiment.runner import collect, plan, run_experiment
+from lorachain.tasks import TASKS, TaskExample, register
+
+if "toy_review" not in TASKS:  # a user task: a loader + template + verbalizer, nothing else
+
+    @register("toy_review")
+    def toy_review(path) -> list[TaskExample]:
+        return [
+            TaskExample(f"Review : {r['text']} Sentiment :", [" negative", " positive"], int(r["label"]))
+            for _, r in read_rows(path)
+        ]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def grid(tmp_path: Path, tiny_dir: Path, **over) -> ExperimentConfig:
+    train = write_jsonl(tmp_path / "train.jsonl", toy_rows(40, 1))
+    test = write_jsonl(tmp_path / "test.jsonl", toy_rows(20, 2))
+    data = {
+        "model": {"name_or_path": str(tiny_dir)},
+        "tasks": ["toy_review"],
+        "paths": {"toy_review": {"train": str(train), "test": str(test)}},
+        "seeds": [0, 1],
+        "lrs": [0.01, 0.05],
+        "n_train": 24,
+        "n_val": 8,
+        "n_test": 16,
+        "max_length": 32,
+        "base": {
+            "chain": {"dropout": 0.0},
+            "train": {"max_steps": 4, "batch_size": 8, "save_every": 1},
+        },
+        "methods": {
+            "zero_shot": {"baseline": "zero_shot"},
+            "lora": {"chain": {"links": [{"rank": 4, "alpha": 8}]}},
+            "cola": {"chain": {"links": [{"rank": 4, "alpha": 8}, {"rank": 2, "alpha": 4}]}},
+        },
+        "output_dir": str(tmp_path / "exp"),
+        **over,
+    }
+    return from_dict(ExperimentConfig, data)
+
+
+def test_runner_never_recomputes_a_finished_cell(tmp_path, tiny_dir):
+    cfg = grid(tmp_path, tiny_dir)
+    assert len(plan(cfg)) == 2 + 2 * 2 * 2  # zero-shot: one cell per seed; trained: seeds x lrs
+    first = run_experiment(cfg, progress=False)
+    assert first == {"cells": 10, "computed": 10, "cached": 0}
+    results = collect(cfg.output_dir)
+    assert len(results) == 10
+    for r in results:
+        assert 0.0 <= r["test"]["score"] <= 1.0 and r["test"]["n"] == 16
+        assert r["counts"] == {"train": 24, "val": 8, "test": 16, "borrowed_from_validation": 0}
+    trained = [r for r in results if r["method"] == "cola"]
+    assert all(r["spec"]["ranks"] == [4, 2] and r["spec"]["steps"] == 4 for r in trained)
+    assert all(r["cost"]["est_train_flops"] > 0 and r["cost"]["peak_rss_mb"] > 0 for r in trained)
+    assert [k["end_step"] for k in trained[0]["knots"]] == [2, 4]
+    saved = (Path(cfg.output_dir) / "results.json").read_text()
+
+    again = run_experiment(cfg, progress=False)
+    assert again == {"cells": 10, "computed": 0, "cached": 10}
+    assert (Path(cfg.output_dir) / "results.json").read_text() == saved
+
+    gone = Path(cfg.output_dir) / "cells/toy_review/cola/seed1/lr0.05"
+    shutil.rmtree(gone)
+    assert run_experiment(cfg, progress=False)["computed"] == 1
+
+    def scores(text: str) -> list[dict]:  # a recomputed cell repeats its numbers; only its timing differs
+        return [{k: v for k, v in r.items() if k != "cost"} for r in json.loads(text)]
+
+    assert scores((Path(cfg.output_dir) / "results.json").read_text()) == scores(saved)
+    text = (Path(cfg.output_dir) / "report.md").read_text()
+    assert "## Main results" in text and "`cola`" in text and "Relative gain over `lora`" in text
+
+
+def test_interrupted_cell_resumes_to_the_same_result(tmp_path, tiny_dir, monkeypatch):
+    import lorachain.train as train_mod
+
+    methods = {"cola": {"chain": {"links": [{"rank": 4, "alpha": 8}, {"rank": 2, "alpha": 4}]}}}
+    whole = grid(tmp_path, tiny_dir, seeds=[0], lrs=[0.05], methods=methods, output_dir=str(tmp_path / "a"))
+    run_experiment(whole, progress=False)
+    cut = grid(tmp_path, tiny_dir, seeds=[0], lrs=[0.05], methods=methods, output_dir=str(tmp_path / "b"))
+    real_run = train_mod.Trainer.run
+    monkeypatch.setattr(train_mod.Trainer, "run", lambda self, stop_after=None: real_run(self, 3))
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cut, progress=False)
+    assert not collect(cut.output_dir) and list(Path(cut.output_dir).glob("cells/**/checkpoint.pt"))
+    monkeypatch.setattr(train_mod.Trainer, "run", real_run)
+    assert run_experiment(cut, progress=False)["computed"] == 1
+    (a,), (b,) = collect(whole.output_dir), collect(cut.output_dir)
+    assert a["test"] == b["test"] and a["val"] == b["val"]
+
+
+def test_icl_baseline_prepends_demonstrations(tmp_path, tiny_dir):
+    from lorachain.experiment.runner import icl_examples
+
+    train = [TaskExample(f"p{i}", [" a", " b"], i % 2) for i in range(10)]
+    test = [TaskExample("q", [" a", " b"], 1)]
+    (ex,) = icl_examples(test, train, k=3, seed=0)
+    assert ex.prompt.count("\n\n") == 3 and ex.prompt.endswith("q") and ex.gold == 1
+    assert ex.prompt == icl_examples(test, train, k=3, seed=0)[0].prompt
+
+
+def test_changed_grid_definition_is_refused(tmp_path, tiny_dir):
+    cfg = grid(tmp_path, tiny_dir, methods={"zero_shot": {"baseline": "zero_shot"}}, seeds=[0])
+    run_experiment(cfg, progress=False)
+    changed = grid(tmp_path, tiny_dir, methods={"zero_shot": {"baseline": "zero_shot"}}, seeds=[0], n_test=8)
+    with pytest.raises(ConfigError, match="n_test"):
+        run_experiment(changed, progress=False)
+    more_seeds = grid(tmp_path, tiny_dir, methods={"zero_shot": {"baseline": "zero_shot"}}, seeds=[0, 1])
+    assert run_experiment(more_seeds, progress=False) == {"cells": 2, "computed": 1, "cached": 1}
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"methods": {"x": {"baseline": "few"}}}, "methods.x.baseline: expected zero_shot or icl"),
+        ({"methods": {"x": {"chain": {"links": [{"rank": 0}]}}}}, "rank must be > 0"),
+        ({"tasks": ["nope"]}, "task 'nope' is not registered"),
+        ({"paths": {"toy_review": {"train": "/no/such.jsonl", "test": "/no/such.jsonl"}}}, "/no/such.jsonl"),
+    ],
+)
+def test_bad_grid_fails_before_training(tmp_path, tiny_dir, over, message):
+    from lorachain.errors import USER_ERRORS
+
+    with pytest.raises(USER_ERRORS, match=message):
+        run_experiment(grid(tmp_path, tiny_dir, **over), progress=False)
+    assert not list(Path(tmp_path / "exp").glob("cells/**/train.jsonl"))
+
+
+# -- report tables from a fixed results file --------------------------------------------------------
+
+
+def _row(
+    task, method, seed, lr, val, test, ranks=None, baseline=None, optimizer="adamw", n_train=1000, flops=0.0
+):
+    spec = (
+        {"baseline": baseline, "icl_k": 0, "n_train": n_train}
+        if baseline
+        else {
+            "method": "lora",
+            "ranks": ranks,
+            "optimizer": optimizer,
+            "knot_policy": "fixed",
+            "n_train": n_train,
+        }
+    )
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "metric": "accuracy",
+        "counts": {"train": n_train, "val": 500, "test": 1000, "borrowed_from_validation": 0},
+        "spec": spec,
+        "val": {"score": val},
+        "test": {"score": test},
+        "cost": {"est_train_flops": flops, "cell_seconds": 10.0, "peak_rss_mb": 100.0},
+    }
+
+
+FIXED = [
+    # lora: lr 1e-3 wins on validation (0.70 > 0.60), so its test scores are 0.60 and 0.62
+    _row("rte", "lora", 0, 1e-3, 0.70, 0.60, [8], flops=100.0),
+    _row("rte", "lora", 1, 1e-3, 0.70, 0.62, [8], flops=100.0),
+    _row("rte", "lora", 0, 1e-4, 0.60, 0.90, [8], flops=100.0),
+    _row("rte", "lora", 1, 1e-4, 0.60, 0.90, [8], flops=100.0),
+    _row("rte", "cola2", 0, 1e-3, 0.7, 0.64, [8, 8], flops=100.0),
+    _row("rte", "cola2", 1, 1e-3, 0.7, 0.60, [8, 8], flops=100.0),
+    _row("rte", "cola84", 0, 1e-3, 0.7, 0.66, [8, 4], flops=80.0),
+    _row("rte", "cola84", 1, 1e-3, 0.7, 0.64, [8, 4], flops=80.0),
+    _row("rte", "zero", 0, None, 0.5, 0.50, baseline="zero_shot"),
+    _row("rte", "zero", 1, None, 0.5, 0.52, baseline="zero_shot"),
+    _row("rte", "lora_sgd", 0, 1e-2, 0.5, 0.55, [8], optimizer="sgd"),
+    _row("rte", "lora_sgd", 1, 1e-2, 0.5, 0.57, [8], optimizer="sgd"),
+    _row("rte", "lora_n50", 0, 1e-3, 0.5, 0.51, [8], n_train=50),
+    _row("rte", "lora_n50", 1, 1e-3, 0.5, 0.53, [8], n_train=50),
+]
+
+
+def test_report_tables_match_expected_text():
+    text = report.render(
+        FIXED, tasks=["rte"], methods=["zero", "lora", "cola2", "cola84", "lora_sgd", "lora_n50"]
+    )
+    assert "| Zero-shot `zero` | 51.0 ± 1.4 |" in text
+    assert "| LoRA (r=8) `lora` | 61.0 ± 1.4 |" in text  # the lr picked on validation, not the best test
+    assert "| COLA (8,8) `cola2` | 62.0 ± 2.8 |" in text
+    assert "| `cola2` | +1.6% (1/2 seeds above) |" in text
+    assert "| `cola84` | +6.6% (2/2 seeds above) |" in text
+    assert "## Chain length (Table 3)" in text
+    assert "| COLA (8,4) `cola84` | 65.0 ± 1.4 | 20.00% |" in text  # Table 4: FLOPs saved vs LoRA
+    assert "| LoRA (r=8) [sgd] `lora_sgd` | 56.0 ± 1.4 |" in text  # Table 5
+    assert "Training examples: 50" in text and "| LoRA (r=8) `lora_n50` | 52.0 ± 1.4 |" in text  # Table 6
+    main = text.split("## Main results")[1].split("##")[0]
+    assert "lora_sgd" not in main and "lora_n50" not in main
+
+
+def test_report_selects_lr_on_validation_and_writes_plots(tmp_path):
+    chosen = report.select(FIXED)
+    assert chosen[("rte", "lora")]["lr"] == 1e-3 and chosen[("rte", "lora")]["test"] == {0: 0.60, 1: 0.62}
+    report.write_report(FIXED, tmp_path)
+    assert (tmp_path / "report.md").is_file()
+    assert (tmp_path / "rank_stepdown.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "chain_length.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_cli_writes_tables_from_a_folder(tmp_path, capsys):
+    from lorachain.cli import main
+    from lorachain.io import write_json
+
+    for r in FIXED:
+        write_json(
+            tmp_path
+            / "cells"
+            / r["task"]
+            / r["method"]
+            / f"seed{r['seed']}"
+            / f"lr{r['lr']}"
+            / "result.json",
+            r,
+        )
+    assert main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
+    assert "| LoRA (r=8) `lora` | 61.0 ± 1.4 |" in (tmp_path / "report.md").read_text()
+    with pytest.raises(SystemExit, match="no finished cells"):
+        main(["report", str(tmp_path / "empty")])
