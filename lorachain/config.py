@@ -304,6 +304,10 @@ class ExperimentConfig:
             _check(isinstance(m, dict), f"methods.{name}: expected a mapping, got {m!r}")
             b = m.get("baseline")
             _check(
+                not (b and self.model.task == "classification"),
+                f"methods.{name}.baseline: a classifier's new head is untrained; {b} needs a causal LM",
+            )
+            _check(
                 b in (None, "zero_shot", "icl"),
                 f"methods.{name}.baseline: expected zero_shot or icl, got {b!r}",
             )

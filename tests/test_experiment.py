@@ -244,3 +244,25 @@ def test_report_cli_writes_tables_from_a_folder(tmp_path, capsys):
     assert "| LoRA (r=8) `lora` | 61.0 ± 1.4 |" in (tmp_path / "report.md").read_text()
     with pytest.raises(SystemExit, match="no finished cells"):
         main(["report", str(tmp_path / "empty")])
+
+
+def test_encoder_classifier_grid_trains_a_head(tmp_path):
+    """model.task: classification: the cell trains LoRA plus a new head and scores by its logits."""
+    path = tmp_path / "tiny-bert"
+    tiny_model("bert").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    cfg = grid(
+        tmp_path,
+        path,
+        model={"name_or_path": str(path), "task": "classification"},
+        seeds=[0],
+        lrs=[0.05],
+        methods={"cola": {"chain": {"links": [{"rank": 4, "alpha": 8}, {"rank": 2, "alpha": 4}]}}},
+    )
+    assert run_experiment(cfg, progress=False)["computed"] == 1
+    (r,) = collect(cfg.output_dir)
+    assert r["test"]["n"] == 16 and 0 <= r["test"]["accuracy"] <= 1
+    run = Path(cfg.output_dir) / "cells/toy_review/cola/seed0/lr0.05/run"
+    rows = [json.loads(line) for line in (run.parent / "train.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"prompt", "label"} and {r["label"] for r in rows} <= {"0", "1"}
+    assert json.loads((run / "config.json").read_text())["data"]["label_words"] == {"0": "0", "1": "1"}

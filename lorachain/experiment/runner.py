@@ -138,12 +138,14 @@ class Runner:
         self._loaded: dict[str, tuple[list[TaskExample], list[TaskExample]]] = {}
 
     def base(self):
-        if self._base is None:
+        """(base model, tokenizer); a classifier's model is None: each cell loads it with its head."""
+        if self._tokenizer is None:
             from lorachain.models import load_model, load_tokenizer, resolve_path
 
             self._tokenizer = load_tokenizer(resolve_path(self.cfg.model))
-            num_labels = self.cfg.model.num_labels
-            self._base = load_model(self.cfg.model, num_labels=num_labels)
+            if self.cfg.model.task == "classification":
+                return None, self._tokenizer
+            self._base = load_model(self.cfg.model)
             if self._base.config.pad_token_id is None:
                 self._base.config.pad_token_id = self._tokenizer.pad_token_id
         return self._base, self._tokenizer
