@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -379,3 +380,43 @@ def test_encoder_classifier_scores_by_its_head():
     acc = score_task(model, tok, Task("c", lambda p: [], "accuracy", "classification"), exs, classifier=True)
     assert acc["accuracy"] == sum(w == e.gold for w, e in zip(want, exs, strict=True)) / 2
     assert len(logits) == 2 and len(logits[0]) == 2
+
+
+REAL = Path(__file__).parent / "data" / "real"  # the first rows of each official file in ../shared/data
+
+
+def _raw(name: str) -> list[dict]:
+    return [json.loads(line) for line in (REAL / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_loaders_on_real_rows():
+    """Label mapping and candidate sets on rows copied from the official files."""
+    sst2 = get_task("sst2").load(REAL / "sst2.jsonl")
+    assert [e.gold for e in sst2] == [r["label"] for r in _raw("sst2")] == [1, 0, 1]
+    rte = get_task("rte").load(REAL / "rte.jsonl")
+    assert [e.gold for e in rte] == [int(r["label"] == "entailment") for r in _raw("rte")]
+    order = {"contradiction": 0, "entailment": 1, "neutral": 2}
+    cb = get_task("cb").load(REAL / "cb.jsonl")
+    assert [e.gold for e in cb] == [order[r["label"]] for r in _raw("cb")] and len(cb[0].candidates) == 3
+    for name in ("wsc", "wic", "boolq"):
+        ex = get_task(name).load(REAL / f"{name}.jsonl")
+        assert [e.gold for e in ex] == [int(r["label"]) for r in _raw(name)] and ex[0].candidates == [
+            "No",
+            "Yes",
+        ]
+    copa = get_task("copa").load(REAL / "copa.jsonl")
+    for e, r in zip(copa, _raw("copa"), strict=True):
+        assert (
+            e.gold == r["label"]
+            and e.candidates[e.gold].strip().lower() == r[f"choice{r['label'] + 1}"].lower()
+        )
+        assert e.prompt.endswith(" so" if r["question"] == "effect" else " because")
+    multirc = get_task("multirc").load(REAL / "multirc.jsonl")
+    options = [a for q in _raw("multirc")[0]["passage"]["questions"] for a in q["answers"]]
+    assert [e.gold for e in multirc] == [a["label"] for a in options] and len({e.group for e in multirc}) > 1
+    (record,) = get_task("record").load(REAL / "record.jsonl")
+    assert record.candidates[record.gold].strip().startswith(record.answers[0]) and len(record.candidates) > 5
+    squad = get_task("squad").load(REAL / "squad.json")
+    assert [e.answers for e in squad] == [[" 308"], [" 136"], [" 118"]]
+    (drop,) = get_task("drop").load(REAL / "drop.json")
+    assert drop.answers == [" transit"] and drop.prompt.endswith("Answer:")
