@@ -65,7 +65,9 @@ def _report(args: argparse.Namespace) -> int:
     results = collect(args.folder)
     if not results:
         raise SystemExit(f"lorachain: error: {args.folder}: no finished cells (cells/**/result.json)")
-    print(write_report(results, Path(args.folder)))
+    grid = Path(args.folder) / "experiment.json"  # its task and method order, when there is one
+    order = json.loads(grid.read_text()) if grid.is_file() else {}
+    print(write_report(results, Path(args.folder), order.get("tasks"), list(order.get("methods", {}))))
     return 0
 
 

@@ -67,8 +67,9 @@ def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
     m = 100 * statistics.fmean(values)
-    s = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.1f} ± {s:.1f}"
+    if len(values) == 1:
+        return f"{m:.1f} (1 seed)"
+    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
