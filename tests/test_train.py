@@ -262,3 +262,22 @@ def test_full_finetuning_baseline_uses_the_same_loop(tmp_path, toy_data, tokeniz
     done = train(cfg, copy.deepcopy(original), tokenizer, progress=False)
     for (n, p), (_, q) in zip(ref.model.named_parameters(), done.model.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bloom", "gpt_neox", "qwen2", "gemma3_text"])
+def test_logits_at_target_positions_equal_the_full_logits(family):
+    """The loss and candidate scores use logits at the target positions only (`logits_to_keep`)."""
+    from conftest import tiny_model
+
+    from lorachain.models import logits_at
+
+    model = tiny_model(family)
+    ids = torch.randint(4, 30, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[0, 2:5], keep[1, 6] = True, True
+    got = logits_at(model, ids, mask, keep)
+    assert got.shape == (4, 64) and not getattr(model, "_lorachain_full_logits", False)
+    torch.testing.assert_close(
+        got, model(input_ids=ids, attention_mask=mask).logits[keep], atol=1e-5, rtol=1e-5
+    )
