@@ -314,7 +314,7 @@ class ExperimentConfig:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"lorachain_version": __version__, **dataclasses.asdict(self)}, indent=2, sort_keys=True
+            {"lorachain_version": __version__, **dataclasses.asdict(self)}, indent=2, sort_keys=False
         )
 
 

@@ -211,6 +211,7 @@ def test_report_tables_match_expected_text():
     assert "| COLA (8,4) `cola84` | 65.0 ± 1.4 | 20.00% |" in text  # Table 4: FLOPs saved vs LoRA
     assert "| LoRA (r=8) [sgd] `lora_sgd` | 56.0 ± 1.4 |" in text  # Table 5
     assert "Training examples: 50" in text and "| LoRA (r=8) `lora_n50` | 52.0 ± 1.4 |" in text  # Table 6
+    assert "| COLA (8,4) `cola84` | 10.0 | 1.00 | 80 | 100 |" in text  # cost: time vs LoRA, FLOPs, RSS
     main = text.split("## Main results")[1].split("##")[0]
     assert "lora_sgd" not in main and "lora_n50" not in main
 

@@ -215,7 +215,10 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             "\n## Knot placement: auto (loss plateau) against fixed\n",
             score_table(chosen, tasks, fixed + auto),
         ]
-    out += ["\n## Cost per cell (mean over tasks and seeds)\n", _cost_table(chosen, methods)]
+    out += [
+        "\n## Cost per cell (mean over the tasks each method ran, and seeds)\n",
+        _cost_table(chosen, methods, ref),
+    ]
     return "\n".join(out)
 
 
@@ -264,21 +267,35 @@ def _counts(chosen: dict, tasks: list[str]) -> str:
     )
 
 
-def _cost_table(chosen: dict, methods: list[str]) -> str:
+def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
     rows = []
     for m in methods:
         vals = [v for (t, mm), v in chosen.items() if mm == m]
         if not vals:
             continue
+        pairs = [
+            (v["seconds"], chosen[(t, ref)]["seconds"])
+            for (t, mm), v in chosen.items()
+            if mm == m and (t, ref) in chosen
+        ]
+        ratio = f"{sum(a for a, _ in pairs) / sum(b for _, b in pairs):.2f}" if pairs and ref else "–"
         rows.append(
             [
                 f"{label(vals[0]['spec'])} `{m}`",
                 f"{statistics.fmean(v['seconds'] for v in vals):.1f}",
+                ratio,
                 f"{statistics.fmean(v['flops'] for v in vals):.3g}",
                 f"{max(v['peak_rss_mb'] for v in vals):.0f}",
             ]
         )
-    return _table(["method", "seconds (train + eval)", "est. train FLOPs", "peak RSS MB"], rows)
+    header = [
+        "method",
+        "seconds (train + eval)",
+        f"time vs `{ref}`, same tasks",
+        "est. train FLOPs",
+        "peak RSS MB",
+    ]
+    return _table(header, rows)
 
 
 def plot(results: list[dict], out: Path) -> list[Path]:
