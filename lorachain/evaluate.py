@@ -99,16 +99,25 @@ def evaluate(
 def _eval_classifier(
     model: nn.Module, examples: list[Example], pad_id: int, batch_size: int
 ) -> dict[str, float]:
-    losses, preds = [], []
+    logits = _classifier_logits(model, examples, pad_id, batch_size)  # (N, num_labels)
+    labels = torch.tensor([e.labels[0] for e in examples])
+    loss = F.cross_entropy(logits.float(), labels).item()
+    return {"eval_loss": loss, "accuracy": accuracy(logits.argmax(-1).tolist(), [e.label for e in examples])}
+
+
+def _classifier_logits(
+    model: nn.Module, examples: list[Example], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """A sequence classifier's logits for every example, in batches: (N, num_labels) on the CPU."""
+    device, out = device_of(model), []
     for k in range(0, len(examples), batch_size):
-        batch = {
-            k2: v.to(device_of(model))
-            for k2, v in collate(examples[k : k + batch_size], pad_id, True).items()
-        }
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses += F.cross_entropy(logits.float(), batch["labels"], reduction="none").tolist()
-        preds += logits.argmax(-1).tolist()
-    return {"eval_loss": sum(losses) / len(losses), "accuracy": accuracy(preds, [e.label for e in examples])}
+        batch = collate(examples[k : k + batch_size], pad_id, classifier=True)
+        out.append(
+            model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits.cpu()
+        )
+    return torch.cat(out)
 
 
 def accuracy(preds: list[int], labels: list[int | None]) -> float:
@@ -117,34 +126,19 @@ def accuracy(preds: list[int], labels: list[int | None]) -> float:
     return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / len(preds)
 
 
-def predict_choices(
-    model: nn.Module, tokenizer, prompts: list[str], candidates: list[list[str]]
-) -> list[int]:
-    """For each prompt, the index of its most likely candidate continuation (sum of token
-    log-probs; the prompt runs once and its KV cache serves every candidate)."""
-    model.eval()
-    preds = []
-    for prompt, cands in zip(prompts, candidates, strict=True):
-        ids = tokenizer(prompt)["input_ids"]
-        cand_ids = [
-            tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for c in cands
-        ]
-        scores = continuation_logprobs(model, ids, cand_ids)
-        preds.append(max(range(len(cands)), key=scores.__getitem__))
-    return preds
-
-
 # -- the paper's tasks: candidate scoring and greedy generation ------------------------------------
 
 
-def _choice_pairs(tokenizer, examples: list, max_length: int) -> tuple[list[Example], list[int]]:
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _choice_pairs(
+    tokenizer, examples: list, cand_ids: list[list[list[int]]], max_length: int
+) -> tuple[list[Example], list[int]]:
     """(prompt + candidate) sequences of every example, and each example's candidate count."""
     pairs, counts = [], []
-    for ex in examples:
-        cands = [
-            tokenizer(c, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-            for c in ex.candidates
-        ]
+    for ex, cands in zip(examples, cand_ids, strict=True):
         room = max(1, max_length - max(len(c) for c in cands))
         prompt = tokenizer(ex.prompt)["input_ids"][-room:]
         pairs += [Example(prompt + c, [-100] * len(prompt) + c, None, len(prompt)) for c in cands]
@@ -163,13 +157,16 @@ def choice_scores(
 ) -> list[list[float]]:
     """Log-likelihood of every candidate of every example (`mean`: per token, for candidates of
     different lengths). Sequences run in length-sorted batches, so padding stays small."""
-    cand_ids = [[tokenizer(c, add_special_tokens=False)["input_ids"] for c in e.candidates] for e in examples]
+    eos = [tokenizer.eos_token_id]  # an empty candidate is scored as the end of the text
+    cand_ids = [
+        [tokenizer(c, add_special_tokens=False)["input_ids"] or eos for c in e.candidates] for e in examples
+    ]
     if all(len(c) == 1 for cands in cand_ids for c in cands):  # one forward per prompt scores them all
         return _next_token_scores(model, tokenizer, examples, cand_ids, batch_size, max_length)
-    pairs, counts = _choice_pairs(tokenizer, examples, max_length)
+    pairs, counts = _choice_pairs(tokenizer, examples, cand_ids, max_length)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
     scored: list[tuple[float, int]] = [(0.0, 1)] * len(pairs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     for k in range(0, len(order), batch_size):
         idx = order[k : k + batch_size]
         for i, s in zip(idx, sequence_logprobs(model, [pairs[i] for i in idx], pad, len(idx)), strict=True):
@@ -187,7 +184,7 @@ def _next_token_scores(
     """Single-token candidates: log-probs of each candidate token after its prompt."""
     prompts = [tokenizer(e.prompt)["input_ids"][-(max_length - 1) :] for e in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     out: list[list[float]] = [[] for _ in examples]
     for k in range(0, len(order), batch_size):
         idx = order[k : k + batch_size]
@@ -217,7 +214,7 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy continuations, cut at the first newline (left-padded batches)."""
     device = device_of(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     encoded = [tokenizer(p)["input_ids"][-(max_length - max_new_tokens) :] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     texts = [""] * len(prompts)
@@ -299,18 +296,10 @@ def score_task(
 @torch.no_grad()
 def classifier_scores(model: nn.Module, tokenizer, examples: list, batch_size: int, max_length: int) -> list:
     """A sequence classifier's logits for every example's prompt."""
-    pad = tokenizer.pad_token_id
     encoded = [
         Example(ids := tokenizer(e.prompt)["input_ids"][:max_length], [0], 0, len(ids)) for e in examples
     ]
-    out = []
-    for k in range(0, len(encoded), batch_size):
-        batch = collate(encoded[k : k + batch_size], pad, classifier=True)
-        device = device_of(model)
-        out += model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits.tolist()
-    return out
+    return _classifier_logits(model, encoded, tokenizer.pad_token_id, batch_size).tolist()
 
 
 def _entity(example, choice: int) -> str:

@@ -203,6 +203,15 @@ def toy_data(tmp_path: Path) -> tuple[str, str]:
 
 
 @pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    """A tiny Llama and the toy tokenizer saved as a model folder (for CLI and experiment runs)."""
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tokenizer, run_config, tiny_model
+from conftest import run_config
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -19,14 +19,6 @@ from lorachain.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.tensor([[2, 4, 10, 11, 12, 13, 5, 6, 5]])
-
-
-@pytest.fixture
-def tiny_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def write_cfg(tmp_path: Path, toy_data, tiny_dir: Path, **over) -> Path:

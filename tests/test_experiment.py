@@ -25,14 +25,6 @@ if "toy_review" not in TASKS:  # a user task: a loader + template + verbalizer, 
         ]
 
 
-@pytest.fixture
-def tiny_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
 def grid(tmp_path: Path, tiny_dir: Path, **over) -> ExperimentConfig:
     train = write_jsonl(tmp_path / "train.jsonl", toy_rows(40, 1))
     test = write_jsonl(tmp_path / "test.jsonl", toy_rows(20, 2))

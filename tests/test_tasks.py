@@ -240,17 +240,18 @@ def test_registry_accepts_a_user_task_and_refuses_duplicates(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_predict_choices_picks_the_most_likely_candidate(family):
-    """Cached candidate scoring agrees with scoring every full sequence on its own."""
+def test_choice_scores_pick_the_most_likely_candidate(family):
+    """Batched candidate scoring agrees with scoring every full sequence on its own."""
     from conftest import make_tokenizer, tiny_model
 
     from lorachain.data import Example
-    from lorachain.evaluate import predict_choices, sequence_logprobs
+    from lorachain.evaluate import choice_scores, sequence_logprobs
 
     tok, model = make_tokenizer(), tiny_model(family)
     prompts = ["Review : good film Sentiment :", "Review : dull plot Sentiment :", "the movie was"]
     cands = [[" positive", " negative"], [" negative", " positive", " fine"], [" good great", " bad"]]
-    preds = predict_choices(model, tok, prompts, cands)
+    scores = choice_scores(model, tok, [TaskExample(p, c, 0) for p, c in zip(prompts, cands, strict=True)], 2)
+    preds = [max(range(len(s)), key=s.__getitem__) for s in scores]
     for prompt, options, pred in zip(prompts, cands, preds, strict=True):
         p_ids = tok(prompt)["input_ids"]
         seqs = [

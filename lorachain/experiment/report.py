@@ -226,16 +226,18 @@ def chosen_spec(chosen: dict, method: str | None) -> dict:
     return next((v["spec"] for (t, m), v in chosen.items() if m == method), {})
 
 
+def _ratio(chosen: dict, m: str, ref: str | None, key: str) -> float | None:
+    """Sum of `key` (flops, seconds) of method m over the tasks it shares with ref, over ref's."""
+    pairs = [
+        (v[key], chosen[(t, ref)][key]) for (t, mm), v in chosen.items() if mm == m and (t, ref) in chosen
+    ]
+    return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs and ref else None
+
+
 def _saved(chosen: dict, ref: str) -> Callable[[str], str]:
     def saved(m: str) -> str:
-        pairs = [
-            (v["flops"], chosen[(t, ref)]["flops"])
-            for (t, mm), v in chosen.items()
-            if mm == m and (t, ref) in chosen
-        ]
-        if m == ref or not pairs:
-            return "–"
-        return f"{100 * (1 - sum(a for a, _ in pairs) / sum(b for _, b in pairs)):.2f}%"
+        ratio = _ratio(chosen, m, ref, "flops")
+        return "–" if m == ref or ratio is None else f"{100 * (1 - ratio):.2f}%"
 
     return saved
 
@@ -273,12 +275,8 @@ def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
         vals = [v for (t, mm), v in chosen.items() if mm == m]
         if not vals:
             continue
-        pairs = [
-            (v["seconds"], chosen[(t, ref)]["seconds"])
-            for (t, mm), v in chosen.items()
-            if mm == m and (t, ref) in chosen
-        ]
-        ratio = f"{sum(a for a, _ in pairs) / sum(b for _, b in pairs):.2f}" if pairs and ref else "–"
+        time_ratio = _ratio(chosen, m, ref, "seconds")
+        ratio = "–" if time_ratio is None else f"{time_ratio:.2f}"
         rows.append(
             [
                 f"{label(vals[0]['spec'])} `{m}`",

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from lorachain.evaluate import score_task
 from lorachain.io import write_json, write_text
 from lorachain.tasks import Task, TaskExample, get_task
 from lorachain.tasks.protocol import PATHS, Splits, sample_splits
+from lorachain.train import peak_memory_mb, reset_peak_memory
 
 RESERVED = ("n_train", "lrs", "seeds", "baseline")  # method keys that are not RunConfig sections
 
@@ -112,23 +112,6 @@ def icl_examples(test: list[TaskExample], train: list[TaskExample], k: int, seed
     return out
 
 
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM)
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class Runner:
     """The loaded base model, tokenizer and splits, shared by every cell of one process."""
 
@@ -184,7 +167,7 @@ class Runner:
         splits = self.splits(cell.task, cell.seed, n_train)
         folder = self.out / "cells" / cell.id
         base, tok = self.base()
-        _reset_peak()
+        reset_peak_memory()
         t0 = time.perf_counter()
         row = {
             "task": cell.task,
@@ -231,7 +214,7 @@ class Runner:
             "eval_seconds": t2 - t1,
             "cell_seconds": t2 - t0,
             "est_train_flops": summary.get("est_train_flops", 0.0),
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": peak_memory_mb(),
             "trainable_params": sum(link["trainable_params"] for link in summary.get("links", [])),
         }
         if not c.keep_models:
