@@ -10,15 +10,18 @@ from pathlib import Path
 
 from lorachain import __version__
 
+PRECISION_HELP = "training precision (overrides the config; auto = bf16 where the device runs it fast)"
+
 
 def _train(args: argparse.Namespace) -> int:
     from lorachain.config import load_config
     from lorachain.train import train
 
-    result = train(load_config(args.config, args.overrides))
+    overrides = args.overrides + ([f"train.precision={args.precision}"] if args.precision else [])
+    result = train(load_config(args.config, overrides))
     if result.summary.get("status") == "interrupted":
         return 130
-    print(f"finished: {Path(load_config(args.config, args.overrides).output_dir)}/summary.json")
+    print(f"finished: {Path(load_config(args.config, overrides).output_dir)}/summary.json")
     return 0
 
 
@@ -40,7 +43,7 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from lorachain.demo import run_demo
 
-    run_demo(args.out, steps=args.steps)
+    run_demo(args.out, steps=args.steps, precision=args.precision or "auto")
     return 0
 
 
@@ -48,7 +51,8 @@ def _experiment(args: argparse.Namespace) -> int:
     from lorachain.config import ExperimentConfig, load_config
     from lorachain.experiment.runner import run_experiment
 
-    cfg = load_config(args.config, args.overrides, cls=ExperimentConfig)
+    overrides = args.overrides + ([f"base.train.precision={args.precision}"] if args.precision else [])
+    cfg = load_config(args.config, overrides, cls=ExperimentConfig)
     try:
         counts = run_experiment(cfg)
     except KeyboardInterrupt:
@@ -76,6 +80,9 @@ def _route_train(args: argparse.Namespace) -> int:
     from lorachain.routing.train import route_train
 
     cfg = load_config(args.config, args.overrides, cls=RouteConfig)
+    for budget in (cfg.train, cfg.mixed_train, cfg.selector_train):
+        if budget is not None and args.precision:
+            budget.precision = args.precision
     manifest = route_train(cfg)
     if manifest is None:
         return 130
@@ -160,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a chain of LoRA from a YAML config")
     t.add_argument("config", help="YAML run config (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 chain.links.0.rank=4")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default=None, help=PRECISION_HELP)
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="export a finished run as one PEFT adapter (and a merged model)")
     e.add_argument("run_dir", help="a finished run folder, or `vllm` followed by STORE OUT")
@@ -170,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="COLA vs plain LoRA on SmolLM2-135M and embedded SST-2 data")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="training steps per method (default: 1 epoch)")
+    d.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default=None, help=PRECISION_HELP)
     d.set_defaults(func=_demo)
 
     x = sub.add_parser("experiment", help="the COLA paper's grid: tasks x methods x seeds x lrs (resumable)")
     x.add_argument("config", help="YAML experiment config (see configs/experiments/)")
     x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0] tasks=[rte]")
+    x.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default=None, help=PRECISION_HELP)
     x.set_defaults(func=_experiment)
     rp = sub.add_parser("report", help="tables and plots of an experiment folder's finished cells")
     rp.add_argument("folder")
@@ -185,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt = rsub.add_parser("train", help="train task adapters, the selector and the mixed adapter")
     rt.add_argument("config")
     rt.add_argument("overrides", nargs="*")
+    rt.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16", "auto"], default=None, help=PRECISION_HELP
+    )
     rt.set_defaults(func=_route_train)
     re_ = rsub.add_parser("eval", help="perplexity, selector accuracy, answer quality on the test split")
     _router_args(re_, 32)

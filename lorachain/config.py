@@ -23,6 +23,12 @@ SCHEDULES = ("linear", "cosine", "constant")
 BIASES = ("none", "lora_only")
 INITS = ("gaussian", "kaiming")
 TASKS = ("causal_lm", "classification")
+CHAT_CHOICES = {
+    "format": ("auto", "text", "chat"),
+    "train_on": ("all_assistant", "last"),
+    "on_too_long": ("truncate", "skip"),
+    "on_bad_rows": ("error", "skip"),
+}
 
 
 class ConfigError(ValueError):
@@ -62,8 +68,16 @@ class DataConfig:
     and evaluation reports accuracy by scoring every candidate.
     """
 
-    train: str = ""  # JSONL, JSON or CSV
+    train: str = ""  # JSONL, JSON, CSV or Parquet
     eval: str | None = None
+    # text (prompt/target templates) | chat (OpenAI messages or ShareGPT conversations, rendered
+    # with the chat template, loss on assistant turns) | auto (chat when rows have such a field)
+    format: str = "auto"
+    messages_field: str | None = None  # chat: default `messages`, else `conversations`
+    chat_template: str | None = None  # chat: Jinja text or a .jinja file; default: the tokenizer's
+    train_on: str = "all_assistant"  # chat: all_assistant | last (only the final assistant turn)
+    on_too_long: str = "truncate"  # chat: truncate (context cut from the left) | skip
+    on_bad_rows: str = "error"  # error | skip (skipped rows are listed on stderr)
     prompt: str = "{text}"
     target: str | None = " {label}"  # completion trained with the LM loss; None: LM loss on prompt
     label_field: str | None = "label"
@@ -76,6 +90,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(bool(self.train), "data.train: expected a path to a JSONL, JSON or CSV file")
         _check(self.max_length > 0, f"data.max_length: expected > 0, got {self.max_length}")
+        for name, allowed in CHAT_CHOICES.items():
+            value = getattr(self, name)
+            _check(value in allowed, f"data.{name}: expected one of {allowed}, got {value!r}")
         if self.label_words is not None:
             _check(len(self.label_words) >= 2, "data.label_words: expected at least two labels")
             _check(self.label_field is not None, "data.label_field: required with label_words")
@@ -174,8 +191,15 @@ class TrainConfig:
     save_every: int = 50  # checkpoint period in optimizer steps
     log_every: int = 1
     eval_batch_size: int = 16
+    # fp32 | bf16 | fp16 (autocast; LoRA weights, gradients, optimizer state in fp32) | auto (bf16
+    # where the device runs it fast: CUDA with bf16, a CPU with AMX or AVX-512 BF16; else fp32)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        _check(
+            self.precision in ("fp32", "bf16", "fp16", "auto"),
+            f"train.precision: expected fp32, bf16, fp16 or auto, got {self.precision!r}",
+        )
         _check(self.batch_size > 0, f"train.batch_size: expected > 0, got {self.batch_size}")
         _check(self.grad_accum > 0, f"train.grad_accum: expected > 0, got {self.grad_accum}")
         _check(

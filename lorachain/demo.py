@@ -19,7 +19,7 @@ METHODS = {
 }
 
 
-def demo_config(out: Path, links: list[dict], steps: int | None) -> dict:
+def demo_config(out: Path, links: list[dict], steps: int | None, precision: str = "auto") -> dict:
     return {
         "model": {"name_or_path": MODEL},
         "data": {
@@ -32,7 +32,14 @@ def demo_config(out: Path, links: list[dict], steps: int | None) -> dict:
         },
         "chain": {"links": links, "target_modules": ["q_proj", "v_proj"], "dropout": 0.05},
         "optim": {"name": "adamw", "lr": 1e-3, "schedule": "linear"},
-        "train": {"epochs": 1, "max_steps": steps, "batch_size": 8, "save_every": 10, "seed": 0},
+        "train": {
+            "epochs": 1,
+            "max_steps": steps,
+            "batch_size": 8,
+            "save_every": 10,
+            "seed": 0,
+            "precision": precision,
+        },
         "output_dir": str(out),
     }
 
@@ -63,9 +70,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines)
 
 
-def routing_config(out: Path) -> dict:
+def routing_config(out: Path, precision: str = "auto") -> dict:
     """Four task adapters, a selector and a mixed adapter on 160 embedded T0 rows (40 per task)."""
-    budget = {"epochs": 2, "batch_size": 4, "seed": 0, "save_every": 10}
+    budget = {"epochs": 2, "batch_size": 4, "seed": 0, "save_every": 10, "precision": precision}
     return {
         "model": {"name_or_path": MODEL},
         "data": {"path": str(DATA / "t0_routing.jsonl"), "max_length": 128, "max_eval_rows": 8},
@@ -85,14 +92,14 @@ def _route_train_in_child(cfg_dict: dict) -> None:
     route_train(from_dict(RouteConfig, cfg_dict))
 
 
-def run_routing_demo(out: Path) -> dict:
+def run_routing_demo(out: Path, precision: str = "auto") -> dict:
     """Train a small adapter store, then route the test split and answer one instruction per task."""
     from lorachain.metrics import top_k_accuracy
     from lorachain.serve.router import Router
 
     store = out / "store"
     with mp.get_context("spawn").Pool(1) as pool:
-        pool.apply(_route_train_in_child, (routing_config(store),))
+        pool.apply(_route_train_in_child, (routing_config(store, precision),))
     router = Router.from_store(store, mode="score", max_new_tokens=24)
     test = [json.loads(x) for x in (store / "splits" / "test.jsonl").read_text().split("\n") if x]
     sels = [
@@ -127,7 +134,7 @@ def run_routing_demo(out: Path) -> dict:
     }
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> list[dict]:
+def run_demo(out: str | Path = "runs/demo", steps: int | None = None, precision: str = "auto") -> list[dict]:
     """Train each method in its own process (a clean peak-memory reading), then compare; then
     train a small task-routing store and answer routed instructions."""
     import os
@@ -137,7 +144,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> list[di
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network
     out = Path(out)
     ctx = mp.get_context("spawn")
-    zero = _zero_shot(demo_config(out / "zero", [{"rank": 8}], steps))
+    zero = _zero_shot(demo_config(out / "zero", [{"rank": 8}], steps, precision))
     rows = [
         {
             "method": "base (zero-shot)",
@@ -154,7 +161,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> list[di
     for name, links in METHODS.items():
         run_dir = out / name.split()[0].lower()
         with ctx.Pool(1) as pool:
-            s = pool.apply(_train_in_child, (demo_config(run_dir, links, steps),))
+            s = pool.apply(_train_in_child, (demo_config(run_dir, links, steps, precision),))
         runs[name] = run_dir
         rows.append(
             {
@@ -171,7 +178,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None) -> list[di
     table = format_table(rows)
     print("\n" + table)
     plot = plot_runs(runs, out / "demo.png")
-    routing = run_routing_demo(out / "routing")
+    routing = run_routing_demo(out / "routing", precision)
     write_json(
         out / "demo_results.json", {"cola": rows, "eval_examples": 200, "model": MODEL, "routing": routing}
     )

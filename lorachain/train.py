@@ -52,6 +52,7 @@ from lorachain.models import (
     resolve_target_modules,
     uses_conv1d,
 )
+from lorachain.precision import FP32, Precision, compute_copies, resolve, restore_masters
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -110,12 +111,15 @@ def run_steps(
     classifier: bool,
     on_step: Callable[[int, float, int], bool],
     dist: Dist = Dist(),  # noqa: B008 (frozen)
+    prec: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> int:
     """Optimizer steps `start`..`end`-1; after each, `on_step(step_count, loss, tokens)` may stop
     the loop by returning True. Returns the number of steps done so far (the global count).
 
     The loss of a step is the sum over its global batch divided by the batch's target tokens (or
-    examples), so gradient accumulation and data parallelism (`dist`) follow the same gradient."""
+    examples), so gradient accumulation and data parallelism (`dist`) follow the same gradient.
+    Forward and loss run under `prec`'s autocast; with an fp16 `scaler` the loss is scaled."""
     t = cfg.train
     params = trainable(model)
     device = device_of(model)
@@ -132,14 +136,21 @@ def run_steps(
             if not mine:
                 continue
             batch = {k: v.to(device) for k, v in collate(mine, pad_id, classifier).items()}
-            loss = summed_loss(model, batch, classifier) / units
-            loss.backward()
+            with prec.autocast():
+                loss = summed_loss(model, batch, classifier) / units
+            (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
             tokens += int(batch["attention_mask"].sum())
         dist.sum_grads(params)
+        if scaler:
+            scaler.unscale_(opt)
         if cfg.optim.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        opt.step()
+        if scaler:
+            scaler.step(opt)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if on_step(step, dist.sum(loss_sum), int(dist.sum(tokens))):
@@ -259,6 +270,8 @@ class Trainer:
         labels = len(cfg.data.label_words) if cfg.data.label_words else None
         self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
         self.model.to(best_device())
+        self.prec = resolve(cfg.train.precision, best_device())
+        self.scaler = self.prec.scaler()
         if self.classifier and self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.full = cfg.chain.method == "full"
@@ -267,6 +280,8 @@ class Trainer:
         if cfg.chain.bias == "lora_only":
             check_lora_bias(self.model, self.targets)
         self.pad_id = self.tokenizer.pad_token_id
+        # frozen weights held in the autocast dtype, their fp32 masters kept for knots and the end
+        self.masters = {} if self.full else compute_copies(self.model, self.prec)
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
     # -- the chain ---------------------------------------------------------------------------
@@ -302,7 +317,9 @@ class Trainer:
         t0 = time.perf_counter()
         link = self.cfg.chain.links[st.link]
         if not self.full:  # full fine-tuning has nothing to merge
-            st.knots.append(tie_knot(self.peft, st.link, st.step, link.rank, link.alpha, reason))
+            knot = tie_knot(self.peft, st.link, st.step, link.rank, link.alpha, reason, self.masters)
+            st.knots.append(knot)
+            st.links[st.link]["knot_rounding"] = knot.rounding
             self.model = unload(self.peft)
         knot_seconds = time.perf_counter() - t0
         row = st.links[st.link]
@@ -322,9 +339,9 @@ class Trainer:
             self.extend(st)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate(
-            model, self.eval_ex, self.pad_id, self.cfg.train.eval_batch_size, self.classifier, self.cand_ids
-        )
+        size = self.cfg.train.eval_batch_size
+        with self.prec.autocast():
+            return evaluate(model, self.eval_ex, self.pad_id, size, self.classifier, self.cand_ids)
 
     def lr_at(self, st: State) -> Callable[[int], float]:
         o = self.cfg.optim
@@ -350,6 +367,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "policy": json.dumps(self.policy.state_dict()),
             "rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
         }
         atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
@@ -372,7 +390,7 @@ class Trainer:
             json.loads(ck["links"]),
         )
         for knot in st.knots:
-            apply_factors(self.model, knot.factors)
+            apply_factors(self.model, knot.factors, self.masters)
         self.extend(st)
         missing = set(trainable_state(self.peft)) - set(ck["trainable"])
         if missing:
@@ -380,6 +398,8 @@ class Trainer:
         self.peft.load_state_dict(ck["trainable"], strict=False)
         self.opt.load_state_dict(ck["optimizer"])
         self.policy.load_state_dict(json.loads(ck["policy"]))
+        if self.scaler and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"])
         if self.dist.main:
             self._trim_metrics(st.step)
@@ -457,6 +477,8 @@ class Trainer:
                         self.classifier,
                         on_step,
                         self.dist,
+                        self.prec,
+                        self.scaler,
                     )
         finally:
             bar.close()
@@ -470,6 +492,7 @@ class Trainer:
     def finish(self, st: State) -> dict:
         """Write the chain, the single-adapter export, (merged model) and summary.json (rank 0)."""
         cfg = self.cfg
+        restore_masters(self.model, self.masters)  # the exact fp32 weights, knots included
         if not self.dist.main:
             return {"status": "finished", "rank": self.dist.rank, "total_steps": self.total}
         meta = {
@@ -492,6 +515,9 @@ class Trainer:
             "eval_examples": len(self.eval_ex),
             "links": st.links,
             "chain_rank": sum(k.rank for k in st.knots),
+            "precision": self.prec.name,
+            "base_dtype": self.cfg.model.dtype,
+            "knot_rounding": _rounding_total(st.knots),
             "wall_seconds": sum(r["wall_seconds"] for r in st.links),
             "est_train_flops": sum(r["est_train_flops"] for r in st.links),
             "peak_memory_mb": peak_memory_mb(),
@@ -504,6 +530,14 @@ class Trainer:
         plot_runs({self.out.name or "run": self.out}, self.out / "loss.png")
         (self.out / CHECKPOINT).unlink(missing_ok=True)
         return summary
+
+
+def _rounding_total(knots: list[Knot]) -> dict[str, float]:
+    """The largest rounding of any knot (0 unless the base is held in a low dtype)."""
+    return {
+        "max_abs": max((k.rounding.get("max_abs", 0.0) for k in knots), default=0.0),
+        "max_rel_fro": max((k.rounding.get("rel_fro", 0.0) for k in knots), default=0.0),
+    }
 
 
 def train(

@@ -45,6 +45,7 @@ class Knot:
     alpha: float
     reason: str
     factors: dict[str, Factors] = field(default_factory=dict)
+    rounding: dict[str, float] = field(default_factory=dict)  # what storing the merge lost (low-dtype base)
 
     def to_state(self) -> dict:
         """Plain dict of tensors and scalars (safe for `torch.load(weights_only=True)`)."""
@@ -55,12 +56,21 @@ class Knot:
             "alpha": self.alpha,
             "reason": self.reason,
             "factors": {n: vars(f) for n, f in self.factors.items()},
+            "rounding": dict(self.rounding),
         }
 
     @staticmethod
     def from_state(state: dict) -> Knot:
         factors = {n: Factors(**f) for n, f in state["factors"].items()}
-        return Knot(state["link"], state["step"], state["rank"], state["alpha"], state["reason"], factors)
+        return Knot(
+            state["link"],
+            state["step"],
+            state["rank"],
+            state["alpha"],
+            state["reason"],
+            factors,
+            state.get("rounding", {}),
+        )
 
 
 def lora_config(
@@ -125,13 +135,17 @@ def layer_factors(layer: LoraLayer) -> Factors:
     )
 
 
-def merged_params(module: nn.Module, f: Factors, name: str) -> dict[str, torch.Tensor]:
-    """New weight (and bias) of `module` after adding `f`, computed in fp32 and checked finite."""
+def merged_params(
+    module: nn.Module, f: Factors, name: str, master: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """New weight (and bias) of `module` after adding `f`, computed in fp32 (on the fp32 `master`
+    of the weight when one is kept) and checked finite."""
     device = module.weight.device
     delta = f.scale * (f.B.to(device) @ f.A.to(device))  # (out, in)
     if f.fan_in_fan_out:
         delta = delta.T  # Conv1D stores (in, out)
-    out = {"weight": module.weight.detach().float() + delta}
+    weight = master if master is not None else module.weight.detach().float()
+    out = {"weight": weight + delta}
     if f.bias is not None:
         out["bias"] = module.bias.detach().float() + f.scale * f.bias.to(device)
     for key, value in out.items():
@@ -140,24 +154,51 @@ def merged_params(module: nn.Module, f: Factors, name: str) -> dict[str, torch.T
     return out
 
 
-def apply_factors(base: nn.Module, factors: dict[str, Factors]) -> None:
-    """Merge recorded factors into `base` (a plain or PEFT-wrapped model); all-or-nothing."""
+def apply_factors(
+    base: nn.Module, factors: dict[str, Factors], masters: dict[str, torch.Tensor] | None = None
+) -> dict[str, float]:
+    """Merge recorded factors into `base` (a plain or PEFT-wrapped model); all-or-nothing.
+
+    The sum is exact in fp32; a weight stored in a lower dtype (with no fp32 master) rounds it.
+    Returns what that rounding lost over all layers: `max_abs` and `rel_fro` (Frobenius norm of
+    the loss over that of the merged update), both 0 for an fp32 base."""
+    masters = masters or {}
     updates = {}
     for name, f in factors.items():
         module = base.get_submodule(name)
         module = getattr(module, "base_layer", module)
-        updates[name] = (module, merged_params(module, f, name))
+        updates[name] = (module, merged_params(module, f, name, masters.get(name)))
+    max_abs, lost_sq, delta_sq = 0.0, 0.0, 0.0
     with torch.no_grad():
-        for module, params in updates.values():
+        for name, (module, params) in updates.items():
             for key, value in params.items():
-                getattr(module, key).copy_(value.to(getattr(module, key).dtype))
+                target = getattr(module, key)
+                kept = key == "weight" and name in masters  # an exact fp32 master is kept
+                old = masters[name] if kept else target.float()
+                delta_sq += float((value - old).double().square().sum())
+                stored = value.to(target.dtype)
+                lost = torch.zeros(()) if kept else value - stored.float()
+                if kept:
+                    masters[name].copy_(value)
+                lost_sq += float(lost.double().square().sum())
+                max_abs = max(max_abs, float(lost.abs().max()))
+                target.copy_(stored)
+    return {"max_abs": max_abs, "rel_fro": (lost_sq / delta_sq) ** 0.5 if delta_sq else 0.0}
 
 
-def tie_knot(model: PeftModel, link: int, step: int, rank: int, alpha: float, reason: str) -> Knot:
+def tie_knot(
+    model: PeftModel,
+    link: int,
+    step: int,
+    rank: int,
+    alpha: float,
+    reason: str,
+    masters: dict[str, torch.Tensor] | None = None,
+) -> Knot:
     """Tie a knot: merge the current link into the base weights and record what was merged."""
     factors = {name: layer_factors(layer) for name, layer in lora_layers(model).items()}
-    apply_factors(model.base_model.model, factors)
-    return Knot(link, step, rank, alpha, reason, factors)
+    rounding = apply_factors(model.base_model.model, factors, masters)
+    return Knot(link, step, rank, alpha, reason, factors, rounding)
 
 
 def unload(model: PeftModel) -> nn.Module:

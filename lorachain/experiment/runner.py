@@ -146,19 +146,26 @@ class Runner:
         c = self.cfg
         return sample_splits(pool, held, seed, n_train, c.n_val, c.n_test)
 
-    def score(self, model, task: Task, examples: list[TaskExample], max_length: int) -> dict:
+    def score(
+        self, model, task: Task, examples: list[TaskExample], max_length: int, precision: str = "fp32"
+    ) -> dict:
+        """The task's metric on `examples`, under the autocast of the cell's training precision."""
+        from lorachain.models import device_of
+        from lorachain.precision import resolve
+
         c = self.cfg
         classifier = c.model.task == "classification"
-        return score_task(
-            model,
-            self._tokenizer,
-            task,
-            examples,
-            c.eval_batch_size,
-            max_length,
-            c.max_new_tokens,
-            classifier,
-        )
+        with resolve(precision, device_of(model)).autocast():
+            return score_task(
+                model,
+                self._tokenizer,
+                task,
+                examples,
+                c.eval_batch_size,
+                max_length,
+                c.max_new_tokens,
+                classifier,
+            )
 
     def run_cell(self, cell: Cell) -> dict:
         c, method = self.cfg, self.cfg.methods[cell.method]
@@ -178,6 +185,7 @@ class Runner:
         }
         row["counts"] = splits.counts
         baseline = method.get("baseline")
+        precision = _deep_merge(c.base, method).get("train", {}).get("precision", "fp32")
         if baseline:
             model, summary = base, {}
             val, test, length = splits.val, splits.test, c.max_length
@@ -200,14 +208,15 @@ class Runner:
                 "knot_policy": run_cfg.chain.knot.policy,
                 "n_train": n_train,
                 "steps": summary["total_steps"],
+                "precision": summary.get("precision", "fp32"),
             }
             row["knots"] = [
                 {k: link.get(k) for k in ("link", "rank", "end_step", "knot_reason", "final_loss")}
                 for link in summary["links"]
             ]
         t1 = time.perf_counter()
-        row["val"] = self.score(model, task, val, length) if val else {}
-        row["test"] = self.score(model, task, test, length)
+        row["val"] = self.score(model, task, val, length, precision) if val else {}
+        row["test"] = self.score(model, task, test, length, precision)
         t2 = time.perf_counter()
         row["cost"] = {
             "train_seconds": summary.get("wall_seconds", 0.0),

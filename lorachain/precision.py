@@ -1,0 +1,106 @@
+"""Precision policy of the training loop: fp32, bf16 or fp16 mixed precision, or `auto`.
+
+Mixed precision is done the way users trust: forward and backward under `torch.autocast`, the LoRA
+factors, their gradients and optimizer state in fp32, loss scaling for fp16. Autocast casts every
+frozen weight to the low dtype again at every matmul (it caches casts of trainable leaves only), so
+`compute_copies` holds the frozen Linear weights in that dtype once instead, keeping their fp32
+values aside as *masters*: each matmul sees exactly the tensor autocast would have made, knots merge
+into the fp32 masters, and `restore_masters` puts the fp32 weights back at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HEADS = ("classifier", "score")  # classification heads: trained in full, kept in fp32
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    return {f for line in lines for f in line.split(":", 1)[1].split()}
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls natively: CUDA with bf16, a CPU with AMX or AVX-512 BF16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision (`fp32`, `bf16` or `fp16`) on one device type."""
+
+    name: str
+    device_type: str = "cpu"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+    @property
+    def mixed(self) -> bool:
+        return self.name != "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """A loss scaler for fp16 (its gradients underflow without one); None otherwise."""
+        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
+
+
+FP32 = Precision("fp32")
+
+
+def resolve(name: str, device: torch.device) -> Precision:
+    """`auto` is bf16 where the device runs it fast, else fp32."""
+    if name == "auto":
+        name = "bf16" if fast_bf16(device) else "fp32"
+    return Precision(name, device.type)
+
+
+def _frozen_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Linear layers whose weight autocast would cast: fp32, not tied to an embedding, not a head."""
+    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear
+        and m.weight.dtype == torch.float32
+        and m.weight.data_ptr() not in embeddings
+        and name.split(".")[-1] not in HEADS
+    }
+
+
+def compute_copies(model: nn.Module, prec: Precision) -> dict[str, torch.Tensor]:
+    """Hold the frozen Linear weights in the autocast dtype; return their fp32 masters by name.
+
+    Call before wrapping the model with LoRA. Nothing is copied for fp32."""
+    if not prec.mixed:
+        return {}
+    masters = {}
+    for name, m in _frozen_linears(model).items():
+        masters[name] = m.weight.data
+        m.weight.data = m.weight.data.to(prec.dtype)
+    return masters
+
+
+def restore_masters(model: nn.Module, masters: dict[str, torch.Tensor]) -> None:
+    """Put the fp32 masters back as the weights (the exact fp32 model)."""
+    for name, w in masters.items():
+        module = model.get_submodule(name)
+        getattr(module, "base_layer", module).weight.data = w
