@@ -40,12 +40,40 @@ def _text(p: Path) -> str:
         raise DataError(f"{p}: line {line}: not UTF-8 text (byte {e.start})") from None
 
 
+def read_parquet(p: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of a Parquet file (needs pyarrow), numbered from 1."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{p}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow's errors for a broken file
+        raise DataError(f"{p}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return [(i + 1, row) for i, row in enumerate(table.to_pylist())]
+
+
+def _jsonl_rows(p: Path, body: str) -> list[tuple[int, Any]]:
+    rows = []
+    for i, line in enumerate(body.split("\n"), 1):  # not splitlines: U+2028 is text
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}: line {i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of a JSONL, JSON (list of objects) or CSV file (UTF-8), each with its 1-based line number."""
+    """Rows of a JSONL, JSON (list of objects), CSV (UTF-8) or Parquet file, each with its 1-based
+    line (row) number."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: data file not found")
     suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        return read_parquet(p)
     body = _text(p)
     if suffix == ".csv":
         try:
@@ -62,14 +90,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             raise DataError(f"{p}: expected a JSON list of objects")
         rows = list(enumerate(data, 1))
     else:
-        rows = []
-        for i, line in enumerate(body.split("\n"), 1):  # not splitlines: U+2028 is text
-            if not line.strip():
-                continue
-            try:
-                rows.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}: line {i}: not valid JSON ({e.msg})") from None
+        rows = _jsonl_rows(p, body)
     for i, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{p}: line {i}: expected an object with fields, got {type(row).__name__}")
@@ -146,13 +167,59 @@ def encode_row(cfg: DataConfig, tokenizer: Any, row: dict[str, Any], where: str,
     return Example(ids, [-100] * len(prompt_ids) + target_ids, label, len(prompt_ids))
 
 
+def is_chat(cfg: DataConfig, rows: list[tuple[int, dict[str, Any]]]) -> bool:
+    """Whether rows are conversations: `data.format`, or with `auto` the first row's fields."""
+    if cfg.format != "auto":
+        return cfg.format == "chat"
+    from lorachain.chat import messages_field
+
+    return bool(rows) and messages_field(rows[0][1], cfg.messages_field) is not None
+
+
 def load_examples(
-    path: str, cfg: DataConfig, tokenizer: Any, classifier: bool, limit: int | None = None
+    path: str,
+    cfg: DataConfig,
+    tokenizer: Any,
+    classifier: bool,
+    limit: int | None = None,
+    rejected: list[str] | None = None,
 ) -> list[Example]:
+    """Every row of `path` as an Example (prompt/target rows, or chat rows). A bad row fails with
+    its file, line and reason; with `data.on_bad_rows: skip` it is skipped, listed on stderr and
+    appended to `rejected`."""
     rows = read_rows(path)[:limit] if limit else read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
-    return [encode_row(cfg, tokenizer, row, f"{path}: line {i}", classifier) for i, row in rows]
+    if is_chat(cfg, rows):
+        if classifier:
+            raise DataError("data.format: chat rows need a causal LM (model.task: causal_lm)")
+        from lorachain.chat import encode_rows
+
+        encode = encode_rows(cfg, tokenizer)
+    else:
+
+        def encode(row: dict[str, Any], where: str) -> Example:
+            return encode_row(cfg, tokenizer, row, where, classifier)
+
+    out, skipped = [], []
+    for i, row in rows:
+        where = f"{path}: line {i}"
+        try:
+            out.append(encode(row, where))
+        except DataError as e:
+            if cfg.on_bad_rows == "error":
+                raise
+            skipped.append(str(e))
+    if skipped:
+        import sys
+
+        print("".join(f"[lorachain] skipped {x}\n" for x in skipped), end="", file=sys.stderr)
+        print(f"[lorachain] {path}: skipped {len(skipped)} of {len(rows)} rows", file=sys.stderr)
+        if rejected is not None:
+            rejected += skipped
+    if not out:
+        raise DataError(f"{path}: no usable rows (all {len(rows)} skipped)")
+    return out
 
 
 def collate(examples: list[Example], pad_id: int, classifier: bool) -> dict[str, torch.Tensor]:
