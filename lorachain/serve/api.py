@@ -3,27 +3,36 @@
 `model` is `auto` (routed by the selector), a task adapter's name, `mixed`, or `base`; names are
 looked up in the store's manifest only. Routed responses carry the decision in `lorachain_route`
 and the `X-Lorachain-Route` header. Every error has the OpenAI shape and a 4xx code.
+
+The event loop only moves bytes: a body over `max_request_bytes` is refused with 413 while it is
+read, and parsing, template rendering and tokenisation run in worker threads, so `/health`
+answers while a 10 MB request is being refused. Prompt rules are in `serve/prompting.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
-import time
-import uuid
 from pathlib import Path
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lorachain.serve import respond
 from lorachain.serve.engine import AUTO, BASE, Engine, GenRequest, QueueFull
+from lorachain.serve.prompting import PromptError, context_length, encode, fit_context, render_chat
+from lorachain.serve.respond import Job
+from lorachain.serve.sampling import Sampling
+from lorachain.serve.schemas import ChatRequest, CompletionRequest, RequestError, describe, parse
 from lorachain.store import MIXED
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
+BIG = 1 << 20  # bodies over this give their memory back to the system when done
 
 
 class ApiError(Exception):
@@ -43,38 +52,14 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(max_length=200)
-    max_tokens: int | None = Field(default=None, ge=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)  # accepted; decoding is greedy
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=1)
-    user: str | None = Field(default=None, max_length=200)
-    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens
-
-
-class CompletionRequest(_Common):
-    prompt: str = Field(max_length=200_000)
-
-
-class ChatRequest(_Common):
-    messages: list[Message] = Field(min_length=1, max_length=256)
-
-
-def chat_text(tokenizer, messages: list[dict]) -> str:
-    """The base model's chat template, or plain "role: content" lines when it has none."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps big freed blocks otherwise)."""
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 class Server:
@@ -88,10 +73,17 @@ class Server:
         max_tokens_limit: int,
         default_max_tokens: int,
         router=None,
+        max_context: int | None = None,
+        max_request_bytes: int = 8 << 20,
+        truncate: bool | None = None,
     ) -> None:
         self.engine, self.router, self.api_key = engine, router or engine.router, api_key
         self.max_prompt_tokens, self.max_tokens_limit = max_prompt_tokens, max_tokens_limit
         self.default_max_tokens = min(default_max_tokens, max_tokens_limit)
+        self.context = context_length(self.router.model, max_context)
+        self.max_request_bytes = max_request_bytes
+        templates = self.router.manifest.templates
+        self.truncate = templates.get("truncation") == "left" if truncate is None else truncate
         self.names = {
             AUTO: AUTO,
             "base": BASE,
@@ -114,44 +106,133 @@ class Server:
             )
         return self.names[model]
 
-    def submit(self, req: _Common, prompt_ids: list[int] | None, instruction: str) -> asyncio.Queue:
-        """Check limits, queue the request, and return the queue its events arrive on."""
+    # -- preparing a request (worker thread) -------------------------------------------------
+    def prepare(self, kind: str, raw: bytes) -> Job | ApiError:
+        """Parse, render, tokenise and fit a request body; an error is returned, not raised, so
+        that no traceback keeps a big body alive."""
+        try:
+            return self._prepare(kind, raw)
+        except ApiError as e:
+            err = e
+        except (RequestError, PromptError) as e:
+            err = ApiError(400, e.message, param=e.param, code=getattr(e, "code", None))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            err = ApiError(400, f"the request body is not valid JSON: {e}")
+        return ApiError(err.status, err.message, err.type, err.param, err.code)
+
+    def _prepare(self, kind: str, raw: bytes) -> Job:
+        req = parse(kind, json.loads(raw))
         adapter = self.resolve(req.model)
-        max_tokens = req.max_tokens or self.default_max_tokens
-        if max_tokens > self.max_tokens_limit:
+        requested = getattr(req, "max_completion_tokens", None)
+        requested = requested if requested is not None else req.max_tokens
+        if requested is not None and requested > self.max_tokens_limit:
             raise ApiError(
                 400,
-                f"max_tokens {max_tokens} is over this server's limit of {self.max_tokens_limit}",
+                f"max_tokens {requested} is over this server's limit of {self.max_tokens_limit}",
                 param="max_tokens",
             )
-        if adapter != BASE:
-            prompt_ids = None  # adapters answer through the store's prompt template
-        n_prompt = (
-            len(prompt_ids) if prompt_ids is not None else len(self.router.tok(instruction)["input_ids"])
+        truncate = self.truncate if req.truncate_prompt_tokens is None else req.truncate_prompt_tokens
+        truncate = True if truncate == -1 else truncate
+        prompts = self._prompts(kind, req, adapter, truncate)
+        job = Job(kind, req.model, [], 0, stream=bool(req.stream))
+        job.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        if kind == "chat":
+            job.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            job.echo, job.logprobs = bool(req.echo), req.logprobs
+        gens = []
+        for p, (ids, text, instruction, exact) in enumerate(prompts):
+            fit = fit_context(
+                ids, self.context, requested, self.default_max_tokens, truncate,
+                param="messages" if kind == "chat" else "prompt", exact=exact,
+            )  # fmt: skip
+            if len(fit.ids) > self.max_prompt_tokens:
+                if not truncate:
+                    raise ApiError(
+                        400,
+                        f"prompt has {len(fit.ids)} tokens, over this server's limit of "
+                        f"{self.max_prompt_tokens}",
+                        param="messages" if kind == "chat" else "prompt",
+                        code="context_length_exceeded",
+                    )
+                fit.truncated += len(fit.ids) - self.max_prompt_tokens
+                fit.ids = fit.ids[-self.max_prompt_tokens :]
+            job.prompt_tokens += len(fit.ids)
+            job.context.append(fit.info())
+            echo_text = self.router.tok.decode(fit.ids) if fit.truncated or text is None else text
+            for j in range(req.n or 1):
+                job.choices.append((p, fit.ids, echo_text))
+                gens.append(
+                    GenRequest(
+                        fit.ids, adapter, fit.max_tokens, None, instruction, req.stops(),
+                        ignore_eos=req.ignore_eos, sampling=self._sampling(req, kind, j, job),
+                    )
+                )  # fmt: skip
+        job.gen = gens
+        return job
+
+    def _prompts(self, kind: str, req, adapter: str, truncate) -> list[tuple]:
+        """Each prompt as (ids, text or None, instruction for the selector, exact)."""
+        tok = self.router.tok
+        limit = min(self.context, self.max_prompt_tokens)
+        if kind == "chat":
+            messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
+            text, special = render_chat(self.router.manifest.templates, tok, messages, adapter)
+            ids, exact = encode(tok, text, special, limit, keep_end=bool(truncate))
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            return [(ids, text, users[-1] if users else messages[-1]["content"], exact)]
+        prompt = req.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt: the list of prompts is empty", param="prompt", code="empty_prompt")
+        out = []
+        vocab = len(tok)
+        for p in prompt:
+            if isinstance(p, str):
+                ids, exact = encode(tok, p, True, limit, keep_end=bool(truncate))
+                out.append((ids, p, p, exact))
+                continue
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ApiError(
+                    400, f"prompt: token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "prompt"
+                )
+            out.append((list(p), None, tok.decode(p[-4 * limit :]), True))
+        return out
+
+    def _sampling(self, req, kind: str, j: int, job: Job) -> Sampling:
+        return Sampling(
+            temperature=req.temperature or 0.0,
+            top_p=req.top_p or 1.0,
+            seed=None if req.seed is None else req.seed + j,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+            logprobs=job.logprobs,
+            echo=job.echo and job.logprobs is not None,
         )
-        if n_prompt > self.max_prompt_tokens:
-            raise ApiError(
-                400,
-                f"prompt has {n_prompt} tokens, over this server's limit of {self.max_prompt_tokens}",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    # -- queueing (event loop) ---------------------------------------------------------------
+    def submit(self, job: Job) -> asyncio.Queue:
+        """Queue every choice of `job`; its events arrive as (choice index, kind, payload)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-
-        def emit(kind: str, payload: object) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
-
-        try:
-            self.engine.submit(
-                GenRequest(
-                    prompt_ids, adapter, max_tokens, emit, instruction, stop[:4], ignore_eos=req.ignore_eos
-                )
+        if self.engine.queue.maxsize - self.engine.queue.qsize() < len(job.gen):
+            raise ApiError(
+                429, "request queue is full; retry later", type_="rate_limit_error", code="queue_full"
             )
-        except QueueFull as e:
-            raise ApiError(429, str(e), type_="rate_limit_error", code="queue_full") from None
-        self.count(f'lorachain_requests_total{{model="{req.model}"}}')
+        for i, gen in enumerate(job.gen):
+
+            def emit(kind: str, payload: object, i: int = i) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (i, kind, payload))
+
+            gen.emit = emit
+            try:
+                self.engine.submit(gen)
+            except QueueFull as e:
+                raise ApiError(429, str(e), type_="rate_limit_error", code="queue_full") from None
+        self.count(f'lorachain_requests_total{{model="{job.model}"}}')
         return events
 
     def route_info(self, sel) -> dict | None:
@@ -181,77 +262,47 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
-def _choice(kind: str, text: str | None, finish: str | None, delta: bool) -> dict:
-    if kind == "chat":
-        body = {"role": "assistant", "content": text} if text is not None else {}
-        return {"index": 0, "delta" if delta else "message": body, "finish_reason": finish}
-    return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
 
 
-async def respond_full(server: Server, kind: str, model: str, events: asyncio.Queue) -> JSONResponse:
-    text, route = [], None
-    while True:
-        event, payload = await events.get()
-        if event == "route":
-            route = payload
-        elif event == "delta":
-            text.append(payload)
-        elif event == "error":
-            raise ApiError(503, str(payload), type_="server_error")
-        else:
-            break
-    answer = "".join(text)
-    n = len(server.router.tok(answer)["input_ids"]) if answer else 0
-    server.count("lorachain_completion_tokens_total", n)
-    info = server.route_info(route)
-    body = {
-        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [_choice(kind, answer, str(payload), False)],
-        "lorachain_route": info,
-        "usage": {"completion_tokens": n},
-    }
-    return JSONResponse(body, headers={"X-Lorachain-Route": json.dumps(info)} if info else {})
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be over `limit` bytes."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise ApiError(
+            413,
+            f"request body of {int(size)} bytes is over this server's limit of {limit}",
+            code="request_too_large",
+        )
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(
+                413, f"request body is over this server's limit of {limit} bytes", code="request_too_large"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def respond_stream(server: Server, kind: str, model: str, events: asyncio.Queue) -> StreamingResponse:
-    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    obj, created = "chat.completion.chunk" if kind == "chat" else "text_completion", int(time.time())
-
-    async def stream():
-        route = None
-        while True:
-            event, payload = await events.get()
-            if event == "route":
-                route = payload
-                continue
-            if event == "error":
-                yield f"data: {json.dumps(error_body(str(payload), 'server_error'))}\n\n"
-                break
-            text, finish = (payload, None) if event == "delta" else (None, str(payload))
-            chunk = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": model,
-                "choices": [_choice(kind, text, finish, True)],
-                "lorachain_route": server.route_info(route),
-            }
-            yield f"data: {json.dumps(chunk)}\n\n"
-            if event == "done":
-                break
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream")
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    err = exc.errors()[0] if exc.errors() else {}
-    loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-    msg = err.get("msg", "invalid request")
-    return (f"{loc}: {msg}" if loc else msg), (loc or None)
+async def handle(server: Server, kind: str, request: Request):
+    """Read, prepare (off the loop), queue and answer one chat or completions request."""
+    raw = await read_body(request, server.max_request_bytes)
+    big = len(raw) > BIG
+    job = await asyncio.to_thread(server.prepare, kind, raw)
+    del raw
+    if big:
+        await asyncio.to_thread(release_memory)
+    if isinstance(job, ApiError):
+        raise job
+    events = server.submit(job)
+    if job.stream:
+        return respond.stream(server, job, events)
+    try:
+        return await respond.full(server, job, events)
+    except respond.GenerationFailed as e:
+        raise ApiError(503, str(e), type_="server_error") from None
 
 
 def _install_handlers(app: FastAPI, server: Server) -> None:
@@ -266,7 +317,7 @@ def _install_handlers(app: FastAPI, server: Server) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         server.count('lorachain_errors_total{status="400"}')
-        msg, param = _validation_message(exc)
+        msg, param = describe(list(exc.errors()))
         return JSONResponse(error_body(msg, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -282,46 +333,69 @@ def _install_handlers(app: FastAPI, server: Server) -> None:
         return await call_next(request)
 
 
+def _body(name: str) -> dict:
+    ref = {"$ref": f"#/components/schemas/{name}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _openapi(app: FastAPI) -> None:
+    """The request schemas in the OpenAPI document (the endpoints read their bodies themselves)."""
+
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            comps = doc.setdefault("components", {}).setdefault("schemas", {})
+            for cls in (CompletionRequest, ChatRequest):
+                s = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(s.pop("$defs", {}))
+                comps[cls.__name__] = s
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = schema
+
+
+def model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "lorachain"}
+
+
 def create_app(
     engine: Engine,
     api_key: str | None = None,
     max_prompt_tokens: int = 1024,
     max_tokens_limit: int = 256,
     default_max_tokens: int = 64,
+    max_context: int | None = None,
+    max_request_bytes: int = 8 << 20,
+    truncate: bool | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` (whose router holds the store and the base model)."""
+    """The FastAPI app serving `engine` (whose router holds the store and the base model).
+    `truncate` None follows the store (`templates.truncation: left`)."""
     app = FastAPI(title="lorachain", version="1", docs_url=None, redoc_url=None)
-    server = Server(engine, api_key, max_prompt_tokens, max_tokens_limit, default_max_tokens)
+    server = Server(
+        engine, api_key, max_prompt_tokens, max_tokens_limit, default_max_tokens,
+        max_context=max_context, max_request_bytes=max_request_bytes, truncate=truncate,
+    )  # fmt: skip
     app.state.server = server
-
     _install_handlers(app, server)
+    _openapi(app)
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        events = server.submit(req, server.router.tok(req.prompt)["input_ids"], req.prompt)
-        if req.stream:
-            return respond_stream(server, "completion", req.model, events)
-        return await respond_full(server, "completion", req.model, events)
+    @app.post("/v1/completions", openapi_extra=_body("CompletionRequest"))
+    async def completions(request: Request):
+        return await handle(server, "completion", request)
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        messages = [m.model_dump() for m in req.messages]
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        instruction = users[-1] if users else messages[-1]["content"]
-        ids = None
-        if server.resolve(req.model) == BASE:
-            ids = server.router.tok(chat_text(server.router.tok, messages), add_special_tokens=False)[
-                "input_ids"
-            ]
-        events = server.submit(req, ids, instruction)
-        if req.stream:
-            return respond_stream(server, "chat", req.model, events)
-        return await respond_full(server, "chat", req.model, events)
+    @app.post("/v1/chat/completions", openapi_extra=_body("ChatRequest"))
+    async def chat(request: Request):
+        return await handle(server, "chat", request)
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": n, "object": "model", "owned_by": "lorachain"} for n in sorted(server.names)]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(n) for n in sorted(server.names)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        server.resolve(model_id)
+        return model_card(model_id)
 
     @app.get("/health")
     async def health():
