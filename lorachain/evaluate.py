@@ -251,7 +251,7 @@ def score_task(
     """The task's metric on `examples` (TaskExample): accuracy by candidate scoring, MultiRC's F1a
     over answer options, ReCoRD's EM/F1 of the best-scored entity, EM/F1 of greedy generation.
     `score` is the headline number (accuracy, F1 or F1 of EM/F1)."""
-    from lorachain.metrics import best_over, binary_f1, exact_match, token_f1
+    from lorachain.metrics import best_over, binary_f1, exact_match, number_match, token_f1
 
     was_training = model.training
     model.eval()
@@ -277,6 +277,9 @@ def score_task(
             choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
             preds = [e.candidates[c] for e, c in zip(examples, choice, strict=True)]
             answers = [e.answers for e in examples]
+        if task.metric == "number_em":  # GSM8K: the final number of the solution
+            em = sum(number_match(p, a[0]) for p, a in zip(preds, answers, strict=True)) / len(preds)
+            return {"em": em, "score": em, "n": len(examples)}
         if task.metric == "em_f1":
             if task.kind != "generation":  # ReCoRD: the entity in the chosen candidate
                 preds = [_entity(e, c) for e, c in zip(examples, choice, strict=True)]

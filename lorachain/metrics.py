@@ -33,6 +33,26 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The answer number of a maths solution: the first number after the last `####`, else the
+    last number in the text; commas and a trailing `.0` dropped (GSM8K's convention)."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    found = NUMBER.findall(tail)
+    if not found:
+        return None
+    number = (found[0] if "####" in text else found[-1]).replace(",", "")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def number_match(prediction: str, reference: str) -> float:
+    """1.0 when both texts end in the same answer number (GSM8K exact match)."""
+    gold = final_number(reference)
+    return float(gold is not None and final_number(prediction) == gold)
+
+
 def token_f1(prediction: str, reference: str) -> float:
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
     if not pred or not ref:

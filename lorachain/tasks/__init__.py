@@ -36,7 +36,7 @@ class TaskExample:
 class Task:
     name: str
     load: Callable[[str | Path], list[TaskExample]]
-    metric: str  # accuracy | f1 | em_f1
+    metric: str  # accuracy | f1 | em_f1 | number_em (final number of a solution)
     kind: str  # classification | multiple_choice | generation
 
 
@@ -56,7 +56,7 @@ def register(name: str, metric: str = "accuracy", kind: str = "classification"):
 
 
 def get_task(name: str) -> Task:
-    from lorachain.tasks import qa, superglue  # noqa: F401  (registers the built-in tasks)
+    from lorachain.tasks import gsm8k, qa, superglue  # noqa: F401  (registers the built-in tasks)
 
     if name not in TASKS:
         raise DataError(f"task {name!r} is not registered; known: {sorted(TASKS)}")

@@ -59,4 +59,5 @@ PATHS = {
     },
     "squad": ("squad/xquad.en.json", "squad/xquad.en.json"),
     "drop": ("drop/drop_dataset_train_300_annotations.json", "drop/drop_dataset_train_300_annotations.json"),
+    "gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl"),
 }
