@@ -41,9 +41,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lorachain.demo import run_demo
+    from lorachain.demo import run_demo, sigterm_as_interrupt
 
-    run_demo(args.out, steps=args.steps, precision=args.precision or "auto")
+    try:
+        with sigterm_as_interrupt():
+            run_demo(args.out, steps=args.steps, precision=args.precision or "auto")
+    except KeyboardInterrupt:
+        print("lorachain: demo stopped; its worker processes were stopped too", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -3,8 +3,12 @@ and a few hundred embedded SST-2 rows; prints a side-by-side table and writes JS
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import multiprocessing as mp
+import signal
+import sys
 from pathlib import Path
 
 from lorachain.config import RunConfig, from_dict
@@ -42,6 +46,57 @@ def demo_config(out: Path, links: list[dict], steps: int | None, precision: str 
         },
         "output_dir": str(out),
     }
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (from `timeout`, a supervisor, a CI runner) raises KeyboardInterrupt here, so that
+    cleanup runs and the children are taken down, as with Ctrl-C."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _child_main(conn, fn, args) -> None:
+    """In the worker: die with the parent (Linux PR_SET_PDEATHSIG), run, send the result back."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException as e:  # the parent re-raises it with the child's message
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def run_in_child(fn, *args):
+    """`fn(*args)` in a fresh spawned process (a clean peak-memory reading), its result returned.
+    The child never outlives this process: an interrupt or SIGTERM here stops it (training
+    checkpoints and exits), and it gets SIGTERM from the kernel if this process is killed."""
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(send, fn, args), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        status, value = recv.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"worker process died (exit code {proc.exitcode})") from None
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+        proc.join()
+        recv.close()
+    if status == "error":
+        raise RuntimeError(f"worker process failed: {value}")
+    return value
 
 
 def _train_in_child(cfg_dict: dict) -> dict:
@@ -143,7 +198,6 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, precision:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network
     out = Path(out)
-    ctx = mp.get_context("spawn")
     zero = _zero_shot(demo_config(out / "zero", [{"rank": 8}], steps, precision))
     rows = [
         {
@@ -160,8 +214,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, precision:
     runs = {}
     for name, links in METHODS.items():
         run_dir = out / name.split()[0].lower()
-        with ctx.Pool(1) as pool:
-            s = pool.apply(_train_in_child, (demo_config(run_dir, links, steps, precision),))
+        s = run_in_child(_train_in_child, demo_config(run_dir, links, steps, precision))
         runs[name] = run_dir
         rows.append(
             {

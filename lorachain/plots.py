@@ -30,7 +30,8 @@ def plot_runs(runs: dict[str, str | Path], path: str | Path, metric: str = "accu
         run = Path(run)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         color = f"C{i}"
-        ax_loss.plot([r["step"] for r in rows], _smooth([r["loss"] for r in rows]), color=color, label=label)
+        name = label.lstrip("_") or label  # matplotlib hides labels that start with "_"
+        ax_loss.plot([r["step"] for r in rows], _smooth([r["loss"] for r in rows]), color=color, label=name)
         summary = json.loads((run / "summary.json").read_text())
         for link in summary["links"][:-1]:
             ax_loss.axvline(link["end_step"], color=color, linestyle=":", alpha=0.8)
