@@ -26,7 +26,14 @@ from lorachain.tasks import Task, TaskExample, get_task
 from lorachain.tasks.protocol import PATHS, Splits, sample_splits
 from lorachain.train import peak_memory_mb, reset_peak_memory
 
-RESERVED = ("n_train", "lrs", "seeds", "baseline")  # method keys that are not RunConfig sections
+RESERVED = (
+    "n_train",
+    "n_val",
+    "n_test",
+    "lrs",
+    "seeds",
+    "baseline",
+)  # method keys that are not RunConfig sections
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,7 @@ class Runner:
                 self._base.config.pad_token_id = self._tokenizer.pad_token_id
         return self._base, self._tokenizer
 
-    def splits(self, task: str, seed: int, n_train: int) -> Splits:
+    def splits(self, task: str, seed: int, n_train: int, n_val: int, n_test: int) -> Splits:
         if task not in self._loaded:
             train_path, test_path = task_paths(self.cfg, task)
             load = get_task(task).load
@@ -144,7 +151,7 @@ class Runner:
                 self._loaded[task] = (load(train_path), load(test_path))
         pool, held = self._loaded[task]
         c = self.cfg
-        return sample_splits(pool, held, seed, n_train, c.n_val, c.n_test)
+        return sample_splits(pool, held, seed, n_train, n_val, n_test)
 
     def score(
         self, model, task: Task, examples: list[TaskExample], max_length: int, precision: str = "fp32"
@@ -171,7 +178,8 @@ class Runner:
         c, method = self.cfg, self.cfg.methods[cell.method]
         task = get_task(cell.task)
         n_train = int(method.get("n_train", c.n_train))
-        splits = self.splits(cell.task, cell.seed, n_train)
+        n_val, n_test = int(method.get("n_val", c.n_val)), int(method.get("n_test", c.n_test))
+        splits = self.splits(cell.task, cell.seed, n_train, n_val, n_test)
         folder = self.out / "cells" / cell.id
         base, tok = self.base()
         reset_peak_memory()
