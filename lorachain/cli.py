@@ -146,10 +146,25 @@ def _serve(args: argparse.Namespace) -> int:
     from lorachain.serve.router import Router
 
     router = Router.from_store(args.store, mode=args.mode, top_k=args.top_k, cache_size=args.cache_size)
+    key = args.api_key or os.environ.get("LORACHAIN_API_KEY")
+    if args.upstream:
+        from lorachain.serve.proxy import create_proxy_app
+
+        app = create_proxy_app(
+            router,
+            args.upstream,
+            api_key=key,
+            upstream_key=args.upstream_key or os.environ.get("LORACHAIN_UPSTREAM_KEY"),
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_limit=args.max_tokens_limit,
+            timeout=args.upstream_timeout,
+        )
+        print(f"lorachain proxy on http://{args.host}:{args.port} -> {args.upstream}", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
     engine = Engine(
         router, max_batch=args.max_batch, window_ms=args.batch_window_ms, max_queue=args.max_queue
     )
-    key = args.api_key or os.environ.get("LORACHAIN_API_KEY")
     app = create_app(
         engine, api_key=key, max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit
     )
@@ -242,8 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--upstream",
         default=None,
-        help="proxy mode: run only the selector here, forward to this OpenAI-compatible URL",
+        help="proxy mode: run only the selector here, forward to this OpenAI-compatible URL "
+        "(http://host:port or http://host:port/v1)",
     )
+    s.add_argument(
+        "--upstream-key", default=None, help="bearer key for the upstream (or LORACHAIN_UPSTREAM_KEY)"
+    )
+    s.add_argument("--upstream-timeout", type=float, default=300.0, help="seconds before a 504")
     s.set_defaults(func=_serve)
     return p
 

@@ -212,34 +212,6 @@ def test_full_queue_answers_429_and_nothing_hangs(store):
         engine.close()
 
 
-def test_proxy_forwards_with_the_chosen_adapter(store):
-    from lorachain.serve.proxy import create_proxy_app
-
-    engine = make_engine(store, window_ms=1)
-    upstream = LiveServer(create_app(engine, max_tokens_limit=16))
-    selector_only = Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer())
-    proxy = LiveServer(create_proxy_app(selector_only, f"{upstream.url}", api_key=KEY, max_tokens_limit=16))
-    try:
-        msg = {"messages": [{"role": "user", "content": "red sky"}], "max_tokens": 4}
-        r = post(proxy, "/v1/chat/completions", {"model": "auto", **msg}).json()
-        chosen = r["lorachain_route"]["adapter"]
-        assert r["model"] == (
-            "mixed" if chosen == "_mixed" else chosen
-        )  # the upstream saw the adapter's name
-        direct = post(upstream, "/v1/chat/completions", {"model": r["model"], **msg}, key=None).json()
-        assert direct["choices"][0]["message"]["content"] == r["choices"][0]["message"]["content"]
-        r = post(
-            proxy, "/v1/completions", {"model": "beta", "prompt": "sea", "max_tokens": 3, "stream": True}
-        )
-        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
-        assert post(proxy, "/v1/completions", {"model": "../x", "prompt": "sea"}).status_code == 404
-        assert 'lorachain_adapter_requests_total{adapter="beta"}' in httpx.get(f"{upstream.url}/metrics").text
-    finally:
-        proxy.stop()
-        upstream.stop()
-        engine.close()
-
-
 def test_export_vllm_layout_and_command(store, tmp_path):
     from peft import PeftConfig
 
