@@ -27,10 +27,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     if args.run_dir == "vllm":  # `lorachain export vllm STORE OUT`
-        from lorachain.serve.export_vllm import export_vllm
+        from lorachain.export.vllm import NOTES, export_vllm
 
         if len(args.rest) != 2:
             raise SystemExit("usage: lorachain export vllm STORE OUT")
+        print(NOTES.format(port=8001), file=sys.stderr)
         print(export_vllm(*args.rest))
         return 0
     from lorachain.export import export_run

@@ -212,24 +212,6 @@ def test_full_queue_answers_429_and_nothing_hangs(store):
         engine.close()
 
 
-def test_export_vllm_layout_and_command(store, tmp_path):
-    from peft import PeftConfig
-
-    from lorachain.serve.export_vllm import export_vllm
-
-    command = export_vllm(store, tmp_path / "vllm")
-    assert sorted(p.name for p in (tmp_path / "vllm").iterdir()) == [
-        "alpha",
-        "beta",
-        "gamma",
-        "mixed",
-        "vllm_command.sh",
-    ]
-    assert PeftConfig.from_pretrained(str(tmp_path / "vllm" / "alpha")).r == 4
-    assert command.startswith("vllm serve tiny --enable-lora --max-loras 4 --max-lora-rank 8 ")
-    assert f"alpha={(tmp_path / 'vllm' / 'alpha').resolve()}" in command
-
-
 def test_cli_serve_end_to_end(tmp_path):
     """`lorachain serve STORE --port P` as a user runs it: health, one routed answer, clean stop."""
     import socket
