@@ -34,6 +34,14 @@ def _export(args: argparse.Namespace) -> int:
         print(NOTES.format(port=8001), file=sys.stderr)
         print(export_vllm(*args.rest))
         return 0
+    if args.run_dir == "gguf":  # `lorachain export gguf STORE|RUN OUT`
+        from lorachain.export.gguf import export_gguf
+
+        if len(args.rest) != 2:
+            raise SystemExit("usage: lorachain export gguf STORE|RUN OUT [--keep-quantized]")
+        for path in export_gguf(*args.rest, keep_quantized=args.keep_quantized):
+            print(path)
+        return 0
     from lorachain.export import export_run
 
     for path in export_run(args.run_dir, args.out, merged=args.merged):
@@ -191,10 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default=None, help=PRECISION_HELP)
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="export a finished run as one PEFT adapter (and a merged model)")
-    e.add_argument("run_dir", help="a finished run folder, or `vllm` followed by STORE OUT")
+    e.add_argument("run_dir", help="a finished run folder, or `vllm STORE OUT`, or `gguf STORE|RUN OUT`")
     e.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     e.add_argument("--out", default=None, help="adapter folder (default RUN_DIR/adapter)")
     e.add_argument("--merged", default=None, help="also write the merged model to this folder")
+    e.add_argument(
+        "--keep-quantized", action="store_true", help="gguf: copy the base's quantised GGUF, not an F32 one"
+    )
     e.set_defaults(func=_export)
     d = sub.add_parser("demo", help="COLA vs plain LoRA on SmolLM2-135M and embedded SST-2 data")
     d.add_argument("--out", default="runs/demo")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+import numpy as np
 import pytest
 from conftest import make_tokenizer, tiny_model
 from peft import PeftConfig
@@ -63,3 +64,63 @@ def test_max_lora_rank_is_one_vllm_accepts():
     assert max_lora_rank([300]) == 320
     with pytest.raises(ValueError, match="512"):
         max_lora_rank([600])
+
+
+def test_adapter_gguf_in_llama_cpp_format(store, tmp_path):
+    import gguf
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig
+
+    from lorachain.export.gguf import adapter_to_gguf, permute_rows
+
+    folder = store / "adapters" / "alpha"
+    config = AutoConfig.from_pretrained(tmp_path / "tiny-llama")
+    out = adapter_to_gguf(folder, tmp_path / "alpha.gguf", config)
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.type"].contents() == "adapter"
+    assert r.fields["adapter.type"].contents() == "lora"
+    peft = load_file(str(folder / "adapter_model.safetensors"))
+    assert r.fields["adapter.lora.alpha"].contents() == 8.0  # rank 4, alpha 2r in random_store
+    tensors = {t.name: t for t in r.tensors}
+    assert len(tensors) == len(peft)  # an A and a B per target layer, nothing else
+    prefix = "base_model.model.model.layers.0.self_attn"
+    a = peft[f"{prefix}.q_proj.lora_A.weight"]
+    b = peft[f"{prefix}.q_proj.lora_B.weight"]
+    ga, gb = tensors["blk.0.attn_q.weight.lora_a"], tensors["blk.0.attn_q.weight.lora_b"]
+    assert list(ga.shape) == [a.shape[1], a.shape[0]]  # ggml order: (in, r)
+    np.testing.assert_array_equal(np.asarray(ga.data).reshape(a.shape), a)
+    # q rows are permuted for llama.cpp's rotary layout; v rows are not
+    np.testing.assert_array_equal(
+        np.asarray(gb.data).reshape(b.shape), permute_rows(b, config.num_attention_heads)
+    )
+    bv = peft[f"{prefix}.v_proj.lora_B.weight"]
+    np.testing.assert_array_equal(
+        np.asarray(tensors["blk.0.attn_v.weight.lora_b"].data).reshape(bv.shape), bv
+    )
+
+
+def test_dequantised_copy_keeps_metadata_and_values(tmp_path):
+    import gguf
+
+    from lorachain.export.gguf import dequantised_copy
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    src = tmp_path / "q.gguf"
+    writer = gguf.GGUFWriter(str(src), "llama")
+    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    writer.add_uint32("llama.block_count", 1)
+    writer.add_tensor("blk.0.attn_q.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    r = gguf.GGUFReader(str(dequantised_copy(src, tmp_path / "f32.gguf")))
+    assert r.fields["tokenizer.chat_template"].contents() == "{{ messages }}"
+    assert r.fields["llama.block_count"].contents() == 1
+    (t,) = r.tensors
+    assert t.tensor_type == gguf.GGMLQuantizationType.F32
+    expected = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(np.asarray(t.data).reshape(8, 64), expected)
+    assert np.abs(expected - w).max() < 0.05  # and that is close to the original weights
