@@ -215,11 +215,34 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             "\n## Knot placement: auto (loss plateau) against fixed\n",
             score_table(chosen, tasks, fixed + auto),
         ]
+    out += _paired_sections(chosen, tasks, methods)
     out += [
         "\n## Cost per cell (mean over the tasks each method ran, and seeds)\n",
         _cost_table(chosen, methods, ref),
     ]
     return "\n".join(out)
+
+
+def _paired_sections(chosen: dict, tasks: list[str], methods: list[str]) -> list[str]:
+    """COLA − LoRA per seed, for every chain with a plain-LoRA reference of the same data size."""
+    from lorachain.experiment.paired import paired_table, verdict
+
+    out = []
+    chains = _methods_where(
+        chosen, methods, lambda s: _trained(s) and len(s["ranks"]) > 1 and s["knot_policy"] == "fixed"
+    )
+    for m in chains:
+        spec = chosen_spec(chosen, m)
+        ref = reference_method(chosen, methods, spec["n_train"])
+        if ref is None or spec["optimizer"] != "adamw":
+            continue
+        table, total = paired_table(chosen, tasks, ref, m)
+        out += [
+            f"\n## Paired comparison: `{m}` − `{ref}` ({spec['n_train']} training examples)\n",
+            table,
+            f"\nOverall: {verdict(total)}; {total['above']} of {total['n']} paired runs above.\n",
+        ]
+    return out
 
 
 def chosen_spec(chosen: dict, method: str | None) -> dict:

@@ -150,7 +150,6 @@ class Runner:
             else:
                 self._loaded[task] = (load(train_path), load(test_path))
         pool, held = self._loaded[task]
-        c = self.cfg
         return sample_splits(pool, held, seed, n_train, n_val, n_test)
 
     def score(

@@ -1,0 +1,93 @@
+"""Paired comparison of COLA against LoRA: the same seeds (same training sample and test set),
+each method at its own learning rate picked on validation.
+
+Per task: the mean per-seed difference COLA − LoRA (test score x100), its 95% t-interval and the
+sign count (seeds above / tied / below). Overall: every (task, seed) difference pooled into one
+mean with its interval — the tasks are treated as exchangeable, so the interval says how far the
+average gain over these tasks is from zero, not how it carries to other tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+# two-sided 95% quantiles of Student's t, by degrees of freedom
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+_T975 |= {10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000}
+
+
+def t975(df: int) -> float:
+    """Student's t 97.5% quantile (the largest tabulated df not above `df`; 1.96 beyond 120)."""
+    if df < 1:
+        return math.nan
+    if df > 120:
+        return 1.960
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def summarize(diffs: list[float]) -> dict:
+    """Mean, 95% interval and sign count of paired differences."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    half = t975(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else math.nan
+    return {
+        "n": n,
+        "mean": mean,
+        "ci": (mean - half, mean + half),
+        "above": sum(d > 0 for d in diffs),
+        "tied": sum(d == 0 for d in diffs),
+        "below": sum(d < 0 for d in diffs),
+    }
+
+
+def pair_diffs(chosen: dict, task: str, ref: str, other: str) -> list[float]:
+    """Per-seed test differences other − ref (x100) on the seeds both ran."""
+    a, b = chosen.get((task, ref)), chosen.get((task, other))
+    if not a or not b:
+        return []
+    return [100 * (b["test"][s] - a["test"][s]) for s in sorted(set(a["test"]) & set(b["test"]))]
+
+
+def _fmt(s: dict) -> str:
+    if not s["n"]:
+        return "-"
+    lo, hi = s["ci"]
+    ci = f" [{lo:+.1f}, {hi:+.1f}]" if s["n"] > 1 else ""
+    return f"{s['mean']:+.1f}{ci}"
+
+
+def _signs(s: dict) -> str:
+    return f"{s['above']} / {s['tied']} / {s['below']}"
+
+
+def verdict(s: dict) -> str:
+    """Plain words for a pooled difference."""
+    lo, hi = s["ci"]
+    if s["n"] < 2:
+        return "too few pairs to say"
+    if lo > 0:
+        return "COLA above LoRA (interval above zero)"
+    if hi < 0:
+        return "COLA below LoRA (interval below zero)"
+    return "no difference shown (interval contains zero)"
+
+
+def paired_table(chosen: dict, tasks: list[str], ref: str, other: str) -> tuple[str, dict]:
+    """Markdown rows per task and pooled, and the pooled summary."""
+    header = (
+        f"| task | `{ref}` lr | `{other}` lr | COLA − LoRA (x100) [95% CI] | seeds above / tied / below |"
+    )
+    lines = [header, "|---|---|---|---|---|"]
+    pooled = []
+    for task in tasks:
+        diffs = pair_diffs(chosen, task, ref, other)
+        if not diffs:
+            continue
+        pooled += diffs
+        s = summarize(diffs)
+        lr_a, lr_b = chosen[(task, ref)]["lr"], chosen[(task, other)]["lr"]
+        lines.append(f"| {task} | {lr_a:g} | {lr_b:g} | {_fmt(s)} | {_signs(s)} |")
+    total = summarize(pooled)
+    lines.append(f"| **all tasks, pooled** | | | **{_fmt(total)}** | {_signs(total)} |")
+    return "\n".join(lines) + "\n", total
