@@ -261,3 +261,31 @@ def micro_batches(
     idx = order[pos * per_step : (pos + 1) * per_step]
     for k in range(0, len(idx), batch_size):
         yield [examples[i] for i in idx[k : k + batch_size]]
+
+
+def check_targets(
+    examples: list[Example], cfg: DataConfig, tokenizer: Any, classifier: bool, path: str
+) -> int:
+    """Refuse, before any training, data whose rows give the LM loss no target token (a label word
+    or target that tokenises to nothing); warn about the rows that give none. Returns their count."""
+    if classifier:
+        return 0
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    for key, ids in zip(cfg.label_words or {}, candidate_ids(cfg, tokenizer) or [], strict=True):
+        if not ids:
+            text = (candidates(cfg) or [])[list(cfg.label_words or {}).index(key)]
+            raise DataError(
+                f"data.label_words[{key!r}]: {text!r} tokenises to no tokens with tokenizer {name!r}"
+            )
+    empty = sum(1 for e in examples if all(y == -100 for y in e.labels[1:]))
+    if empty == len(examples):
+        raise DataError(
+            f"{path}: no row yields a target token to train on with tokenizer {name!r} "
+            f"(data.target {cfg.target!r}: empty targets, or prompts filling data.max_length "
+            f"{cfg.max_length})"
+        )
+    if empty:
+        import sys
+
+        print(f"[lorachain] {path}: {empty} of {len(examples)} rows have no target token", file=sys.stderr)
+    return empty

@@ -106,8 +106,28 @@ def resolve_path(cfg: ModelConfig) -> str:
     return name
 
 
+def not_loadable(path: str, what: str, err: Exception) -> ConfigError:
+    """One line for a model or tokenizer that cannot be loaded from `path`."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    p = Path(path)
+    if p.is_dir():
+        files = (
+            "tokenizer.json or tokenizer_config.json" if what == "tokenizer" else "config.json and weights"
+        )
+        return ConfigError(f"model.name_or_path: {path} has no loadable {what} ({files} missing?): {first}")
+    if p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return ConfigError(f"model.name_or_path: {path} is not a model folder (no such folder)")
+    return ConfigError(
+        f"model.name_or_path: {path!r} is not a local folder, and its {what} cannot be loaded from the hub "
+        f"(offline, or no such model): {first}"
+    )
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise not_loadable(path, "tokenizer", e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -124,8 +144,8 @@ def load_model(cfg: ModelConfig, num_labels: int | None = None) -> PreTrainedMod
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
-        raise ConfigError(f"model.name_or_path: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise not_loadable(path, "model", e) from None
     return model.eval()
 
 

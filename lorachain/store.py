@@ -30,6 +30,13 @@ class StoreError(ValueError):
     """The store is missing, corrupt, or does not match the base model; the message names the file."""
 
 
+def short_reason(err: Exception) -> str:
+    """The telling line of a long loading error (a size mismatch, a missing key), else its first."""
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()] or [type(err).__name__]
+    telling = [x for x in lines if "size mismatch" in x or "Missing key" in x or "Unexpected key" in x]
+    return (telling or lines)[0][:300]
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -66,6 +73,7 @@ class Manifest:
     adapters: dict[str, dict] = field(default_factory=dict)  # name -> path, kind, task, files, summary
     lorachain_version: str = __version__
     format: int = FORMAT
+    complete: bool = True  # False while `route train` is still adding adapters
 
 
 def file_hashes(folder: Path, root: Path) -> dict[str, str]:
@@ -105,6 +113,16 @@ def read_manifest(root: str | Path) -> Manifest:
         if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict) or "path" not in entry:
             raise StoreError(f"{path}: adapter {name!r} needs 'path' and 'files'")
     return manifest
+
+
+def check_complete(root: str | Path, manifest: Manifest) -> None:
+    """Refuse a store that `route train` has not finished (interrupted or still running)."""
+    if manifest.complete is not True:
+        raise StoreError(
+            f"{Path(root) / 'manifest.json'}: the store is incomplete ({len(manifest.adapters)} adapters "
+            "so far; training was interrupted or is still running); run the same `lorachain route train` "
+            "command again to finish it"
+        )
 
 
 def verify_adapter(root: str | Path, manifest: Manifest, name: str) -> Path:

@@ -38,7 +38,15 @@ from lorachain.chain.knot import (
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
 from lorachain.config import ConfigError, OptimConfig, RunConfig
-from lorachain.data import Example, candidate_ids, collate, load_examples, micro_batches, steps_per_epoch
+from lorachain.data import (
+    Example,
+    candidate_ids,
+    check_targets,
+    collate,
+    load_examples,
+    micro_batches,
+    steps_per_epoch,
+)
 from lorachain.dist import Dist, init_dist
 from lorachain.evaluate import evaluate
 from lorachain.io import atomic_write, write_json, write_text
@@ -129,7 +137,12 @@ def run_steps(
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         batches = list(micro_batches(examples, step, t.batch_size, t.grad_accum, t.seed))
-        units = max(1, sum(loss_units(e, classifier) for chunk in batches for e in chunk))
+        units = sum(loss_units(e, classifier) for chunk in batches for e in chunk)
+        if units == 0:  # nothing to learn from: no update, and reported as such (loss NaN), never 0
+            step += 1
+            if on_step(step, float("nan"), 0):
+                break
+            continue
         loss_sum, tokens = 0.0, 0
         for chunk in batches:
             mine = dist.shard(chunk)
@@ -209,6 +222,8 @@ class _StopFlag:
 
 def prepare_run_dir(out: Path, cfg: RunConfig) -> None:
     """Write config.json, or check that an existing run folder holds the same config."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} is an existing file, not a folder")
     path = out / "config.json"
     new = json.loads(cfg.to_json())
     if path.is_file():
@@ -261,6 +276,7 @@ class Trainer:
         self.eval_ex = (
             load_examples(d.eval, d, self.tokenizer, self.classifier, d.max_eval_rows) if d.eval else []
         )
+        check_targets(self.train_ex, d, self.tokenizer, self.classifier, d.train)
         self.cand_ids = None if self.classifier else candidate_ids(d, self.tokenizer)
         t = cfg.train
         self.spe = steps_per_epoch(len(self.train_ex), t.batch_size, t.grad_accum)
@@ -439,13 +455,19 @@ class Trainer:
             st.step = step
             row = st.links[st.link]
             row["wall_seconds"] += time.perf_counter() - t0
-            row["losses"].append(loss)
+            empty = loss != loss  # a batch without target tokens: counted; no update, no loss of 0
+            if empty:
+                row["empty_batches"] = row.get("empty_batches", 0) + 1
+                self.log(f"step {step}: the batch has no target tokens; no update (counted in summary.json)")
+            else:
+                row["losses"].append(loss)
             row["tokens"] += tokens
             row["est_train_flops"] += tokens * (4 * self.n_params + 6 * row["trainable_params"])
             lr = self.opt.param_groups[0]["lr"]
-            metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
-            metrics.flush()
-            writer.add_scalar("train/loss", loss, step)
+            if not empty:
+                metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
+                metrics.flush()
+                writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/lr", lr, step)
             bar.update(1)
             bar.set_postfix(link=st.link, loss=f"{loss:.4f}")

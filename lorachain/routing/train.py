@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lorachain.config import DataConfig, RouteConfig, RunConfig
+from lorachain.config import ConfigError, DataConfig, RouteConfig, RunConfig
 from lorachain.dist import init_dist
 from lorachain.io import atomic_dir, write_text
 from lorachain.models import load_model, load_tokenizer, resolve_path
@@ -134,6 +134,8 @@ def write_splits(cfg: RouteConfig, root: Path, split: dict, labels: list[str], r
 def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = True) -> Manifest | None:
     """Train every adapter of the store in `cfg.output_dir`; None if interrupted (rerun resumes)."""
     root = Path(cfg.output_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output_dir: {root} is an existing file, not a folder")
     dist = init_dist()
     rejected: list[str] = []
     split = load_split(cfg, rejected)
@@ -156,13 +158,16 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
         },
         labels=labels,
         templates={"prompt": cfg.prompt, "task_prompt": cfg.task_prompt, "max_length": cfg.data.max_length},
+        complete=False,  # until the last adapter is in: `ask` and `serve` refuse it meanwhile
     )
+    if dist.main:
+        write_manifest(root, manifest)
     for name, (kind, run_cfg) in adapter_runs(cfg, root, labels).items():
         result = train(run_cfg, model, tokenizer, progress=progress)
+        if result.summary.get("status") == "interrupted":
+            return None  # (the model is still wrapped by this adapter; a rerun loads it afresh)
         with torch.no_grad():
             model.load_state_dict(pristine)  # every adapter starts from the same base
-        if result.summary.get("status") == "interrupted":
-            return None
         if not dist.main:
             continue  # rank 0 writes the store
         folder = Path("adapters") / name
@@ -183,6 +188,9 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
                 "chain": asdict(run_cfg.chain),
             },
         }
+        write_manifest(root, manifest)
+    manifest.complete = True
+    if dist.main:
         write_manifest(root, manifest)
     return manifest
 

@@ -20,7 +20,17 @@ from lorachain.evaluate import continuation_logprobs
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels, rank_scores
 from lorachain.serve.slots import AdapterSlots
-from lorachain.store import MIXED, SELECTOR, Manifest, check_base, read_manifest, verify_adapter
+from lorachain.store import (
+    MIXED,
+    SELECTOR,
+    Manifest,
+    StoreError,
+    check_base,
+    check_complete,
+    read_manifest,
+    short_reason,
+    verify_adapter,
+)
 
 MODES = ("score", "generate")
 
@@ -86,6 +96,7 @@ class Router:
     def from_store(cls, path: str | Path, model=None, tokenizer=None, **kwargs) -> Router:
         """Open a store: check the base model's fingerprint and the selector's files, load it."""
         manifest = read_manifest(path)
+        check_complete(path, manifest)  # before the slow part
         b = manifest.base_model
         mcfg = ModelConfig(
             name_or_path=b["name_or_path"], gguf_file=b.get("gguf_file"), dtype=b.get("dtype", "float32")
@@ -94,7 +105,10 @@ class Router:
         model = model if model is not None else load_model(mcfg).to(best_device())
         check_base(path, manifest, model)
         selector = verify_adapter(path, manifest, SELECTOR)
-        peft = PeftModel.from_pretrained(model, str(selector), adapter_name=SELECTOR).eval()
+        try:
+            peft = PeftModel.from_pretrained(model, str(selector), adapter_name=SELECTOR).eval()
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes or names that do not fit the base
+            raise StoreError(f"{selector}: does not fit the base model ({short_reason(e)})") from None
         return cls(path, manifest, peft, tokenizer, **kwargs)
 
     # -- adapters ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load as load_safetensors
 
-from lorachain.store import StoreError
+from lorachain.store import StoreError, short_reason
 
 SIGNATURE_KEYS = (
     "r",
@@ -92,8 +92,7 @@ class AdapterSlots:
             if slot in self.model.peft_config:
                 self.model.delete_adapter(slot)
             self.params.pop(slot, None)
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise StoreError(f"{folder}: does not fit the base model ({first})") from None
+            raise StoreError(f"{folder}: does not fit the base model ({short_reason(e)})") from None
         tag = f".{slot}."
         self.params[slot] = {n.replace(tag, "."): p for n, p in self.model.named_parameters() if tag in n}
         self.shape[slot] = sig
