@@ -175,7 +175,13 @@ def _serve(args: argparse.Namespace) -> int:
         router, max_batch=args.max_batch, window_ms=args.batch_window_ms, max_queue=args.max_queue
     )
     app = create_app(
-        engine, api_key=key, max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit
+        engine,
+        api_key=key,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_context=args.max_context,
+        max_request_bytes=int(args.max_request_mb * (1 << 20)),
+        truncate={"store": None, "left": True, "none": False}[args.truncation],
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     engine.close()
@@ -265,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="queued requests before 429")
     s.add_argument("--max-prompt-tokens", type=int, default=1024)
     s.add_argument("--max-tokens-limit", type=int, default=256)
+    s.add_argument("--max-context", type=int, default=None, help="context window (default: the model's)")
+    s.add_argument("--max-request-mb", type=float, default=8.0, help="request bodies over this get 413")
+    s.add_argument(
+        "--truncation",
+        choices=["store", "left", "none"],
+        default="store",
+        help="prompts over the context: refuse (none), keep their end (left), or as the store says",
+    )
     s.add_argument("--api-key", default=None, help="required bearer key (or LORACHAIN_API_KEY)")
     s.add_argument(
         "--upstream",
