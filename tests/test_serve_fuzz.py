@@ -40,12 +40,20 @@ def test_no_5xx_for_any_request(app):
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [op.ok() for op in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    paths = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model_id}"}
+    assert {op.path for op in operations} >= paths
+    components = schema.raw_schema["components"]["schemas"]  # the fields the fuzzer generates
+    new = ["seed", "echo", "logprobs", "n", "presence_penalty", "frequency_penalty", "logit_bias", "best_of"]
+    new += ["stream_options", "truncate_prompt_tokens"]
+    assert set(new) <= set(components["CompletionRequest"]["properties"])
+    assert {"top_logprobs", "response_format", "max_completion_tokens", "seed", "logprobs"} <= set(
+        components["ChatRequest"]["properties"]
+    )
     calls = []
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
         def check(case):
             response = case.call()
             calls.append(response.status_code)

@@ -29,7 +29,7 @@ class Sampling:
     @property
     def plain(self) -> bool:
         """Greedy on the raw logits: the batched argmax is enough."""
-        return self.temperature == 0 and not self.logit_bias and not self.penalized
+        return self.temperature < 1e-4 and not self.logit_bias and not self.penalized
 
     @property
     def penalized(self) -> bool:
@@ -56,7 +56,7 @@ def adjusted(logits: torch.Tensor, s: Sampling, counts: Counter) -> torch.Tensor
 def choose(logits: torch.Tensor, s: Sampling, counts: Counter, gen: torch.Generator) -> int:
     """The next token of one row from its logits (V,)."""
     logits = adjusted(logits, s, counts)
-    if s.temperature == 0:
+    if s.temperature < 1e-4:  # so low it is greedy (and logits / t would overflow)
         return int(logits.argmax())
     probs = torch.softmax(logits / s.temperature, dim=-1)
     if s.top_p < 1.0:
