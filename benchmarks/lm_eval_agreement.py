@@ -76,6 +76,28 @@ def make_store(root: Path) -> str:
     return base
 
 
+def pairs(url: str, base: str, store: Path, args) -> list:
+    """(name, task, limit, (server args, hf args)): a named adapter through /v1/completions against
+    hf+peft, and `base` through /v1/chat/completions against hf with the same chat template."""
+    completions = f"model={ADAPTER},base_url={url}/v1/completions,tokenizer={base},max_length=2048"
+    chat = f"model=base,base_url={url}/v1/chat/completions"
+    hf = ["--device", "cpu", "--batch_size", "8"]
+    peft = [
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={base},peft={store / 'adapters' / ADAPTER},dtype=float32",
+    ]
+    plain = ["--model", "hf", "--model_args", f"pretrained={base},dtype=float32", "--apply_chat_template"]
+    served = ["--model", "local-completions", "--model_args", completions]
+    served_chat = ["--model", "local-chat-completions", "--model_args", chat, "--apply_chat_template"]
+    return [
+        ("sst2", "lorachain_sst2", args.limit_sst2, (served, peft + hf)),
+        ("gsm8k", "lorachain_gsm8k", args.limit_gsm8k, (served, peft + hf)),
+        ("gsm8k_chat", "lorachain_gsm8k", args.limit_gsm8k, (served_chat, plain + hf)),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--limit-sst2", type=int, default=40)
@@ -99,30 +121,15 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(1)
         result = {"model": MODEL, "adapter": ADAPTER, "commands": []}
-        runs = {}
-        for name, limit, task in (
-            ("sst2", args.limit_sst2, "lorachain_sst2"),
-            ("gsm8k", args.limit_gsm8k, "lorachain_gsm8k"),
-        ):
-            common = ["--tasks", task, "--limit", str(limit)]
-            server = [
-                "--model",
-                "local-completions",
-                "--model_args",
-                f"model={ADAPTER},base_url={url}/v1/completions,tokenizer={base},max_length=2048",
-                *common,
-            ]
-            peft = work / "store" / "adapters" / ADAPTER
-            hf_args = f"pretrained={base},peft={peft},dtype=float32,device=cpu"
-            hf = ["--model", "hf", "--model_args", hf_args, "--batch_size", "8", *common]
+        for name, task, limit, pair in pairs(url, base, work / "store", args):
+            a, b = (["--tasks", task, "--limit", str(limit), *x] for x in pair)
             t0 = time.perf_counter()
-            runs[f"{name}_server"] = lm_eval(server, work / f"{name}_server")[task]
+            served = lm_eval(a, work / f"{name}_server")[task]
             t1 = time.perf_counter()
-            runs[f"{name}_hf"] = lm_eval(hf, work / f"{name}_hf")[task]
-            t2 = time.perf_counter()
-            seconds = {"seconds_server": round(t1 - t0, 1), "seconds_hf": round(t2 - t1, 1)}
-            result[name] = compare(runs[f"{name}_server"], runs[f"{name}_hf"]) | seconds
-            result["commands"] += ["lm_eval " + shlex.join(server), "lm_eval " + shlex.join(hf)]
+            hf = lm_eval(b, work / f"{name}_hf")[task]
+            seconds = {"seconds_server": round(t1 - t0, 1), "seconds_hf": round(time.perf_counter() - t1, 1)}
+            result[name] = compare(served, hf) | seconds
+            result["commands"] += ["lm_eval " + shlex.join(a), "lm_eval " + shlex.join(b)]
     finally:
         serve.terminate()
         serve.wait(60)
