@@ -333,6 +333,7 @@ def test_big_requests_get_413_or_400_fast_and_health_stays_free(store):
             time.sleep(0.01)
         worker.join()
         assert result["r"].status_code == 400 and "at least" in result["r"].json()["error"]["message"]
+        assert srv.server.config.app.state.server.gate_pool is not None  # checked in the helper process
         assert result["s"] < 10 and max(waits) < 1.0, (result["s"], max(waits))
     finally:
         small.stop()

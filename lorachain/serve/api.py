@@ -5,16 +5,19 @@ looked up in the store's manifest only. Routed responses carry the decision in `
 and the `X-Lorachain-Route` header. Every error has the OpenAI shape and a 4xx code.
 
 The event loop only moves bytes: a body over `max_request_bytes` is refused with 413 while it is
-read, and parsing, template rendering and tokenisation run in worker threads, so `/health`
-answers while a 10 MB request is being refused. Prompt rules are in `serve/prompting.py`.
+read, and parsing, template rendering and tokenisation run in worker threads; a body over 1 MB is
+first checked in a helper process (`serve/gate.py`), so `/health` answers while 10 MB requests are
+being refused. Prompt rules are in `serve/prompting.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import json
+import multiprocessing
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -91,6 +94,36 @@ class Server:
             **{a: a for a in self.router.adapters.values()},
         }
         self.counters: dict[str, int] = {}
+        self.gate_pool = None  # the helper process that checks big bodies (serve/gate.py)
+
+    async def gate(self, kind: str, raw: bytes) -> ApiError | None:
+        """A big body's refusal, found in the helper process (started on first use), or None."""
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        from lorachain.serve.gate import GateSettings, gate, init_gate
+
+        if self.gate_pool is None:
+            settings = GateSettings(
+                self.names, self.router.manifest.templates, self.context, self.max_prompt_tokens,
+                self.max_tokens_limit, self.default_max_tokens, bool(self.truncate),
+            )  # fmt: skip
+            ctx = multiprocessing.get_context("spawn")
+            init = (settings, self.router.tok)
+            self.gate_pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=init_gate, initargs=init)
+        try:
+            refusal = await asyncio.get_running_loop().run_in_executor(self.gate_pool, gate, kind, raw)
+        except BrokenProcessPool:  # the helper died: the server's own path still answers
+            self.gate_pool = None
+            return None
+        return (
+            None if refusal is None else ApiError(refusal[0], refusal[1], param=refusal[2], code=refusal[3])
+        )
+
+    def close(self) -> None:
+        if self.gate_pool is not None:
+            self.gate_pool.shutdown(wait=False, cancel_futures=True)
+            self.gate_pool = None
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -290,7 +323,8 @@ async def handle(server: Server, kind: str, request: Request):
     """Read, prepare (off the loop), queue and answer one chat or completions request."""
     raw = await read_body(request, server.max_request_bytes)
     big = len(raw) > BIG
-    job = await asyncio.to_thread(server.prepare, kind, raw)
+    refusal = await server.gate(kind, raw) if big else None
+    job = refusal or await asyncio.to_thread(server.prepare, kind, raw)
     del raw
     if big:
         await asyncio.to_thread(release_memory)
@@ -371,7 +405,13 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `engine` (whose router holds the store and the base model).
     `truncate` None follows the store (`templates.truncation: left`)."""
-    app = FastAPI(title="lorachain", version="1", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        server.close()
+
+    app = FastAPI(title="lorachain", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     server = Server(
         engine, api_key, max_prompt_tokens, max_tokens_limit, default_max_tokens,
         max_context=max_context, max_request_bytes=max_request_bytes, truncate=truncate,
