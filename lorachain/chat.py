@@ -227,3 +227,22 @@ def encode_rows(cfg: Any, tokenizer: Any):
             raise DataError(f"{where}: {e}") from None
 
     return encode
+
+
+SELECTOR_INPUTS = ("system_last_user", "last_user", "all_user")
+
+
+def selector_text(messages: list[dict], how: str = "system_last_user") -> str:
+    """What a task selector reads of a conversation: the system prompt and the last user turn
+    (`system_last_user`), the last user turn alone, or every user turn, one per line."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    parts = users if how == "all_user" else users[-1:]
+    if how == "system_last_user":
+        parts = system + parts
+    return "\n".join(parts) or messages[-1]["content"]
+
+
+def encode_row(cfg: Any, tokenizer: Any, row: dict[str, Any], where: str) -> Example:
+    """One chat row of DataConfig `cfg` as an Example (DataError naming `where` when bad)."""
+    return encode_rows(cfg, tokenizer)(row, where)

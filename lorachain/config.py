@@ -252,10 +252,22 @@ class RouteDataConfig:
     max_length: int = 256
     max_eval_rows: int | None = 64  # validation rows evaluated at each knot
     on_bad_rows: str = "error"  # error | skip (skipped rows are listed in STORE/splits/rejected.txt)
+    # chat rows (`messages` or `conversations` plus the task field): adapters train and answer
+    # through the chat template with the whole conversation; the selector reads `selector_input`
+    format: str = "auto"  # text | chat | auto (chat when rows have a messages field)
+    messages_field: str | None = None
+    chat_template: str | None = None  # Jinja text or a .jinja file; default: the tokenizer's
+    train_on: str = "all_assistant"  # all_assistant | last
+    selector_input: str = "system_last_user"  # system_last_user | last_user | all_user
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path: expected a JSONL, JSON, CSV or Parquet file")
         _check(self.on_bad_rows in ("error", "skip"), "data.on_bad_rows: expected error or skip")
+        for name in ("format", "train_on"):
+            allowed, value = CHAT_CHOICES[name], getattr(self, name)
+            _check(value in allowed, f"data.{name}: expected one of {allowed}, got {value!r}")
+        inputs = ("system_last_user", "last_user", "all_user")
+        _check(self.selector_input in inputs, f"data.selector_input: expected one of {inputs}")
         _check(
             len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and min(self.split) >= 0,
             f"data.split: expected three fractions adding up to 1, got {self.split}",

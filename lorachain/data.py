@@ -143,6 +143,10 @@ def prompt_ids(
 
 def encode_row(cfg: DataConfig, tokenizer: Any, row: dict[str, Any], where: str, classifier: bool) -> Example:
     """One row -> token ids and labels, truncating the prompt from the left to fit max_length."""
+    if cfg.format == "chat":
+        from lorachain.chat import encode_row as encode_chat_row
+
+        return encode_chat_row(cfg, tokenizer, row, where)
     prompt = render(cfg.prompt, row, where)
     label = row_label(cfg, row, where) if cfg.label_words is not None else None
     prompt_ids = tokenizer(prompt)["input_ids"]

@@ -22,7 +22,8 @@ from torch import nn
 from lorachain import __version__
 from lorachain.io import write_json
 
-FORMAT = 1
+TEXT_FORMAT, CHAT_FORMAT = 1, 2  # a chat store (templates['chat']) is format 2
+FORMAT = CHAT_FORMAT  # the newest format this version reads
 SELECTOR, MIXED = "_selector", "_mixed"
 
 
@@ -69,10 +70,10 @@ def safe_name(label: str) -> str:
 class Manifest:
     base_model: dict  # name_or_path, gguf_file, task, fingerprint
     labels: list[str]
-    templates: dict  # prompt (task adapters), task_prompt (selector)
+    templates: dict  # prompt (task adapters), task_prompt (selector); chat stores: chat, selector_input
     adapters: dict[str, dict] = field(default_factory=dict)  # name -> path, kind, task, files, summary
     lorachain_version: str = __version__
-    format: int = FORMAT
+    format: int = TEXT_FORMAT
     complete: bool = True  # False while `route train` is still adding adapters
 
 

@@ -16,9 +16,35 @@ from lorachain.data import DataError, read_rows
 @dataclass
 class InstructionRow:
     line: int
-    instruction: str  # instruction, with the optional input appended
+    instruction: str  # instruction, with the optional input appended (chat: what the selector reads)
     output: str
     task: str
+    messages: list[dict] | None = None  # chat rows: the whole conversation
+
+
+def read_chat_rows(
+    path: str | Path,
+    task: str = "task",
+    messages_field: str | None = None,
+    selector_input: str = "system_last_user",
+    rejected: list[str] | None = None,
+) -> list[InstructionRow]:
+    """Chat rows (OpenAI messages / ShareGPT conversations) with a task label. A bad
+    conversation or a missing label is an error, or skipped and listed in `rejected`."""
+    from lorachain.chat import BadRow, parse_messages, selector_text
+
+    out, problems = [], []
+    for line, row in read_rows(path):
+        try:
+            messages = parse_messages(row, messages_field)
+            if row.get(task) in (None, ""):
+                raise BadRow(f"missing or empty field {task!r}")
+        except BadRow as e:
+            problems.append(f"line {line}: {e}")
+            continue
+        text = selector_text(messages, selector_input)
+        out.append(InstructionRow(line, text, messages[-1]["content"], str(row[task]).strip(), messages))
+    return _checked(Path(path), out, problems, rejected)
 
 
 def read_instruction_rows(
@@ -46,6 +72,10 @@ def read_instruction_rows(
         if input_field and row.get(input_field):
             text = f"{text}\n{row[input_field]}"
         out.append(InstructionRow(line, text, str(row[output]), str(row[task]).strip()))
+    return _checked(p, out, problems, rejected)
+
+
+def _checked(p: Path, out: list, problems: list[str], rejected: list[str] | None) -> list[InstructionRow]:
     if problems and rejected is not None:
         rejected += [f"{p}: {x}" for x in problems]
     elif problems:

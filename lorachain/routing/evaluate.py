@@ -83,9 +83,9 @@ def answers_for(router, rows: list[dict], adapters: list[str], max_new_tokens: i
     for name in dict.fromkeys(adapters):
         idx = [i for i, a in enumerate(adapters) if a == name]
         for chunk in batched(idx, 8):
-            got = router.ask(
-                [rows[i]["instruction"] for i in chunk], adapter=name, max_new_tokens=max_new_tokens
-            )
+            # a chat row is answered from its conversation up to the final assistant turn
+            asks = [rows[i].get("messages", [])[:-1] or rows[i]["instruction"] for i in chunk]
+            got = router.ask(asks, adapter=name, max_new_tokens=max_new_tokens)
             for i, a in zip(chunk, got, strict=True):
                 out[i] = a.answer
     return out

@@ -17,21 +17,60 @@ from lorachain.dist import init_dist
 from lorachain.io import atomic_dir, write_text
 from lorachain.models import load_model, load_tokenizer, resolve_path
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
-from lorachain.store import MIXED, SELECTOR, Manifest, file_hashes, fingerprint, safe_name, write_manifest
+from lorachain.store import (
+    CHAT_FORMAT,
+    MIXED,
+    SELECTOR,
+    TEXT_FORMAT,
+    Manifest,
+    file_hashes,
+    fingerprint,
+    safe_name,
+    write_manifest,
+)
 from lorachain.train import train
 
 
 def write_rows(path: Path, rows: list[InstructionRow]) -> Path:
     lines = [
-        json.dumps({"instruction": r.instruction, "output": r.output, "task": r.task, "line": r.line})
+        json.dumps(
+            {"instruction": r.instruction, "output": r.output, "task": r.task, "line": r.line}
+            | ({"messages": r.messages} if r.messages is not None else {})
+        )
         for r in rows
     ]
     return write_text(path, "".join(line + "\n" for line in lines))
 
 
+def is_chat(cfg: RouteConfig) -> bool:
+    """Whether the store is trained on conversations (`data.format`, or detected from row 1)."""
+    d = cfg.data
+    if d.format != "auto":
+        return d.format == "chat"
+    from lorachain.chat import messages_field
+    from lorachain.data import read_rows
+
+    rows = read_rows(d.path)
+    return bool(rows) and messages_field(rows[0][1], d.messages_field) is not None
+
+
 def load_split(cfg: RouteConfig, rejected: list[str] | None = None) -> dict[str, list[InstructionRow]]:
     d = cfg.data
-    rows = read_instruction_rows(
+    if is_chat(cfg):
+        from lorachain.routing.data import read_chat_rows
+
+        skip = rejected if d.on_bad_rows == "skip" else None
+        rows = read_chat_rows(d.path, d.task_field, d.messages_field, d.selector_input, skip)
+    else:
+        rows = _text_rows(cfg, rejected)
+    if d.tasks:
+        rows = [r for r in rows if r.task in set(d.tasks)]
+    return stratified_split(rows, tuple(d.split), d.seed, d.max_per_task)
+
+
+def _text_rows(cfg: RouteConfig, rejected: list[str] | None) -> list[InstructionRow]:
+    d = cfg.data
+    return read_instruction_rows(
         d.path,
         d.instruction_field,
         d.output_field,
@@ -39,12 +78,21 @@ def load_split(cfg: RouteConfig, rejected: list[str] | None = None) -> dict[str,
         d.input_field,
         rejected if d.on_bad_rows == "skip" else None,
     )
-    if d.tasks:
-        rows = [r for r in rows if r.task in set(d.tasks)]
-    return stratified_split(rows, tuple(d.split), d.seed, d.max_per_task)
 
 
-def adapter_runs(cfg: RouteConfig, root: Path, labels: list[str]) -> dict[str, tuple[str, RunConfig]]:
+def chat_templates(cfg: RouteConfig) -> dict:
+    """What a chat store's manifest records: the chat template (the override's text, or True for
+    the base model's own), what the selector reads, and how the adapters were trained."""
+    from lorachain.chat import chat_template
+
+    d = cfg.data
+    template = chat_template(None, d.chat_template) if d.chat_template else True
+    return {"format": "chat", "chat": template, "selector_input": d.selector_input, "train_on": d.train_on}
+
+
+def adapter_runs(
+    cfg: RouteConfig, root: Path, labels: list[str], chat: bool = False
+) -> dict[str, tuple[str, RunConfig]]:
     """name -> (kind, RunConfig) for every adapter of the store, in training order."""
     d = cfg.data
     splits = root / "splits"
@@ -67,6 +115,14 @@ def adapter_runs(cfg: RouteConfig, root: Path, labels: list[str]) -> dict[str, t
         max_length=d.max_length,
         max_eval_rows=d.max_eval_rows,
     )
+    if chat:  # task and mixed adapters: the whole conversation through the chat template
+        answer = replace(
+            answer,
+            format="chat",
+            messages_field="messages",
+            chat_template=d.chat_template,
+            train_on=d.train_on,
+        )
     select = DataConfig(
         train="-",
         prompt=cfg.task_prompt,
@@ -138,6 +194,7 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
         raise ConfigError(f"output_dir: {root} is an existing file, not a folder")
     dist = init_dist()
     rejected: list[str] = []
+    chat = is_chat(cfg)
     split = load_split(cfg, rejected)
     labels = sorted({r.task for r in split["train"]})
     names = [safe_name(label) for label in labels]
@@ -157,12 +214,14 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
             "fingerprint": fingerprint(model),
         },
         labels=labels,
-        templates={"prompt": cfg.prompt, "task_prompt": cfg.task_prompt, "max_length": cfg.data.max_length},
+        templates={"prompt": cfg.prompt, "task_prompt": cfg.task_prompt, "max_length": cfg.data.max_length}
+        | (chat_templates(cfg) if chat else {}),
+        format=CHAT_FORMAT if chat else TEXT_FORMAT,  # an older lorachain refuses a chat store
         complete=False,  # until the last adapter is in: `ask` and `serve` refuse it meanwhile
     )
     if dist.main:
         write_manifest(root, manifest)
-    for name, (kind, run_cfg) in adapter_runs(cfg, root, labels).items():
+    for name, (kind, run_cfg) in adapter_runs(cfg, root, labels, chat).items():
         result = train(run_cfg, model, tokenizer, progress=progress)
         if result.summary.get("status") == "interrupted":
             return None  # (the model is still wrapped by this adapter; a rerun loads it afresh)

@@ -212,8 +212,7 @@ class Server:
             messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
             text, special = render_chat(self.router.manifest.templates, tok, messages, adapter)
             ids, exact = encode(tok, text, special, limit, keep_end=bool(truncate))
-            users = [m["content"] for m in messages if m["role"] == "user"]
-            return [(ids, text, users[-1] if users else messages[-1]["content"], exact)]
+            return [(ids, text, self.router.selector_text(messages), exact)]
         prompt = req.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]

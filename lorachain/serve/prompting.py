@@ -50,10 +50,13 @@ class Fit:
         }
 
 
-def chat_text(tokenizer, messages: list[dict]) -> str:
-    """The tokenizer's chat template, or plain "role: content" lines when it has none."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def chat_text(tokenizer, messages: list[dict], template: str | None = None) -> str:
+    """The chat template (`template`, else the tokenizer's), or plain "role: content" lines when
+    there is none."""
+    if template or getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
@@ -66,8 +69,10 @@ def instruction_of(messages: list[dict]) -> str:
 def render_chat(templates: dict, tokenizer, messages: list[dict], adapter: str) -> tuple[str, bool]:
     """The chat prompt for `adapter` (BASE, a task adapter, `_mixed` or `auto`) and whether the
     tokenizer should add its special tokens (not after a chat template, which has them)."""
-    if adapter == BASE or templates.get("chat"):
-        return chat_text(tokenizer, messages), False
+    chat = templates.get("chat")  # True: the model's own template; text: the store's override
+    if adapter == BASE or chat:
+        override = chat if isinstance(chat, str) and adapter != BASE else None
+        return chat_text(tokenizer, messages, override), False
     return templates["prompt"].format(instruction=instruction_of(messages)), True
 
 

@@ -8,12 +8,13 @@ sha256-checked against the manifest) and generates the answers greedily, batched
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
+from lorachain.chat import chat_template, generation_ids, selector_text
 from lorachain.config import ConfigError, DataConfig, ModelConfig
 from lorachain.data import prompt_ids
 from lorachain.evaluate import continuation_logprobs
@@ -89,6 +90,17 @@ class Router:
         self.answer_cfg = DataConfig(
             train="-", prompt=t["prompt"], target="{output}", label_field=None, max_length=t["max_length"]
         )
+        self.chat = t.get("chat")  # a chat store: adapters answer the whole conversation
+        if self.chat:
+            override = self.chat if isinstance(self.chat, str) else None
+            self.answer_cfg = replace(
+                self.answer_cfg,
+                format="chat",
+                messages_field="messages",
+                chat_template=override,
+                train_on="last",
+            )
+            self.chat_template = chat_template(tokenizer, override, "templates.chat")
         self.label_ids = [tokenizer(f" {x}", add_special_tokens=False)["input_ids"] for x in self.labels]
         self.adapters = {a["task"]: name for name, a in manifest.adapters.items() if a["kind"] == "task"}
 
@@ -192,21 +204,42 @@ class Router:
         )
         return self.tok.batch_decode(out[:, width:], skip_special_tokens=True)
 
-    def answer_prompt(self, instruction: str, max_new_tokens: int = 0) -> list[int]:
+    def selector_text(self, messages: list[dict]) -> str:
+        """What the selector reads of a conversation: the last user turn, or for a chat store its
+        `selector_input` (by default the system prompt and the last user turn)."""
+        if self.chat:
+            return selector_text(messages, self.manifest.templates.get("selector_input", "system_last_user"))
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        return users[-1] if users else messages[-1]["content"]
+
+    def answer_prompt(self, instruction: str | list[dict], max_new_tokens: int = 0) -> list[int]:
+        """Prompt ids for an adapter: the store's template around the instruction, or for a chat
+        store the conversation (a text is one user turn) through the chat template."""
+        if self.chat:
+            messages = (
+                [{"role": "user", "content": instruction}] if isinstance(instruction, str) else instruction
+            )
+            return generation_ids(
+                self.tok, messages, self.chat_template, self.answer_cfg.max_length, max_new_tokens
+            )
+        if not isinstance(instruction, str):
+            instruction = self.selector_text(instruction)
         return prompt_ids(self.answer_cfg, self.tok, {"instruction": instruction}, max_new_tokens)
 
     def ask(
         self,
-        instructions: str | list[str],
+        instructions: str | list[str] | list[list[dict]],
         mode: str | None = None,
         adapter: str | None = None,
         max_new_tokens: int | None = None,
     ) -> list[Answer]:
-        """Route and answer a batch; `adapter` skips selection and uses that adapter."""
+        """Route and answer a batch of instructions or conversations (lists of messages);
+        `adapter` skips selection and uses that adapter."""
         batch = [instructions] if isinstance(instructions, str) else list(instructions)
+        asked = [x if isinstance(x, str) else self.selector_text(x) for x in batch]
         t0 = time.perf_counter()
         if adapter is None:
-            sels = self.select(batch, mode)
+            sels = self.select(asked, mode)
         else:
             if adapter not in self.manifest.adapters or adapter == SELECTOR:
                 raise ConfigError(f"adapter: unknown {adapter!r}; known: {sorted(self.adapters.values())}")
@@ -224,7 +257,7 @@ class Router:
             for i, text in zip(idx, texts, strict=True):
                 s = sels[i]
                 answers[i] = Answer(
-                    batch[i],
+                    asked[i],
                     s.ranked[0] if s.ranked else None,
                     s.top(self.top_k),
                     name,
