@@ -276,6 +276,25 @@ class RouteDataConfig:
 
 
 @dataclass
+class SelectorConfig:
+    """How a store picks the task: the kind (see `lorachain.routing.selectors`) and its settings."""
+
+    kind: str = "lora"  # lora | full | encoder | embedding
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"  # encoder, embedding: hub id or folder
+    temperature: float = 0.05  # embedding: softmax temperature over cosine similarities
+    max_length: int = 128  # encoder, embedding: tokens read of each instruction
+    lr: float = 5.0e-5  # encoder: full fine-tuning learning rate (epochs from selector_train)
+
+    def __post_init__(self) -> None:
+        from lorachain.routing.selectors import kind_names
+
+        _check(self.kind in kind_names(), f"selector.kind: unknown {self.kind!r}; known: {kind_names()}")
+        _check(self.temperature > 0, f"selector.temperature: expected > 0, got {self.temperature}")
+        _check(self.max_length > 0, f"selector.max_length: expected > 0, got {self.max_length}")
+        _check(self.lr > 0, f"selector.lr: expected > 0, got {self.lr}")
+
+
+@dataclass
 class RouteConfig:
     """`lorachain route train`: task adapters, the task-selection adapter and the mixed baseline."""
 
@@ -289,6 +308,7 @@ class RouteConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # each task adapter
     mixed_train: TrainConfig | None = None  # default: train
     selector_train: TrainConfig | None = None  # default: train
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
     output_dir: str = "stores/default"
 
     def __post_init__(self) -> None:

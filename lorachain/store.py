@@ -75,6 +75,8 @@ class Manifest:
     lorachain_version: str = __version__
     format: int = TEXT_FORMAT
     complete: bool = True  # False while `route train` is still adding adapters
+    # kind (lora: the `_selector` adapter; older stores have no field), path, files (sha256), settings
+    selector: dict = field(default_factory=lambda: {"kind": "lora"})
 
 
 def file_hashes(folder: Path, root: Path) -> dict[str, str]:
@@ -106,7 +108,7 @@ def read_manifest(root: str | Path) -> Manifest:
         manifest = Manifest(**data)
     except TypeError as e:
         raise StoreError(f"{path}: unexpected manifest fields ({e})") from None
-    expected = {"base_model": dict, "labels": list, "templates": dict, "adapters": dict}
+    expected = {"base_model": dict, "labels": list, "templates": dict, "adapters": dict, "selector": dict}
     for name, kind in expected.items():
         if not isinstance(getattr(manifest, name), kind):
             raise StoreError(f"{path}: field {name!r} should be a {kind.__name__}")
@@ -139,6 +141,26 @@ def verify_adapter(root: str | Path, manifest: Manifest, name: str) -> Path:
         if sha256_file(path) != digest:
             raise StoreError(f"{path}: sha256 does not match the manifest (file changed or truncated)")
     return root / entry["path"]
+
+
+def verify_selector(root: str | Path, manifest: Manifest) -> Path:
+    """The folder of a non-LoRA selector (`manifest.selector`), after checking its files' sha256."""
+    entry = manifest.selector
+    if not isinstance(entry.get("files"), dict) or "path" not in entry:
+        raise StoreError(
+            f"{Path(root) / 'manifest.json'}: selector {entry.get('kind')!r} needs 'path' and 'files'"
+        )
+    _check_files(Path(root), entry["files"], f"selector {entry.get('kind')!r}")
+    return Path(root) / entry["path"]
+
+
+def _check_files(root: Path, files: dict[str, str], owner: str) -> None:
+    for rel, digest in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise StoreError(f"{path}: missing (listed in the manifest of {owner})")
+        if sha256_file(path) != digest:
+            raise StoreError(f"{path}: sha256 does not match the manifest (file changed or truncated)")
 
 
 def check_base(root: str | Path, manifest: Manifest, model: nn.Module) -> None:

@@ -17,6 +17,7 @@ from lorachain.dist import init_dist
 from lorachain.io import atomic_dir, write_text
 from lorachain.models import load_model, load_tokenizer, resolve_path
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
+from lorachain.routing.selectors import get_kind
 from lorachain.store import (
     CHAT_FORMAT,
     MIXED,
@@ -218,10 +219,15 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
         | (chat_templates(cfg) if chat else {}),
         format=CHAT_FORMAT if chat else TEXT_FORMAT,  # an older lorachain refuses a chat store
         complete=False,  # until the last adapter is in: `ask` and `serve` refuse it meanwhile
+        selector={"kind": cfg.selector.kind},
     )
     if dist.main:
         write_manifest(root, manifest)
-    for name, (kind, run_cfg) in adapter_runs(cfg, root, labels, chat).items():
+    runs = adapter_runs(cfg, root, labels, chat)
+    selector = get_kind(cfg.selector.kind)
+    if selector.fit is not None:  # this kind is not a LoRA on the base: fitted after the adapters
+        runs.pop(SELECTOR)
+    for name, (kind, run_cfg) in runs.items():
         result = train(run_cfg, model, tokenizer, progress=progress)
         if result.summary.get("status") == "interrupted":
             return None  # (the model is still wrapped by this adapter; a rerun loads it afresh)
@@ -248,6 +254,12 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
             },
         }
         write_manifest(root, manifest)
+    if selector.fit is not None and dist.main:  # (rank 0 only: the selector is small)
+        manifest.selector = selector.fit(cfg, root, labels, model, tokenizer, progress)
+        with torch.no_grad():
+            model.load_state_dict(pristine)
+        if not manifest.selector:
+            return None  # interrupted; a rerun resumes
     manifest.complete = True
     if dist.main:
         write_manifest(root, manifest)

@@ -20,6 +20,7 @@ from lorachain.data import prompt_ids
 from lorachain.evaluate import continuation_logprobs
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels, rank_scores
+from lorachain.routing.selectors import get_kind
 from lorachain.serve.slots import AdapterSlots
 from lorachain.store import (
     MIXED,
@@ -31,6 +32,7 @@ from lorachain.store import (
     read_manifest,
     short_reason,
     verify_adapter,
+    verify_selector,
 )
 
 MODES = ("score", "generate")
@@ -103,6 +105,7 @@ class Router:
             self.chat_template = chat_template(tokenizer, override, "templates.chat")
         self.label_ids = [tokenizer(f" {x}", add_special_tokens=False)["input_ids"] for x in self.labels]
         self.adapters = {a["task"]: name for name, a in manifest.adapters.items() if a["kind"] == "task"}
+        self.selector_fn = None  # set by from_store for selector kinds other than `lora`
 
     @classmethod
     def from_store(cls, path: str | Path, model=None, tokenizer=None, **kwargs) -> Router:
@@ -116,12 +119,18 @@ class Router:
         tokenizer = tokenizer or load_tokenizer(resolve_path(mcfg))
         model = model if model is not None else load_model(mcfg).to(best_device())
         check_base(path, manifest, model)
-        selector = verify_adapter(path, manifest, SELECTOR)
+        kind = get_kind(manifest.selector.get("kind"), f"{Path(path) / 'manifest.json'}: selector.kind")
+        first = SELECTOR if kind.load is None else MIXED  # other kinds: PEFT wraps with the mixed one
+        folder = verify_adapter(path, manifest, first)
         try:
-            peft = PeftModel.from_pretrained(model, str(selector), adapter_name=SELECTOR).eval()
+            peft = PeftModel.from_pretrained(model, str(folder), adapter_name=first).eval()
         except (RuntimeError, ValueError, KeyError) as e:  # shapes or names that do not fit the base
-            raise StoreError(f"{selector}: does not fit the base model ({short_reason(e)})") from None
-        return cls(path, manifest, peft, tokenizer, **kwargs)
+            raise StoreError(f"{folder}: does not fit the base model ({short_reason(e)})") from None
+        router = cls(path, manifest, peft, tokenizer, **kwargs)
+        if kind.load is not None:
+            router.slots.adopt(MIXED, folder)
+            router.selector_fn = kind.load(router, verify_selector(path, manifest), manifest.selector)
+        return router
 
     # -- adapters ----------------------------------------------------------------------------
     @property
@@ -156,8 +165,11 @@ class Router:
     def select(self, instructions: list[str], mode: str | None = None) -> list[Selection]:
         """Rank the task labels for each instruction and choose an adapter."""
         mode = mode or self.mode
-        self.activate(SELECTOR)
-        if mode == "score":
+        if self.selector_fn is None:
+            self.activate(SELECTOR)
+        if self.selector_fn is not None:  # an encoder, embedding or full selector ranks every label
+            sels = self.selector_fn(instructions)
+        elif mode == "score":
             sels = []
             for x in instructions:
                 prompt = prompt_ids(

@@ -47,6 +47,13 @@ class AdapterSlots:
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         self.fast = bool(self.layers) and all(hasattr(m, "_active_adapter") for m in self.layers)
 
+    def adopt(self, name: str, folder: Path) -> None:
+        """Count the adapter the model was wrapped with (PEFT name `name`) as a loaded slot."""
+        tag = f".{name}."
+        self.params[name] = {n.replace(tag, "."): p for n, p in self.model.named_parameters() if tag in n}
+        self.shape[name] = signature(folder)
+        self.lru[name] = name
+
     def get(self, name: str, folder: Path) -> tuple[str, bool]:
         """The slot holding adapter `name` (from `folder`), loading it if needed; (slot, cold)."""
         if name in self.lru:

