@@ -38,7 +38,10 @@ def lorachain_tokens(model, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def llama_tokens(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+def llama_tokens(
+    base: Path, adapter: Path | None, prompts: list[list[int]], eos: set[int]
+) -> list[list[int]]:
+    """Greedy tokens from llama.cpp, stopped by the same end-of-sequence ids as lorachain's generate."""
     from llama_cpp import Llama
 
     kwargs = {"lora_path": str(adapter)} if adapter else {}
@@ -47,12 +50,30 @@ def llama_tokens(base: Path, adapter: Path | None, prompts: list[list[int]]) -> 
     for ids in prompts:
         toks = []
         for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-            if t == llm.token_eos() or len(toks) == NEW:
+            if len(toks) == NEW:
                 break
             toks.append(t)
+            if t in eos:
+                break
         out.append(toks)
     del llm
     return out
+
+
+def logit_gap(model, base: Path, adapter: Path | None, ids: list[int]) -> float:
+    """Largest |logit difference| between lorachain and llama.cpp over every position of `ids`."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].float().numpy()  # (T, V)
+    kwargs = {"lora_path": str(adapter)} if adapter else {}
+    llm = Llama(str(base), n_ctx=512, n_threads=2, verbose=False, logits_all=True, **kwargs)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    del llm
+    return float(np.abs(ours - theirs[:, : ours.shape[1]]).max())
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -95,6 +116,8 @@ def main() -> None:
     cfg = ModelConfig(manifest.base_model["name_or_path"], gguf_file=manifest.base_model.get("gguf_file"))
     tok = load_tokenizer(resolve_path(cfg))
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    stop = load_model(cfg).generation_config.eos_token_id
+    eos = {tok.eos_token_id, *(stop if isinstance(stop, list) else [stop])} - {None}
     rows = []
     for name, entry in [("base", None), *((n, a) for n, a in manifest.adapters.items() if n != SELECTOR)]:
         model = load_model(cfg)
@@ -103,10 +126,13 @@ def main() -> None:
         ours = lorachain_tokens(model, prompts)
         gguf_name = None if entry is None else ("mixed" if name == "_mixed" else name) + ".gguf"
         for base_kind, folder in (("f32", tmp / "gguf"), ("q4_1", tmp / "gguf_q")):
-            theirs = llama_tokens(folder / "base.gguf", folder / gguf_name if gguf_name else None, prompts)
-            rows.append({"adapter": name, "base": base_kind, **agreement(ours, theirs)})
+            adapter = folder / gguf_name if gguf_name else None
+            theirs = llama_tokens(folder / "base.gguf", adapter, prompts, eos)
+            gap = logit_gap(model, folder / "base.gguf", adapter, prompts[0])
+            rows.append({"adapter": name, "base": base_kind, "max_logit_gap": gap, **agreement(ours, theirs)})
             r = rows[-1]
-            print(f"{name:14s} {base_kind:5s} {r['equal']}/{r['of']} equal, common prefixes {r['prefix']}")
+            print(f"{name:14s} {base_kind:5s} {r['equal']}/{r['of']} equal, common prefixes {r['prefix']}, "
+                  f"max |logit gap| on prompt 1 {gap:.2e}")  # fmt: skip
 
     def rate(kind: str) -> float:
         mine = [r for r in rows if r["base"] == kind]
