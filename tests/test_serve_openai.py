@@ -255,7 +255,7 @@ def test_standard_fields_are_accepted(live):
         "stream_options": {"include_usage": True},
         "user": "me",
         "n": 1,
-        "stop": ["zzz"],
+        "stop": ["zzz", "q1", "q2", "q3", "q4", "q5"],  # more than OpenAI's 4, as lm-eval sends
         "tool_choice": "none",
         "metadata": {"a": "b"},
     }

@@ -50,7 +50,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default=None, max_length=4)
+    stop: str | list[str] | None = Field(default=None, max_length=16)  # OpenAI: 4; lm-eval sends more
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=8)
