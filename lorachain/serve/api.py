@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import multiprocessing
 from pathlib import Path
 
@@ -27,32 +26,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorachain.serve import respond
-from lorachain.serve.engine import AUTO, BASE, Engine, GenRequest, QueueFull
-from lorachain.serve.prompting import PromptError, context_length, encode, fit_context, render_chat
+from lorachain.serve.engine import AUTO, BASE, Engine, QueueFull
+from lorachain.serve.prepare import prepare
+from lorachain.serve.prompting import context_length
 from lorachain.serve.respond import Job
-from lorachain.serve.sampling import Sampling
-from lorachain.serve.schemas import ChatRequest, CompletionRequest, RequestError, describe, parse
+from lorachain.serve.schemas import ApiError, ChatRequest, CompletionRequest, describe, error_body
 from lorachain.store import MIXED
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 BIG = 1 << 20  # bodies over this give their memory back to the system when done
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def release_memory() -> None:
@@ -139,111 +121,9 @@ class Server:
             )
         return self.names[model]
 
-    # -- preparing a request (worker thread) -------------------------------------------------
     def prepare(self, kind: str, raw: bytes) -> Job | ApiError:
-        """Parse, render, tokenise and fit a request body; an error is returned, not raised, so
-        that no traceback keeps a big body alive."""
-        try:
-            return self._prepare(kind, raw)
-        except ApiError as e:
-            err = e
-        except (RequestError, PromptError) as e:
-            err = ApiError(400, e.message, param=e.param, code=getattr(e, "code", None))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            err = ApiError(400, f"the request body is not valid JSON: {e}")
-        return ApiError(err.status, err.message, err.type, err.param, err.code)
-
-    def _prepare(self, kind: str, raw: bytes) -> Job:
-        req = parse(kind, json.loads(raw))
-        adapter = self.resolve(req.model)
-        requested = getattr(req, "max_completion_tokens", None)
-        requested = requested if requested is not None else req.max_tokens
-        if requested is not None and requested > self.max_tokens_limit:
-            raise ApiError(
-                400,
-                f"max_tokens {requested} is over this server's limit of {self.max_tokens_limit}",
-                param="max_tokens",
-            )
-        truncate = self.truncate if req.truncate_prompt_tokens is None else req.truncate_prompt_tokens
-        truncate = True if truncate == -1 else truncate
-        prompts = self._prompts(kind, req, adapter, truncate)
-        job = Job(kind, req.model, [], 0, stream=bool(req.stream))
-        job.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        if kind == "chat":
-            job.logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        else:
-            job.echo, job.logprobs = bool(req.echo), req.logprobs
-        gens = []
-        for p, (ids, text, instruction, exact) in enumerate(prompts):
-            fit = fit_context(
-                ids, self.context, requested, self.default_max_tokens, truncate,
-                param="messages" if kind == "chat" else "prompt", exact=exact,
-            )  # fmt: skip
-            if len(fit.ids) > self.max_prompt_tokens:
-                if not truncate:
-                    raise ApiError(
-                        400,
-                        f"prompt has {len(fit.ids)} tokens, over this server's limit of "
-                        f"{self.max_prompt_tokens}",
-                        param="messages" if kind == "chat" else "prompt",
-                        code="context_length_exceeded",
-                    )
-                fit.truncated += len(fit.ids) - self.max_prompt_tokens
-                fit.ids = fit.ids[-self.max_prompt_tokens :]
-            job.prompt_tokens += len(fit.ids)
-            job.context.append(fit.info())
-            echo_text = self.router.tok.decode(fit.ids) if fit.truncated or text is None else text
-            for j in range(req.n or 1):
-                job.choices.append((p, fit.ids, echo_text))
-                gens.append(
-                    GenRequest(
-                        fit.ids, adapter, fit.max_tokens, None, instruction, req.stops(),
-                        ignore_eos=req.ignore_eos, sampling=self._sampling(req, kind, j, job),
-                    )
-                )  # fmt: skip
-        job.gen = gens
-        return job
-
-    def _prompts(self, kind: str, req, adapter: str, truncate) -> list[tuple]:
-        """Each prompt as (ids, text or None, instruction for the selector, exact)."""
-        tok = self.router.tok
-        limit = min(self.context, self.max_prompt_tokens)
-        if kind == "chat":
-            messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
-            text, special = render_chat(self.router.manifest.templates, tok, messages, adapter)
-            ids, exact = encode(tok, text, special, limit, keep_end=bool(truncate))
-            return [(ids, text, self.router.selector_text(messages), exact)]
-        prompt = req.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
-        if not prompt:
-            raise ApiError(400, "prompt: the list of prompts is empty", param="prompt", code="empty_prompt")
-        out = []
-        vocab = len(tok)
-        for p in prompt:
-            if isinstance(p, str):
-                ids, exact = encode(tok, p, True, limit, keep_end=bool(truncate))
-                out.append((ids, p, p, exact))
-                continue
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise ApiError(
-                    400, f"prompt: token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "prompt"
-                )
-            out.append((list(p), None, tok.decode(p[-4 * limit :]), True))
-        return out
-
-    def _sampling(self, req, kind: str, j: int, job: Job) -> Sampling:
-        return Sampling(
-            temperature=req.temperature or 0.0,
-            top_p=req.top_p or 1.0,
-            seed=None if req.seed is None else req.seed + j,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
-            logprobs=job.logprobs,
-            echo=job.echo and job.logprobs is not None,
-        )
+        """A request body as a Job, or the ApiError to answer (serve/prepare.py)."""
+        return prepare(self, kind, raw)
 
     # -- queueing (event loop) ---------------------------------------------------------------
     def submit(self, job: Job) -> asyncio.Queue:
@@ -292,10 +172,6 @@ class Server:
             if k != "tokens"
         ]
         return "\n".join(lines) + "\n"
-
-
-def _role(role: str) -> str:
-    return "system" if role == "developer" else role
 
 
 async def read_body(request: Request, limit: int) -> bytes:
