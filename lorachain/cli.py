@@ -110,9 +110,28 @@ def _router(args: argparse.Namespace):
     return Router.from_store(args.store, mode=args.mode, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
 
 
+def _route_holdout(args: argparse.Namespace) -> int:
+    from lorachain.config import RouteConfig, load_config
+    from lorachain.routing.holdout import holdout_eval
+
+    store = Path(args.store)
+    path = store / "route_config.json" if store.is_dir() else store
+    cfg = load_config(str(path), args.set, cls=RouteConfig)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    out = args.out or str((store if store.is_dir() else Path("results")) / f"holdout_{args.holdout_by}")
+    command = "lorachain " + " ".join(sys.argv[1:])
+    result = holdout_eval(cfg, args.holdout_by, out, kinds, args.label, args.per_group, args.folds, command)
+    from lorachain.routing.holdout import holdout_markdown
+
+    print(holdout_markdown(result))
+    return 0
+
+
 def _route_eval(args: argparse.Namespace) -> int:
     from lorachain.routing.evaluate import route_eval
 
+    if args.holdout_by:
+        return _route_holdout(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     result = route_eval(
         _router(args),
@@ -127,6 +146,14 @@ def _route_eval(args: argparse.Namespace) -> int:
     from lorachain.routing.evaluate import report_markdown
 
     print(report_markdown(result))
+    return 0
+
+
+def _route_add(args: argparse.Namespace) -> int:
+    from lorachain.routing.add import add_task
+
+    m = add_task(args.store, args.task, args.adapter_dir, args.data, args.instruction_field, args.input_field)
+    print(f"store: {args.store} ({len(m.labels)} tasks; added {args.task!r}, selector not retrained)")
     return 0
 
 
@@ -248,7 +275,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="OpenAI-compatible base URL for 1-6 helpfulness ratings (optional)",
     )
     re_.add_argument("--judge-model", default=os.environ.get("LORACHAIN_JUDGE_MODEL", "gpt-3.5-turbo"))
+    re_.add_argument(
+        "--holdout-by",
+        default=None,
+        help="leave-one-group-out selector accuracy by this field (e.g. dataset, template); STORE may "
+        "then be a route YAML config instead of a store",
+    )
+    re_.add_argument("--label", default="task", help="holdout: the field the selector predicts")
+    re_.add_argument("--kinds", default="embedding", help="holdout: selector kinds, comma-separated")
+    re_.add_argument("--per-group", type=int, default=60, help="holdout: rows per group (seeded)")
+    re_.add_argument(
+        "--folds",
+        choices=["one", "rounds"],
+        default="one",
+        help="holdout: one group per fold, or one group of every label per fold",
+    )
+    re_.add_argument("--set", nargs="*", default=[], help="holdout: dotted config overrides")
     re_.set_defaults(func=_route_eval)
+    ra = rsub.add_parser(
+        "add", help="add a task adapter to a store with an embedding selector (no retraining)"
+    )
+    ra.add_argument("store")
+    ra.add_argument("task", help="the new task label")
+    ra.add_argument(
+        "adapter_dir", help="a PEFT adapter folder (or a lorachain run folder) on the store's base"
+    )
+    ra.add_argument("data", help="instructions of the task (JSONL, JSON, CSV): their centroid routes to it")
+    ra.add_argument("--instruction-field", default="instruction")
+    ra.add_argument("--input-field", default=None, help="optional context appended to the instruction")
+    ra.set_defaults(func=_route_add)
     rh = rsub.add_parser("human-rates", help="pass/excellent/fail rates from a filled human_eval.csv")
     rh.add_argument("sheet")
     rh.set_defaults(func=_human_rates)

@@ -11,6 +11,7 @@ import torch
 from conftest import SMALL, make_tokenizer, route_rows, tiny_model, write_jsonl
 from transformers import BertConfig, BertModel
 
+from lorachain.cli import main
 from lorachain.config import ConfigError, RouteConfig, from_dict
 from lorachain.routing.selectors import KINDS, Kind, get_kind, kind_names, register
 from lorachain.routing.train import route_train
@@ -142,3 +143,37 @@ def test_a_store_without_selector_field_is_a_lora_store(stores, tmp_path):
     assert read_manifest(copy).selector == {"kind": "lora"}
     with pytest.raises(StoreError, match="no adapter named '_selector'"):
         router(copy)  # a lora store needs its selector adapter
+
+
+def test_route_add_routes_a_new_task_without_retraining(stores, tmp_path):
+    store = shutil.copytree(stores["embedding"], tmp_path / "store")
+    before = (store / "selector" / "centroids.safetensors").stat().st_size
+    rows = [{"instruction": f"one {w} two"} for w in ("one", "two", "three", "one two")]
+    data = write_jsonl(tmp_path / "delta.jsonl", rows)
+    assert main(["route", "add", str(store), "delta", str(store / "adapters" / "gamma"), str(data)]) == 0
+    m = read_manifest(store)
+    assert m.labels == ["alpha", "beta", "delta", "gamma"] and m.adapters["delta"]["task"] == "delta"
+    assert (
+        m.selector["labels"][-1] == "delta"
+        and (store / "selector" / "centroids.safetensors").stat().st_size > before
+    )
+    r = router(store)
+    sels = r.select(["one two one", "red sky red", "two three two"])
+    assert [s.adapter for s in sels] == ["delta", "alpha", "delta"]
+    assert (
+        r.ask(["one two one"])[0].answer == r.ask(["one two one"], adapter="gamma")[0].answer
+    )  # same weights
+
+
+def test_route_add_refuses_bad_input_in_one_line(stores, tmp_path, capsys):
+    store = shutil.copytree(stores["encoder"], tmp_path / "store")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "one two"}])
+    gamma = str(store / "adapters" / "gamma")
+    assert main(["route", "add", str(store), "delta", gamma, str(data)]) == 2
+    assert "route add needs an `embedding` selector; this store's is 'encoder'" in capsys.readouterr().err
+    emb = shutil.copytree(stores["embedding"], tmp_path / "emb")
+    assert main(["route", "add", str(emb), "beta", gamma, str(data)]) == 2
+    assert "task 'beta': already in" in capsys.readouterr().err
+    assert main(["route", "add", str(emb), "delta", str(tmp_path), str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a PEFT adapter folder" in err

@@ -142,15 +142,17 @@ register(Kind("lora", None, None, "task-selection LoRA on the base (the paper), 
 
 
 # -- embedding -----------------------------------------------------------------------------------
-def task_sums(model, tok, rows: list[dict], labels: list[str], max_length: int):
+def task_sums(vecs: torch.Tensor, tasks: list[str], labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task sum of unit embeddings (L, D) and row counts (L,), so tasks can be added later."""
-    vecs = embed(model, tok, [r["instruction"] for r in rows], max_length)  # (N, D)
-    sums = torch.zeros(len(labels), vecs.shape[1])
-    counts = torch.zeros(len(labels))
-    for v, r in zip(vecs, rows, strict=True):
-        sums[labels.index(r["task"])] += v
-        counts[labels.index(r["task"])] += 1
-    return sums, counts
+    index = torch.tensor([labels.index(t) for t in tasks])  # (N,)
+    sums = torch.zeros(len(labels), vecs.shape[1]).index_add_(0, index, vecs)
+    return sums, torch.bincount(index, minlength=len(labels)).float()
+
+
+def centroid_probs(vecs: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, temp: float) -> torch.Tensor:
+    """Softmax over the cosine similarity of each embedding (N, D) to each task centroid: (N, L)."""
+    centroids = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)  # (L, D)
+    return torch.softmax(vecs @ centroids.T / temp, dim=-1)
 
 
 def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
@@ -159,7 +161,9 @@ def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None
     sel = cfg.selector
     t0 = time.perf_counter()
     enc, tok = load_encoder(sel.encoder)
-    sums, counts = task_sums(enc, tok, read_split(root, "train"), labels, sel.max_length)
+    rows = read_split(root, "train")
+    vecs = embed(enc, tok, [r["instruction"] for r in rows], sel.max_length)  # (N, D)
+    sums, counts = task_sums(vecs, [r["task"] for r in rows], labels)
     (root / SELECTOR_DIR).mkdir(parents=True, exist_ok=True)
     save_file({"sums": sums, "counts": counts}, str(root / SELECTOR_DIR / "centroids.safetensors"))
     settings = {"encoder": sel.encoder, "encoder_fingerprint": fingerprint(enc), "labels": labels}
@@ -175,12 +179,11 @@ def load_embedding(router, folder: Path, entry: dict) -> Callable:
         raise StoreError(f"{folder}: encoder {entry['encoder']!r} has other weights than the one used to fit")
     check_labels(router.root, entry["labels"], router.labels)
     t = load_file(str(folder / "centroids.safetensors"))
-    centroids = F.normalize(t["sums"] / t["counts"].clamp(min=1)[:, None], dim=-1)  # (L, D)
     labels, temp, max_length = entry["labels"], entry["temperature"], entry["max_length"]
 
     def select(texts: list[str]) -> list[Selection]:
-        sims = embed(enc, tok, texts, max_length) @ centroids.T  # (N, L) cosine similarities
-        return ranked(labels, torch.softmax(sims / temp, dim=-1))
+        vecs = embed(enc, tok, texts, max_length)  # (N, D)
+        return ranked(labels, centroid_probs(vecs, t["sums"], t["counts"], temp))
 
     select.memory_params = sum(p.numel() for p in enc.parameters())
     return select
