@@ -124,3 +124,16 @@ def test_dequantised_copy_keeps_metadata_and_values(tmp_path):
     expected = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
     np.testing.assert_array_equal(np.asarray(t.data).reshape(8, 64), expected)
     assert np.abs(expected - w).max() < 0.05  # and that is close to the original weights
+
+
+def test_an_unfinished_store_is_not_exported(store, tmp_path):
+    import json
+
+    from lorachain.export.gguf import export_gguf
+    from lorachain.store import StoreError
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps(manifest | {"complete": False}))
+    for export in (export_vllm, export_gguf):
+        with pytest.raises(StoreError, match="incomplete"):
+            export(store, tmp_path / export.__name__)

@@ -127,9 +127,10 @@ def adapter_to_gguf(adapter_dir: Path, out: Path, model_config) -> Path:
 def _source(path: Path) -> tuple[ModelConfig, dict[str, Path]]:
     """(base model config, adapter folders by name) of a routing store or a finished run."""
     if (path / "manifest.json").is_file():
-        from lorachain.store import SELECTOR, read_manifest, verify_adapter
+        from lorachain.store import SELECTOR, check_complete, read_manifest, verify_adapter
 
         manifest = read_manifest(path)
+        check_complete(path, manifest)  # an interrupted `route train` is not exported
         b = manifest.base_model
         cfg = ModelConfig(b["name_or_path"], gguf_file=b.get("gguf_file"), dtype=b.get("dtype", "float32"))
         adapters = {n: verify_adapter(path, manifest, n) for n in manifest.adapters if n != SELECTOR}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lorachain.io import atomic_dir, write_text
 from lorachain.serve.proxy import upstream_name
-from lorachain.store import SELECTOR, read_manifest, verify_adapter
+from lorachain.store import SELECTOR, check_complete, read_manifest, verify_adapter
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -52,6 +52,7 @@ def export_vllm(store: str | Path, out: str | Path, port: int = 8001, python: st
     """Copy every task adapter and the mixed one (hash-checked) to OUT/<name>, write
     OUT/vllm_command.sh, and return the launch command of a vLLM server for `serve --upstream`."""
     manifest = read_manifest(store)
+    check_complete(store, manifest)  # an interrupted `route train` is not exported
     names = [n for n in manifest.adapters if n != SELECTOR]
     ranks = []
 
