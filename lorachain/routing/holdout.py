@@ -38,16 +38,18 @@ class Row:
 
 
 def read_grouped(cfg: RouteConfig, by: str, label: str, per_group: int, seed: int = 0) -> list[Row]:
-    """Up to `per_group` rows (seeded) of every group; rows missing a field are skipped."""
-    d = cfg.data
+    """Up to `per_group` rows (seeded) of every group; rows missing a field are skipped. `by` may
+    join fields with `+` (`dataset+template`: a template of one data set)."""
+    d, fields = cfg.data, by.split("+")
     groups: dict[str, list[Row]] = defaultdict(list)
     for _, r in read_rows(d.path):
-        if any(r.get(f) in (None, "") for f in (d.instruction_field, label, by)):  # outputs unused
+        if any(r.get(f) in (None, "") for f in (d.instruction_field, label, *fields)):  # outputs unused
             continue
         text = str(r[d.instruction_field])
         if d.input_field and r.get(d.input_field):
             text = f"{text}\n{r[d.input_field]}"
-        groups[str(r[by])].append(Row(text, str(r[label]), str(r[by])))
+        group = "/".join(str(r[f]) for f in fields)
+        groups[group].append(Row(text, str(r[label]), group))
     if not groups:
         raise DataError(f"{d.path}: no rows with fields {label!r} and {by!r}")
     rng, out = random.Random(seed), []
