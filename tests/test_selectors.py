@@ -177,3 +177,34 @@ def test_route_add_refuses_bad_input_in_one_line(stores, tmp_path, capsys):
     assert main(["route", "add", str(emb), "delta", str(tmp_path), str(data)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a PEFT adapter folder" in err
+
+
+def test_holdout_folds_leave_out_groups_of_labels_that_have_others():
+    from lorachain.routing.holdout import Row, make_folds
+
+    rows = [Row("x", lab, g) for lab, g in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("b", "b2")]]
+    rows.append(Row("x", "c", "c1"))
+    assert make_folds(rows, "one") == ([["a1"], ["a2"], ["a3"], ["b1"], ["b2"]], ["c"])
+    assert make_folds(rows, "rounds") == ([["a1", "b1"], ["a2", "b2"], ["a3"]], ["c"])
+
+
+def test_route_eval_holdout_by_dataset_writes_per_kind_results(encoder, tmp_path, capsys):
+    rows = []
+    for r in route_rows(12):  # each task in two data sets that share its words
+        rows.append({**r, "dataset": f"{r['task']}_{len(rows) % 2}"})
+    rows.append({"instruction": "one two", "output": "x", "task": "delta", "dataset": "d0"})
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = route_cfg(tmp_path, data, "embedding", encoder).to_json()
+    (tmp_path / "route.json").write_text(cfg)
+    out = tmp_path / "ho"
+    argv = ["route", "eval", str(tmp_path / "route.json"), "--holdout-by", "dataset", "--out", str(out)]
+    assert main([*argv, "--per-group", "5"]) == 0
+    result = json.loads((out / "holdout.json").read_text())
+    assert result["single_group_labels"] == ["delta"] and result["groups"] == 7
+    held = result["kinds"]["embedding"]["held_out"]
+    assert held["rows"] == 30 and held["per_group"]["alpha_0"]["n"] == 5
+    assert held["top1"] == 1.0  # a data set of the same words is routed right without having been seen
+    assert (
+        "| embedding | 1.000 |" in (out / "holdout.md").read_text()
+        and "holdout.md" not in capsys.readouterr().err
+    )
