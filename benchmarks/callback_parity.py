@@ -119,7 +119,10 @@ def trainer_run(cfg: RunConfig, make_model, tok, inits: dict[int, dict], out: Pa
             }
             for i in order
         ]
-        args = SFTConfig(**common, assistant_only_loss=True, max_length=None, dataset_num_proc=None)
+        # TRL masks the labels by the assistant_masks column; no bf16 autocast, no checkpointing
+        args = SFTConfig(
+            **common, max_length=None, bf16=False, gradient_checkpointing=False, dataset_num_proc=None
+        )
         trainer = SFTTrainer(
             peft, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[callback]
         )

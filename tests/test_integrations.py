@@ -30,9 +30,10 @@ def chain_cfg(**over) -> ChainConfig:
 
 
 @pytest.mark.parametrize(
-    ("chain", "train", "optim"),
+    ("chain", "train", "optim", "kind"),
     [
-        ({"links": LINKS}, {}, {}),  # fixed knots, rank step-down 4 -> 2
+        ({"links": LINKS}, {}, {}, "trainer"),  # fixed knots, rank step-down 4 -> 2
+        ({"links": LINKS}, {"grad_accum": 2, "batch_size": 4}, {}, "sft"),  # the same in trl.SFTTrainer
         (  # auto knots on the loss plateau, gradient accumulation, equal ranks
             {
                 "links": [LINKS[0], LINKS[0], LINKS[0]],
@@ -40,12 +41,13 @@ def chain_cfg(**over) -> ChainConfig:
             },
             {"batch_size": 4, "grad_accum": 2},
             {},
+            "trainer",
         ),
-        ({"links": LINKS}, {}, {"restart_per_link": True, "schedule": "cosine"}),  # schedule restarts
+        ({"links": LINKS}, {}, {"restart_per_link": True, "schedule": "cosine"}, "trainer"),  # restarts
     ],
-    ids=["fixed-stepdown", "auto-accum", "restart-cosine"],
+    ids=["fixed-stepdown", "sft-accum", "auto-accum", "restart-cosine"],
 )
-def test_trainer_equals_lorachain_train(tmp_path, toy_data, chain, train, optim):
+def test_trainer_equals_lorachain_train(tmp_path, toy_data, chain, train, optim, kind):
     """Same data, seed and schedule: the same knots and equal weights as `lorachain train`."""
     from lorachain.config import RunConfig
 
@@ -55,7 +57,9 @@ def test_trainer_equals_lorachain_train(tmp_path, toy_data, chain, train, optim)
     base["optim"] |= optim
     cfg = from_dict(RunConfig, base)
     tok = make_tokenizer()
-    result = parity(cfg, lambda: tiny_model("llama"), tok, tmp_path / "parity")
+    if kind == "sft":
+        pytest.importorskip("trl", reason="trl is not installed")
+    result = parity(cfg, lambda: tiny_model("llama"), tok, tmp_path / "parity", kind)
     assert result["callback_knots"] == result["lorachain_knots"]
     assert len(result["lorachain_knots"]) >= 2
     assert result["max_abs_diff"]["A"] < 1e-5 and result["max_abs_diff"]["B"] < 1e-5, result
