@@ -92,14 +92,16 @@ def selector_files(root: Path, kind: str, labels: list[str]) -> dict:
         ]
         write_text(root / "splits" / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         return fit_embedding(SimpleNamespace(selector=cfg), root, labels)
-    model, tok = load_encoder(cfg.encoder, head=True)  # a new head, one class per task
     from transformers import AutoModelForSequenceClassification
 
-    path = root / "selector"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
-    model.save_pretrained(path)
+    from lorachain.config import ModelConfig
+    from lorachain.models import resolve_path
+
+    _, tok = load_encoder(cfg.encoder)
+    source = resolve_path(ModelConfig(name_or_path=cfg.encoder))
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(labels))  # new head
+    model.save_pretrained(root / "selector")
+    tok.save_pretrained(root / "selector")
     return entry_for(root, "encoder", encoder=cfg.encoder, labels=labels, max_length=cfg.max_length)
 
 
