@@ -177,6 +177,8 @@ def ask_latency(store: Path, repeats: int) -> dict:
 def memory_with(store: Path, k: int) -> dict:
     import gc
 
+    from peft import PeftModel  # imported before the baseline: its code is not adapter memory
+
     from lorachain.config import ModelConfig
     from lorachain.models import load_model
     from lorachain.store import read_manifest
@@ -186,8 +188,6 @@ def memory_with(store: Path, k: int) -> dict:
     gc.collect()
     base = rss_mb()
     if k:
-        from peft import PeftModel
-
         names = [n for n, a in manifest.adapters.items() if a["kind"] == "task"][:k]
         peft = PeftModel.from_pretrained(model, str(store / "adapters" / names[0]), adapter_name=names[0])
         for n in names[1:]:
