@@ -121,7 +121,16 @@ def _route_holdout(args: argparse.Namespace) -> int:
     out = args.out or str((store if store.is_dir() else Path("results")) / f"holdout_{args.holdout_by}")
     command = "lorachain " + " ".join(sys.argv[1:])
     result = holdout_eval(
-        cfg, args.holdout_by, out, kinds, args.label, args.per_group, args.folds, command, args.max_folds
+        cfg,
+        args.holdout_by,
+        out,
+        kinds,
+        args.label,
+        args.per_group,
+        args.folds,
+        command,
+        args.max_folds,
+        not args.skip_in_distribution,
     )
     from lorachain.routing.holdout import holdout_markdown
 
@@ -293,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="holdout: one group per fold, or one group of every label per fold",
     )
     re_.add_argument("--max-folds", type=int, default=None, help="holdout: only the first N folds")
+    re_.add_argument(
+        "--skip-in-distribution", action="store_true", help="holdout: no in-distribution fit (budget)"
+    )
     re_.add_argument("--set", nargs="*", default=[], help="holdout: dotted config overrides")
     re_.set_defaults(func=_route_eval)
     ra = rsub.add_parser(
