@@ -96,6 +96,8 @@ class Fitter:
         if self.kind.name == "lora":
             return self._lora(work, labels)
         entry = self.kind.fit(self.cfg, work, labels, progress=False)
+        if not entry:
+            raise SystemExit(130)  # interrupted: finished folds are kept, a rerun resumes
         return self.kind.load(SimpleNamespace(root=work, labels=labels), work / entry["path"], entry)
 
     def _embedding(self, rows: list[Row], labels: list[str]):
@@ -135,7 +137,9 @@ class Fitter:
         with torch.no_grad():
             model.load_state_dict(self.cache["pristine"])
         _, run = adapter_runs(self.cfg, work, labels)[SELECTOR]
-        train(run, model, tok, progress=False)  # the chain ends merged into the base weights
+        if train(run, model, tok, progress=False).summary.get("status") == "interrupted":
+            raise SystemExit(130)  # a half-trained selector is not scored; a rerun resumes
+        # the finished chain is merged into the base weights: score with the model itself
         label_ids = [tok(f" {x}", add_special_tokens=False)["input_ids"] for x in labels]
         return lambda texts: score_labels(model, tok, run.data, label_ids, labels, texts)
 
