@@ -49,6 +49,9 @@ class ModelConfig:
     gguf_file: str | None = None  # GGUF file inside name_or_path; converted once and cached
     dtype: str = "float32"  # float32 | bfloat16 | float16
     num_labels: int | None = None  # classification only; default: len(data.label_words)
+    # attention kernel for training: auto (the precision policy's choice) | eager | sdpa | any name
+    # transformers accepts
+    attn_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.name_or_path), "model.name_or_path: expected a hub id or a local path")

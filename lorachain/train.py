@@ -60,7 +60,7 @@ from lorachain.models import (
     resolve_target_modules,
     uses_conv1d,
 )
-from lorachain.precision import FP32, Precision, compute_copies, resolve, restore_masters
+from lorachain.precision import FP32, Precision, attention, compute_copies, resolve, restore_masters
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -288,6 +288,12 @@ class Trainer:
         self.model.to(best_device())
         self.prec = resolve(cfg.train.precision, best_device())
         self.scaler = self.prec.scaler()
+        self.attn = attention(cfg.model.attn_implementation, self.prec, cfg.data.max_length)
+        if self.attn and hasattr(self.model, "set_attn_implementation"):
+            try:
+                self.model.set_attn_implementation(self.attn)
+            except (ValueError, ImportError) as e:
+                raise ConfigError(f"model.attn_implementation: {self.attn!r} cannot be used: {e}") from None
         if self.classifier and self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.full = cfg.chain.method == "full"
@@ -539,6 +545,7 @@ class Trainer:
             "chain_rank": sum(k.rank for k in st.knots),
             "precision": self.prec.name,
             "base_dtype": self.cfg.model.dtype,
+            "attention": self.attn or getattr(self.model.config, "_attn_implementation", None),
             "knot_rounding": _rounding_total(st.knots),
             "wall_seconds": sum(r["wall_seconds"] for r in st.links),
             "est_train_flops": sum(r["est_train_flops"] for r in st.links),

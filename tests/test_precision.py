@@ -161,3 +161,30 @@ def test_lora_factors_and_optimizer_state_stay_fp32_on_a_bf16_base(tmp_path, toy
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     states = [s for s in trainer.opt.state.values()]
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+
+
+def test_attention_policy_picks_eager_for_short_mixed_precision_on_cpu():
+    from lorachain.precision import EAGER_MAX_LENGTH, attention
+
+    bf16, fp32 = Precision("bf16"), Precision("fp32")
+    assert attention("auto", bf16, 64) == "eager"
+    assert attention("auto", bf16, EAGER_MAX_LENGTH + 1) is None  # long sequences keep SDPA
+    assert attention("auto", fp32, 64) is None
+    assert attention("auto", Precision("bf16", "cuda"), 64) is None
+    assert attention("sdpa", bf16, 64) == "sdpa"  # an explicit choice wins
+
+
+def test_training_uses_and_records_the_attention_kernel(tmp_path, toy_data, tokenizer):
+    cfg = cfg_for(tmp_path, toy_data, "bf16", "bf16", train__max_steps=2)
+    res = train(cfg, tiny_model("llama"), tokenizer, progress=False)
+    assert res.summary["attention"] == res.model.config._attn_implementation == "eager"
+    cfg = cfg_for(tmp_path, toy_data, "fp32", "fp32", train__max_steps=2)
+    cfg.model.attn_implementation = "sdpa"
+    assert train(cfg, tiny_model("llama"), tokenizer, progress=False).summary["attention"] == "sdpa"
+
+
+def test_unknown_attention_kernel_names_the_field(tmp_path, toy_data, tokenizer):
+    cfg = cfg_for(tmp_path, toy_data, "bad", "fp32", train__max_steps=2)
+    cfg.model.attn_implementation = "no_such_kernel"
+    with pytest.raises(ConfigError, match="model.attn_implementation"):
+        train(cfg, tiny_model("llama"), tokenizer, progress=False)

@@ -216,6 +216,7 @@ class Runner:
                 "n_train": n_train,
                 "steps": summary["total_steps"],
                 "precision": summary.get("precision", "fp32"),
+                "attention": summary.get("attention"),
             }
             row["knots"] = [
                 {k: link.get(k) for k in ("link", "rank", "end_step", "knot_reason", "final_loss")}
