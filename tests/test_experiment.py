@@ -123,6 +123,17 @@ def test_changed_grid_definition_is_refused(tmp_path, tiny_dir):
     assert run_experiment(more_seeds, progress=False) == {"cells": 2, "computed": 1, "cached": 1}
 
 
+def test_grid_written_before_a_new_config_field_still_resumes(tmp_path, tiny_dir):
+    """A field added to the config since (with its default) does not change what a cell means."""
+    cfg = grid(tmp_path, tiny_dir, methods={"zero_shot": {"baseline": "zero_shot"}}, seeds=[0])
+    run_experiment(cfg, progress=False)
+    path = Path(cfg.output_dir) / "experiment.json"
+    old = json.loads(path.read_text())
+    del old["model"]["attn_implementation"]  # as written by an older lorachain
+    path.write_text(json.dumps(old))
+    assert run_experiment(cfg, progress=False) == {"cells": 1, "computed": 0, "cached": 1}
+
+
 @pytest.mark.parametrize(
     ("over", "message"),
     [

@@ -330,6 +330,8 @@ def prepare(cfg: ExperimentConfig) -> None:
     new.pop("lorachain_version")
     if path.is_file():
         old = json.loads(path.read_text())
+        with contextlib.suppress(ConfigError, TypeError, ValueError):  # fields added since: their defaults
+            old = json.loads(from_dict(ExperimentConfig, old).to_json())
         old.pop("lorachain_version", None)
         # the grid may grow (tasks, methods, seeds, lrs); what a finished cell means may not change
         fixed = ("model", "base", "n_train", "n_val", "n_test", "max_length", "icl_k", "max_new_tokens")
