@@ -8,6 +8,7 @@ config.json, metrics.jsonl, tb/, chain.safetensors, adapter/, summary.json (and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from lorachain.chain.knot import (
     unload,
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
-from lorachain.config import ConfigError, OptimConfig, RunConfig
+from lorachain.config import ConfigError, OptimConfig, RunConfig, from_dict
 from lorachain.data import (
     Example,
     candidate_ids,
@@ -228,6 +229,8 @@ def prepare_run_dir(out: Path, cfg: RunConfig) -> None:
     new = json.loads(cfg.to_json())
     if path.is_file():
         old = json.loads(path.read_text())
+        with contextlib.suppress(ConfigError, TypeError, ValueError):  # fields added since: their defaults
+            old = json.loads(from_dict(RunConfig, old).to_json())
         old.pop("lorachain_version", None)
         new.pop("lorachain_version", None)
         if old != new:

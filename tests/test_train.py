@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +168,12 @@ def test_finished_run_is_not_retrained_and_other_config_is_refused(tmp_path, toy
     other = cfg_for(tmp_path, toy_data, "llama", optim={"lr": 0.02})
     with pytest.raises(ConfigError, match="holds a run with another config .*optim"):
         train(other, tiny_model("llama"), tokenizer, progress=False)
+    # a run folder written before a config field existed is the same run (the field at its default)
+    path = Path(cfg.output_dir) / "config.json"
+    old = json.loads(path.read_text())
+    del old["model"]["attn_implementation"]
+    path.write_text(json.dumps(old))
+    assert train(cfg, tiny_model("llama"), tokenizer, progress=False).model is None
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adamw"])
