@@ -250,6 +250,44 @@ def test_route_eval_writes_report(store, tmp_path, judge_url):
     assert "| alpha | 2 |" in (tmp_path / "eval" / "route_eval.md").read_text()
 
 
+def test_base_row_is_the_model_with_its_adapters_disabled(store, tmp_path):
+    """route_eval's base row: perplexity and greedy answers of the model with no adapter, equal to
+    the same computation on the plain (never wrapped) base model."""
+    from lorachain.data import encode_row
+    from lorachain.evaluate import sequence_logprobs
+    from lorachain.metrics import perplexity
+    from lorachain.routing.evaluate import BASE, answers_for, load_test_rows, quality
+
+    r = router(store)
+    result = route_eval(r, store, tmp_path / "eval", max_per_task=2, modes=("score",), max_new_tokens=3)
+    rows = load_test_rows(store, 2)
+    plain, tok = tiny_model("llama"), make_tokenizer()  # the store's base, seeded alike
+    examples = [encode_row(r.answer_cfg, tok, row, "test", classifier=False) for row in rows]
+    scored = sequence_logprobs(plain, examples, tok.pad_token_id, 8)
+    for task in ("alpha", "beta", "gamma"):
+        mine = [s for row, s in zip(rows, scored, strict=True) if row["task"] == task]
+        direct = perplexity(-sum(lp for lp, _ in mine), sum(n for _, n in mine))
+        assert result["perplexity"]["base"][task] == pytest.approx(direct, rel=1e-5)
+    pooled = perplexity(-sum(lp for lp, _ in scored), sum(n for _, n in scored))
+    assert result["overall"]["perplexity"]["base"] == pytest.approx(pooled, rel=1e-5)
+    # the adapters are on again after the base row: every trained adapter beats the random base
+    for kind in ("oracle", "mixed", "routed"):
+        assert all(
+            result["perplexity"][kind][t] < result["perplexity"]["base"][t]
+            for t in "alpha beta gamma".split()
+        )
+    assert result["perplexity"]["routed"] == result["perplexity"]["oracle"]
+    # greedy base answers are the plain model's
+    base = answers_for(r, rows, [BASE] * len(rows), 3)
+    for row, got in zip(rows, base, strict=True):
+        ids = torch.tensor([r.answer_prompt(row["instruction"], 3)])
+        out = plain.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert got == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert result["quality"]["base"] == quality(rows, base)
+    md = (tmp_path / "eval" / "route_eval.md").read_text()
+    assert "base model (no adapter)" in md and f"| all | {len(rows)} |" in md
+
+
 def test_human_rates(tmp_path):
     sheet = tmp_path / "s.csv"
     sheet.write_text(

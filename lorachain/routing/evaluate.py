@@ -1,14 +1,17 @@
 """`lorachain route eval`: the routing paper's evaluation on a store's test split.
 
-Per task: perplexity of the oracle task adapter, the mixed adapter and the routed chain (Table I);
-selector top-1/top-3 accuracy in both modes with confusion matrices (Table II); ROUGE-L and exact
-match of greedy answers (routed vs mixed); optional judged helpfulness; a human-evaluation sheet.
+Per task and over all rows: perplexity of the oracle task adapter, the mixed adapter, the routed
+chain (Table I) and the base model with no adapter; selector top-1/top-3 accuracy in both modes
+with confusion matrices (Table II); ROUGE-L and exact match of greedy answers (routed vs base vs
+mixed); optional judged helpfulness; a human-evaluation sheet.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lorachain.data import encode_row
@@ -19,6 +22,8 @@ from lorachain.routing.judge import JudgeError, judge_score, write_human_sheet
 from lorachain.store import MIXED
 
 NONE = "(none)"
+QUALITY_KINDS = ("routed", "base", "mixed")  # whose greedy answers are scored (and judged)
+BASE = "(base)"  # not an adapter: the base model with every adapter disabled
 
 
 def load_test_rows(store: Path, max_per_task: int | None) -> list[dict]:
@@ -39,20 +44,41 @@ def batched(items: list, size: int):
         yield items[k : k + size]
 
 
-def per_task_ppl(router, rows: list[dict], adapters: list[str]) -> dict[str, float]:
-    """Perplexity of each row's output under the adapter chosen for it, pooled per task."""
+@contextmanager
+def using(router, name: str) -> Iterator[None]:
+    """Run the block with adapter `name` active, or with no adapter at all for BASE."""
+    if name != BASE:
+        router.activate(name)
+        yield
+        return
+    with router.model.disable_adapter():  # PEFT: LoRA layers pass the base output through
+        yield
+
+
+def task_nll(router, rows: list[dict], adapters: list[str]) -> dict[str, tuple[float, int]]:
+    """task -> (summed negative log-likelihood, tokens) of the rows' outputs, each row under the
+    adapter chosen for it (BASE: none)."""
     nll: dict[str, float] = defaultdict(float)
     ntok: dict[str, int] = defaultdict(int)
     for name in dict.fromkeys(adapters):
         idx = [i for i, a in enumerate(adapters) if a == name]
-        router.activate(name)
         examples = [encode_row(router.answer_cfg, router.tok, rows[i], "test", classifier=False) for i in idx]
-        for i, (lp, n) in zip(
-            idx, sequence_logprobs(router.model, examples, router.tok.pad_token_id, 8), strict=True
-        ):
+        with using(router, name):
+            scored = sequence_logprobs(router.model, examples, router.tok.pad_token_id, 8)
+        for i, (lp, n) in zip(idx, scored, strict=True):
             nll[rows[i]["task"]] -= lp
             ntok[rows[i]["task"]] += n
-    return {t: perplexity(nll[t], ntok[t]) for t in sorted(nll)}
+    return {t: (nll[t], ntok[t]) for t in sorted(nll)}
+
+
+def pooled_ppl(per_task: dict[str, tuple[float, int]]) -> float:
+    """Perplexity over every token of every task (from task_nll)."""
+    return perplexity(sum(n for n, _ in per_task.values()), sum(k for _, k in per_task.values()))
+
+
+def per_task_ppl(router, rows: list[dict], adapters: list[str]) -> dict[str, float]:
+    """Perplexity of each row's output under the adapter chosen for it, pooled per task."""
+    return {t: perplexity(*v) for t, v in task_nll(router, rows, adapters).items()}
 
 
 def selection_report(router, rows: list[dict], mode: str) -> tuple[dict, list[str], list[list[str]]]:
@@ -79,26 +105,42 @@ def selection_report(router, rows: list[dict], mode: str) -> tuple[dict, list[st
 
 
 def answers_for(router, rows: list[dict], adapters: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers, each row by the adapter chosen for it (BASE: none)."""
     out = [""] * len(rows)
     for name in dict.fromkeys(adapters):
         idx = [i for i, a in enumerate(adapters) if a == name]
         for chunk in batched(idx, 8):
             # a chat row is answered from its conversation up to the final assistant turn
             asks = [rows[i].get("messages", [])[:-1] or rows[i]["instruction"] for i in chunk]
-            got = router.ask(asks, adapter=name, max_new_tokens=max_new_tokens)
+            with using(router, name):
+                # with the adapters disabled, the one `ask` makes active changes nothing
+                got = router.ask(asks, adapter=MIXED if name == BASE else name, max_new_tokens=max_new_tokens)
             for i, a in zip(chunk, got, strict=True):
                 out[i] = a.answer
     return out
 
 
+def _mean_scores(scores: list[tuple[float, float]]) -> dict[str, float]:
+    n = len(scores)
+    return {"rougeL": sum(x for x, _ in scores) / n, "exact_match": sum(y for _, y in scores) / n}
+
+
+def _scores(rows: list[dict], answers: list[str]) -> list[tuple[float, float]]:
+    pairs = zip(rows, answers, strict=True)
+    return [(rouge_l(a, r["output"]), exact_match(a, r["output"])) for r, a in pairs]
+
+
 def quality(rows: list[dict], answers: list[str]) -> dict[str, dict]:
+    """Mean ROUGE-L and exact match of the answers per task."""
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r, a in zip(rows, answers, strict=True):
-        by[r["task"]].append((rouge_l(a, r["output"]), exact_match(a, r["output"])))
-    return {
-        t: {"rougeL": sum(x for x, _ in v) / len(v), "exact_match": sum(y for _, y in v) / len(v)}
-        for t, v in sorted(by.items())
-    }
+    for r, s in zip(rows, _scores(rows, answers), strict=True):
+        by[r["task"]].append(s)
+    return {t: _mean_scores(v) for t, v in sorted(by.items())}
+
+
+def overall_quality(rows: list[dict], answers: list[str]) -> dict[str, float]:
+    """Mean ROUGE-L and exact match of the answers over all rows."""
+    return _mean_scores(_scores(rows, answers))
 
 
 def plot_confusion(
@@ -157,19 +199,24 @@ def route_eval(
         plot_confusion(gold, ranked, router.labels, f"task selection ({mode})", out / f"confusion_{mode}.png")
         if mode == router.mode or routed is None:
             routed = chosen
-    oracle = [router.adapters[t] for t in gold]
-    mixed = [MIXED] * len(rows)
-    result["perplexity"] = {
-        "oracle": per_task_ppl(router, rows, oracle),
-        "mixed": per_task_ppl(router, rows, mixed),
-        "routed": per_task_ppl(router, rows, routed),
+    chosen = {
+        "oracle": [router.adapters[t] for t in gold],
+        "base": [BASE] * len(rows),
+        "mixed": [MIXED] * len(rows),
+        "routed": routed,
     }
-    routed_answers = answers_for(router, rows, routed, max_new_tokens)
-    mixed_answers = answers_for(router, rows, mixed, max_new_tokens)
-    result["quality"] = {"routed": quality(rows, routed_answers), "mixed": quality(rows, mixed_answers)}
-    result["judge"] = judge_all(rows, routed_answers, mixed_answers, judge_url, judge_model)
+    nll = {kind: task_nll(router, rows, adapters) for kind, adapters in chosen.items()}
+    result["perplexity"] = {kind: {t: perplexity(*v) for t, v in per.items()} for kind, per in nll.items()}
+    answers = {kind: answers_for(router, rows, chosen[kind], max_new_tokens) for kind in QUALITY_KINDS}
+    result["quality"] = {kind: quality(rows, a) for kind, a in answers.items()}
+    result["overall"] = {
+        "rows": len(rows),
+        "perplexity": {kind: pooled_ppl(per) for kind, per in nll.items()},
+        "quality": {kind: overall_quality(rows, a) for kind, a in answers.items()},
+    }
+    result["judge"] = judge_all(rows, answers, judge_url, judge_model)
     sheet = [
-        {**r, "adapter": a, "answer": ans} for r, a, ans in zip(rows, routed, routed_answers, strict=True)
+        {**r, "adapter": a, "answer": ans} for r, a, ans in zip(rows, routed, answers["routed"], strict=True)
     ]
     write_human_sheet(out / "human_eval.csv", sheet)
     write_json(out / "route_eval.json", result)
@@ -177,34 +224,40 @@ def route_eval(
     return result
 
 
-def judge_all(rows, routed_answers, mixed_answers, url: str | None, model: str) -> dict:
+def judge_all(rows: list[dict], answers: dict[str, list[str]], url: str | None, model: str) -> dict:
+    """Judged helpfulness per task of each kind's answers (kind -> answers, one per row)."""
     if not url:
         return {"skipped": "no judge endpoint configured (--judge-url); helpfulness not rated"}
-    scores: dict = {"routed": defaultdict(list), "mixed": defaultdict(list)}
+    scores: dict = {kind: defaultdict(list) for kind in answers}
     try:
-        for r, a, m in zip(rows, routed_answers, mixed_answers, strict=True):
-            scores["routed"][r["task"]].append(judge_score(url, model, r["instruction"], r["output"], a))
-            scores["mixed"][r["task"]].append(judge_score(url, model, r["instruction"], r["output"], m))
+        for i, r in enumerate(rows):
+            for kind, got in answers.items():
+                score = judge_score(url, model, r["instruction"], r["output"], got[i])
+                scores[kind][r["task"]].append(score)
     except JudgeError as e:
         return {"skipped": str(e)}
     return {k: {t: sum(v) / len(v) for t, v in sorted(per.items())} for k, per in scores.items()}
 
 
 def report_markdown(result: dict) -> str:
-    """Tables shaped like the routing paper's Tables I and II, plus answer quality."""
+    """Tables shaped like the routing paper's Tables I and II, plus answer quality; the base model
+    (no adapter) is the last column, the pooled numbers over all tasks the last row."""
     tasks = sorted(result["per_task_rows"])
-    ppl, q = result["perplexity"], result["quality"]
+    ppl, q, overall = result["perplexity"], result["quality"], result["overall"]
+    kinds = ("oracle", "mixed", "routed", "base")
     lines = [
         "## Perplexity per task (lower is better)",
         "",
-        "| task | n | oracle task adapter | mixed adapter | routed chain |",
-        "|---|---|---|---|---|",
+        "| task | n | oracle task adapter | mixed adapter | routed chain | base model (no adapter) |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {t} | {result['per_task_rows'][t]} | {ppl['oracle'][t]:.3f} | {ppl['mixed'][t]:.3f} | "
-        f"{ppl['routed'][t]:.3f} |"
+        f"| {t} | {result['per_task_rows'][t]} | " + " | ".join(f"{ppl[k][t]:.3f}" for k in kinds) + " |"
         for t in tasks
     ]
+    lines.append(
+        f"| all | {overall['rows']} | " + " | ".join(f"{overall['perplexity'][k]:.3f}" for k in kinds) + " |"
+    )
     lines += ["", "## Task selection accuracy", ""]
     modes = list(result["selection"])
     lines += [
@@ -222,19 +275,18 @@ def report_markdown(result: dict) -> str:
         "",
         "## Answer quality (greedy, ROUGE-L / exact match)",
         "",
-        "| task | routed ROUGE-L | mixed ROUGE-L | routed EM | mixed EM |",
-        "|---|---|---|---|---|",
+        "| task | routed ROUGE-L | mixed ROUGE-L | routed EM | mixed EM | base ROUGE-L | base EM |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {t} | {q['routed'][t]['rougeL']:.3f} | {q['mixed'][t]['rougeL']:.3f} | "
-        f"{q['routed'][t]['exact_match']:.3f} | {q['mixed'][t]['exact_match']:.3f} |"
-        for t in tasks
-    ]
+    cells = [("routed", "rougeL"), ("mixed", "rougeL"), ("routed", "exact_match"), ("mixed", "exact_match")]
+    cells += [("base", "rougeL"), ("base", "exact_match")]
+    for t, per in [*((t, {k: q[k][t] for k in q}) for t in tasks), ("all", overall["quality"])]:
+        lines.append(f"| {t} | " + " | ".join(f"{per[k][m]:.3f}" for k, m in cells) + " |")
     judge = result["judge"]
     lines += ["", "## Judged helpfulness (1-6)", ""]
     if "skipped" in judge:
         lines.append(f"Skipped: {judge['skipped']}.")
     else:
-        lines += ["| task | routed | mixed |", "|---|---|---|"]
-        lines += [f"| {t} | {judge['routed'][t]:.2f} | {judge['mixed'][t]:.2f} |" for t in tasks]
+        lines += ["| task | " + " | ".join(judge) + " |", "|---|" + "---|" * len(judge)]
+        lines += [f"| {t} | " + " | ".join(f"{judge[k][t]:.2f}" for k in judge) + " |" for t in tasks]
     return "\n".join(lines) + "\n"
