@@ -125,9 +125,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines)
 
 
-def routing_config(out: Path, precision: str = "auto") -> dict:
-    """Four task adapters, a selector and a mixed adapter on 160 embedded T0 rows (40 per task)."""
-    budget = {"epochs": 2, "batch_size": 4, "seed": 0, "save_every": 10, "precision": precision}
+ROUTING_EPOCHS = 3  # every adapter of the routing store: this many passes over its own train rows
+ROUTING_KINDS = ("routed", "base", "mixed")
+
+
+def routing_config(out: Path, precision: str = "auto", epochs: int = ROUTING_EPOCHS) -> dict:
+    """Four task adapters, a selector and a mixed adapter on 160 embedded T0 rows (40 per task).
+    Each gets the same per-example budget, `epochs` passes over its own train rows: a task
+    adapter over its task's rows, the mixed adapter and the selector over all of them."""
+    budget = {"epochs": epochs, "batch_size": 4, "seed": 0, "save_every": 10, "precision": precision}
     return {
         "model": {"name_or_path": MODEL},
         "data": {"path": str(DATA / "t0_routing.jsonl"), "max_length": 128, "max_eval_rows": 8},
@@ -135,7 +141,7 @@ def routing_config(out: Path, precision: str = "auto") -> dict:
         "optim": {"name": "adamw", "lr": 1e-3},
         "train": budget,
         "selector_train": budget,
-        "mixed_train": {**budget, "epochs": 1},
+        "mixed_train": budget,
         "output_dir": str(out),
     }
 
@@ -144,49 +150,169 @@ def _route_train_in_child(cfg_dict: dict) -> None:
     from lorachain.config import RouteConfig
     from lorachain.routing.train import route_train
 
-    route_train(from_dict(RouteConfig, cfg_dict))
+    if route_train(from_dict(RouteConfig, cfg_dict)) is None:
+        raise RuntimeError("routing store training was interrupted; run the demo again to resume")
 
 
-def run_routing_demo(out: Path, precision: str = "auto") -> dict:
-    """Train a small adapter store, then route the test split and answer one instruction per task."""
-    from lorachain.metrics import top_k_accuracy
+def store_budget(store: Path) -> dict[str, dict]:
+    """adapter -> what it was trained with: kind, epochs, batch size, train rows, optimizer steps."""
+    from lorachain.store import read_manifest
+
+    cfg = json.loads((store / "route_config.json").read_text())
+    out = {}
+    for name, a in read_manifest(store).adapters.items():
+        train = (cfg.get(f"{a['kind']}_train") if a["kind"] != "task" else None) or cfg["train"]
+        s = a["summary"]
+        out[name] = {
+            "kind": a["kind"],
+            "epochs": train["epochs"],
+            "batch_size": train["batch_size"],
+            "train_rows": s["train_examples"],
+            "steps": s["total_steps"],
+        }
+    return out
+
+
+def routing_summary(router, store: Path, out: Path, max_new_tokens: int = 24) -> dict:
+    """`route_eval` on the store's test split (selector in score mode), cut down to the demo's
+    table: per task and over all rows, the selector's top-1 and, for the routed task adapters, the
+    base model and the mixed adapter, perplexity of the reference and exact match / ROUGE-L of the
+    greedy answer."""
+    from lorachain.routing.evaluate import route_eval
+
+    r = route_eval(router, store, out, modes=("score",), max_new_tokens=max_new_tokens)
+    sel = r["selection"]["score"]
+
+    def row(n: int, top1: float, ppl: dict, quality: dict) -> dict:
+        return {
+            "n": n,
+            "selector_top1": top1,
+            "perplexity": {k: ppl[k] for k in ROUTING_KINDS},
+            "exact_match": {k: quality[k]["exact_match"] for k in ROUTING_KINDS},
+            "rougeL": {k: quality[k]["rougeL"] for k in ROUTING_KINDS},
+        }
+
+    table = {
+        t: row(
+            n, sel["per_task"][t]["top1"], *({k: r[x][k][t] for k in r[x]} for x in ("perplexity", "quality"))
+        )
+        for t, n in r["per_task_rows"].items()
+    }
+    o = r["overall"]
+    table["all"] = row(o["rows"], sel["top1"], o["perplexity"], o["quality"])
+    return {
+        "table": table,
+        "selector_top1": sel["top1"],
+        "selector_top3": sel["top3"],
+        "test_instructions": r["test_rows"],
+        "max_new_tokens": max_new_tokens,
+        "budget": store_budget(store),
+        "report": str(Path(out) / "route_eval.md"),
+    }
+
+
+def align(lines: list[list[str]], titles: dict[int, str] | None = None) -> list[str]:
+    """Columns padded to their widest cell (the first left-aligned, the rest right-aligned);
+    `titles` puts a group title above the column of each index."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = [
+        "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    if titles:
+        head = ""
+        for i, title in sorted(titles.items()):
+            head = head.ljust(sum(widths[:i]) + 2 * i) + title + " "
+        out.insert(0, head.rstrip())
+    return out
+
+
+def format_routing(summary: dict) -> str:
+    """The demo's routing table: per task and overall, routed vs base vs mixed."""
+    groups = [
+        ("perplexity", "perplexity ↓", "{:.2f}"),
+        ("exact_match", "exact match ↑", "{:.3f}"),
+        ("rougeL", "ROUGE-L ↑", "{:.3f}"),
+    ]
+    lines = [["task", "n", "top-1"] + [k for _ in groups for k in ROUTING_KINDS]]
+    for t, r in summary["table"].items():
+        cells = [t, str(r["n"]), f"{r['selector_top1']:.3f}"]
+        lines.append(cells + [f.format(r[key][k]) for key, _, f in groups for k in ROUTING_KINDS])
+    titles = {3 + len(ROUTING_KINDS) * g: name for g, (_, name, _) in enumerate(groups)}
+    return "\n".join(align(lines, titles))
+
+
+def budget_lines(budget: dict[str, dict]) -> list[str]:
+    """What each adapter was trained with, in words (task adapters folded into one line)."""
+    tasks = [b for b in budget.values() if b["kind"] == "task"]
+    lines = [
+        f"  each of the {len(tasks)} task adapters: {tasks[0]['epochs']:g} epochs over its own task's "
+        f"{'/'.join(sorted({str(b['train_rows']) for b in tasks}))} train rows "
+        f"({'/'.join(sorted({str(b['steps']) for b in tasks}))} steps of {tasks[0]['batch_size']})"
+    ]
+    for b in budget.values():
+        if b["kind"] != "task":
+            lines.append(
+                f"  {b['kind']} adapter: {b['epochs']:g} epochs over all {b['train_rows']} train rows "
+                f"({b['steps']} steps of {b['batch_size']})"
+            )
+    return lines
+
+
+def run_routing_demo(out: Path, precision: str = "auto", epochs: int = ROUTING_EPOCHS) -> dict:
+    """Train a small adapter store, then compare on its test split the routed task adapters with
+    the base model and the mixed adapter; answer one instruction per task as an example."""
+    import time
+
     from lorachain.serve.router import Router
 
-    store = out / "store"
-    with mp.get_context("spawn").Pool(1) as pool:
-        pool.apply(_route_train_in_child, (routing_config(store, precision),))
+    out, store = Path(out), Path(out) / "store"
+    t0 = time.perf_counter()
+    run_in_child(_route_train_in_child, routing_config(store, precision, epochs))
+    t1 = time.perf_counter()
     router = Router.from_store(store, mode="score", max_new_tokens=24)
+    summary = routing_summary(router, store, out / "eval", max_new_tokens=24)
+    t2 = time.perf_counter()
     test = [json.loads(x) for x in (store / "splits" / "test.jsonl").read_text().split("\n") if x]
-    sels = [
-        s for k in range(0, len(test), 8) for s in router.select([r["instruction"] for r in test[k : k + 8]])
-    ]
-    acc = {k: top_k_accuracy([s.ranked for s in sels], [r["task"] for r in test], k) for k in (1, 3)}
     examples = list({r["task"]: r for r in test}.values())
     answers = router.ask([r["instruction"] for r in examples])
-    print(f"\nrouting: selector top-1 {acc[1]:.3f}, top-3 {acc[3]:.3f} on {len(test)} test instructions")
-    shown = []
-    for r, a in zip(examples, answers, strict=True):
-        top = a.top_k[0]
-        print(f"\n> {r['instruction'][:160]}" + ("…" if len(r["instruction"]) > 160 else ""))
-        print(f"  true task {r['task']}; routed to {a.adapter} (p={top['score']:.2f})")
-        print(f"  answer: {a.answer!r}   reference: {r['output']!r}")
-        shown.append(
-            {
-                "instruction": r["instruction"],
-                "task": r["task"],
-                "routed": a.adapter,
-                "top_k": a.top_k,
-                "answer": a.answer,
-                "reference": r["output"],
-                "timings": a.timings,
-            }
-        )
-    return {
-        "selector_top1": acc[1],
-        "selector_top3": acc[3],
-        "test_instructions": len(test),
-        "examples": shown,
-    }
+    summary["wall_seconds"] = {"train": t1 - t0, "eval": t2 - t1, "total": time.perf_counter() - t0}
+    summary["examples"] = [
+        {
+            "instruction": r["instruction"],
+            "task": r["task"],
+            "routed": a.adapter,
+            "top_k": a.top_k,
+            "answer": a.answer,
+            "reference": r["output"],
+            "timings": a.timings,
+        }
+        for r, a in zip(examples, answers, strict=True)
+    ]
+    print_routing(summary)
+    return summary
+
+
+def print_routing(summary: dict) -> None:
+    n, w = summary["test_instructions"], summary["wall_seconds"]
+    print(f"\nrouting: {n} test instructions, greedy answers of up to {summary['max_new_tokens']} tokens")
+    print("budget (an epoch is one pass over the adapter's own train rows):")
+    print("\n".join(budget_lines(summary["budget"])))
+    print("\n" + format_routing(summary))
+    print(
+        "routed: the task adapter the selector picked (top-1: how often that was the true task); base: "
+        "no adapter;\nmixed: one adapter trained on all tasks. Perplexity of the reference answer; exact "
+        "match and ROUGE-L\nof the greedy answer (every reference is a short label or phrase, so exact "
+        "match is accuracy)."
+    )
+    for x in summary["examples"]:
+        print(f"  [{x['task']} -> {x['routed']}] answer {x['answer']!r}, reference {x['reference']!r}")
+    print(
+        f"routing part: {w['total']:.0f} s (store trained in {w['train']:.0f} s, evaluated in "
+        f"{w['eval']:.0f} s); full report: {summary['report']}"
+    )
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, precision: str = "auto") -> list[dict]:
