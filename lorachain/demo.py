@@ -129,13 +129,15 @@ ROUTING_EPOCHS = 3  # every adapter of the routing store: this many passes over 
 ROUTING_KINDS = ("routed", "base", "mixed")
 
 
-def routing_config(out: Path, precision: str = "auto", epochs: int = ROUTING_EPOCHS) -> dict:
+def routing_config(
+    out: Path, precision: str = "auto", epochs: int = ROUTING_EPOCHS, model: str = MODEL
+) -> dict:
     """Four task adapters, a selector and a mixed adapter on 160 embedded T0 rows (40 per task).
     Each gets the same per-example budget, `epochs` passes over its own train rows: a task
     adapter over its task's rows, the mixed adapter and the selector over all of them."""
     budget = {"epochs": epochs, "batch_size": 4, "seed": 0, "save_every": 10, "precision": precision}
     return {
-        "model": {"name_or_path": MODEL},
+        "model": {"name_or_path": model},
         "data": {"path": str(DATA / "t0_routing.jsonl"), "max_length": 128, "max_eval_rows": 8},
         "chain": {"links": [{"rank": 8, "alpha": 16}], "target_modules": ["q_proj", "v_proj"]},
         "optim": {"name": "adamw", "lr": 1e-3},
@@ -246,22 +248,28 @@ def format_routing(summary: dict) -> str:
 
 def budget_lines(budget: dict[str, dict]) -> list[str]:
     """What each adapter was trained with, in words (task adapters folded into one line)."""
+
+    def epochs(b: dict) -> str:
+        return f"{b['epochs']:g} epoch" + ("" if b["epochs"] == 1 else "s")
+
     tasks = [b for b in budget.values() if b["kind"] == "task"]
     lines = [
-        f"  each of the {len(tasks)} task adapters: {tasks[0]['epochs']:g} epochs over its own task's "
+        f"  each of the {len(tasks)} task adapters: {epochs(tasks[0])} over its own task's "
         f"{'/'.join(sorted({str(b['train_rows']) for b in tasks}))} train rows "
         f"({'/'.join(sorted({str(b['steps']) for b in tasks}))} steps of {tasks[0]['batch_size']})"
     ]
     for b in budget.values():
         if b["kind"] != "task":
             lines.append(
-                f"  {b['kind']} adapter: {b['epochs']:g} epochs over all {b['train_rows']} train rows "
+                f"  {b['kind']} adapter: {epochs(b)} over all {b['train_rows']} train rows "
                 f"({b['steps']} steps of {b['batch_size']})"
             )
     return lines
 
 
-def run_routing_demo(out: Path, precision: str = "auto", epochs: int = ROUTING_EPOCHS) -> dict:
+def run_routing_demo(
+    out: Path, precision: str = "auto", epochs: int = ROUTING_EPOCHS, model: str = MODEL
+) -> dict:
     """Train a small adapter store, then compare on its test split the routed task adapters with
     the base model and the mixed adapter; answer one instruction per task as an example."""
     import time
@@ -270,7 +278,7 @@ def run_routing_demo(out: Path, precision: str = "auto", epochs: int = ROUTING_E
 
     out, store = Path(out), Path(out) / "store"
     t0 = time.perf_counter()
-    run_in_child(_route_train_in_child, routing_config(store, precision, epochs))
+    run_in_child(_route_train_in_child, routing_config(store, precision, epochs, model))
     t1 = time.perf_counter()
     router = Router.from_store(store, mode="score", max_new_tokens=24)
     summary = routing_summary(router, store, out / "eval", max_new_tokens=24)

@@ -288,6 +288,66 @@ def test_base_row_is_the_model_with_its_adapters_disabled(store, tmp_path):
     assert "base model (no adapter)" in md and f"| all | {len(rows)} |" in md
 
 
+def test_demo_routing_summary_has_routed_base_and_mixed(store, tmp_path):
+    """The demo's table is route_eval's numbers per task plus a pooled row, with the budgets."""
+    from lorachain.demo import format_routing, routing_config, routing_summary
+
+    s = routing_summary(router(store), store, tmp_path / "eval", max_new_tokens=3)
+    result = json.loads((tmp_path / "eval" / "route_eval.json").read_text())
+    tasks = ["alpha", "beta", "gamma"]
+    assert list(s["table"]) == [*tasks, "all"]
+    for t in tasks:
+        row = s["table"][t]
+        assert row["n"] == result["per_task_rows"][t] and row["selector_top1"] == 1.0
+        for k in ("routed", "base", "mixed"):
+            assert row["perplexity"][k] == result["perplexity"][k][t]
+            assert row["exact_match"][k] == result["quality"][k][t]["exact_match"]
+            assert row["rougeL"][k] == result["quality"][k][t]["rougeL"]
+    every = s["table"]["all"]
+    assert every["n"] == s["test_instructions"] == sum(s["table"][t]["n"] for t in tasks)
+    for k in ("routed", "base", "mixed"):
+        per = [s["table"][t]["perplexity"][k] for t in tasks]
+        assert min(per) <= every["perplexity"][k] <= max(per)  # pooled over the tokens of all
+        for metric in ("exact_match", "rougeL"):  # answers: the mean over all rows
+            mean = sum(s["table"][t]["n"] * s["table"][t][metric][k] for t in tasks) / every["n"]
+            assert every[metric][k] == pytest.approx(mean)
+    assert every["perplexity"]["routed"] < every["perplexity"]["base"]
+    assert every["perplexity"]["mixed"] < every["perplexity"]["base"]
+    # every adapter had the same passes over its own rows: the mixed one as many steps as all tasks
+    b = s["budget"]
+    assert {x["epochs"] for x in b.values()} == {3}
+    assert b[MIXED]["train_rows"] == sum(b[t]["train_rows"] for t in tasks) == 36
+    assert b[MIXED]["steps"] == sum(b[t]["steps"] for t in tasks) == 27
+    table = format_routing(s).splitlines()
+    assert table[1].split() == ["task", "n", "top-1", *["routed", "base", "mixed"] * 3]
+    assert table[-1].split()[:6] == ["all", "12", "1.000"] + [
+        f"{every['perplexity'][k]:.2f}" for k in ("routed", "base", "mixed")
+    ]
+    # the demo's own store gives the mixed adapter and the selector the task adapters' budget
+    cfg = from_dict(RouteConfig, routing_config(tmp_path / "demo"))
+    assert cfg.mixed_train == cfg.train == cfg.selector_train and cfg.train.epochs == 3
+
+
+def test_demo_routing_part_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):
+    """run_routing_demo on the embedded T0 rows with a tiny model: store, table, budgets, times."""
+    from lorachain.demo import run_routing_demo
+
+    s = run_routing_demo(tmp_path / "routing", "fp32", epochs=1, model=str(tiny_dir))
+    out = capsys.readouterr().out
+    assert s["test_instructions"] == 32 and list(s["table"])[-1] == "all"
+    assert len(s["table"]) == 5 and s["table"]["all"]["n"] == 32
+    b = s["budget"]  # 24 train rows per task, 96 in all, batches of 4, one epoch each
+    assert [b[t]["steps"] for t in b if b[t]["kind"] == "task"] == [6, 6, 6, 6]
+    assert b[MIXED]["steps"] == b[SELECTOR]["steps"] == 24
+    ppl = s["table"]["all"]["perplexity"]
+    assert all(1 < v < float("inf") for v in ppl.values()) and ppl["base"] != ppl["mixed"]
+    w = s["wall_seconds"]
+    assert w["total"] >= w["train"] + w["eval"] > 0
+    assert "each of the 4 task adapters: 1 epoch over its own task's 24 train rows" in out
+    assert "mixed adapter: 1 epoch over all 96 train rows (24 steps of 4)" in out
+    assert len(s["examples"]) == 4 and (tmp_path / "routing" / "eval" / "route_eval.md").is_file()
+
+
 def test_human_rates(tmp_path):
     sheet = tmp_path / "s.csv"
     sheet.write_text(
