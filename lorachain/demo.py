@@ -1,5 +1,7 @@
 """`lorachain demo`: COLA (rank 8 then 4) against plain LoRA at the same budget, on SmolLM2-135M
-and a few hundred embedded SST-2 rows; prints a side-by-side table and writes JSON and a PNG."""
+and a few hundred embedded SST-2 rows; then a small task-routing store on embedded T0 rows, its
+routed task adapters against the base model and the mixed adapter. Prints the tables and writes
+JSON and a PNG."""
 
 from __future__ import annotations
 
@@ -120,9 +122,7 @@ def _zero_shot(cfg_dict: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["method", "links", "steps", "train_loss", "eval_loss", "accuracy", "train_s", "peak_mem_mb"]
-    lines = [cols] + [[str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines)
+    return "\n".join(align([cols] + [[str(r[c]) for c in cols] for r in rows]))
 
 
 ROUTING_EPOCHS = 3  # every adapter of the routing store: this many passes over its own train rows
@@ -194,12 +194,11 @@ def routing_summary(router, store: Path, out: Path, max_new_tokens: int = 24) ->
             "rougeL": {k: quality[k]["rougeL"] for k in ROUTING_KINDS},
         }
 
-    table = {
-        t: row(
-            n, sel["per_task"][t]["top1"], *({k: r[x][k][t] for k in r[x]} for x in ("perplexity", "quality"))
-        )
-        for t, n in r["per_task_rows"].items()
-    }
+    table = {}
+    for t, n in r["per_task_rows"].items():
+        ppl = {k: r["perplexity"][k][t] for k in ROUTING_KINDS}
+        quality = {k: r["quality"][k][t] for k in ROUTING_KINDS}
+        table[t] = row(n, sel["per_task"][t]["top1"], ppl, quality)
     o = r["overall"]
     table["all"] = row(o["rows"], sel["top1"], o["perplexity"], o["quality"])
     return {
