@@ -105,6 +105,38 @@ def test_store_records_the_selector_and_routes_the_test_split(stores, kind):
     assert answers[0].top_k[0]["task"] == "alpha" and len(answers[0].top_k) == 3
 
 
+@pytest.mark.parametrize("kind", ["embedding", "encoder", "full"])
+def test_every_kind_routes_through_the_server_and_the_proxy(stores, kind):
+    """`model: auto` over HTTP: the local server and a proxy in front of it pick the same adapter
+    as the Router and return its answer."""
+    import httpx
+
+    from lorachain.serve.api import create_app
+    from lorachain.serve.background import BackgroundServer
+    from lorachain.serve.engine import Engine
+    from lorachain.serve.proxy import create_proxy_app
+
+    engine = Engine(router(stores[kind]), window_ms=1)
+    local = BackgroundServer(create_app(engine, max_tokens_limit=8))
+    proxy = BackgroundServer(create_proxy_app(router(stores[kind]), local.url + "/v1", max_tokens_limit=8))
+    expected = router(stores[kind]).ask(["blue sea blue"], max_new_tokens=3)[0]
+    try:
+        for srv in (local, proxy):
+            body = {"model": "auto", "prompt": "blue sea blue", "max_tokens": 3}
+            r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["lorachain_route"]["adapter"] == expected.adapter == "beta"
+        texts = [
+            httpx.post(f"{srv.url}/v1/completions", json=body | {"model": "beta"}, timeout=60).json()
+            for srv in (local, proxy)
+        ]
+        assert texts[0]["choices"][0]["text"] == texts[1]["choices"][0]["text"]
+    finally:
+        proxy.stop()
+        local.stop()
+        engine.close()
+
+
 def test_min_confidence_sends_unsure_instructions_to_the_fallback(stores):
     r = router(stores["embedding"], min_confidence=0.999999)
     sel = r.select(["red blue green"])[0]
