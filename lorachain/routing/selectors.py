@@ -63,15 +63,60 @@ def get_kind(name: str, where: str = "selector.kind") -> Kind:
 
 # -- shared pieces -------------------------------------------------------------------------------
 @torch.no_grad()
-def score_labels(model, tok, select_cfg, label_ids: list[list[int]], labels: list[str], texts: list[str]):
-    """`score` mode: each label's log-likelihood after the task prompt, normalised over labels."""
-    from lorachain.data import prompt_ids
-    from lorachain.evaluate import continuation_logprobs
+def batch_logprobs(model, prompts: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
+    """Sum of log-probs of every continuation after every prompt, (P, C): the prompts run as one
+    left-padded batch (positions count real tokens only), their KV cache is repeated for the
+    continuations, which run right-padded as a second batch (skipped when all are one token)."""
+    device = next(model.parameters()).device
+    n, k, width = len(prompts), len(conts), max(map(len, prompts))
+    ids = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (P, T)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V) predicts each first token
+    heads = torch.tensor([c[0] for c in conts], device=device)
+    scores = first[:, heads]  # (P, C)
+    cw = max(map(len, conts))
+    if cw == 1:
+        return scores
+    out.past_key_values.batch_repeat_interleave(k)
+    cids = torch.zeros((k, cw), dtype=torch.long)
+    cmask = torch.zeros((k, cw), dtype=torch.long)
+    for j, c in enumerate(conts):
+        cids[j, : len(c)], cmask[j, : len(c)] = torch.tensor(c), 1
+    cids, cmask = cids.to(device).repeat(n, 1), cmask.to(device).repeat(n, 1)  # (P*C, W)
+    full = torch.cat([mask.repeat_interleave(k, 0), cmask], dim=1)  # (P*C, T + W)
+    cpos = pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(cw, device=device)  # (P*C, W)
+    cache = out.past_key_values
+    logits = model(input_ids=cids, attention_mask=full, position_ids=cpos, past_key_values=cache).logits
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (P*C, W-1, V): j predicts j + 1
+    rest = logp.gather(-1, cids[:, 1:, None]).squeeze(-1) * cmask[:, 1:]  # (P*C, W-1)
+    return scores + rest.sum(-1).view(n, k)
 
+
+@torch.no_grad()
+def score_labels(
+    model,
+    tok,
+    select_cfg,
+    label_ids: list[list[int]],
+    labels: list[str],
+    texts: list[str],
+    batch_size: int = 8,
+):
+    """`score` mode: each label's log-likelihood after the task prompt, normalised over labels;
+    `batch_size` instructions per forward pass (1: one at a time, as the paper's selector)."""
+    from lorachain.data import prompt_ids
+
+    reserve = max(map(len, label_ids))
+    prompts = [prompt_ids(select_cfg, tok, {"instruction": x}, reserve) for x in texts]
     sels = []
-    for x in texts:
-        prompt = prompt_ids(select_cfg, tok, {"instruction": x}, max(map(len, label_ids)))
-        sels.append(Selection(*rank_scores(labels, continuation_logprobs(model, prompt, label_ids))))
+    for k in range(0, len(prompts), max(batch_size, 1)):
+        for row in batch_logprobs(model, prompts[k : k + batch_size], label_ids).tolist():
+            sels.append(Selection(*rank_scores(labels, row)))
     return sels
 
 

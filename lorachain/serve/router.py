@@ -17,10 +17,9 @@ from peft import PeftModel
 from lorachain.chat import chat_template, generation_ids, selector_text
 from lorachain.config import ConfigError, DataConfig, ModelConfig
 from lorachain.data import prompt_ids
-from lorachain.evaluate import continuation_logprobs
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
-from lorachain.routing.select import Selection, decide, match_labels, rank_scores
-from lorachain.routing.selectors import get_kind
+from lorachain.routing.select import Selection, decide, match_labels
+from lorachain.routing.selectors import get_kind, score_labels
 from lorachain.serve.slots import AdapterSlots
 from lorachain.store import (
     MIXED,
@@ -106,6 +105,7 @@ class Router:
         self.label_ids = [tokenizer(f" {x}", add_special_tokens=False)["input_ids"] for x in self.labels]
         self.adapters = {a["task"]: name for name, a in manifest.adapters.items() if a["kind"] == "task"}
         self.selector_fn = None  # set by from_store for selector kinds other than `lora`
+        self.score_batch = 8  # instructions per selector forward pass in `score` mode
 
     @classmethod
     def from_store(cls, path: str | Path, model=None, tokenizer=None, **kwargs) -> Router:
@@ -170,15 +170,8 @@ class Router:
         if self.selector_fn is not None:  # an encoder, embedding or full selector ranks every label
             sels = self.selector_fn(instructions)
         elif mode == "score":
-            sels = []
-            for x in instructions:
-                prompt = prompt_ids(
-                    self.select_cfg, self.tok, {"instruction": x}, max(map(len, self.label_ids))
-                )
-                ranked, probs = rank_scores(
-                    self.labels, continuation_logprobs(self.model, prompt, self.label_ids)
-                )
-                sels.append(Selection(ranked, probs))
+            args = (self.model, self.tok, self.select_cfg, self.label_ids, self.labels, instructions)
+            sels = score_labels(*args, self.score_batch)
         else:
             longest = max(len(ids) for ids in self.label_ids) + 4
             prompts = [
