@@ -13,7 +13,7 @@ from lorachain.evaluate import continuation_logprobs
 from lorachain.routing.selectors import batch_logprobs, score_labels
 from lorachain.serve.router import Router
 from lorachain.serve.slots import WEIGHTS
-from lorachain.store import SELECTOR, random_store
+from lorachain.store import SELECTOR, StoreError, random_store
 
 TEMPLATES = {"prompt": "{instruction} =>", "task_prompt": "{instruction} task:", "max_length": 32}
 TEXTS = ["red", "blue sea blue sky", "a b c d e f g h i j", "sky", "red sky red sea red", "x y", "z", "b"]
@@ -92,3 +92,31 @@ def test_buffered_slots_answer_like_plain_peft(store):
             got = r.model(input_ids=x).logits
             fresh = PeftModel.from_pretrained(tiny_model("llama"), str(store / "adapters" / name)).eval()
             torch.testing.assert_close(got, fresh(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_weights_are_refused_on_the_one_read_and_the_slot_is_not_used(store, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    weights = copy / "adapters" / "beta" / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        data = data[:-10]
+    else:
+        data[-5] ^= 0x01  # same size, same header, one weight changed
+    weights.write_bytes(bytes(data))
+    r = router(copy, cache_size=1)
+    r.activate("alpha")
+    with pytest.raises(StoreError, match=r"beta/adapter_model.safetensors: sha256 does not match"):
+        r.activate("beta")  # into alpha's reused slot
+    assert r.cache == []  # alpha was evicted, beta never counted as loaded
+    x = torch.tensor([[2, 49, 50, 49, 7]])
+    for name in ("gamma", "alpha"):
+        r.activate(name)
+        with torch.no_grad():
+            fresh = PeftModel.from_pretrained(tiny_model("llama"), str(store / "adapters" / name)).eval()
+            torch.testing.assert_close(r.model(input_ids=x).logits, fresh(input_ids=x).logits)
+    with pytest.raises(StoreError, match="sha256 does not match"):
+        router(copy, cache_size=2).activate("beta")  # a new slot: refused before PEFT sees the file

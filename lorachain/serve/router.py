@@ -20,7 +20,7 @@ from lorachain.data import prompt_ids
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels
 from lorachain.routing.selectors import get_kind, score_labels
-from lorachain.serve.slots import AdapterSlots
+from lorachain.serve.slots import WEIGHTS, AdapterSlots
 from lorachain.store import (
     MIXED,
     SELECTOR,
@@ -151,8 +151,19 @@ class Router:
             if name != SELECTOR:
                 self.slots.lru.move_to_end(name)
             return False
-        self.slots.get(name, verify_adapter(self.root, self.manifest, name))
+        self.slots.get(name, *self._verified(name))
         return True
+
+    def _verified(self, name: str) -> tuple[Path, str | None]:
+        """`verify_adapter`, except that the weights file's sha256 is returned, for the slot to
+        check on the one read that loads it (no second read of the file)."""
+        entry = self.manifest.adapters.get(name)
+        weights = f"{entry['path']}/{WEIGHTS}" if entry else None
+        if entry is None or weights not in entry["files"]:
+            return verify_adapter(self.root, self.manifest, name), None
+        rest = {k: v for k, v in entry["files"].items() if k != weights}
+        verify_adapter(self.root, replace(self.manifest, adapters={name: {**entry, "files": rest}}), name)
+        return self.root / entry["path"], entry["files"][weights]
 
     def activate(self, name: str) -> bool:
         """Load adapter `name` if needed and make it the active one; True if it was cold."""

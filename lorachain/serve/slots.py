@@ -13,6 +13,7 @@ with no state dict in between.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -23,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load as load_safetensors
 
 from lorachain.models import device_of
-from lorachain.store import StoreError, short_reason
+from lorachain.store import StoreError, sha256_file, short_reason
 
 SIGNATURE_KEYS = (
     "r",
@@ -49,25 +50,69 @@ def signature(folder: Path) -> str:
     )
 
 
-def read_layout(path: Path) -> tuple[int, Layout | None]:
-    """(byte offset of the data section, layout) of a safetensors file; layout None when the file
-    mixes dtypes, has gaps, or holds a dtype this reader does not map."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    dtypes = {v["dtype"] for v in header.values()}
-    entries = sorted(
-        ((k, tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()), key=lambda e: e[2]
-    )
+def parse_layout(raw: bytes) -> Layout | None:
+    """The layout of a safetensors header; None when the file mixes dtypes, has gaps, holds a
+    dtype this reader does not map, or is not a header at all."""
+    try:
+        header = json.loads(raw)
+        header.pop("__metadata__", None)
+        dtypes = {v["dtype"] for v in header.values()}
+        entries = sorted(
+            ((k, tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()), key=lambda e: e[2]
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
     end = 0
     for _, _, a, b in entries:
         if a != end:
-            return 8 + n, None
+            return None
         end = b
-    if len(dtypes) != 1 or next(iter(dtypes)) not in ST_DTYPES:
-        return 8 + n, None
-    return 8 + n, (next(iter(dtypes)), tuple(entries))
+    if not entries or len(dtypes) != 1 or next(iter(dtypes)) not in ST_DTYPES:
+        return None
+    return next(iter(dtypes)), tuple(entries)
+
+
+def read_layout(path: Path) -> Layout | None:
+    with open(path, "rb") as f:
+        return parse_layout(f.read(int.from_bytes(f.read(8), "little")))
+
+
+def check_sha256(path: Path, digest: str | None) -> None:
+    if not path.is_file():
+        raise StoreError(f"{path}: missing (listed in the manifest)")
+    if digest is not None and sha256_file(path) != digest:
+        raise StoreError(f"{path}: sha256 does not match the manifest (file changed or truncated)")
+
+
+def read_weights(
+    path: Path, digest: str | None, into: torch.Tensor | None = None, layout: Layout | None = None
+) -> tuple[torch.Tensor, Layout] | None:
+    """One read of a safetensors file whose data section goes straight into a buffer: `into` if
+    the file's layout is `layout`, else a new one (fp32 files only). The file's sha256 is checked
+    against `digest` on the way (a mismatch raises; `into` then holds garbage). None, with nothing
+    written, when the file cannot be read this way."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        if len(head) < 8 or n > 1 << 27:
+            return None
+        raw = f.read(n)
+        found = parse_layout(raw)
+        if found is None or (into is None and found[0] != "F32") or (into is not None and found != layout):
+            return None
+        into = torch.empty(found[1][-1][3] // 4, dtype=torch.float32) if into is None else into  # (N,)
+        if into.device.type != "cpu" or found[1][-1][3] != into.nbytes:
+            return None
+        view = memoryview(into.view(torch.uint8).numpy())
+        got = f.readinto(view)
+        for part in (head, raw, view[:got]):
+            h.update(part)
+        for block in iter(lambda: f.read(1 << 16), b""):  # trailing bytes belong to the file too
+            h.update(block)
+    if got != into.nbytes or (digest is not None and h.hexdigest() != digest):
+        raise StoreError(f"{path}: sha256 does not match the manifest (file changed or truncated)")
+    return into, found
 
 
 def packed_layout(params: dict[str, torch.Tensor]) -> Layout:
@@ -101,8 +146,9 @@ class AdapterSlots:
         self.shape[name] = signature(folder)
         self.lru[name] = name
 
-    def get(self, name: str, folder: Path) -> tuple[str, bool]:
-        """The slot holding adapter `name` (from `folder`), loading it if needed; (slot, cold)."""
+    def get(self, name: str, folder: Path, digest: str | None = None) -> tuple[str, bool]:
+        """The slot holding adapter `name` (from `folder`), loading it if needed; (slot, cold).
+        `digest`: the weights file's sha256, checked on the read that loads it."""
         if name in self.lru:
             self.lru.move_to_end(name)
             return self.lru[name], False
@@ -113,26 +159,21 @@ class AdapterSlots:
         if slot is None and len(self.params) >= self.capacity:
             victim = next((n for n, s in self.lru.items() if self.shape[s] == sig), next(iter(self.lru)))
             slot = self.lru.pop(victim)
-        if slot is not None and self.shape.get(slot) == sig and self._copy_into(slot, folder):
+        if slot is not None and self.shape.get(slot) == sig and self._copy_into(slot, folder, digest):
             self.lru[name] = slot
             return slot, True
         slot = slot or f"slot{len(self.params)}"
-        self._build(slot, folder, sig)
+        self._build(slot, folder, sig, digest)
         self.lru[name] = slot
         return slot, True
 
-    def _copy_into(self, slot: str, folder: Path) -> bool:
+    def _copy_into(self, slot: str, folder: Path, digest: str | None) -> bool:
         """Load the weights of `folder` into `slot`'s buffer; False if its keys do not fit the slot."""
         path = folder / WEIGHTS
-        start, layout = read_layout(path)
         flat = self.flat[slot]
-        if flat is not None and layout == self.layout[slot] and flat.device.type == "cpu":
-            with open(path, "rb") as f:  # the data section is the buffer, byte for byte
-                f.seek(start)
-                got = f.readinto(memoryview(flat.view(torch.uint8).numpy()))
-            if got != flat.nbytes:
-                raise StoreError(f"{path}: {got} bytes of weights, expected {flat.nbytes}")
-            return True
+        if flat is not None and read_weights(path, digest, flat, self.layout[slot]) is not None:
+            return True  # the data section is the buffer, byte for byte
+        check_sha256(path, digest)
         tensors = load_safetensors(path.read_bytes())
         keys = [e[0] for e in self.layout[slot][1]]
         if tensors.keys() != set(keys):
@@ -149,12 +190,18 @@ class AdapterSlots:
                 params[key].copy_(value)
         return True
 
-    def _build(self, slot: str, folder: Path, sig: str) -> None:
+    def _build(self, slot: str, folder: Path, sig: str, digest: str | None = None) -> None:
         if slot in self.params:
             self.model.delete_adapter(slot)
             del self.params[slot], self.flat[slot], self.layout[slot]
+        path = folder / WEIGHTS
+        read = read_weights(path, digest) if device_of(self.model).type == "cpu" else None
+        if read is None:
+            check_sha256(path, digest)
         try:
-            if not self._build_from_file(slot, folder):
+            if read is not None:
+                self._build_from(slot, folder, *read)
+            else:
                 self.model.load_adapter(str(folder), adapter_name=slot, low_cpu_mem_usage=True)
         except (RuntimeError, ValueError, KeyError) as e:  # shapes or names that do not fit the base
             if slot in self.model.peft_config:
@@ -164,37 +211,25 @@ class AdapterSlots:
         self._pack(slot, folder)
         self.shape[slot] = sig
 
-    def _build_from_file(self, slot: str, folder: Path) -> bool:
+    def _build_from(self, slot: str, folder: Path, flat: torch.Tensor, layout: Layout) -> None:
         """PEFT's `load_adapter` without its state dict: the slot's modules are made on the meta
-        device and their weights become views of one buffer read from the file. False (nothing
-        done) unless the file is plain fp32 and the model is on the CPU."""
-        path = folder / WEIGHTS
-        start, layout = read_layout(path)
-        if layout is None or layout[0] != "F32" or device_of(self.model).type != "cpu":
-            return False
+        device and their weights become views of `flat`, read from the file."""
         config = PeftConfig.from_pretrained(str(folder))
         config.inference_mode = True
         self.model.add_adapter(slot, config, low_cpu_mem_usage=True)
-        flat = torch.empty(layout[1][-1][3] // 4, dtype=torch.float32)  # (N,)
-        with open(path, "rb") as f:
-            f.seek(start)
-            got = f.readinto(memoryview(flat.view(torch.uint8).numpy()))
-        if got != flat.nbytes:
-            raise ValueError(f"{got} bytes of weights, expected {flat.nbytes}")
         views = {key: flat[a // 4 : b // 4].view(shape) for key, shape, a, b in layout[1]}
         result = set_peft_model_state_dict(self.model, views, adapter_name=slot, low_cpu_mem_usage=True)
         missing = [k for k in result.missing_keys if f".{slot}." in k]
         if missing:
             raise KeyError(f"no weights for {missing[0]}")
         self.model.eval()  # as load_adapter: the new dropout modules in inference mode
-        return True
 
     @torch.no_grad()
     def _pack(self, slot: str, folder: Path) -> None:
         """Move `slot`'s parameters into one buffer, laid out as `folder`'s file when it can be."""
         tag = f".{slot}."
         params = {n.replace(tag, "."): p for n, p in self.model.named_parameters() if tag in n}
-        _, layout = read_layout(folder / WEIGHTS)
+        layout = read_layout(folder / WEIGHTS)
         if not params:
             raise StoreError(f"{folder}: the adapter has no LoRA weights")
         first = next(iter(params.values()))
