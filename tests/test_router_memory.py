@@ -112,6 +112,7 @@ def test_damaged_weights_are_refused_on_the_one_read_and_the_slot_is_not_used(st
     with pytest.raises(StoreError, match=r"beta/adapter_model.safetensors: sha256 does not match"):
         r.activate("beta")  # into alpha's reused slot
     assert r.cache == []  # alpha was evicted, beta never counted as loaded
+    assert all(float(p.abs().sum()) == 0 for p in r.slots.params["slot0"])  # no half-read weights
     x = torch.tensor([[2, 49, 50, 49, 7]])
     for name in ("gamma", "alpha"):
         r.activate(name)

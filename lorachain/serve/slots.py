@@ -89,7 +89,7 @@ def read_weights(
 ) -> tuple[torch.Tensor, Layout] | None:
     """One read of a safetensors file whose data section goes straight into a buffer: `into` if
     the file's layout is `layout`, else a new one (fp32 files only). The file's sha256 is checked
-    against `digest` on the way (a mismatch raises; `into` then holds garbage). None, with nothing
+    against `digest` on the way (a mismatch raises, and leaves `into` zeroed). None, with nothing
     written, when the file cannot be read this way."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -111,6 +111,7 @@ def read_weights(
         for block in iter(lambda: f.read(1 << 16), b""):  # trailing bytes belong to the file too
             h.update(block)
     if got != into.nbytes or (digest is not None and h.hexdigest() != digest):
+        into.zero_()  # a reused slot holds no half-read weights: zero LoRA until it is loaded again
         raise StoreError(f"{path}: sha256 does not match the manifest (file changed or truncated)")
     return into, found
 
