@@ -66,9 +66,10 @@ def get_kind(name: str, where: str = "selector.kind") -> Kind:
 def batch_logprobs(model, prompts: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
     """Sum of log-probs of every continuation after every prompt, (P, C): the prompts run as one
     left-padded batch (positions count real tokens only), their KV cache is repeated for the
-    continuations, which run right-padded as a second batch (skipped when all are one token)."""
+    continuations of two or more tokens, which run right-padded as a second batch without their
+    last token (the first token of each is scored by the prompt pass)."""
     device = next(model.parameters()).device
-    n, k, width = len(prompts), len(conts), max(map(len, prompts))
+    n, width = len(prompts), max(map(len, prompts))
     ids = torch.zeros((n, width), dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -83,22 +84,27 @@ def batch_logprobs(model, prompts: list[list[int]], conts: list[list[int]]) -> t
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V) predicts each first token
     heads = torch.tensor([c[0] for c in conts], device=device)
     scores = first[:, heads]  # (P, C)
-    cw = max(map(len, conts))
-    if cw == 1:
+    multi = [j for j, c in enumerate(conts) if len(c) > 1]  # only these need a second pass
+    if not multi:
         return scores
+    k, cw = len(multi), max(len(conts[j]) for j in multi) - 1
     out.past_key_values.batch_repeat_interleave(k)
-    cids = torch.zeros((k, cw), dtype=torch.long)
+    cids = torch.zeros((k, cw), dtype=torch.long)  # each label but its last token: nothing reads it
+    targets = torch.zeros((k, cw), dtype=torch.long)  # what each position predicts
     cmask = torch.zeros((k, cw), dtype=torch.long)
-    for j, c in enumerate(conts):
-        cids[j, : len(c)], cmask[j, : len(c)] = torch.tensor(c), 1
-    cids, cmask = cids.to(device).repeat(n, 1), cmask.to(device).repeat(n, 1)  # (P*C, W)
-    full = torch.cat([mask.repeat_interleave(k, 0), cmask], dim=1)  # (P*C, T + W)
-    cpos = pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(cw, device=device)  # (P*C, W)
+    for i, j in enumerate(multi):
+        c = conts[j]
+        cids[i, : len(c) - 1], targets[i, : len(c) - 1] = torch.tensor(c[:-1]), torch.tensor(c[1:])
+        cmask[i, : len(c) - 1] = 1
+    cids, targets, cmask = (t.to(device).repeat(n, 1) for t in (cids, targets, cmask))  # (P*K, W)
+    full = torch.cat([mask.repeat_interleave(k, 0), cmask], dim=1)  # (P*K, T + W)
+    cpos = pos[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(cw, device=device)  # (P*K, W)
     cache = out.past_key_values
     logits = model(input_ids=cids, attention_mask=full, position_ids=cpos, past_key_values=cache).logits
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (P*C, W-1, V): j predicts j + 1
-    rest = logp.gather(-1, cids[:, 1:, None]).squeeze(-1) * cmask[:, 1:]  # (P*C, W-1)
-    return scores + rest.sum(-1).view(n, k)
+    logp = F.log_softmax(logits.float(), dim=-1)  # (P*K, W, V)
+    rest = logp.gather(-1, targets[..., None]).squeeze(-1) * cmask  # (P*K, W)
+    scores[:, multi] += rest.sum(-1).view(n, k)
+    return scores
 
 
 @torch.no_grad()
