@@ -1,8 +1,9 @@
 """One base model in memory, adapters from a store: select a task, swap its adapter in, answer.
 
-`Router.from_store(path).ask(instructions)` runs the task-selection adapter (`score` or `generate`
-mode), picks each instruction's task adapter (loaded from disk on first use, kept in a bounded LRU,
-sha256-checked against the manifest) and generates the answers greedily, batched per adapter.
+`Router.from_store(path).ask(instructions)` runs the task-selection adapter (`score` mode, a batch
+of `score_batch` instructions per forward pass, or `generate` mode), picks each instruction's task
+adapter (loaded from disk on first use, kept in a bounded LRU, sha256-checked against the manifest)
+and generates the answers greedily, batched per adapter.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Router:
         fallback: str = MIXED,
         min_confidence: float = 0.0,
         max_new_tokens: int = 64,
+        score_batch: int = 8,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -74,6 +76,8 @@ class Router:
             )
         if cache_size < 1:
             raise ConfigError("cache_size: expected >= 1")
+        if score_batch < 1:
+            raise ConfigError("score_batch: expected >= 1")
         self.root, self.manifest, self.model, self.tok = Path(root), manifest, model, tokenizer
         self.mode, self.top_k, self.cache_size = mode, top_k, cache_size
         self.fallback, self.min_confidence, self.max_new_tokens = fallback, min_confidence, max_new_tokens
@@ -105,7 +109,7 @@ class Router:
         self.label_ids = [tokenizer(f" {x}", add_special_tokens=False)["input_ids"] for x in self.labels]
         self.adapters = {a["task"]: name for name, a in manifest.adapters.items() if a["kind"] == "task"}
         self.selector_fn = None  # set by from_store for selector kinds other than `lora`
-        self.score_batch = 8  # instructions per selector forward pass in `score` mode
+        self.score_batch = score_batch  # instructions per selector forward pass in `score` mode
 
     @classmethod
     def from_store(cls, path: str | Path, model=None, tokenizer=None, **kwargs) -> Router:
