@@ -49,9 +49,10 @@ def test_router_score_selection_same_in_batches_as_one_by_one(store):
     r.activate(SELECTOR)
     args = (r.model, r.tok, r.select_cfg, r.label_ids, r.labels, TEXTS)
     one, batched = score_labels(*args, batch_size=1), score_labels(*args, batch_size=8)
-    for a, b in zip(one, batched, strict=True):
-        assert a.ranked == b.ranked
+    for a, b, c in zip(one, batched, score_labels(*args, batch_size=3), strict=True):  # c: regrouped
+        assert a.ranked == b.ranked == c.ranked
         torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(c.scores), rtol=1e-4, atol=1e-5)
     reserve = max(map(len, r.label_ids))
     for x, sel in zip(TEXTS, batched, strict=True):  # and the log-probs of the old per-prompt path
         lp = continuation_logprobs(

@@ -118,16 +118,20 @@ def score_labels(
     batch_size: int = 8,
 ):
     """`score` mode: each label's log-likelihood after the task prompt, normalised over labels;
-    `batch_size` instructions per forward pass (1: one at a time, as the paper's selector)."""
+    `batch_size` instructions of similar length per forward pass (1: one at a time)."""
     from lorachain.data import prompt_ids
 
     reserve = max(map(len, label_ids))
     prompts = [prompt_ids(select_cfg, tok, {"instruction": x}, reserve) for x in texts]
-    sels = []
-    for k in range(0, len(prompts), max(batch_size, 1)):
-        for row in batch_logprobs(model, prompts[k : k + batch_size], label_ids).tolist():
-            sels.append(Selection(*rank_scores(labels, row)))
-    return sels
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of like lengths
+    rows: list[list[float]] = [[] for _ in prompts]
+    step = max(batch_size, 1)
+    for k in range(0, len(order), step):
+        idx = order[k : k + step]
+        scores = batch_logprobs(model, [prompts[i] for i in idx], label_ids)  # (B, L)
+        for i, row in zip(idx, scores.tolist(), strict=True):
+            rows[i] = row
+    return [Selection(*rank_scores(labels, row)) for row in rows]
 
 
 def ranked(labels: list[str], probs: torch.Tensor) -> list[Selection]:
