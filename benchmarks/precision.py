@@ -3,7 +3,9 @@
 One command: `python benchmarks/precision.py [--steps 10 --repeats 3 --threads 1 --accuracy]`.
 SmolLM2-135M-Instruct, the demo's SST-2 rows (batch 8), LoRA r=8 on q/v, trained by lorachain's one
 step loop (`train.run_steps`) in three precisions: fp32, bf16 autocast (fp32 base; frozen weights
-held in bf16 with fp32 masters), and bf16 with the base itself in bf16 (`model.dtype: bfloat16`).
+held in bf16 with fp32 masters), and bf16 with the base itself in bf16 (`model.dtype: bfloat16`);
+each with the precision policy's attention kernel, plus bf16 with SDPA attention (what the policy's
+eager choice buys).
 Every timing run is a fresh process, configurations interleaved, medians over repeats. Step time is
 taken as the process's CPU time per step with a fixed thread count (default 1), so runs on a shared,
 busy machine still compare fairly (wall time is recorded too). Training FLOPs are counted by
@@ -28,7 +30,15 @@ METHODS = {
     "lora": [{"rank": 8, "alpha": 16}],
     "cola": [{"rank": 8, "alpha": 16, "fraction": 0.5}, {"rank": 8, "alpha": 16, "fraction": 0.5}],
 }
-PRECISIONS = {"fp32": ("fp32", "float32"), "bf16": ("bf16", "float32"), "bf16-base": ("bf16", "bfloat16")}
+# name: (train.precision, model.dtype, model.attn_implementation); `auto` attention is the
+# precision policy's choice (eager for bf16 on CPU at these lengths), `bf16-sdpa` shows what it buys
+PRECISIONS = {
+    "fp32": ("fp32", "float32", "auto"),
+    "bf16": ("bf16", "float32", "auto"),
+    "bf16-base": ("bf16", "bfloat16", "auto"),
+    "bf16-sdpa": ("bf16", "float32", "sdpa"),
+}
+QUALITY = ("fp32", "bf16", "bf16-base")  # trained and evaluated with --accuracy
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
@@ -51,9 +61,10 @@ def config(method: str, precision: str, steps: int | None, out: str, evaluate: b
     from lorachain.config import RunConfig, from_dict
     from lorachain.demo import demo_config
 
-    prec, dtype = PRECISIONS[precision]
+    prec, dtype, attn = PRECISIONS[precision]
     raw = demo_config(Path(out), METHODS[method], steps, prec)
     raw["model"]["dtype"] = dtype
+    raw["model"]["attn_implementation"] = attn
     raw["train"]["save_every"] = 10_000
     if not evaluate:
         raw["data"]["eval"] = None
@@ -189,7 +200,7 @@ def main() -> None:
     quality = []
     if args.accuracy:
         for method in METHODS:
-            for precision in PRECISIONS:
+            for precision in QUALITY:
                 quality.append(fresh("train", method, precision))
                 q = quality[-1]
                 print(
@@ -208,10 +219,12 @@ def main() -> None:
     result = {
         "step_time_ratio_bf16": by["lora bf16"]["step_time_ratio"],
         "step_time_ratio_bf16_base": by["lora bf16-base"]["step_time_ratio"],
+        "step_time_ratio_bf16_sdpa": by["lora bf16-sdpa"]["step_time_ratio"],
         "rss_ratio_bf16": by["lora bf16"]["rss_ratio"],
         "accuracy_fp32": acc.get(("lora", "fp32"), {}).get("accuracy"),
         "accuracy_bf16": acc.get(("lora", "bf16"), {}).get("accuracy"),
         "fraction_of_bf16_peak": by["lora bf16"]["fraction_of_peak"],
+        "attention": {p: a for p, (_, _, a) in PRECISIONS.items()},
         "matmul_peak_gflops": peak,
         "cpu": {
             "model": platform.processor() or _cpu_name(),
