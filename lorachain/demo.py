@@ -144,6 +144,7 @@ def routing_config(
         "train": budget,
         "selector_train": budget,
         "mixed_train": budget,
+        "selector": {"kind": "lora"},  # the paper's task-selection LoRA, trained like the adapters
         "output_dir": str(out),
     }
 

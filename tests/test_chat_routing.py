@@ -66,6 +66,7 @@ def chat_store(tmp_path_factory) -> Path:
             "chain": {"links": [{"rank": 4, "alpha": 8}], "dropout": 0.0},
             "optim": {"lr": 0.02},
             "train": {"epochs": 2, "batch_size": 4},
+            "selector": {"kind": "lora"},
             "output_dir": str(tmp / "store"),
         },
     )

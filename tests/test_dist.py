@@ -91,6 +91,7 @@ def test_route_train_on_two_processes_equals_one(tmp_path):
             "chain": {"links": [{"rank": 4, "alpha": 8}], "dropout": 0.0},
             "optim": {"lr": 0.02},
             "train": {"epochs": 2, "batch_size": 4},
+            "selector": {"kind": "lora"},
             "output_dir": str(tmp_path / name),
         }
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))

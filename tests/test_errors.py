@@ -137,6 +137,7 @@ def test_interrupted_route_train_leaves_an_incomplete_store_that_resumes(tmp_pat
             "task_prompt": "{instruction} task:",
             "chain": {"links": [{"rank": 2, "alpha": 4}], "dropout": 0.0},
             "train": {"max_steps": 2, "batch_size": 4},
+            "selector": {"kind": "lora"},
             "output_dir": str(tmp_path / "store"),
         },
     )

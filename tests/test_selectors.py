@@ -84,6 +84,8 @@ def test_registry_refuses_duplicates_and_names_unknown_kinds():
         bad = {"model": {"name_or_path": "t"}, "data": {"path": "x"}, "selector": {"kind": "knn"}}
         from_dict(RouteConfig, bad)
     assert KINDS["lora"].fit is None  # the paper's selector is trained as an adapter
+    minimal = {"model": {"name_or_path": "t"}, "data": {"path": "x"}}
+    assert from_dict(RouteConfig, minimal).selector.kind == "encoder"  # the measured default (README)
 
 
 @pytest.mark.parametrize("kind", ["embedding", "encoder", "full"])
