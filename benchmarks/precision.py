@@ -77,7 +77,9 @@ def time_steps(precision: str, steps: int, threads: int, out: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lorachain.train import Trainer, peak_memory_mb, run_steps
+    from lorachain.runfolder import peak_memory_mb
+    from lorachain.step import run_steps
+    from lorachain.train import Trainer
 
     torch.set_num_threads(threads)
     cfg = config("lora", precision, steps + 2, out, evaluate=False)

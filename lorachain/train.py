@@ -1,6 +1,6 @@
 """The one training loop: LoRA, COLA and every baseline are configurations of it.
 
-`train(cfg)` runs a chain link by link inside one fixed budget: tune the link (`run_steps`), tie a
+`train(cfg)` runs a chain link by link inside one fixed budget: tune the link (`step.run_steps`), tie a
 knot, extend the chain with a fresh adapter and a new optimizer. It checkpoints atomically, resumes
 from the last checkpoint (mid-link or between links) to the same weights, and writes the run folder:
 config.json, metrics.jsonl, tb/, chain.safetensors, adapter/, summary.json (and merged/).
@@ -8,22 +8,15 @@ config.json, metrics.jsonl, tb/, chain.safetensors, adapter/, summary.json (and 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import re
-import resource
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorachain.chain.export import head_state, save_chain, write_adapter, write_merged
@@ -38,138 +31,29 @@ from lorachain.chain.knot import (
     unload,
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
-from lorachain.config import ConfigError, OptimConfig, RunConfig, from_dict
+from lorachain.config import ConfigError, RunConfig
 from lorachain.data import (
-    Example,
     candidate_ids,
     check_targets,
-    collate,
     load_examples,
-    micro_batches,
     steps_per_epoch,
 )
-from lorachain.dist import Dist, init_dist
+from lorachain.dist import init_dist
 from lorachain.evaluate import evaluate
 from lorachain.io import atomic_write, write_json, write_text
 from lorachain.models import (
     best_device,
-    device_of,
     load_model,
     load_tokenizer,
-    logits_at,
     resolve_path,
     resolve_target_modules,
     uses_conv1d,
 )
-from lorachain.precision import FP32, Precision, attention, compute_copies, resolve, restore_masters
+from lorachain.precision import attention, compute_copies, resolve, restore_masters
+from lorachain.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
+from lorachain.step import lr_factor, make_optimizer, run_steps, trainable
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """A fresh base optimizer (no state): AdamW, SGD or AdaGrad."""
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base learning rate at 0-based `step` of a `total`-step schedule."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], classifier: bool) -> torch.Tensor:
-    """Sum of the per-token (causal LM) or per-example (classifier) cross-entropy of a batch."""
-    if classifier:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-    labels = batch["labels"]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
-    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)  # (N, V)
-    return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
-
-
-def loss_units(e: Example, classifier: bool) -> int:
-    """What the loss is averaged over: target tokens (causal LM) or examples (classifier)."""
-    return 1 if classifier else sum(1 for y in e.labels[1:] if y != -100)
-
-
-def run_steps(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    examples: list[Example],
-    cfg: RunConfig,
-    start: int,
-    end: int,
-    lr_at: Callable[[int], float],
-    pad_id: int,
-    classifier: bool,
-    on_step: Callable[[int, float, int], bool],
-    dist: Dist = Dist(),  # noqa: B008 (frozen)
-    prec: Precision = FP32,
-    scaler: torch.amp.GradScaler | None = None,
-) -> int:
-    """Optimizer steps `start`..`end`-1; after each, `on_step(step_count, loss, tokens)` may stop
-    the loop by returning True. Returns the number of steps done so far (the global count).
-
-    The loss of a step is the sum over its global batch divided by the batch's target tokens (or
-    examples), so gradient accumulation and data parallelism (`dist`) follow the same gradient.
-    Forward and loss run under `prec`'s autocast; with an fp16 `scaler` the loss is scaled."""
-    t = cfg.train
-    params = trainable(model)
-    device = device_of(model)
-    model.train()
-    step = start
-    while step < end:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        batches = list(micro_batches(examples, step, t.batch_size, t.grad_accum, t.seed))
-        units = sum(loss_units(e, classifier) for chunk in batches for e in chunk)
-        if units == 0:  # nothing to learn from: no update, and reported as such (loss NaN), never 0
-            step += 1
-            if on_step(step, float("nan"), 0):
-                break
-            continue
-        loss_sum, tokens = 0.0, 0
-        for chunk in batches:
-            mine = dist.shard(chunk)
-            if not mine:
-                continue
-            batch = {k: v.to(device) for k, v in collate(mine, pad_id, classifier).items()}
-            with prec.autocast():
-                loss = summed_loss(model, batch, classifier) / units
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        dist.sum_grads(params)
-        if scaler:
-            scaler.unscale_(opt)
-        if cfg.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        if scaler:
-            scaler.step(opt)  # skipped when the scaled gradients overflowed
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if on_step(step, dist.sum(loss_sum), int(dist.sum(tokens))):
-            break
-    return step
 
 
 @dataclass
@@ -188,80 +72,6 @@ class Result:
     summary: dict
     model: nn.Module | None = None
     tokenizer: object | None = None
-
-
-class _NoWriter:
-    """TensorBoard writer of the ranks that write nothing."""
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a stop never lands mid-update."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self.old: dict = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.stop = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-def prepare_run_dir(out: Path, cfg: RunConfig) -> None:
-    """Write config.json, or check that an existing run folder holds the same config."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir: {out} is an existing file, not a folder")
-    path = out / "config.json"
-    new = json.loads(cfg.to_json())
-    if path.is_file():
-        old = json.loads(path.read_text())
-        with contextlib.suppress(ConfigError, TypeError, ValueError):  # fields added since: their defaults
-            old = json.loads(from_dict(RunConfig, old).to_json())
-        old.pop("lorachain_version", None)
-        new.pop("lorachain_version", None)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(
-                f"{out}: holds a run with another config (differs in {', '.join(diff)}); "
-                "choose another output_dir or delete it"
-            )
-        return
-    write_text(path, cfg.to_json() + "\n")
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak: CUDA's allocator counter, or (Linux) the process's peak RSS (VmHWM)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated, or the process's peak RSS since the last reset (VmHWM)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Trainer:
@@ -453,7 +263,7 @@ class Trainer:
 
         st = self.restore()
         main = self.dist.main
-        writer = SummaryWriter(str(self.out / "tb"), purge_step=st.step or None) if main else _NoWriter()
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=st.step or None) if main else NoWriter()
         metrics = (self.out / "metrics.jsonl").open("a") if main else open(os.devnull, "w")
         bar = tqdm(total=self.total, initial=st.step, disable=not self.progress, desc="train", unit="step")
         interrupted = False
@@ -494,7 +304,7 @@ class Trainer:
             return bool(reason) or interrupted
 
         try:
-            with _StopFlag() as flag:
+            with StopFlag() as flag:
                 while st.step < self.total and not interrupted:
                     run_steps(
                         self.peft,

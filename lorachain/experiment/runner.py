@@ -22,9 +22,9 @@ from pathlib import Path
 from lorachain.config import ConfigError, ExperimentConfig, RunConfig, from_dict
 from lorachain.evaluate import score_task
 from lorachain.io import write_json, write_text
+from lorachain.runfolder import peak_memory_mb, reset_peak_memory
 from lorachain.tasks import Task, TaskExample, get_task
 from lorachain.tasks.protocol import PATHS, Splits, sample_splits
-from lorachain.train import peak_memory_mb, reset_peak_memory
 
 RESERVED = (
     "n_train",

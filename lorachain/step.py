@@ -1,0 +1,127 @@
+"""One optimizer step of the one training loop, and the pieces it is made of.
+
+`run_steps` is what every method trains with (LoRA, COLA links, full fine-tuning, the selectors):
+the loss of a global batch over its target tokens, gradient accumulation and data parallelism,
+autocast and fp16 loss scaling, clipping, the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorachain.config import OptimConfig, RunConfig
+from lorachain.data import Example, collate, micro_batches
+from lorachain.dist import Dist
+from lorachain.models import device_of, logits_at
+from lorachain.precision import FP32, Precision
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """A fresh base optimizer (no state): AdamW, SGD or AdaGrad."""
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at 0-based `step` of a `total`-step schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], classifier: bool) -> torch.Tensor:
+    """Sum of the per-token (causal LM) or per-example (classifier) cross-entropy of a batch."""
+    if classifier:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)  # (N, V)
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
+
+
+def loss_units(e: Example, classifier: bool) -> int:
+    """What the loss is averaged over: target tokens (causal LM) or examples (classifier)."""
+    return 1 if classifier else sum(1 for y in e.labels[1:] if y != -100)
+
+
+def run_steps(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    examples: list[Example],
+    cfg: RunConfig,
+    start: int,
+    end: int,
+    lr_at: Callable[[int], float],
+    pad_id: int,
+    classifier: bool,
+    on_step: Callable[[int, float, int], bool],
+    dist: Dist = Dist(),  # noqa: B008 (frozen)
+    prec: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
+) -> int:
+    """Optimizer steps `start`..`end`-1; after each, `on_step(step_count, loss, tokens)` may stop
+    the loop by returning True. Returns the number of steps done so far (the global count).
+
+    The loss of a step is the sum over its global batch divided by the batch's target tokens (or
+    examples), so gradient accumulation and data parallelism (`dist`) follow the same gradient.
+    Forward and loss run under `prec`'s autocast; with an fp16 `scaler` the loss is scaled."""
+    t = cfg.train
+    params = trainable(model)
+    device = device_of(model)
+    model.train()
+    step = start
+    while step < end:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        batches = list(micro_batches(examples, step, t.batch_size, t.grad_accum, t.seed))
+        units = sum(loss_units(e, classifier) for chunk in batches for e in chunk)
+        if units == 0:  # nothing to learn from: no update, and reported as such (loss NaN), never 0
+            step += 1
+            if on_step(step, float("nan"), 0):
+                break
+            continue
+        loss_sum, tokens = 0.0, 0
+        for chunk in batches:
+            mine = dist.shard(chunk)
+            if not mine:
+                continue
+            batch = {k: v.to(device) for k, v in collate(mine, pad_id, classifier).items()}
+            with prec.autocast():
+                loss = summed_loss(model, batch, classifier) / units
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        dist.sum_grads(params)
+        if scaler:
+            scaler.unscale_(opt)
+        if cfg.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        if scaler:
+            scaler.step(opt)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if on_step(step, dist.sum(loss_sum), int(dist.sum(tokens))):
+            break
+    return step
