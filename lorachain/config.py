@@ -422,6 +422,15 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+def as_current(cls, raw: dict) -> dict:
+    """`raw` (a config as an older lorachain wrote it) read as `cls` and dumped again, so fields
+    added since take their defaults; `raw` itself if it no longer reads."""
+    try:
+        return json.loads(from_dict(cls, raw).to_json())
+    except (ConfigError, TypeError, ValueError):
+        return raw
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a plain mapping; unknown keys and bad types raise ConfigError."""
     hints = typing.get_type_hints(cls)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import resource
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lorachain.config import ConfigError, RunConfig, from_dict
+from lorachain.config import ConfigError, RunConfig, as_current
 from lorachain.io import write_text
 
 
@@ -55,8 +54,7 @@ def prepare_run_dir(out: Path, cfg: RunConfig) -> None:
     new = json.loads(cfg.to_json())
     if path.is_file():
         old = json.loads(path.read_text())
-        with contextlib.suppress(ConfigError, TypeError, ValueError):  # fields added since: their defaults
-            old = json.loads(from_dict(RunConfig, old).to_json())
+        old = as_current(RunConfig, old)  # fields added since: their defaults
         old.pop("lorachain_version", None)
         new.pop("lorachain_version", None)
         if old != new:

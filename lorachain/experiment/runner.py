@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorachain.config import ConfigError, ExperimentConfig, RunConfig, from_dict
+from lorachain.config import ConfigError, ExperimentConfig, RunConfig, as_current, from_dict
 from lorachain.evaluate import score_task
 from lorachain.io import write_json, write_text
 from lorachain.runfolder import peak_memory_mb, reset_peak_memory
@@ -330,8 +330,7 @@ def prepare(cfg: ExperimentConfig) -> None:
     new.pop("lorachain_version")
     if path.is_file():
         old = json.loads(path.read_text())
-        with contextlib.suppress(ConfigError, TypeError, ValueError):  # fields added since: their defaults
-            old = json.loads(from_dict(ExperimentConfig, old).to_json())
+        old = as_current(ExperimentConfig, old)  # fields added since: their defaults
         old.pop("lorachain_version", None)
         # the grid may grow (tasks, methods, seeds, lrs); what a finished cell means may not change
         fixed = ("model", "base", "n_train", "n_val", "n_test", "max_length", "icl_k", "max_new_tokens")
