@@ -23,6 +23,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 BIASES = ("none", "lora_only")
 INITS = ("gaussian", "kaiming")
 TASKS = ("causal_lm", "classification")
+TRUNCATIONS = ("head", "head_tail")
 CHAT_CHOICES = {
     "format": ("auto", "text", "chat"),
     "train_on": ("all_assistant", "last"),
@@ -288,6 +289,9 @@ class SelectorConfig:
     encoder: str = "sentence-transformers/all-MiniLM-L6-v2"  # encoder, embedding: hub id or folder
     temperature: float = 0.05  # embedding: softmax temperature over cosine similarities
     max_length: int = 128  # encoder, embedding: tokens read of each instruction
+    # encoder, embedding: which tokens of a longer instruction: `head` (the first), `head_tail` (the
+    # first and last halves: templates often put the task's wording after a long passage)
+    truncation: str = "head_tail"
     lr: float = 1.0e-4  # encoder: full fine-tuning learning rate (epochs from selector_train)
 
     def __post_init__(self) -> None:
@@ -296,6 +300,10 @@ class SelectorConfig:
         _check(self.kind in kind_names(), f"selector.kind: unknown {self.kind!r}; known: {kind_names()}")
         _check(self.temperature > 0, f"selector.temperature: expected > 0, got {self.temperature}")
         _check(self.max_length > 0, f"selector.max_length: expected > 0, got {self.max_length}")
+        _check(
+            self.truncation in TRUNCATIONS,
+            f"selector.truncation: expected one of {list(TRUNCATIONS)}, got {self.truncation!r}",
+        )
         _check(self.lr > 0, f"selector.lr: expected > 0, got {self.lr}")
 
 

@@ -242,3 +242,23 @@ def test_route_eval_holdout_by_dataset_writes_per_kind_results(encoder, tmp_path
         "| embedding | 1.000 |" in (out / "holdout.md").read_text()
         and "holdout.md" not in capsys.readouterr().err
     )
+
+
+def test_head_tail_clip_keeps_both_ends_of_a_long_instruction():
+    from lorachain.routing.selectors import clip
+
+    tok = make_tokenizer()  # whitespace words, no special tokens
+    long = " ".join(["red"] * 3 + ["sky"] * 20 + ["blue", "sea", "blue", "sea"])
+    short = "green leaf green"
+    got = clip(tok, [long, short], max_length=12, truncation="head_tail")  # room 10: 5 first, 5 last
+    assert got == ["red red red sky sky sky blue sea blue sea", short]
+    assert clip(tok, [long], 12, "head") == [long]  # the tokenizer keeps the head itself
+    assert clip(tok, [long], 64, "head_tail") == [long]  # fits: unchanged
+
+
+def test_selectors_record_their_truncation_and_refuse_unknown_ones(stores):
+    for kind in ("embedding", "encoder"):
+        assert read_manifest(stores[kind]).selector["truncation"] == "head_tail"  # the default
+    bad = {"model": {"name_or_path": "t"}, "data": {"path": "x"}, "selector": {"truncation": "tail"}}
+    with pytest.raises(ConfigError, match=r"selector.truncation: expected one of \['head', 'head_tail'\]"):
+        from_dict(RouteConfig, bad)

@@ -77,7 +77,7 @@ def add_task(
     enc, tok = load_encoder(entry["encoder"])
     if entry.get("encoder_fingerprint") and fingerprint(enc) != entry["encoder_fingerprint"]:
         raise StoreError(f"{folder}: encoder {entry['encoder']!r} has other weights than the one used to fit")
-    vecs = embed(enc, tok, texts, entry["max_length"])  # (N, D)
+    vecs = embed(enc, tok, texts, entry["max_length"], entry.get("truncation", "head"))  # (N, D)
     sums, counts = task_sums(vecs, [task] * len(texts), [task])  # (1, D), (1,)
     old = load_file(str(folder / "centroids.safetensors"))
     new = {"sums": torch.cat([old["sums"], sums]), "counts": torch.cat([old["counts"], counts])}  # (L+1, D)

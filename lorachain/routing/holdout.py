@@ -107,7 +107,9 @@ class Fitter:
         enc, tok = self.cache["enc"]
         new = list(dict.fromkeys(r.text for r in rows if r.text not in self.cache))
         t0 = time.perf_counter()
-        for text, v in zip(new, embed(enc, tok, new, sel.max_length) if new else [], strict=True):
+        for text, v in zip(
+            new, embed(enc, tok, new, sel.max_length, sel.truncation) if new else [], strict=True
+        ):
             self.cache[text] = v
         if new:
             self.embed_s_per_row = (time.perf_counter() - t0) / len(new)
@@ -118,7 +120,10 @@ class Fitter:
 
         def select(texts: list[str]):
             return ranked(
-                labels, centroid_probs(embed(enc, tok, texts, sel.max_length), sums, counts, sel.temperature)
+                labels,
+                centroid_probs(
+                    embed(enc, tok, texts, sel.max_length, sel.truncation), sums, counts, sel.temperature
+                ),
             )
 
         return select
@@ -277,9 +282,12 @@ def holdout_eval(
 def settings_of(cfg: RouteConfig, kind: str) -> dict:
     sel, budget = cfg.selector, cfg.selector_train or cfg.train
     if kind == "embedding":
-        return {"encoder": sel.encoder, "temperature": sel.temperature, "max_length": sel.max_length}
+        return {"encoder": sel.encoder, "temperature": sel.temperature, "max_length": sel.max_length} | {
+            "truncation": sel.truncation
+        }
     if kind == "encoder":
-        return {"encoder": sel.encoder, "lr": sel.lr, "epochs": budget.epochs, "max_length": sel.max_length}
+        enc = {"encoder": sel.encoder, "lr": sel.lr, "epochs": budget.epochs, "max_length": sel.max_length}
+        return enc | {"truncation": sel.truncation}
     return {"model": cfg.model.name_or_path, "epochs": budget.epochs, "max_length": cfg.data.max_length}
 
 

@@ -162,10 +162,34 @@ def load_encoder(name: str, head: bool = False):
     return model.eval(), tok
 
 
-@torch.no_grad()
-def embed(model, tok, texts: list[str], max_length: int, batch: int = 32) -> torch.Tensor:
-    """Mean-pooled, L2-normalised embeddings, (N, D)."""
+def clip(tok, texts: list[str], max_length: int, truncation: str = "head") -> list[str]:
+    """What the encoder reads of each text. `head`: unchanged (the tokenizer keeps the first
+    `max_length` tokens). `head_tail`: a longer text becomes its first and last halves, cut from
+    the original string at token boundaries (a couple of tokens spare for re-tokenising)."""
+    if truncation == "head" or not texts:
+        return texts
+    room = max_length - tok.num_special_tokens_to_add() - 2
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=tok.is_fast, verbose=False)
     out = []
+    for k, (text, ids) in enumerate(zip(texts, enc["input_ids"], strict=True)):
+        if len(ids) <= room + 2:
+            out.append(text)
+            continue
+        head, tail = room // 2, room - room // 2
+        if tok.is_fast:
+            spans = enc["offset_mapping"][k]
+            out.append(text[: spans[head - 1][1]] + " " + text[spans[len(ids) - tail][0] :])
+        else:
+            out.append(tok.decode(ids[:head]) + " " + tok.decode(ids[-tail:]))
+    return out
+
+
+@torch.no_grad()
+def embed(
+    model, tok, texts: list[str], max_length: int, truncation: str = "head", batch: int = 32
+) -> torch.Tensor:
+    """Mean-pooled, L2-normalised embeddings, (N, D)."""
+    texts, out = clip(tok, texts, max_length, truncation), []
     for k in range(0, len(texts), batch):
         enc = tok(
             texts[k : k + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
@@ -221,12 +245,12 @@ def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None
     t0 = time.perf_counter()
     enc, tok = load_encoder(sel.encoder)
     rows = read_split(root, "train")
-    vecs = embed(enc, tok, [r["instruction"] for r in rows], sel.max_length)  # (N, D)
+    vecs = embed(enc, tok, [r["instruction"] for r in rows], sel.max_length, sel.truncation)  # (N, D)
     sums, counts = task_sums(vecs, [r["task"] for r in rows], labels)
     (root / SELECTOR_DIR).mkdir(parents=True, exist_ok=True)
     save_file({"sums": sums, "counts": counts}, str(root / SELECTOR_DIR / "centroids.safetensors"))
     settings = {"encoder": sel.encoder, "encoder_fingerprint": fingerprint(enc), "labels": labels}
-    settings |= {"temperature": sel.temperature, "max_length": sel.max_length}
+    settings |= {"temperature": sel.temperature, "max_length": sel.max_length, "truncation": sel.truncation}
     return entry_for(root, "embedding", **settings, summary={"wall_seconds": time.perf_counter() - t0})
 
 
@@ -239,9 +263,10 @@ def load_embedding(router, folder: Path, entry: dict) -> Callable:
     check_labels(router.root, entry["labels"], router.labels)
     t = load_file(str(folder / "centroids.safetensors"))
     labels, temp, max_length = entry["labels"], entry["temperature"], entry["max_length"]
+    truncation = entry.get("truncation", "head")  # stores fitted before the setting read the head
 
     def select(texts: list[str]) -> list[Selection]:
-        vecs = embed(enc, tok, texts, max_length)  # (N, D)
+        vecs = embed(enc, tok, texts, max_length, truncation)  # (N, D)
         return ranked(labels, centroid_probs(vecs, t["sums"], t["counts"], temp))
 
     select.memory_params = sum(p.numel() for p in enc.parameters())
@@ -252,11 +277,32 @@ register(Kind("embedding", fit_embedding, load_embedding, "nearest task centroid
 
 
 # -- encoder -------------------------------------------------------------------------------------
+def clipped_splits(root: Path, sel) -> Path:
+    """The store's train/val splits with each instruction clipped as the encoder will read it."""
+    from transformers import AutoTokenizer
+
+    from lorachain.config import ModelConfig
+    from lorachain.io import write_text
+    from lorachain.models import resolve_path
+
+    if sel.truncation == "head":
+        return root / "splits"
+    tok = AutoTokenizer.from_pretrained(resolve_path(ModelConfig(name_or_path=sel.encoder)))
+    out = root / "runs" / "_selector_encoder_splits"
+    out.mkdir(parents=True, exist_ok=True)
+    for part in ("train", "val"):
+        rows = read_split(root, part)
+        texts = clip(tok, [r["instruction"] for r in rows], sel.max_length, sel.truncation)
+        body = "".join(json.dumps(r | {"instruction": t}) + "\n" for r, t in zip(rows, texts, strict=True))
+        write_text(out / f"{part}.jsonl", body)
+    return out
+
+
 def fit_encoder(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
     from lorachain.config import ChainConfig, DataConfig, LinkConfig, ModelConfig, RunConfig
     from lorachain.train import train
 
-    sel, splits = cfg.selector, root / "splits"
+    sel, splits = cfg.selector, clipped_splits(root, cfg.selector)
     run = RunConfig(
         model=ModelConfig(name_or_path=sel.encoder, task="classification", num_labels=len(labels)),
         data=DataConfig(
@@ -282,6 +328,7 @@ def fit_encoder(cfg, root: Path, labels: list[str], model=None, tokenizer=None, 
     s = result.summary
     summary = {k: s.get(k) for k in ("train_examples", "total_steps", "wall_seconds", "final_eval")}
     settings = {"encoder": sel.encoder, "labels": labels, "max_length": sel.max_length}
+    settings["truncation"] = sel.truncation
     return entry_for(root, "encoder", **settings, summary=summary)
 
 
@@ -290,10 +337,11 @@ def load_encoder_head(router, folder: Path, entry: dict) -> Callable:
     check_labels(router.root, entry["labels"], router.labels)
     if model.config.num_labels != len(entry["labels"]):
         raise StoreError(f"{folder}: {model.config.num_labels} classes, but {len(entry['labels'])} labels")
-    labels, max_length = entry["labels"], entry["max_length"]
+    labels, max_length, truncation = entry["labels"], entry["max_length"], entry.get("truncation", "head")
 
     @torch.no_grad()
     def select(texts: list[str]) -> list[Selection]:
+        texts = clip(tok, texts, max_length, truncation)
         enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return ranked(labels, torch.softmax(model(**enc).logits.float(), dim=-1))  # (N, L)
 
