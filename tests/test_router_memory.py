@@ -1,4 +1,5 @@
-"""Router memory and selection cost: one buffer per cached adapter, batched `score` selection."""
+"""Router memory and selection cost: resident adapters are one buffer each and share one PEFT slot;
+batched `score` selection."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from safetensors.torch import load_file
 from lorachain.data import prompt_ids
 from lorachain.evaluate import continuation_logprobs
 from lorachain.routing.selectors import batch_logprobs, score_labels
+from lorachain.serve.batched_lora import GatheredLoRA
 from lorachain.serve.router import Router
 from lorachain.serve.slots import WEIGHTS
-from lorachain.store import SELECTOR, StoreError, random_store
+from lorachain.store import MIXED, SELECTOR, StoreError, random_store
 
 TEMPLATES = {"prompt": "{instruction} =>", "task_prompt": "{instruction} task:", "max_length": 32}
+TASKS = ("alpha", "beta", "gamma", "delta_long_label")
 TEXTS = ["red", "blue sea blue sky", "a b c d e f g h i j", "sky", "red sky red sea red", "x y", "z", "b"]
 
 
@@ -63,25 +66,87 @@ def test_router_score_selection_same_in_batches_as_one_by_one(store):
     assert [a.adapter for a in r.ask(TEXTS)] == [r.adapters.get(s.ranked[0]) for s in batched]
 
 
-def test_each_cached_adapter_is_one_buffer_equal_to_the_file(store):
-    r = router(store, cache_size=2)
-    for name in ("alpha", "beta", "gamma", "alpha"):  # builds two slots, then cold loads into them
+def data_section(path) -> bytes:
+    raw = path.read_bytes()
+    return raw[8 + int.from_bytes(raw[:8], "little") :]
+
+
+def test_resident_adapters_are_one_buffer_each_and_share_one_peft_slot(store):
+    r = router(store, cache_size=4)
+    for name in (*TASKS, "alpha"):  # the first builds slot0; the others are only read into buffers
         r.activate(name)
-        slot = r.slots.lru[name]
-        params = r.slots.params[slot]
-        flat = r.slots.flat[slot]
-        assert {p.untyped_storage().data_ptr() for p in params} == {flat.untyped_storage().data_ptr()}
-        assert flat.nbytes == sum(p.numel() * p.element_size() for p in params)
-        saved = load_file(str(store / "adapters" / name / WEIGHTS))
-        assert flat.numel() == sum(t.numel() for t in saved.values()) > 0
-        tag = f".{slot}."
+        res = r.slots.lru[name]
+        params = r.slots.slots[res.slot].params
+        assert {p.untyped_storage().data_ptr() for p in params} == {res.flat.untyped_storage().data_ptr()}
+        path = store / "adapters" / name / WEIGHTS
+        assert res.flat.view(torch.uint8).numpy().tobytes() == data_section(path)  # byte for byte
+        tag = f".{res.slot}."
         live = {n.replace(tag, "."): p for n, p in r.model.named_parameters() if tag in n}
+        saved = load_file(str(path))
         assert live.keys() == saved.keys()
         for key, value in saved.items():
             assert torch.equal(live[key], value), key
-    assert set(r.model.peft_config) == {SELECTOR, "slot0", "slot1"}
-    drops = {id(layer.lora_dropout[s]) for layer in r.slots.layers for s in ("slot0", "slot1")}
-    assert drops == {id(r.slots.identity)}  # one shared Identity, not one module per slot and layer
+    assert r.cache == ["beta", "gamma", "delta_long_label", "alpha"]
+    assert len({res.flat.untyped_storage().data_ptr() for res in r.slots.lru.values()}) == 4
+    assert set(r.model.peft_config) == {SELECTOR, "slot0"}  # 4 resident adapters, one PEFT adapter
+    assert all(set(layer.lora_A) == {SELECTOR, "slot0"} for layer in r.slots.layers)
+    assert {id(layer.lora_dropout["slot0"]) for layer in r.slots.layers} == {id(r.slots.identity)}
+    r.activate(SELECTOR)
+    evicted = r.slots.lru["beta"].flat.untyped_storage().data_ptr()
+    r.activate(MIXED)  # the cache is full: beta is evicted and its buffer reused
+    assert r.cache == ["gamma", "delta_long_label", "alpha", MIXED]
+    assert r.slots.lru[MIXED].flat.untyped_storage().data_ptr() == evicted
+    assert set(r.model.peft_config) == {SELECTOR, "slot0"}
+
+
+def test_resident_adapters_answer_like_plain_peft_alone_and_mixed(store):
+    r = router(store, cache_size=4)
+    plain = PeftModel.from_pretrained(
+        tiny_model("llama"), str(store / "adapters" / "alpha"), adapter_name="alpha"
+    )
+    for name in TASKS[1:]:
+        plain.load_adapter(str(store / "adapters" / name), adapter_name=name)
+    plain.eval()
+    x = torch.randint(4, 40, (5, 6))
+    with torch.no_grad():
+        for name in ("gamma", "alpha", "delta_long_label", "beta", "alpha"):
+            r.activate(name)  # switches re-point slot0 at each adapter's buffer
+            plain.set_adapter(name)
+            assert torch.equal(r.model(input_ids=x).logits, plain(input_ids=x).logits), name
+        rows = ["beta", "alpha", None, "delta_long_label", "gamma"]
+        reference = plain(input_ids=x, adapter_names=[n or "__base__" for n in rows]).logits
+        with GatheredLoRA(r.model, [r.slot(n) if n else None for n in rows], r.slots.factors):
+            gathered = r.model(input_ids=x).logits  # every row from a resident buffer, no slot each
+    torch.testing.assert_close(gathered, reference, rtol=1e-4, atol=1e-5)
+    assert set(r.model.peft_config) == {SELECTOR, "slot0"}
+
+
+@pytest.mark.parametrize("first", ["fp32", "fp16"])
+def test_fp16_files_are_copied_into_buffers_of_their_form(store, tmp_path, first):
+    """A file that cannot be read straight into an fp32 buffer goes through a state dict: into a
+    buffer of the slot's layout if its form has a slot, else PEFT loads it and builds one."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lorachain.store import file_hashes, read_manifest, write_manifest
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    folder = copy / "adapters" / "beta"
+    save_file({k: v.half() for k, v in load_file(str(folder / WEIGHTS)).items()}, str(folder / WEIGHTS))
+    m = read_manifest(copy)
+    m.adapters["beta"]["files"] = file_hashes(folder, copy)
+    write_manifest(copy, m)
+    r = router(copy, cache_size=2)
+    x = torch.tensor([[2, 49, 50, 49, 7]])
+    for name in ("beta", "alpha", "gamma", "beta") if first == "fp16" else ("alpha", "beta", "gamma", "beta"):
+        r.activate(name)
+        assert r.slots.lru[name].flat.dtype == torch.float32
+        with torch.no_grad():
+            fresh = PeftModel.from_pretrained(tiny_model("llama"), str(copy / "adapters" / name)).eval()
+            torch.testing.assert_close(r.model(input_ids=x).logits, fresh(input_ids=x).logits)
+    assert len(r.model.peft_config) == 2  # the selector and one slot
 
 
 def test_buffered_slots_answer_like_plain_peft(store):
@@ -113,7 +178,7 @@ def test_damaged_weights_are_refused_on_the_one_read_and_the_slot_is_not_used(st
     with pytest.raises(StoreError, match=r"beta/adapter_model.safetensors: sha256 does not match"):
         r.activate("beta")  # into alpha's reused slot
     assert r.cache == []  # alpha was evicted, beta never counted as loaded
-    assert all(float(p.abs().sum()) == 0 for p in r.slots.params["slot0"])  # no half-read weights
+    assert all(float(p.abs().sum()) == 0 for p in r.slots.slots["slot0"].params)  # no half-read weights
     x = torch.tensor([[2, 49, 50, 49, 7]])
     for name in ("gamma", "alpha"):
         r.activate(name)

@@ -272,18 +272,28 @@ def test_cli_serve_end_to_end(tmp_path):
 
 def test_gathered_lora_equals_peft_mixed_batch(store):
     import torch
+    from peft import PeftModel
 
     from lorachain.serve.batched_lora import GatheredLoRA
 
     r = Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer(), cache_size=4)
+    plain = PeftModel.from_pretrained(
+        tiny_model("llama"), str(store / "adapters" / "alpha"), adapter_name="alpha"
+    )
+    for name in ("beta", "gamma"):
+        plain.load_adapter(str(store / "adapters" / name), adapter_name=name)
+    plain.eval()
     rows = [r.slot("alpha"), r.slot("beta"), BASE, r.slot("gamma"), r.slot("alpha")]
     x = torch.randint(4, 40, (len(rows), 6))
     with torch.no_grad():
-        reference = r.model(input_ids=x, adapter_names=rows).logits
-        with GatheredLoRA(r.model, [None if n == BASE else n for n in rows]):
-            gathered = r.model(input_ids=x).logits
-        after = r.model(input_ids=x, adapter_names=rows).logits
-    torch.testing.assert_close(gathered, reference, rtol=1e-4, atol=1e-5)
+        reference = plain(input_ids=x, adapter_names=rows).logits
+        with GatheredLoRA(plain, [None if n == BASE else n for n in rows]):  # PEFT adapters' modules
+            from_modules = plain(input_ids=x).logits
+        with GatheredLoRA(r.model, [None if n == BASE else n for n in rows], r.slots.factors):
+            from_buffers = r.model(input_ids=x).logits  # the router's resident buffers
+        after = plain(input_ids=x, adapter_names=rows).logits
+    torch.testing.assert_close(from_modules, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_buffers, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after, reference)  # hooks removed, PEFT's LoRA path back on
     assert not torch.allclose(reference[0], reference[2], atol=1e-3)  # adapters do change the output
 

@@ -237,7 +237,8 @@ class Engine:
         if len(distinct) == 1:
             self.router.slots.switch(names[0])
             return contextlib.nullcontext()
-        return GatheredLoRA(self.router.model, [None if n == BASE else n for n in names])
+        rows = [None if n == BASE else n for n in names]
+        return GatheredLoRA(self.router.model, rows, self.router.slots.factors)
 
     def _advance(self, row: _Row, token: int) -> None:
         tok = self.router.tok

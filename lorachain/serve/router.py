@@ -21,7 +21,8 @@ from lorachain.data import prompt_ids
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels
 from lorachain.routing.selectors import get_kind, score_labels
-from lorachain.serve.slots import WEIGHTS, AdapterSlots
+from lorachain.serve.adapter_file import WEIGHTS
+from lorachain.serve.slots import AdapterSlots
 from lorachain.store import (
     MIXED,
     SELECTOR,
@@ -81,7 +82,7 @@ class Router:
         self.root, self.manifest, self.model, self.tok = Path(root), manifest, model, tokenizer
         self.mode, self.top_k, self.cache_size = mode, top_k, cache_size
         self.fallback, self.min_confidence, self.max_new_tokens = fallback, min_confidence, max_new_tokens
-        self.slots = AdapterSlots(model, cache_size)  # loaded task/mixed adapters, LRU
+        self.slots = AdapterSlots(model, cache_size)  # resident task/mixed adapters (LRU), PEFT slots
         self.labels = manifest.labels
         t = manifest.templates
         self.select_cfg = DataConfig(
@@ -143,11 +144,10 @@ class Router:
         return list(self.slots.lru)
 
     def slot(self, name: str) -> str:
-        """The PEFT adapter name that holds adapter `name` (loading it if needed)."""
-        if name == SELECTOR:
-            return SELECTOR
+        """Load adapter `name` if needed; the name `slots.switch` and `slots.factors` (for
+        GatheredLoRA) take for it: the adapter's own name (or the selector's)."""
         self.load(name)
-        return self.slots.lru[name]
+        return name
 
     def load(self, name: str) -> bool:
         """Make sure adapter `name` is loaded (LRU-bounded, sha256-checked); True if it was cold."""
@@ -155,8 +155,7 @@ class Router:
             if name != SELECTOR:
                 self.slots.lru.move_to_end(name)
             return False
-        self.slots.get(name, *self._verified(name))
-        return True
+        return self.slots.load(name, *self._verified(name))
 
     def _verified(self, name: str) -> tuple[Path, str | None]:
         """`verify_adapter`, except that the weights file's sha256 is returned, for the slot to
