@@ -1,13 +1,15 @@
 """What routing costs: adapter switches, routed `ask` latency, and memory per registered adapter.
 
-One command: `python benchmarks/routing_cost.py [--repeats 5]`. On SmolLM2-135M with r=8 q/v adapters
-(random weights of the trained shapes, written as a real adapter store), it measures side by side:
-- switch time: lorachain's cached switch and cold load (sha256 check + load) against PEFT's own
-  `load_adapter` + `set_adapter` done naively per request;
+One command: `python benchmarks/routing_cost.py [--repeats 5] [--parts switch,ask,memory]` (a subset
+re-measures those parts and keeps the others' keys in the JSON). On SmolLM2-135M with r=8 q/v
+adapters (random weights of the trained shapes, written as a real adapter store), it measures:
+- switch time: lorachain's cached switch (re-pointing the PEFT slot at a resident buffer) and cold
+  load (one sha256-checked read into a buffer) against PEFT's own `load_adapter` + `set_adapter`
+  done naively per request;
 - routed `ask` (score mode, 64-token answer) split into select / swap / generate, against the same
   answer from the right adapter with no routing;
 - resident memory of a Router holding 1, 8 and 32 adapters against the same Router with none (fresh
-  process each), with a breakdown (weights, PEFT's Python objects, malloc, glibc-kept pages), and
+  process each), with a breakdown (weights, Python objects, malloc, glibc-kept pages), and
   the same for PEFT's own `load_adapter`;
 - score-mode selection time per instruction, one at a time against batches of 8;
 - the routed/direct ratio for every selector kind (lora score mode, embedding, encoder: MiniLM from
@@ -108,9 +110,15 @@ def selector_files(root: Path, kind: str, labels: list[str]) -> dict:
     return entry_for(root, "encoder", encoder=cfg.encoder, labels=labels, max_length=cfg.max_length)
 
 
+def adapter_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+
+
 def switch_times(store: Path, repeats: int) -> dict:
-    """On a store of 32 adapters with 8 kept loaded: first loads (each builds a slot), cold loads
-    that reuse a slot, cached switches, and PEFT's own per-request load + set."""
+    """On a store of 32 adapters with 8 kept resident: the first load (reads a buffer, builds the
+    one PEFT slot), cold loads into new buffers, cold loads that evict and reuse a buffer, cached
+    switches (each re-points the slot at another resident buffer), and PEFT's own per-request
+    load + set."""
     from lorachain.serve.router import Router
 
     r = Router.from_store(store, cache_size=8)
@@ -121,7 +129,8 @@ def switch_times(store: Path, repeats: int) -> dict:
         r.activate(name)
         return time.perf_counter() - t0
 
-    build = [timed(n) for n in names[:8]]
+    build = timed(names[0])
+    new = [timed(n) for n in names[1:8]]
     reuse = [timed(n) for n in names[8:32]]
     loaded = names[24:32]
     cached = [timed(n) for _ in range(repeats * 20) for n in loaded]
@@ -132,16 +141,17 @@ def switch_times(store: Path, repeats: int) -> dict:
         r.model.load_adapter(str(folder), adapter_name=f"naive{i}")
         r.model.set_adapter(f"naive{i}")
         naive.append(time.perf_counter() - t0)
-        r.model.set_adapter(r.slot(loaded[-1]))
+        r.activate(loaded[-1])
         r.model.delete_adapter(f"naive{i}")
-    size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
     ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
     return {
         "cached_switch_ms": ms(cached),
-        "cold_load_reused_slot_ms": ms(reuse),
-        "first_load_new_slot_ms": ms(build),
+        "cold_load_new_buffer_ms": ms(new),
+        "cold_load_reused_buffer_ms": ms(reuse),
+        "first_load_new_slot_ms": 1e3 * build,
         "peft_naive_load_set_ms": ms(naive),
-        "adapter_mb_on_disk": size,
+        "peft_slots": len(r.model.peft_config) - 1,  # besides the selector
+        "adapter_mb_on_disk": adapter_mb(folder),
     }
 
 
@@ -227,8 +237,8 @@ def select_batching(r, repeats: int) -> dict:
 
 
 def memory_with(store: Path, k: int) -> dict:
-    """RSS growth of a Router holding `k` task adapters (cache_size > k, so each has its own PEFT
-    slot) over the same Router with only its selector, and where the growth goes. glibc's free
+    """RSS growth of a Router holding `k` resident task adapters (cache_size > k, nothing evicted)
+    over the same Router with only its selector, and where the growth goes. glibc's free
     pages are returned (malloc_trim) before the baseline, so both ends count live memory the same
     way; the growth before the second trim also counts freed pages glibc still holds."""
     import ctypes
@@ -253,10 +263,12 @@ def memory_with(store: Path, k: int) -> dict:
     out |= {key: after[key] - stats[key] for key in stats}
     libc.malloc_trim(0)  # freed load buffers that glibc kept: returned to the OS
     out["growth_after_malloc_trim_mb"] = rss_mb() - base
-    flats = {f.untyped_storage().data_ptr(): f.nbytes for f in r.slots.flat.values() if f is not None}
+    res = [x.flat for x in r.slots.lru.values() if x.flat is not None]
+    flats = {f.untyped_storage().data_ptr(): f.nbytes for f in res}
     out["lora_param_mb"] = sum(flats.values()) / 2**20  # the adapters' weights as tensors
     out["lora_buffers"] = len(flats)
-    tracemalloc.start()  # Python objects of one more slot (tracing itself costs memory: measured last)
+    out["peft_slots"] = len(r.slots.slots)  # PEFT adapters running them
+    tracemalloc.start()  # Python objects of one more adapter (tracing itself costs memory: measured last)
     r.activate(names[k])
     gc.collect()
     out["python_objects_per_adapter_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
@@ -303,8 +315,8 @@ def breakdown(m: dict, per_adapter_disk: float) -> dict:
         "ratio": m["growth_mb"] / (k * per_adapter_disk),
         "ratio_after_malloc_trim": m["growth_after_malloc_trim_mb"] / (k * per_adapter_disk),
         "lora_weights_one_buffer_per_adapter_mb": m["lora_param_mb"],
-        "peft_module_python_objects_mb": py,
-        "other_malloc_in_use_mb": other,  # C++ tensor/parameter objects, PEFT configs, layout tables
+        "python_objects_mb": py,  # of the resident adapters (the one PEFT slot's are in one_off)
+        "other_malloc_in_use_mb": other,  # the PEFT slot's modules, C++ tensor objects, layout tables
         "freed_but_kept_by_glibc_mb": m["growth_mb"] - m["growth_after_malloc_trim_mb"],
         "unattributed_mb": m["growth_after_malloc_trim_mb"] - m["lora_param_mb"] - py - other,
     }
@@ -315,48 +327,65 @@ def in_child(fn, *args):
         return pool.apply(fn, args)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="benchmarks/results/routing_cost.json")
-    ap.add_argument("--kinds", default="lora,embedding,encoder", help="selector kinds for the ask rows")
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        store, store32 = Path(tmp) / "store8", Path(tmp) / "store32"
-        in_child(make_store, store, 8)  # the paper's setting here: 8 task types
+PARTS = ("switch", "ask", "memory")
+
+
+def measure(parts: set[str], args, tmp: Path) -> dict:
+    """The measurements of `parts`, each in fresh processes, as the JSON's keys."""
+    from lorachain.store import read_manifest
+
+    out: dict = {}
+    store, store32 = tmp / "store8", tmp / "store32"
+    if parts & {"switch", "memory"}:
         in_child(make_store, store32, 32)
-        switch = in_child(switch_times, store32, args.repeats)
-        latency = in_child(ask_latency, store, args.repeats)
-        kinds = {"lora": latency}
+    if "switch" in parts:
+        out["switch"] = in_child(switch_times, store32, args.repeats)
+    if "ask" in parts:
+        in_child(make_store, store, 8)  # the paper's setting here: 8 task types
+        kinds = {"lora": in_child(ask_latency, store, args.repeats)}
         for kind in [k for k in args.kinds.split(",") if k and k != "lora"]:
-            in_child(make_store, Path(tmp) / kind, 8, kind)
-            kinds[kind] = in_child(ask_latency, Path(tmp) / kind, args.repeats)
+            in_child(make_store, tmp / kind, 8, kind)
+            kinds[kind] = in_child(ask_latency, tmp / kind, args.repeats)
+        out["ask"], out["ask_by_selector_kind"] = kinds["lora"], kinds
+    if "memory" in parts:
         memory = [in_child(memory_with, store32, k) for k in (1, 8, 32)]
         naive = [in_child(memory_peft_naive, store32, k) for k in (8, 32)]
-    per_adapter = switch["adapter_mb_on_disk"]
+        first = next(a for a in read_manifest(store32).adapters.values() if a["kind"] == "task")
+        per_adapter = adapter_mb(store32 / first["path"])
+        out["memory"], out["memory_peft_load_adapter"] = memory, naive
+        out["memory_breakdown"] = memory_summary(memory, naive, per_adapter)
+    return out
+
+
+def memory_summary(memory: list[dict], naive: list[dict], per_adapter: float) -> dict:
+    """Ratios and where the growth goes at 8 and 32 adapters; adds expected_mb to each row."""
     for m in memory + naive:
         m["expected_mb"] = m["adapters"] * per_adapter
-    mem_breakdown = {str(m["adapters"]): breakdown(m, per_adapter) for m in memory[1:]}
+    out = {str(m["adapters"]): breakdown(m, per_adapter) for m in memory[1:]}
     m8, m32 = memory[1], memory[2]
     slope = (m32["growth_mb"] - m8["growth_mb"]) / (m32["adapters"] - m8["adapters"])
-    mem_breakdown["marginal_per_adapter_mb"] = slope  # growth per adapter between 8 and 32
-    mem_breakdown["marginal_ratio"] = slope / per_adapter
-    mem_breakdown["one_off_mb"] = m8["growth_mb"] - m8["adapters"] * slope  # first loads' buffers, caches
-    py = m32["python_objects_per_adapter_mb"]
-    mem_breakdown["floor"] = (
-        "each cached adapter is a live PEFT adapter (one slot each: the engine's mixed batches read "
-        "every slot's lora_A/lora_B modules at once), so PEFT's module objects stay: two nn.Linear per "
-        f"target layer (~2.3 KB of Python each, mostly a dozen empty hook dicts), {py:.2f} MB per "
-        f"adapter, {py / per_adapter:.0%} of its file, plus pymalloc's arena slack around them "
-        "(in unattributed_mb). The weights themselves are 0.99x the file: one fp32 buffer per adapter "
-        "holding exactly the file's data section. one_off_mb is paid once per process (libtorch code "
-        "pages and buffers of the first loads)."
+    out["marginal_per_adapter_mb"] = slope  # growth per adapter between 8 and 32
+    out["marginal_ratio"] = slope / per_adapter
+    out["one_off_mb"] = m8["growth_mb"] - m8["adapters"] * slope  # the PEFT slot, first loads, caches
+    py, weights = m32["python_objects_per_adapter_mb"], m32["lora_param_mb"] / m32["expected_mb"]
+    out["floor"] = (
+        "a resident adapter is one fp32 buffer holding exactly its file's data section "
+        f"({weights:.2f}x the adapter folder) and a small record ({py * 1024:.1f} KB of Python objects); "
+        f"its modules are not kept: {m32['peft_slots']} PEFT adapter slot(s) besides the selector run "
+        "every resident adapter, re-pointed at the active one's buffer on a switch (their module "
+        "objects, ~0.3 MB, are paid once, in one_off_mb), and mixed batches read the buffers directly. "
+        "What is left per adapter is allocator slack around the buffers."
     )
+    return out
+
+
+def table(result: dict) -> list[tuple[str, float, str]]:
+    switch, latency, memory = result["switch"], result["ask"], result["memory"]
     rows = [
-        ("cached switch (ms)", switch["cached_switch_ms"], "< 1"),
-        ("cold load into a reused slot, sha256-checked (ms)", switch["cold_load_reused_slot_ms"], "< 20"),
-        ("first load, building a slot (ms)", switch["first_load_new_slot_ms"], ""),
+        ("cached switch, re-pointing the slot (ms)", switch["cached_switch_ms"], "< 1"),
+        ("cold load into a new buffer, sha256-checked (ms)", switch["cold_load_new_buffer_ms"], "< 20"),
+        ("cold load into an evicted buffer (ms)", switch["cold_load_reused_buffer_ms"], "< 20"),
+        ("first load, building the slot (ms)", switch["first_load_new_slot_ms"], ""),
         ("PEFT load_adapter+set_adapter per request (ms)", switch["peft_naive_load_set_ms"], "baseline"),
         ("ask: select (s)", latency["select_s"], ""),
         (
@@ -373,7 +402,7 @@ def main() -> None:
     ]
     rows += [
         (f"{k}: select (s) / routed / direct ratio", v["select_s"], f"ratio {1 + v['routing_overhead']:.3f}")
-        for k, v in kinds.items()
+        for k, v in result["ask_by_selector_kind"].items()
     ]
     rows += [
         (
@@ -386,19 +415,39 @@ def main() -> None:
     ]
     rows += [
         (f"PEFT load_adapter RSS growth, {m['adapters']} adapters (MB)", m["growth_mb"], "baseline")
-        for m in naive
+        for m in result["memory_peft_load_adapter"]
     ]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/routing_cost.json")
+    ap.add_argument("--kinds", default="lora,embedding,encoder", help="selector kinds for the ask rows")
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="what to measure (switch, ask, memory); the others' keys are kept from --out",
+    )
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        ap.error(f"--parts: expected some of {PARTS}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if parts != set(PARTS) and out.is_file() else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        result |= measure(parts, args, Path(tmp))
+    result |= {"model": MODEL, "repeats": args.repeats}
+    rows = table(result)
     width = max(len(r[0]) for r in rows)
     print(f"{'measure'.ljust(width)}  {'median':>10}  target")
     for name, value, target in rows:
         print(f"{name.ljust(width)}  {value:>10.4f}  {target}")
-    result = {"model": MODEL, "repeats": args.repeats, "switch": switch, "ask": latency, "memory": memory}
-    result["ask_by_selector_kind"] = kinds
-    result["memory_breakdown"] = mem_breakdown
-    result["memory_peft_load_adapter"] = naive
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
