@@ -140,9 +140,8 @@ class AdapterSlots:
         slot = self.slots[self.pool[form]]
         flat = self.spare.flat if self.spare is not None and self.spare.layout is slot.layout else None
         if flat is None:
-            first = slot.params[0]
-            flat = torch.empty(slot.layout[1][-1][3] // first.element_size(), dtype=first.dtype)
-            flat = flat.to(first.device)  # (N,)
+            p = slot.params[0]
+            flat = torch.empty(slot.layout[1][-1][3] // p.element_size(), dtype=p.dtype, device=p.device)
         fill(flat, slot.layout, tensors, path)
         self.spare = None
         return Resident(flat, slot.layout, form)
