@@ -292,7 +292,9 @@ class SelectorConfig:
     # encoder, embedding: which tokens of a longer instruction: `head` (the first), `head_tail` (the
     # first and last halves: templates often put the task's wording after a long passage)
     truncation: str = "head_tail"
-    lr: float = 1.0e-4  # encoder: full fine-tuning learning rate (epochs from selector_train)
+    lr: float = (
+        1.0e-4  # encoder: full fine-tuning learning rate (budget: selector_train, else 4 epochs of 16)
+    )
 
     def __post_init__(self) -> None:
         from lorachain.routing.selectors import kind_names

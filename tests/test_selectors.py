@@ -262,3 +262,15 @@ def test_selectors_record_their_truncation_and_refuse_unknown_ones(stores):
     bad = {"model": {"name_or_path": "t"}, "data": {"path": "x"}, "selector": {"truncation": "tail"}}
     with pytest.raises(ConfigError, match=r"selector.truncation: expected one of \['head', 'head_tail'\]"):
         from_dict(RouteConfig, bad)
+
+
+def test_the_encoder_trains_four_epochs_of_16_unless_selector_train_says_otherwise():
+    from lorachain.routing.selectors import encoder_budget
+
+    minimal = {"model": {"name_or_path": "t"}, "data": {"path": "x"}}
+    minimal["train"] = {"epochs": 1, "precision": "bf16"}
+    got = encoder_budget(from_dict(RouteConfig, minimal))
+    assert (got.epochs, got.batch_size, got.max_steps, got.precision) == (4.0, 16, None, "bf16")
+    own = {"selector_train": {"epochs": 2, "batch_size": 8}}
+    given = encoder_budget(from_dict(RouteConfig, minimal | own))
+    assert (given.epochs, given.batch_size) == (2, 8)

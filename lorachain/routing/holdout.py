@@ -26,7 +26,15 @@ from lorachain.config import RouteConfig
 from lorachain.data import DataError, read_rows
 from lorachain.io import write_json, write_text
 from lorachain.metrics import top_k_accuracy
-from lorachain.routing.selectors import centroid_probs, embed, get_kind, load_encoder, ranked, score_labels
+from lorachain.routing.selectors import (
+    centroid_probs,
+    embed,
+    encoder_budget,
+    get_kind,
+    load_encoder,
+    ranked,
+    score_labels,
+)
 from lorachain.store import SELECTOR
 
 
@@ -281,6 +289,8 @@ def holdout_eval(
 
 def settings_of(cfg: RouteConfig, kind: str) -> dict:
     sel, budget = cfg.selector, cfg.selector_train or cfg.train
+    if kind == "encoder":
+        budget = encoder_budget(cfg)
     if kind == "embedding":
         return {"encoder": sel.encoder, "temperature": sel.temperature, "max_length": sel.max_length} | {
             "truncation": sel.truncation

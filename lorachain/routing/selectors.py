@@ -277,6 +277,16 @@ register(Kind("embedding", fit_embedding, load_embedding, "nearest task centroid
 
 
 # -- encoder -------------------------------------------------------------------------------------
+ENCODER_BUDGET = {"epochs": 4.0, "batch_size": 16, "max_steps": None}  # measured: README, routing_holdout/
+
+
+def encoder_budget(cfg):
+    """The encoder's training budget: `selector_train` if given, else `train` (precision, seed,
+    checkpoints) with ENCODER_BUDGET's epochs and batch: the answer adapters' budget starves a
+    22M-parameter classifier (held out 0.779 at 2 epochs, in distribution 0.868)."""
+    return cfg.selector_train or replace(cfg.train, **ENCODER_BUDGET)
+
+
 def clipped_splits(root: Path, sel) -> Path:
     """The store's train/val splits with each instruction clipped as the encoder will read it."""
     from transformers import AutoTokenizer
@@ -316,7 +326,7 @@ def fit_encoder(cfg, root: Path, labels: list[str], model=None, tokenizer=None, 
         ),
         chain=ChainConfig(links=[LinkConfig()], method="full"),
         optim=replace(cfg.optim, lr=sel.lr),
-        train=cfg.selector_train or cfg.train,
+        train=encoder_budget(cfg),
         output_dir=str(root / "runs" / "_selector_encoder"),
     )
     result = train(run, progress=progress)  # a finished run returns its summary
