@@ -274,3 +274,23 @@ def test_the_encoder_trains_four_epochs_of_16_unless_selector_train_says_otherwi
     own = {"selector_train": {"epochs": 2, "batch_size": 8}}
     given = encoder_budget(from_dict(RouteConfig, minimal | own))
     assert (given.epochs, given.batch_size) == (2, 8)
+
+
+def test_route_eval_holdout_fits_and_scores_the_full_kind(tmp_path):
+    base = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    seen: dict[str, int] = {}
+    rows = []
+    for r in route_rows(6):  # each task in two data sets of 3 rows
+        seen[r["task"]] = seen.get(r["task"], 0) + 1
+        rows.append({**r, "dataset": f"{r['task']}_{seen[r['task']] % 2}"})
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = route_cfg(tmp_path, data, "full", base, lr=1e-3)
+    cfg.model.name_or_path = str(base)
+    (tmp_path / "route.json").write_text(cfg.to_json())
+    out = tmp_path / "ho"
+    argv = ["route", "eval", str(tmp_path / "route.json"), "--holdout-by", "dataset", "--out", str(out)]
+    assert main([*argv, "--kinds", "full", "--per-group", "3", "--skip-in-distribution"]) == 0
+    held = json.loads((out / "holdout.json").read_text())["kinds"]["full"]["held_out"]
+    assert held["rows"] == 18 and 0 <= held["top1"] <= held["top3"] == 1.0  # 3 labels: top-3 is all

@@ -106,7 +106,27 @@ class Fitter:
         entry = self.kind.fit(self.cfg, work, labels, progress=False)
         if not entry:
             raise SystemExit(130)  # interrupted: finished folds are kept, a rerun resumes
-        return self.kind.load(SimpleNamespace(root=work, labels=labels), work / entry["path"], entry)
+        return self.kind.load(self._router_view(work, labels), work / entry["path"], entry)
+
+    def _router_view(self, work: Path, labels: list[str]) -> SimpleNamespace:
+        """What a kind's `load` reads of a Router, for a fold's store (which has no manifest)."""
+        if self.kind.name != "full":
+            return SimpleNamespace(root=work, labels=labels)
+        from lorachain.models import load_tokenizer, resolve_path
+        from lorachain.routing.train import adapter_runs
+
+        if "tok" not in self.cache:
+            self.cache["tok"] = load_tokenizer(resolve_path(self.cfg.model))
+        tok = self.cache["tok"]
+        _, run = adapter_runs(self.cfg, work, labels)[SELECTOR]
+        return SimpleNamespace(
+            root=work,
+            labels=labels,
+            tok=tok,
+            select_cfg=run.data,
+            label_ids=[tok(f" {x}", add_special_tokens=False)["input_ids"] for x in labels],
+            manifest=SimpleNamespace(base_model={"dtype": self.cfg.model.dtype}),
+        )
 
     def _embedding(self, rows: list[Row], labels: list[str]):
         sel = self.cfg.selector
