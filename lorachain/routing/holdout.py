@@ -112,21 +112,25 @@ class Fitter:
         """What a kind's `load` reads of a Router, for a fold's store (which has no manifest)."""
         if self.kind.name != "full":
             return SimpleNamespace(root=work, labels=labels)
-        from lorachain.models import load_tokenizer, resolve_path
         from lorachain.routing.train import adapter_runs
 
-        if "tok" not in self.cache:
-            self.cache["tok"] = load_tokenizer(resolve_path(self.cfg.model))
-        tok = self.cache["tok"]
+        tok = self._tokenizer()
         _, run = adapter_runs(self.cfg, work, labels)[SELECTOR]
         return SimpleNamespace(
             root=work,
             labels=labels,
             tok=tok,
             select_cfg=run.data,
-            label_ids=[tok(f" {x}", add_special_tokens=False)["input_ids"] for x in labels],
+            label_ids=label_ids(tok, labels),
             manifest=SimpleNamespace(base_model={"dtype": self.cfg.model.dtype}),
         )
+
+    def _tokenizer(self):
+        from lorachain.models import load_tokenizer, resolve_path
+
+        if "tok" not in self.cache:
+            self.cache["tok"] = load_tokenizer(resolve_path(self.cfg.model))
+        return self.cache["tok"]
 
     def _embedding(self, rows: list[Row], labels: list[str]):
         sel = self.cfg.selector
@@ -157,24 +161,28 @@ class Fitter:
         return select
 
     def _lora(self, work: Path, labels: list[str]):
-        from lorachain.models import load_model, load_tokenizer, resolve_path
+        from lorachain.models import load_model
         from lorachain.routing.train import adapter_runs
         from lorachain.train import train
 
         if "model" not in self.cache:
             model = load_model(self.cfg.model)
             self.cache["model"] = model
-            self.cache["tok"] = load_tokenizer(resolve_path(self.cfg.model))
             self.cache["pristine"] = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        model, tok = self.cache["model"], self.cache["tok"]
+        model, tok = self.cache["model"], self._tokenizer()
         with torch.no_grad():
             model.load_state_dict(self.cache["pristine"])
         _, run = adapter_runs(self.cfg, work, labels)[SELECTOR]
         if train(run, model, tok, progress=False).summary.get("status") == "interrupted":
             raise SystemExit(130)  # a half-trained selector is not scored; a rerun resumes
         # the finished chain is merged into the base weights: score with the model itself
-        label_ids = [tok(f" {x}", add_special_tokens=False)["input_ids"] for x in labels]
-        return lambda texts: score_labels(model, tok, run.data, label_ids, labels, texts)
+        ids = label_ids(tok, labels)
+        return lambda texts: score_labels(model, tok, run.data, ids, labels, texts)
+
+
+def label_ids(tok, labels: list[str]) -> list[list[int]]:
+    """Token ids of each label as the Router scores it (after a space)."""
+    return [tok(f" {x}", add_special_tokens=False)["input_ids"] for x in labels]
 
 
 def evaluate_fold(select, test: list[Row], batch: int = 8) -> tuple[list[list[str]], float]:
