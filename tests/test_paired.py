@@ -39,3 +39,26 @@ def test_pairs_use_each_methods_own_validation_lr_and_shared_seeds():
     assert "| rte | 0.001 | 0.001 | +3.0 [+0.5, +5.5] | 3 / 0 / 0 |" in table
     assert verdict(total).startswith("COLA above LoRA")
     assert verdict(summarize([1.0, -1.0, 0.5])).startswith("no difference")
+
+
+def test_paired_png_has_one_panel_per_comparison_and_the_per_task_summaries(tmp_path):
+    from PIL import Image
+
+    from lorachain.experiment.choose import select
+    from lorachain.experiment.figures import plot_comparisons
+    from lorachain.experiment.paired import per_task
+
+    rows = []
+    for task, gain in (("rte", 0.02), ("cb", -0.01)):
+        for seed in range(3):
+            rows += [cell(task, "lora", seed, 1e-3, 0.6, 0.60, [8])]
+            rows += [cell(task, "cola", seed, 1e-3, 0.6, 0.60 + gain + 0.01 * seed, [8, 8])]
+    by_task, total = per_task(select(rows), ["rte", "cb"], "lora", "cola")
+    assert by_task["rte"]["mean"] == pytest.approx(3.0) and by_task["cb"]["mean"] == pytest.approx(0.0)
+    assert total["n"] == 6 and total["mean"] == pytest.approx(1.5)
+
+    path = plot_comparisons(rows, tmp_path / "paired.png", ["rte", "cb"])
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width == round(4.2 * 110)
+    assert plot_comparisons([r for r in rows if r["method"] == "lora"], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

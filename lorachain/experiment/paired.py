@@ -73,21 +73,60 @@ def verdict(s: dict) -> str:
     return "no difference shown (interval contains zero)"
 
 
+def per_task(chosen: dict, tasks: list[str], ref: str, other: str) -> tuple[dict[str, dict], dict]:
+    """Summary of other − ref per task that both ran, and of all their differences pooled."""
+    rows, pooled = {}, []
+    for task in tasks:
+        diffs = pair_diffs(chosen, task, ref, other)
+        if diffs:
+            rows[task] = summarize(diffs)
+            pooled += diffs
+    return rows, summarize(pooled)
+
+
 def paired_table(chosen: dict, tasks: list[str], ref: str, other: str) -> tuple[str, dict]:
     """Markdown rows per task and pooled, and the pooled summary."""
     header = (
         f"| task | `{ref}` lr | `{other}` lr | COLA − LoRA (x100) [95% CI] | seeds above / tied / below |"
     )
     lines = [header, "|---|---|---|---|---|"]
-    pooled = []
-    for task in tasks:
-        diffs = pair_diffs(chosen, task, ref, other)
-        if not diffs:
-            continue
-        pooled += diffs
-        s = summarize(diffs)
+    rows, total = per_task(chosen, tasks, ref, other)
+    for task, s in rows.items():
         lr_a, lr_b = chosen[(task, ref)]["lr"], chosen[(task, other)]["lr"]
         lines.append(f"| {task} | {lr_a:g} | {lr_b:g} | {_fmt(s)} | {_signs(s)} |")
-    total = summarize(pooled)
     lines.append(f"| **all tasks, pooled** | | | **{_fmt(total)}** | {_signs(total)} |")
     return "\n".join(lines) + "\n", total
+
+
+def plot_paired(panels: list[tuple[str, dict[str, dict], dict]], path) -> None:
+    """One forest plot: per panel (title, per-task summaries, pooled), each task's mean difference
+    with its 95% interval, the pooled one last in black, and the zero line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorachain.io import atomic_write
+
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(4.2 * len(panels), 0.45 * max(len(rows) + 1 for _, rows, _ in panels) + 1.4),
+        squeeze=False,
+        sharey=False,
+    )
+    for ax, (title, rows, total) in zip(axes[0], panels):
+        items = [*rows.items(), ("pooled", total)]
+        for y, (name, s) in enumerate(reversed(items)):
+            lo, hi = s["ci"] if s["n"] > 1 else (s["mean"], s["mean"])
+            color = "black" if name == "pooled" else "tab:blue"
+            ax.errorbar(
+                s["mean"], y, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color=color, capsize=3
+            )
+        ax.set_yticks(range(len(items)), [name for name, _ in reversed(items)])
+        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("COLA − LoRA, test score x100 (95% CI)")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

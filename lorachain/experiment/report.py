@@ -1,46 +1,24 @@
-"""Tables and plots shaped like the COLA paper's, computed from an experiment's results.json.
-
-The learning rate of each (task, method) is the one with the best mean validation score over
-seeds; the tables report test scores (x100) at that rate as mean ± std over seeds. A method is
-described by what it ran (`spec`): its ranks, optimizer, knot policy and training-set size, so
-the ablation tables find their rows without naming conventions.
+"""Tables shaped like the COLA paper's, computed from an experiment's results.json: test scores
+(x100) as mean ± std over seeds at each (task, method)'s validation-chosen learning rate
+(`choose.py`), the paired COLA − LoRA comparison (`paired.py`), and the figures (`figures.py`).
 """
 
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from lorachain.io import atomic_write, write_text
-
-
-def select(results: list[dict]) -> dict[tuple[str, str], dict]:
-    """Per (task, method): the chosen lr, its test scores by seed, and mean cost."""
-    groups: dict[tuple[str, str], dict] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        groups[(r["task"], r["method"])][r["lr"]].append(r)
-    chosen = {}
-    for key, by_lr in groups.items():
-
-        def val_mean(lr, by_lr=by_lr):
-            vals = [r["val"].get("score", float("-inf")) for r in by_lr[lr]]  # never test
-            return statistics.fmean(vals)
-
-        lr = max(by_lr, key=lambda x: (val_mean(x), -(x or 0)))
-        rows = sorted(by_lr[lr], key=lambda r: r["seed"])
-        chosen[key] = {
-            "lr": lr,
-            "rows": rows,
-            "test": {r["seed"]: r["test"]["score"] for r in rows},
-            "spec": rows[0].get("spec", {}),
-            "flops": statistics.fmean(r["cost"]["est_train_flops"] for r in rows),
-            "seconds": statistics.fmean(r["cost"]["cell_seconds"] for r in rows),
-            "peak_rss_mb": max(r["cost"]["peak_rss_mb"] for r in rows),
-            "counts": rows[0].get("counts", {}),
-        }
-    return chosen
+from lorachain.experiment.choose import (
+    chosen_spec,
+    comparisons,
+    methods_where,
+    reference_method,
+    select,
+    trained,
+)
+from lorachain.experiment.figures import plot, plot_comparisons
+from lorachain.io import write_text
 
 
 def label(spec: dict) -> str:
@@ -110,31 +88,6 @@ def gain_table(chosen: dict, tasks: list[str], methods: list[str], reference: st
     return _table(header, rows)
 
 
-def _methods_where(chosen: dict, methods: list[str], pred: Callable[[dict], bool]) -> list[str]:
-    out = []
-    for m in methods:
-        specs = [v["spec"] for (t, mm), v in chosen.items() if mm == m]
-        if specs and pred(specs[0]):
-            out.append(m)
-    return out
-
-
-def _trained(spec: dict) -> bool:
-    return "ranks" in spec and spec.get("method") != "full"
-
-
-def reference_method(chosen: dict, methods: list[str], n_train: int | None) -> str | None:
-    """Plain LoRA: one link, AdamW, the full training set."""
-    found = _methods_where(
-        chosen,
-        methods,
-        lambda s: (
-            _trained(s) and len(s["ranks"]) == 1 and s["optimizer"] == "adamw" and s["n_train"] == n_train
-        ),
-    )
-    return found[0] if found else None
-
-
 def render(results: list[dict], tasks: list[str] | None = None, methods: list[str] | None = None) -> str:
     """The whole report as markdown."""
     chosen = select(results)
@@ -153,7 +106,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
     ref = reference_method(chosen, methods, n_full)
     out = ["# Results\n"]
     out.append(_counts(chosen, tasks))
-    main = _methods_where(
+    main = methods_where(
         chosen,
         methods,
         lambda s: (
@@ -167,7 +120,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
     )
     out += ["## Main results (Table 1/2)\n", score_table(chosen, tasks, main)]
     if ref:
-        others = [m for m in main if m != ref and _trained(chosen_spec(chosen, m))]
+        others = [m for m in main if m != ref and trained(chosen_spec(chosen, m))]
         if others:
             out += [
                 f"\nRelative gain over `{ref}` (mean over seeds):\n",
@@ -177,17 +130,17 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
 
     def adamw_full(s: dict) -> bool:
         return (
-            _trained(s)
+            trained(s)
             and s["optimizer"] == "adamw"
             and s["n_train"] == n_full
             and s["knot_policy"] == "fixed"
         )
 
-    lengths = _methods_where(chosen, methods, lambda s: adamw_full(s) and set(s["ranks"]) == {base_rank})
+    lengths = methods_where(chosen, methods, lambda s: adamw_full(s) and set(s["ranks"]) == {base_rank})
     if len({len(chosen_spec(chosen, m)["ranks"]) for m in lengths}) > 1:
         lengths.sort(key=lambda m: len(chosen_spec(chosen, m)["ranks"]))
         out += ["\n## Chain length (Table 3)\n", score_table(chosen, tasks, lengths)]
-    steps = _methods_where(
+    steps = methods_where(
         chosen, methods, lambda s: adamw_full(s) and len(s["ranks"]) == 2 and s["ranks"][0] == base_rank
     )
     if ref and any(chosen_spec(chosen, m)["ranks"][1] != base_rank for m in steps):
@@ -196,11 +149,11 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             "\n## Rank step-down (Table 4)\n",
             score_table(chosen, tasks, [ref, *steps], _saved(chosen, ref)),
         ]
-    opts = _methods_where(chosen, methods, lambda s: _trained(s) and s["optimizer"] != "adamw")
+    opts = methods_where(chosen, methods, lambda s: trained(s) and s["optimizer"] != "adamw")
     if opts:
         opts.sort(key=lambda m: (chosen_spec(chosen, m)["optimizer"], len(chosen_spec(chosen, m)["ranks"])))
         out += ["\n## Base optimizers (Table 5)\n", score_table(chosen, tasks, opts)]
-    low = _methods_where(chosen, methods, lambda s: _trained(s) and s["n_train"] < n_full)
+    low = methods_where(chosen, methods, lambda s: trained(s) and s["n_train"] < n_full)
     if low:
         low.sort(key=lambda m: (-chosen_spec(chosen, m)["n_train"], len(chosen_spec(chosen, m)["ranks"])))
         out += [
@@ -208,7 +161,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             _n_note(chosen, low),
             score_table(chosen, tasks, low),
         ]
-    auto = _methods_where(chosen, methods, lambda s: _trained(s) and s["knot_policy"] != "fixed")
+    auto = methods_where(chosen, methods, lambda s: trained(s) and s["knot_policy"] != "fixed")
     if auto:
         fixed = [m for m in lengths if len(chosen_spec(chosen, m)["ranks"]) > 1]
         out += [
@@ -228,25 +181,14 @@ def _paired_sections(chosen: dict, tasks: list[str], methods: list[str]) -> list
     from lorachain.experiment.paired import paired_table, verdict
 
     out = []
-    chains = _methods_where(
-        chosen, methods, lambda s: _trained(s) and len(s["ranks"]) > 1 and s["knot_policy"] == "fixed"
-    )
-    for m in chains:
-        spec = chosen_spec(chosen, m)
-        ref = reference_method(chosen, methods, spec["n_train"])
-        if ref is None or spec["optimizer"] != "adamw":
-            continue
+    for m, ref, n in comparisons(chosen, methods):
         table, total = paired_table(chosen, tasks, ref, m)
         out += [
-            f"\n## Paired comparison: `{m}` − `{ref}` ({spec['n_train']} training examples)\n",
+            f"\n## Paired comparison: `{m}` − `{ref}` ({n} training examples)\n",
             table,
             f"\nOverall: {verdict(total)}; {total['above']} of {total['n']} paired runs above.\n",
         ]
     return out
-
-
-def chosen_spec(chosen: dict, method: str | None) -> dict:
-    return next((v["spec"] for (t, m), v in chosen.items() if m == method), {})
 
 
 def _ratio(chosen: dict, m: str, ref: str | None, key: str) -> float | None:
@@ -319,77 +261,6 @@ def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
     return _table(header, rows)
 
 
-def plot(results: list[dict], out: Path) -> list[Path]:
-    """Figure 2 (test score against chain length) and Figure 3 (against the second link's rank)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chosen = select(results)
-    written = []
-    for name, xkey, title, pick in (
-        ("chain_length.png", "chain length", "Test score vs chain length (Figure 2)", _by_length),
-        (
-            "rank_stepdown.png",
-            "rank of the second link",
-            "COLA with rank step-down (Figure 3)",
-            _by_second_rank,
-        ),
-    ):
-        series = pick(chosen)
-        if not series or all(len(xs) < 2 for xs in series.values()):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for task, points in sorted(series.items()):
-            xs = sorted(points)
-            means = [100 * statistics.fmean(points[x]) for x in xs]
-            stds = [100 * statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs]
-            ax.plot(xs, means, marker="o", label=task)
-            ax.fill_between(
-                xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.15
-            )
-        ax.set_xlabel(xkey)
-        ax.set_ylabel("test score (x100)")
-        ax.set_title(title)
-        ax.set_xticks(sorted({x for p in series.values() for x in p}))
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        atomic_write(out / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
-        written.append(out / name)
-    return written
-
-
-def _fixed_adamw(spec: dict, n_full: int) -> bool:
-    return (
-        _trained(spec)
-        and spec["optimizer"] == "adamw"
-        and spec["knot_policy"] == "fixed"
-        and spec["n_train"] == n_full
-    )
-
-
-def _by_length(chosen: dict) -> dict[str, dict[int, list[float]]]:
-    n_full = max((v["spec"].get("n_train", 0) for v in chosen.values()), default=0)
-    series: dict[str, dict[int, list[float]]] = defaultdict(dict)
-    for (t, _), v in chosen.items():
-        s = v["spec"]
-        if _fixed_adamw(s, n_full) and len(set(s["ranks"])) == 1:
-            series[t].setdefault(len(s["ranks"]), list(v["test"].values()))
-    return series
-
-
-def _by_second_rank(chosen: dict) -> dict[str, dict[int, list[float]]]:
-    n_full = max((v["spec"].get("n_train", 0) for v in chosen.values()), default=0)
-    series: dict[str, dict[int, list[float]]] = defaultdict(dict)
-    for (t, _), v in chosen.items():
-        s = v["spec"]
-        if _fixed_adamw(s, n_full) and len(s["ranks"]) == 2:
-            series[t][s["ranks"][1]] = list(v["test"].values())
-    return series
-
-
 def write_report(
     results: list[dict], out: Path, tasks: list[str] | None = None, methods: list[str] | None = None
 ) -> Path:
@@ -398,4 +269,5 @@ def write_report(
         return out
     write_text(out / "report.md", render(results, tasks, methods))
     plot(results, out)
+    plot_comparisons(results, out / "paired.png", tasks)
     return out / "report.md"
