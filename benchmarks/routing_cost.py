@@ -84,8 +84,8 @@ def make_store(root: Path, n_tasks: int, kind: str = "lora") -> None:
 def selector_files(root: Path, kind: str, labels: list[str]) -> dict:
     from types import SimpleNamespace
 
-    from lorachain.config import SelectorConfig
     from lorachain.io import write_text
+    from lorachain.routing.config import SelectorConfig
     from lorachain.routing.selectors import entry_for, fit_embedding, load_encoder
 
     cfg = SelectorConfig(kind=kind)

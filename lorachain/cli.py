@@ -62,7 +62,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from lorachain.config import ExperimentConfig, load_config
+    from lorachain.config import load_config
+    from lorachain.experiment.config import ExperimentConfig
     from lorachain.experiment.runner import run_experiment
 
     overrides = args.overrides + ([f"base.train.precision={args.precision}"] if args.precision else [])
@@ -90,7 +91,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _route_train(args: argparse.Namespace) -> int:
-    from lorachain.config import RouteConfig, load_config
+    from lorachain.config import load_config
+    from lorachain.routing.config import RouteConfig
     from lorachain.routing.train import route_train
 
     cfg = load_config(args.config, args.overrides, cls=RouteConfig)
@@ -111,7 +113,8 @@ def _router(args: argparse.Namespace):
 
 
 def _route_holdout(args: argparse.Namespace) -> int:
-    from lorachain.config import RouteConfig, load_config
+    from lorachain.config import load_config
+    from lorachain.routing.config import RouteConfig
     from lorachain.routing.holdout import holdout_eval
 
     store = Path(args.store)

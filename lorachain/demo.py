@@ -150,7 +150,7 @@ def routing_config(
 
 
 def _route_train_in_child(cfg_dict: dict) -> None:
-    from lorachain.config import RouteConfig
+    from lorachain.routing.config import RouteConfig
     from lorachain.routing.train import route_train
 
     if route_train(from_dict(RouteConfig, cfg_dict)) is None:

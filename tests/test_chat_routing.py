@@ -14,8 +14,9 @@ from chatkit import chat_model, chat_tokenizer
 from conftest import write_jsonl
 
 from lorachain.chat import chat_template, generation_ids, selector_text
-from lorachain.config import RouteConfig, RunConfig, from_dict
+from lorachain.config import RunConfig, from_dict
 from lorachain.data import DataError, load_examples
+from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import read_chat_rows
 from lorachain.routing.evaluate import route_eval
 from lorachain.routing.train import route_train

@@ -97,7 +97,8 @@ def test_cli_error_has_no_traceback(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path):
-    from lorachain.config import ExperimentConfig, RouteConfig
+    from lorachain.experiment.config import ExperimentConfig
+    from lorachain.routing.config import RouteConfig
 
     if "experiments" in path.parts:  # every method's RunConfig must build too
         from lorachain.experiment.runner import Cell, run_config

@@ -13,9 +13,10 @@ from conftest import SMALL, make_tokenizer, route_rows, run_config, tiny_model, 
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorachain.cli import main
-from lorachain.config import RouteConfig, RunConfig, from_dict
+from lorachain.config import RunConfig, from_dict
 from lorachain.data import DataError
 from lorachain.routing import train as routing_train
+from lorachain.routing.config import RouteConfig
 from lorachain.serve.router import Router
 from lorachain.store import StoreError, file_hashes, random_store, read_manifest, write_manifest
 from lorachain.train import train

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import make_tokenizer, tiny_model, toy_rows, write_jsonl
 
-from lorachain.config import ConfigError, ExperimentConfig, from_dict
+from lorachain.config import ConfigError, from_dict
 from lorachain.data import read_rows
 from lorachain.experiment import report
+from lorachain.experiment.config import ExperimentConfig
 from lorachain.experiment.runner import collect, plan, run_experiment
 from lorachain.tasks import TASKS, TaskExample, register
 

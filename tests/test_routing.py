@@ -12,8 +12,9 @@ import torch
 from conftest import make_tokenizer, route_rows, tiny_model, write_jsonl
 from peft import PeftModel
 
-from lorachain.config import RouteConfig, from_dict
+from lorachain.config import from_dict
 from lorachain.data import DataError
+from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import read_instruction_rows, stratified_split
 from lorachain.routing.evaluate import route_eval
 from lorachain.routing.judge import human_rates, judge_score

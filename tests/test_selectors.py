@@ -12,7 +12,8 @@ from conftest import SMALL, make_tokenizer, route_rows, tiny_model, write_jsonl
 from transformers import BertConfig, BertModel
 
 from lorachain.cli import main
-from lorachain.config import ConfigError, RouteConfig, from_dict
+from lorachain.config import ConfigError, from_dict
+from lorachain.routing.config import RouteConfig
 from lorachain.routing.selectors import KINDS, Kind, get_kind, kind_names, register
 from lorachain.routing.train import route_train
 from lorachain.serve.router import Router

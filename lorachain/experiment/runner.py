@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorachain.config import ConfigError, ExperimentConfig, RunConfig, as_current, from_dict
+from lorachain.config import ConfigError, RunConfig, as_current, from_dict
 from lorachain.evaluate import score_task
+from lorachain.experiment.config import ExperimentConfig
 from lorachain.io import write_json, write_text
 from lorachain.runfolder import peak_memory_mb, reset_peak_memory
 from lorachain.tasks import Task, TaskExample, get_task

@@ -22,10 +22,10 @@ from types import SimpleNamespace
 
 import torch
 
-from lorachain.config import RouteConfig
 from lorachain.data import DataError, read_rows
 from lorachain.io import write_json, write_text
 from lorachain.metrics import top_k_accuracy
+from lorachain.routing.config import RouteConfig
 from lorachain.routing.selectors import (
     centroid_probs,
     embed,

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from lorachain.config import ConfigError, DataConfig, RouteConfig, RunConfig
+from lorachain.config import ConfigError, DataConfig, RunConfig
 from lorachain.dist import init_dist
 from lorachain.io import atomic_dir, write_text
 from lorachain.models import load_model, load_tokenizer, resolve_path
+from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
 from lorachain.routing.selectors import get_kind
 from lorachain.store import (

@@ -1,0 +1,112 @@
+"""`lorachain route train` configuration: the labelled instruction file, the selector, the store.
+
+Loaded like a run config (`lorachain.config.load_config`); every field is checked when built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from lorachain import __version__
+from lorachain.config import CHAT_CHOICES, ChainConfig, ModelConfig, OptimConfig, TrainConfig, check
+
+TRUNCATIONS = ("head", "head_tail")
+
+
+@dataclass
+class RouteDataConfig:
+    """A labelled instruction file and how to split it (per task, seeded)."""
+
+    path: str = ""  # JSONL, JSON, CSV or Parquet
+    instruction_field: str = "instruction"
+    input_field: str | None = None  # optional context appended to the instruction
+    output_field: str = "output"
+    task_field: str = "task"
+    tasks: list[str] | None = None  # keep only these labels (default: all)
+    max_per_task: int | None = None  # subsample each task first (CPU budgets)
+    split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    seed: int = 0
+    max_length: int = 256
+    max_eval_rows: int | None = 64  # validation rows evaluated at each knot
+    on_bad_rows: str = "error"  # error | skip (skipped rows are listed in STORE/splits/rejected.txt)
+    # chat rows (`messages` or `conversations` plus the task field): adapters train and answer
+    # through the chat template with the whole conversation; the selector reads `selector_input`
+    format: str = "auto"  # text | chat | auto (chat when rows have a messages field)
+    messages_field: str | None = None
+    chat_template: str | None = None  # Jinja text or a .jinja file; default: the tokenizer's
+    train_on: str = "all_assistant"  # all_assistant | last
+    selector_input: str = "system_last_user"  # system_last_user | last_user | all_user
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "data.path: expected a JSONL, JSON, CSV or Parquet file")
+        check(self.on_bad_rows in ("error", "skip"), "data.on_bad_rows: expected error or skip")
+        for name in ("format", "train_on"):
+            allowed, value = CHAT_CHOICES[name], getattr(self, name)
+            check(value in allowed, f"data.{name}: expected one of {allowed}, got {value!r}")
+        inputs = ("system_last_user", "last_user", "all_user")
+        check(self.selector_input in inputs, f"data.selector_input: expected one of {inputs}")
+        check(
+            len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and min(self.split) >= 0,
+            f"data.split: expected three fractions adding up to 1, got {self.split}",
+        )
+        check(self.max_per_task is None or self.max_per_task >= 5, "data.max_per_task: expected >= 5")
+
+
+@dataclass
+class SelectorConfig:
+    """How a store picks the task: the kind (see `lorachain.routing.selectors`) and its settings."""
+
+    # encoder (default: the best measured on unseen data sets, and the cheapest to route; README) |
+    # lora (the paper) | full | embedding
+    kind: str = "encoder"
+    encoder: str = "sentence-transformers/all-MiniLM-L6-v2"  # encoder, embedding: hub id or folder
+    temperature: float = 0.05  # embedding: softmax temperature over cosine similarities
+    max_length: int = 128  # encoder, embedding: tokens read of each instruction
+    # encoder, embedding: which tokens of a longer instruction: `head` (the first), `head_tail` (the
+    # first and last halves: templates often put the task's wording after a long passage)
+    truncation: str = "head_tail"
+    lr: float = (
+        1.0e-4  # encoder: full fine-tuning learning rate (budget: selector_train, else 4 epochs of 16)
+    )
+
+    def __post_init__(self) -> None:
+        from lorachain.routing.selectors import kind_names
+
+        check(self.kind in kind_names(), f"selector.kind: unknown {self.kind!r}; known: {kind_names()}")
+        check(self.temperature > 0, f"selector.temperature: expected > 0, got {self.temperature}")
+        check(self.max_length > 0, f"selector.max_length: expected > 0, got {self.max_length}")
+        check(
+            self.truncation in TRUNCATIONS,
+            f"selector.truncation: expected one of {list(TRUNCATIONS)}, got {self.truncation!r}",
+        )
+        check(self.lr > 0, f"selector.lr: expected > 0, got {self.lr}")
+
+
+@dataclass
+class RouteConfig:
+    """`lorachain route train`: task adapters, the task-selection adapter and the mixed baseline."""
+
+    model: ModelConfig
+    data: RouteDataConfig
+    prompt: str = "### Instruction:\n{instruction}\n\n### Response:\n"  # task and mixed adapters
+    task_prompt: str = "Which type of task is this instruction?\nInstruction: {instruction}\nTask type:"
+    chain: ChainConfig = field(default_factory=ChainConfig)  # task and mixed adapters
+    selector_chain: ChainConfig | None = None  # default: same as chain
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # each task adapter
+    mixed_train: TrainConfig | None = None  # default: train
+    selector_train: TrainConfig | None = None  # default: train
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    output_dir: str = "stores/default"
+
+    def __post_init__(self) -> None:
+        check(self.model.task == "causal_lm", "model.task: task routing needs a causal LM")
+        check("{instruction}" in self.prompt, "prompt: must contain {instruction}")
+        check("{instruction}" in self.task_prompt, "task_prompt: must contain {instruction}")
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"lorachain_version": __version__, **dataclasses.asdict(self)}, indent=2, sort_keys=True
+        )
