@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 from lorachain.config import (
     ConfigError,
     DataConfig,
-    RouteConfig,
     RunConfig,
     from_dict,
     load_config,
     set_dotted,
 )
 from lorachain.data import DataError, encode_row, read_rows
+from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import read_instruction_rows
 from lorachain.routing.judge import human_rates
 from lorachain.store import StoreError, read_manifest
