@@ -36,7 +36,7 @@ def test_pairs_use_each_methods_own_validation_lr_and_shared_seeds():
     table, total = paired_table(select(rows), ["rte"], "lora", "cola")
     # LoRA's lr is 1e-3 (best validation), never 1e-4 (best test): differences are 2, 3, 4 points
     assert total["mean"] == pytest.approx(3.0) and total["above"] == 3
-    assert "| rte | 0.001 | 0.001 | +3.0 [+0.5, +5.5] | 3 / 0 / 0 |" in table
+    assert "| rte | 60.0 ± 0.0 (0.001) | 63.0 ± 1.0 (0.001) | +3.0 [+0.5, +5.5] | 3 / 0 / 0 |" in table
     assert verdict(total).startswith("COLA above LoRA")
     assert verdict(summarize([1.0, -1.0, 0.5])).startswith("no difference")
 

@@ -41,6 +41,16 @@ def summarize(diffs: list[float]) -> dict:
     }
 
 
+def mean_std(values: list[float]) -> str:
+    """Test scores x100 as mean ± std over seeds."""
+    if not values:
+        return "–"
+    m = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{m:.1f} (1 seed)"
+    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
 def pair_diffs(chosen: dict, task: str, ref: str, other: str) -> list[float]:
     """Per-seed test differences other − ref (x100) on the seeds both ran."""
     a, b = chosen.get((task, ref)), chosen.get((task, other))
@@ -85,15 +95,17 @@ def per_task(chosen: dict, tasks: list[str], ref: str, other: str) -> tuple[dict
 
 
 def paired_table(chosen: dict, tasks: list[str], ref: str, other: str) -> tuple[str, dict]:
-    """Markdown rows per task and pooled, and the pooled summary."""
+    """Markdown rows per task (each method's mean ± std at its lr, the paired difference) and
+    pooled, and the pooled summary."""
     header = (
-        f"| task | `{ref}` lr | `{other}` lr | COLA − LoRA (x100) [95% CI] | seeds above / tied / below |"
+        f"| task | `{ref}` (lr) | `{other}` (lr) | COLA − LoRA (x100) [95% CI] | seeds above / tied / below |"
     )
     lines = [header, "|---|---|---|---|---|"]
     rows, total = per_task(chosen, tasks, ref, other)
     for task, s in rows.items():
-        lr_a, lr_b = chosen[(task, ref)]["lr"], chosen[(task, other)]["lr"]
-        lines.append(f"| {task} | {lr_a:g} | {lr_b:g} | {_fmt(s)} | {_signs(s)} |")
+        a, b = chosen[(task, ref)], chosen[(task, other)]
+        cols = [f"{mean_std(list(v['test'].values()))} ({v['lr']:g})" for v in (a, b)]
+        lines.append(f"| {task} | {cols[0]} | {cols[1]} | {_fmt(s)} | {_signs(s)} |")
     lines.append(f"| **all tasks, pooled** | | | **{_fmt(total)}** | {_signs(total)} |")
     return "\n".join(lines) + "\n", total
 

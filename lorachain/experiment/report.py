@@ -18,6 +18,7 @@ from lorachain.experiment.choose import (
     trained,
 )
 from lorachain.experiment.figures import plot, plot_comparisons
+from lorachain.experiment.paired import mean_std, paired_table, verdict
 from lorachain.io import write_text
 
 
@@ -39,15 +40,6 @@ def label(spec: dict) -> str:
     if spec.get("knot_policy", "fixed") != "fixed":
         extras.append(f"{spec['knot_policy']} knots")
     return text + (f" [{', '.join(extras)}]" if extras else "")
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    m = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{m:.1f} (1 seed)"
-    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -178,8 +170,6 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
 
 def _paired_sections(chosen: dict, tasks: list[str], methods: list[str]) -> list[str]:
     """COLA − LoRA per seed, for every chain with a plain-LoRA reference of the same data size."""
-    from lorachain.experiment.paired import paired_table, verdict
-
     out = []
     for m, ref, n in comparisons(chosen, methods):
         table, total = paired_table(chosen, tasks, ref, m)
