@@ -16,7 +16,7 @@ paper:  # the COLA paper's grid on SmolLM2 (resumable; about 85 min with two wor
 table6:  # the COLA paper's Table 6 protocol on SmolLM2, bf16 (360 cells, resumable; two workers)
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table6.yaml & \
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table6.yaml; wait
-table1:  # the COLA paper's main protocol (625 steps per cell) on SmolLM2, bf16 (48 cells, resumable)
+table1:  # the COLA paper's main protocol (625 steps per cell) on SmolLM2, bf16 (76 cells: LoRA, COLA 2 and 3 links, zero-shot; resumable; two workers)
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table1.yaml & \
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table1.yaml; wait
 precision:  # fp32 vs bf16 training on SmolLM2 (benchmarks/results/precision.json)
