@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lorachain.experiment.choose import comparisons, select, trained
-from lorachain.experiment.paired import per_task, plot_paired
+from lorachain.experiment.paired import per_task
 from lorachain.io import atomic_write
 
 
@@ -85,7 +85,6 @@ def _by_second_rank(chosen: dict) -> dict[str, dict[int, list[float]]]:
 
 def plot_comparisons(results: list[dict], path: Path, tasks: list[str] | None = None) -> Path | None:
     """paired.png: the paired COLA − LoRA differences per task, one panel per comparison."""
-
     chosen = select(results)
     methods = list(dict.fromkeys(m for _, m in chosen))
     tasks = tasks or list(dict.fromkeys(t for t, _ in chosen))
@@ -98,3 +97,35 @@ def plot_comparisons(results: list[dict], path: Path, tasks: list[str] | None = 
         return None
     plot_paired(panels, path)
     return path
+
+
+def plot_paired(panels: list[tuple[str, dict[str, dict], dict]], path: Path) -> None:
+    """One forest plot: per panel (title, per-task summaries, pooled), each task's mean difference
+    with its 95% interval, the pooled one last in black, and the zero line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(4.2 * len(panels), 0.45 * max(len(rows) + 1 for _, rows, _ in panels) + 1.4),
+        squeeze=False,
+        sharey=False,
+    )
+    for ax, (title, rows, total) in zip(axes[0], panels):
+        items = [*rows.items(), ("pooled", total)]
+        for y, (name, s) in enumerate(reversed(items)):
+            lo, hi = s["ci"] if s["n"] > 1 else (s["mean"], s["mean"])
+            color = "black" if name == "pooled" else "tab:blue"
+            ax.errorbar(
+                s["mean"], y, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color=color, capsize=3
+            )
+        ax.set_yticks(range(len(items)), [name for name, _ in reversed(items)])
+        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("COLA − LoRA, test score x100 (95% CI)")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

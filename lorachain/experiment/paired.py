@@ -108,37 +108,3 @@ def paired_table(chosen: dict, tasks: list[str], ref: str, other: str) -> tuple[
         lines.append(f"| {task} | {cols[0]} | {cols[1]} | {_fmt(s)} | {_signs(s)} |")
     lines.append(f"| **all tasks, pooled** | | | **{_fmt(total)}** | {_signs(total)} |")
     return "\n".join(lines) + "\n", total
-
-
-def plot_paired(panels: list[tuple[str, dict[str, dict], dict]], path) -> None:
-    """One forest plot: per panel (title, per-task summaries, pooled), each task's mean difference
-    with its 95% interval, the pooled one last in black, and the zero line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lorachain.io import atomic_write
-
-    fig, axes = plt.subplots(
-        1,
-        len(panels),
-        figsize=(4.2 * len(panels), 0.45 * max(len(rows) + 1 for _, rows, _ in panels) + 1.4),
-        squeeze=False,
-        sharey=False,
-    )
-    for ax, (title, rows, total) in zip(axes[0], panels):
-        items = [*rows.items(), ("pooled", total)]
-        for y, (name, s) in enumerate(reversed(items)):
-            lo, hi = s["ci"] if s["n"] > 1 else (s["mean"], s["mean"])
-            color = "black" if name == "pooled" else "tab:blue"
-            ax.errorbar(
-                s["mean"], y, xerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color=color, capsize=3
-            )
-        ax.set_yticks(range(len(items)), [name for name, _ in reversed(items)])
-        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_xlabel("COLA − LoRA, test score x100 (95% CI)")
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)

@@ -31,6 +31,7 @@ from lorachain.routing.selectors import (
     embed,
     encoder_budget,
     get_kind,
+    label_ids,
     load_encoder,
     ranked,
     score_labels,
@@ -178,11 +179,6 @@ class Fitter:
         # the finished chain is merged into the base weights: score with the model itself
         ids = label_ids(tok, labels)
         return lambda texts: score_labels(model, tok, run.data, ids, labels, texts)
-
-
-def label_ids(tok, labels: list[str]) -> list[list[int]]:
-    """Token ids of each label as the Router scores it (after a space)."""
-    return [tok(f" {x}", add_special_tokens=False)["input_ids"] for x in labels]
 
 
 def evaluate_fold(select, test: list[Row], batch: int = 8) -> tuple[list[list[str]], float]:

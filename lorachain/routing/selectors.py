@@ -108,6 +108,11 @@ def batch_logprobs(model, prompts: list[list[int]], conts: list[list[int]]) -> t
 
 
 @torch.no_grad()
+def label_ids(tok, labels: list[str]) -> list[list[int]]:
+    """Token ids of each label as `score_labels` scores it (after a space)."""
+    return [tok(f" {x}", add_special_tokens=False)["input_ids"] for x in labels]
+
+
 def score_labels(
     model,
     tok,

@@ -20,7 +20,7 @@ from lorachain.config import ConfigError, DataConfig, ModelConfig
 from lorachain.data import prompt_ids
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels
-from lorachain.routing.selectors import get_kind, score_labels
+from lorachain.routing.selectors import get_kind, label_ids, score_labels
 from lorachain.serve.adapter_file import WEIGHTS
 from lorachain.serve.slots import AdapterSlots
 from lorachain.store import (
@@ -107,7 +107,7 @@ class Router:
                 train_on="last",
             )
             self.chat_template = chat_template(tokenizer, override, "templates.chat")
-        self.label_ids = [tokenizer(f" {x}", add_special_tokens=False)["input_ids"] for x in self.labels]
+        self.label_ids = label_ids(tokenizer, self.labels)
         self.adapters = {a["task"]: name for name, a in manifest.adapters.items() if a["kind"] == "task"}
         self.selector_fn = None  # set by from_store for selector kinds other than `lora`
         self.score_batch = score_batch  # instructions per selector forward pass in `score` mode
