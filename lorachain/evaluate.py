@@ -203,6 +203,18 @@ def _next_token_scores(
     return out
 
 
+def reference_nll(model: nn.Module, tokenizer, examples: list, batch_size: int, max_length: int) -> float:
+    """Mean NLL per token of each example's first reference answer after its prompt (GSM8K's
+    reference solution): a smooth score of how well the model knows the answers."""
+    seqs, _ = _choice_pairs(
+        tokenizer, examples, [[tokenizer(e.answers[0], add_special_tokens=False)["input_ids"]] for e in examples],
+        max_length,
+    )
+    seqs = [Example(s.input_ids[:max_length], s.labels[:max_length], None, s.prompt_len) for s in seqs]
+    pairs = sequence_logprobs(model, seqs, _pad_id(tokenizer), batch_size)
+    return -sum(s for s, _ in pairs) / max(1, sum(n for _, n in pairs))
+
+
 @torch.no_grad()
 def generate_greedy(
     model: nn.Module,
@@ -255,6 +267,7 @@ def score_task(
 
     was_training = model.training
     model.eval()
+    ref: dict[str, float] = {}
     try:
         if task.kind == "generation":
             preds = generate_greedy(
@@ -266,6 +279,7 @@ def score_task(
                 max_length,
             )
             answers = [[a.strip() for a in e.answers] for e in examples]
+            ref = {"ref_nll": reference_nll(model, tokenizer, examples, batch_size, max_length)}
         elif classifier:
             scores = classifier_scores(model, tokenizer, examples, batch_size, max_length)
             choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
@@ -279,13 +293,13 @@ def score_task(
             answers = [e.answers for e in examples]
         if task.metric == "number_em":  # GSM8K: the final number of the solution
             em = sum(number_match(p, a[0]) for p, a in zip(preds, answers, strict=True)) / len(preds)
-            return {"em": em, "score": em, "n": len(examples)}
+            return {"em": em, "score": em, "n": len(examples)} | ref
         if task.metric == "em_f1":
             if task.kind != "generation":  # ReCoRD: the entity in the chosen candidate
                 preds = [_entity(e, c) for e, c in zip(examples, choice, strict=True)]
             em = sum(best_over(exact_match, p, a) for p, a in zip(preds, answers, strict=True)) / len(preds)
             f1 = sum(best_over(token_f1, p, a) for p, a in zip(preds, answers, strict=True)) / len(preds)
-            return {"em": em, "f1": f1, "score": f1, "n": len(examples)}
+            return {"em": em, "f1": f1, "score": f1, "n": len(examples)} | ref
         golds = [e.gold for e in examples]
         acc = accuracy(choice, golds)
         if task.metric == "f1":

@@ -71,4 +71,21 @@ def test_generation_scored_by_final_number():
         TaskExample("Review : bad", answers=[" #### 8"]),
     ]
     got = score_task(model, tok, task, examples, batch_size=4, max_new_tokens=3)
+    ref_nll = got.pop("ref_nll")
     assert got == {"em": 0.0, "score": 0.0, "n": 2}  # the random model's words hold no number
+    # the reference's mean NLL per token, against a direct computation on the second example
+    import torch
+
+    prompt = tok("Review : bad")["input_ids"]
+    target = tok(" #### 8", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + target])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    nll2 = -sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(target))
+    prompt1 = tok("Review : good")["input_ids"]
+    target1 = tok(" #### 7", add_special_tokens=False)["input_ids"]
+    ids1 = torch.tensor([prompt1 + target1])
+    with torch.no_grad():
+        logp1 = torch.log_softmax(model(input_ids=ids1).logits[0].float(), -1)
+    nll1 = -sum(logp1[len(prompt1) + j - 1, t].item() for j, t in enumerate(target1))
+    assert abs(ref_nll - (nll1 + nll2) / (len(target) + len(target1))) < 1e-4
