@@ -206,10 +206,8 @@ def _next_token_scores(
 def reference_nll(model: nn.Module, tokenizer, examples: list, batch_size: int, max_length: int) -> float:
     """Mean NLL per token of each example's first reference answer after its prompt (GSM8K's
     reference solution): a smooth score of how well the model knows the answers."""
-    seqs, _ = _choice_pairs(
-        tokenizer, examples, [[tokenizer(e.answers[0], add_special_tokens=False)["input_ids"]] for e in examples],
-        max_length,
-    )
+    refs = [[tokenizer(e.answers[0], add_special_tokens=False)["input_ids"]] for e in examples]
+    seqs, _ = _choice_pairs(tokenizer, examples, refs, max_length)
     seqs = [Example(s.input_ids[:max_length], s.labels[:max_length], None, s.prompt_len) for s in seqs]
     pairs = sequence_logprobs(model, seqs, _pad_id(tokenizer), batch_size)
     return -sum(s for s, _ in pairs) / max(1, sum(n for _, n in pairs))
