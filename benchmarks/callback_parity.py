@@ -38,7 +38,7 @@ from lorachain.config import RunConfig, load_config
 from lorachain.data import batch_order, collate, load_examples, steps_per_epoch
 from lorachain.integrations import ChainCallback
 from lorachain.models import resolve_target_modules, uses_conv1d
-from lorachain.train import train
+from lorachain.training.loop import train
 
 
 def knot_steps(cfg: RunConfig, n_examples: int) -> list[int]:

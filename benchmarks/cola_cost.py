@@ -34,7 +34,7 @@ def run_one(name: str, steps: int, out: str) -> dict:
     from lorachain.data import load_examples
     from lorachain.demo import demo_config
     from lorachain.models import load_model, load_tokenizer, resolve_path
-    from lorachain.train import lr_factor, make_optimizer, run_steps, train, trainable
+    from lorachain.training.loop import lr_factor, make_optimizer, run_steps, train, trainable
 
     links = CONFIGS[name] or [{"rank": 8, "alpha": 16}]
     raw = demo_config(Path(out), links, steps)

@@ -77,9 +77,9 @@ def time_steps(precision: str, steps: int, threads: int, out: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lorachain.runfolder import peak_memory_mb
-    from lorachain.step import run_steps
-    from lorachain.train import Trainer
+    from lorachain.training.loop import Trainer
+    from lorachain.training.runfolder import peak_memory_mb
+    from lorachain.training.step import run_steps
 
     torch.set_num_threads(threads)
     cfg = config("lora", precision, steps + 2, out, evaluate=False)
@@ -131,7 +131,7 @@ def time_steps(precision: str, steps: int, threads: int, out: str) -> dict:
 def train_eval(method: str, precision: str, out: str) -> dict:
     """One epoch (40 steps) of the demo's SST-2 run and its evaluation, in `precision`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lorachain.train import train
+    from lorachain.training.loop import train
 
     s = train(config(method, precision, None, out, evaluate=True), progress=False).summary
     return {
@@ -256,7 +256,7 @@ def _cpu_name() -> str:
 
 
 def _flags() -> set[str]:
-    from lorachain.precision import cpu_flags
+    from lorachain.training.precision import cpu_flags
 
     return cpu_flags()
 

@@ -3,7 +3,7 @@
     python examples/sft_chain_smollm2.py [--rows 64 --steps 16 --eval-rows 10 --out runs/sft_chain_smollm2]
 
 The data is the embedded GSM8K chat set (OpenAI messages). lorachain renders each conversation
-with SmolLM2's chat template and marks the assistant tokens (`lorachain.chat`). SFTTrainer trains
+with SmolLM2's chat template and marks the assistant tokens (`lorachain.data.chat`). SFTTrainer trains
 on those tokens alone (TRL masks the labels by the `assistant_masks` column). The chain is rank 8 then rank 4
 on the attention projections, with the knot halfway. Greedy answers to held-out questions are
 scored by their final number before and after. The whole chain is written as one PEFT adapter,
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lorachain.chat import chat_template, generation_ids, parse_messages
 from lorachain.config import DataConfig
 from lorachain.data import load_examples, read_rows
+from lorachain.data.chat import chat_template, generation_ids, parse_messages
 from lorachain.integrations import ChainCallback
 from lorachain.metrics import number_match
 

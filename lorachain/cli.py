@@ -15,7 +15,7 @@ PRECISION_HELP = "training precision (overrides the config; auto = bf16 where th
 
 def _train(args: argparse.Namespace) -> int:
     from lorachain.config import load_config
-    from lorachain.train import train
+    from lorachain.training.loop import train
 
     overrides = args.overrides + ([f"train.precision={args.precision}"] if args.precision else [])
     result = train(load_config(args.config, overrides))
@@ -371,15 +371,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # dependencies' deprecation notices are not the user's business (children inherit this)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes, on a CPU with AVX-512 BF16, tries to fetch a gemm kernel from the hub at import
+    # and logs a warning when it cannot (offline); its own CPU gemm is used instead
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
-    from lorachain.errors import USER_ERRORS
+    from lorachain.chain.knot import KnotError
+    from lorachain.config import ConfigError
+    from lorachain.data import DataError
+    from lorachain.routing.judge import JudgeError
+    from lorachain.store import StoreError
 
+    # the errors that mean bad input from the user: printed as one line
+    user_errors = (ConfigError, DataError, KnotError, StoreError, JudgeError, FileNotFoundError)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except user_errors as e:
         print(f"lorachain: error: {e}", file=sys.stderr)
         return 2
 

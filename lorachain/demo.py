@@ -102,15 +102,15 @@ def run_in_child(fn, *args):
 
 
 def _train_in_child(cfg_dict: dict) -> dict:
-    from lorachain.train import train
+    from lorachain.training.loop import train
 
     return train(from_dict(RunConfig, cfg_dict)).summary
 
 
 def _zero_shot(cfg_dict: dict) -> dict:
     from lorachain.data import candidate_ids, load_examples
-    from lorachain.evaluate import evaluate
     from lorachain.models import load_model, load_tokenizer, resolve_path
+    from lorachain.training.evaluate import evaluate
 
     cfg = from_dict(RunConfig, cfg_dict)
     tok = load_tokenizer(resolve_path(cfg.model))
@@ -328,7 +328,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, precision:
     train a small task-routing store and answer routed instructions."""
     import os
 
-    from lorachain.plots import plot_runs
+    from lorachain.training.plots import plot_runs
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network
     out = Path(out)

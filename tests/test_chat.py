@@ -9,10 +9,10 @@ import pytest
 from chatkit import CONVERSATION, FAMILIES, chat_model, chat_rows, chat_tokenizer
 from conftest import write_jsonl
 
-from lorachain.chat import BadRow, chat_template, encode_chat, generation_ids, parse_messages
 from lorachain.config import DataConfig, load_config
 from lorachain.data import DataError, load_examples
-from lorachain.train import train
+from lorachain.data.chat import BadRow, chat_template, encode_chat, generation_ids, parse_messages
+from lorachain.training.loop import train
 
 SHAREGPT = {"user": "human", "assistant": "gpt"}
 

@@ -13,9 +13,9 @@ import torch
 from chatkit import chat_model, chat_tokenizer
 from conftest import write_jsonl
 
-from lorachain.chat import chat_template, generation_ids, selector_text
 from lorachain.config import RunConfig, from_dict
 from lorachain.data import DataError, load_examples
+from lorachain.data.chat import chat_template, generation_ids, selector_text
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import read_chat_rows
 from lorachain.routing.evaluate import route_eval

@@ -19,7 +19,7 @@ from lorachain.routing import train as routing_train
 from lorachain.routing.config import RouteConfig
 from lorachain.serve.router import Router
 from lorachain.store import StoreError, file_hashes, random_store, read_manifest, write_manifest
-from lorachain.train import train
+from lorachain.training.loop import train
 
 TEMPLATES = {"prompt": "{instruction} =>", "task_prompt": "{instruction} task:", "max_length": 32}
 

@@ -87,7 +87,7 @@ def test_runner_never_recomputes_a_finished_cell(tmp_path, tiny_dir):
 
 
 def test_interrupted_cell_resumes_to_the_same_result(tmp_path, tiny_dir, monkeypatch):
-    import lorachain.train as train_mod
+    import lorachain.training.loop as train_mod
 
     methods = {"cola": {"chain": {"links": [{"rank": 4, "alpha": 8}, {"rank": 2, "alpha": 4}]}}}
     whole = grid(tmp_path, tiny_dir, seeds=[0], lrs=[0.05], methods=methods, output_dir=str(tmp_path / "a"))
@@ -145,9 +145,10 @@ def test_grid_written_before_a_new_config_field_still_resumes(tmp_path, tiny_dir
     ],
 )
 def test_bad_grid_fails_before_training(tmp_path, tiny_dir, over, message):
-    from lorachain.errors import USER_ERRORS
+    from lorachain.config import ConfigError
+    from lorachain.data import DataError
 
-    with pytest.raises(USER_ERRORS, match=message):
+    with pytest.raises((ConfigError, DataError), match=message):
         run_experiment(grid(tmp_path, tiny_dir, **over), progress=False)
     assert not list(Path(tmp_path / "exp").glob("cells/**/train.jsonl"))
 

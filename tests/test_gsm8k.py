@@ -12,9 +12,9 @@ from conftest import make_tokenizer, tiny_model
 
 from lorachain.config import load_config
 from lorachain.data import load_examples
-from lorachain.evaluate import score_task
 from lorachain.metrics import final_number, number_match
 from lorachain.tasks import TaskExample, get_task
+from lorachain.training.evaluate import score_task
 
 ROOT = Path(__file__).parent.parent
 REAL = Path(__file__).parent / "data" / "real" / "gsm8k.jsonl"  # first rows of the official test file

@@ -18,7 +18,7 @@ from lorachain.chain.knot import (
 )
 from lorachain.config import ChainConfig, ConfigError, LinkConfig, OptimConfig
 from lorachain.models import resolve_target_modules, uses_conv1d
-from lorachain.train import make_optimizer, trainable
+from lorachain.training.loop import make_optimizer, trainable
 
 FAMILIES = ["llama", "gpt2", "opt", "bert", "qwen2", "gemma3_text", "bloom", "gpt_neox"]
 SHAPES = {"one": [8], "three": [8, 8, 8], "step-down": [8, 4], "step-up": [2, 6]}

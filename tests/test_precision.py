@@ -12,8 +12,8 @@ from peft import PeftModel
 
 from lorachain.chain.knot import apply_factors, extend, lora_config, tie_knot
 from lorachain.config import ConfigError, LinkConfig, RunConfig, from_dict
-from lorachain.precision import Precision, compute_copies, resolve, restore_masters
-from lorachain.train import train
+from lorachain.training.loop import train
+from lorachain.training.precision import Precision, compute_copies, resolve, restore_masters
 
 X = torch.tensor([[2, 4, 10, 11, 12, 13, 5, 6, 5], [2, 4, 20, 21, 22, 23, 5, 6, 5]])
 
@@ -26,7 +26,7 @@ def cfg_for(tmp_path, toy_data, name, precision, **over) -> RunConfig:
 
 
 def test_auto_resolves_by_device_capability(monkeypatch):
-    import lorachain.precision as p
+    import lorachain.training.precision as p
 
     monkeypatch.setattr(p, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert resolve("auto", torch.device("cpu")).name == "bf16"
@@ -152,7 +152,7 @@ def test_mixed_precision_keeps_lora_state_fp32_and_export_exact(tmp_path, toy_da
 
 
 def test_lora_factors_and_optimizer_state_stay_fp32_on_a_bf16_base(tmp_path, toy_data, tokenizer):
-    from lorachain.train import Trainer
+    from lorachain.training.loop import Trainer
 
     cfg = cfg_for(tmp_path, toy_data, "t", "bf16", model__dtype="bfloat16")
     trainer = Trainer(cfg, tiny_model("llama").to(torch.bfloat16), tokenizer, progress=False)
@@ -164,7 +164,7 @@ def test_lora_factors_and_optimizer_state_stay_fp32_on_a_bf16_base(tmp_path, toy
 
 
 def test_attention_policy_picks_eager_for_short_mixed_precision_on_cpu():
-    from lorachain.precision import EAGER_MAX_LENGTH, attention
+    from lorachain.training.precision import EAGER_MAX_LENGTH, attention
 
     bf16, fp32 = Precision("bf16"), Precision("fp32")
     assert attention("auto", bf16, 64) == "eager"

@@ -10,12 +10,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from lorachain.data import prompt_ids
-from lorachain.evaluate import continuation_logprobs
 from lorachain.routing.selectors import batch_logprobs, score_labels
 from lorachain.serve.batched_lora import GatheredLoRA
 from lorachain.serve.router import Router
 from lorachain.serve.slots import WEIGHTS
 from lorachain.store import MIXED, SELECTOR, StoreError, random_store
+from lorachain.training.evaluate import continuation_logprobs
 
 TEMPLATES = {"prompt": "{instruction} =>", "task_prompt": "{instruction} task:", "max_length": 32}
 TASKS = ("alpha", "beta", "gamma", "delta_long_label")

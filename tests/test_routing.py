@@ -256,9 +256,9 @@ def test_base_row_is_the_model_with_its_adapters_disabled(store, tmp_path):
     """route_eval's base row: perplexity and greedy answers of the model with no adapter, equal to
     the same computation on the plain (never wrapped) base model."""
     from lorachain.data import encode_row
-    from lorachain.evaluate import sequence_logprobs
     from lorachain.metrics import perplexity
     from lorachain.routing.evaluate import BASE, answers_for, load_test_rows, quality
+    from lorachain.training.evaluate import sequence_logprobs
 
     r = router(store)
     result = route_eval(r, store, tmp_path / "eval", max_per_task=2, modes=("score",), max_new_tokens=3)
@@ -399,7 +399,7 @@ def test_bad_rows_can_be_skipped_with_a_report(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_cached_label_scoring_equals_full_sequences(family):
     from lorachain.data import Example
-    from lorachain.evaluate import continuation_logprobs, sequence_logprobs
+    from lorachain.training.evaluate import continuation_logprobs, sequence_logprobs
 
     model = tiny_model(family)
     prompt, labels = [2, 10, 11, 12, 13], [[20], [21, 22, 23], [24, 25]]

@@ -245,7 +245,7 @@ def test_choice_scores_pick_the_most_likely_candidate(family):
     from conftest import make_tokenizer, tiny_model
 
     from lorachain.data import Example
-    from lorachain.evaluate import choice_scores, sequence_logprobs
+    from lorachain.training.evaluate import choice_scores, sequence_logprobs
 
     tok, model = make_tokenizer(), tiny_model(family)
     prompts = ["Review : good film Sentiment :", "Review : dull plot Sentiment :", "the movie was"]
@@ -308,8 +308,8 @@ class Prefers(torch.nn.Module):
 def test_candidate_scoring_picks_what_the_model_prefers():
     from conftest import make_tokenizer
 
-    from lorachain.evaluate import choice_scores, score_task
     from lorachain.tasks import Task
+    from lorachain.training.evaluate import choice_scores, score_task
 
     tok = make_tokenizer()
     pos, neg = tok.convert_tokens_to_ids(["positive", "negative"])
@@ -337,8 +337,8 @@ def test_candidate_scoring_picks_what_the_model_prefers():
 def test_record_scores_the_chosen_entity_by_em_and_f1():
     from conftest import make_tokenizer
 
-    from lorachain.evaluate import score_task
     from lorachain.tasks import Task
+    from lorachain.training.evaluate import score_task
 
     tok = make_tokenizer()
     fav = tok.convert_tokens_to_ids("film")
@@ -353,8 +353,8 @@ def test_greedy_generation_matches_one_prompt_at_a_time():
     """Left-padded batches decode exactly what each prompt decodes alone; EM/F1 score the text."""
     from conftest import make_tokenizer, tiny_model
 
-    from lorachain.evaluate import generate_greedy, score_task
     from lorachain.tasks import Task
+    from lorachain.training.evaluate import generate_greedy, score_task
 
     tok, model = make_tokenizer(), tiny_model("llama")
     prompts = ["Review : good film", "the", "the movie was very dull and the plot"]
@@ -371,8 +371,8 @@ def test_greedy_generation_matches_one_prompt_at_a_time():
 def test_encoder_classifier_scores_by_its_head():
     from conftest import make_tokenizer, tiny_model
 
-    from lorachain.evaluate import classifier_scores, score_task
     from lorachain.tasks import Task
+    from lorachain.training.evaluate import classifier_scores, score_task
 
     tok, model = make_tokenizer(), tiny_model("bert")
     exs = [TaskExample("good film", [" no", " yes"], 1), TaskExample("dull plot", [" no", " yes"], 0)]

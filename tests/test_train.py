@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lorachain.chain.policy import PlateauKnots, link_steps
 from lorachain.config import ChainConfig, ConfigError, KnotConfig, LinkConfig, RunConfig, from_dict
-from lorachain.train import lr_factor, make_optimizer, run_steps, train, trainable
+from lorachain.training.loop import lr_factor, make_optimizer, run_steps, train, trainable
 
 X = torch.tensor([[2, 4, 10, 11, 12, 13, 5, 6, 5], [2, 4, 20, 21, 22, 23, 5, 6, 5]])
 CHAINS = {

@@ -93,7 +93,7 @@ def test_children_die_with_their_parent(tmp_path, sig):
 def test_plot_of_an_underscore_run_has_a_legend_and_no_warning(tmp_path):
     import json
 
-    from lorachain.plots import plot_runs
+    from lorachain.training.plots import plot_runs
 
     run = tmp_path / "_selector"
     run.mkdir()

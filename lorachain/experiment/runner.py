@@ -2,7 +2,7 @@
 
 Every cell writes `cells/<task>/<method>/seed<s>/lr<lr>/result.json` atomically when it is done and
 is never computed again; a killed cell resumes from its training checkpoint. Each cell trains with
-the one loop (`lorachain.train.train`) on a fresh copy of the base model, then scores validation
+the one loop (`lorachain.training.loop.train`) on a fresh copy of the base model, then scores validation
 and test with the task's metric, and records its cost: time, estimated FLOPs, peak memory.
 """
 
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorachain.config import ConfigError, RunConfig, as_current, from_dict
-from lorachain.evaluate import score_task
 from lorachain.experiment.config import ExperimentConfig
 from lorachain.io import write_json, write_text
-from lorachain.runfolder import peak_memory_mb, reset_peak_memory
 from lorachain.tasks import Task, TaskExample, get_task
 from lorachain.tasks.protocol import PATHS, Splits, sample_splits
+from lorachain.training.evaluate import score_task
+from lorachain.training.runfolder import peak_memory_mb, reset_peak_memory
 
 RESERVED = (
     "n_train",
@@ -158,7 +158,7 @@ class Runner:
     ) -> dict:
         """The task's metric on `examples`, under the autocast of the cell's training precision."""
         from lorachain.models import device_of
-        from lorachain.precision import resolve
+        from lorachain.training.precision import resolve
 
         c = self.cfg
         classifier = c.model.task == "classification"
@@ -240,7 +240,7 @@ class Runner:
         return row
 
     def _train(self, cell: Cell, task: Task, splits: Splits, folder: Path):
-        from lorachain.train import train
+        from lorachain.training.loop import train
 
         c = self.cfg
         classifier = c.model.task == "classification"

@@ -1,6 +1,6 @@
 """Start a new link in place, on a live PEFT model and the optimizer another loop owns.
 
-`lorachain.train` extends the chain with a fresh PeftModel and a new optimizer. Inside
+`lorachain.training.loop` extends the chain with a fresh PeftModel and a new optimizer. Inside
 `transformers.Trainer` the model and optimizer belong to the Trainer, so here the LoRA factors are
 re-drawn in place (A random, B zero) or, for a rank step-down, replaced by parameters of the new
 rank that take the old ones' places in the optimizer's param groups; the optimizer forgets the

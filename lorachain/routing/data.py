@@ -31,7 +31,7 @@ def read_chat_rows(
 ) -> list[InstructionRow]:
     """Chat rows (OpenAI messages / ShareGPT conversations) with a task label. A bad
     conversation or a missing label is an error, or skipped and listed in `rejected`."""
-    from lorachain.chat import BadRow, parse_messages, selector_text
+    from lorachain.data.chat import BadRow, parse_messages, selector_text
 
     out, problems = [], []
     for line, row in read_rows(path):

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lorachain.data import encode_row
-from lorachain.evaluate import sequence_logprobs
 from lorachain.io import atomic_write, write_json, write_text
 from lorachain.metrics import exact_match, perplexity, rouge_l, top_k_accuracy
 from lorachain.routing.judge import JudgeError, judge_score, write_human_sheet
 from lorachain.store import MIXED
+from lorachain.training.evaluate import sequence_logprobs
 
 NONE = "(none)"
 QUALITY_KINDS = ("routed", "base", "mixed")  # whose greedy answers are scored (and judged)

@@ -113,7 +113,7 @@ class Fitter:
         """What a kind's `load` reads of a Router, for a fold's store (which has no manifest)."""
         if self.kind.name != "full":
             return SimpleNamespace(root=work, labels=labels)
-        from lorachain.routing.train import adapter_runs
+        from lorachain.routing.runs import adapter_runs
 
         tok = self._tokenizer()
         _, run = adapter_runs(self.cfg, work, labels)[SELECTOR]
@@ -163,8 +163,8 @@ class Fitter:
 
     def _lora(self, work: Path, labels: list[str]):
         from lorachain.models import load_model
-        from lorachain.routing.train import adapter_runs
-        from lorachain.train import train
+        from lorachain.routing.runs import adapter_runs
+        from lorachain.training.loop import train
 
         if "model" not in self.cache:
             model = load_model(self.cfg.model)

@@ -315,7 +315,7 @@ def clipped_splits(root: Path, sel) -> Path:
 
 def fit_encoder(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
     from lorachain.config import ChainConfig, DataConfig, LinkConfig, ModelConfig, RunConfig
-    from lorachain.train import train
+    from lorachain.training.loop import train
 
     sel, splits = cfg.selector, clipped_splits(root, cfg.selector)
     run = RunConfig(
@@ -371,9 +371,9 @@ register(Kind("encoder", fit_encoder, load_encoder_head, "small encoder + classi
 def fit_full(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
     """The `_selector` run of the store, as full fine-tuning of the base (in place: the caller
     restores the base afterwards), at `selector.lr`; the merged model becomes STORE/selector/."""
-    from lorachain.routing.train import adapter_runs
+    from lorachain.routing.runs import adapter_runs
     from lorachain.store import SELECTOR
-    from lorachain.train import train
+    from lorachain.training.loop import train
 
     _, run = adapter_runs(cfg, root, labels)[SELECTOR]
     chain = replace(run.chain, method="full", links=run.chain.links[:1])

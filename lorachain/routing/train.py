@@ -7,21 +7,20 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from lorachain.config import ConfigError, DataConfig, RunConfig
-from lorachain.dist import init_dist
+from lorachain.config import ConfigError
 from lorachain.io import atomic_dir, write_text
 from lorachain.models import load_model, load_tokenizer, resolve_path
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
+from lorachain.routing.runs import adapter_runs, chat_templates
 from lorachain.routing.selectors import get_kind
 from lorachain.store import (
     CHAT_FORMAT,
-    MIXED,
     SELECTOR,
     TEXT_FORMAT,
     Manifest,
@@ -30,7 +29,8 @@ from lorachain.store import (
     safe_name,
     write_manifest,
 )
-from lorachain.train import train
+from lorachain.training.loop import train
+from lorachain.training.parallel import init_dist
 
 
 def write_rows(path: Path, rows: list[InstructionRow]) -> Path:
@@ -49,8 +49,8 @@ def is_chat(cfg: RouteConfig) -> bool:
     d = cfg.data
     if d.format != "auto":
         return d.format == "chat"
-    from lorachain.chat import messages_field
     from lorachain.data import read_rows
+    from lorachain.data.chat import messages_field
 
     rows = read_rows(d.path)
     return bool(rows) and messages_field(rows[0][1], d.messages_field) is not None
@@ -80,97 +80,6 @@ def _text_rows(cfg: RouteConfig, rejected: list[str] | None) -> list[Instruction
         d.input_field,
         rejected if d.on_bad_rows == "skip" else None,
     )
-
-
-def chat_templates(cfg: RouteConfig) -> dict:
-    """What a chat store's manifest records: the chat template (the override's text, or True for
-    the base model's own), what the selector reads, and how the adapters were trained."""
-    from lorachain.chat import chat_template
-
-    d = cfg.data
-    template = chat_template(None, d.chat_template) if d.chat_template else True
-    return {"format": "chat", "chat": template, "selector_input": d.selector_input, "train_on": d.train_on}
-
-
-def adapter_runs(
-    cfg: RouteConfig, root: Path, labels: list[str], chat: bool = False
-) -> dict[str, tuple[str, RunConfig]]:
-    """name -> (kind, RunConfig) for every adapter of the store, in training order."""
-    d = cfg.data
-    splits = root / "splits"
-
-    def run(name: str, train_file: Path, eval_file: Path, data: DataConfig, chain, budget) -> RunConfig:
-        return RunConfig(
-            model=cfg.model,
-            data=replace(data, train=str(train_file), eval=str(eval_file)),
-            chain=chain,
-            optim=cfg.optim,
-            train=budget,
-            output_dir=str(root / "runs" / name),
-        )
-
-    answer = DataConfig(
-        train="-",
-        prompt=cfg.prompt,
-        target="{output}",
-        label_field=None,
-        max_length=d.max_length,
-        max_eval_rows=d.max_eval_rows,
-    )
-    if chat:  # task and mixed adapters: the whole conversation through the chat template
-        answer = replace(
-            answer,
-            format="chat",
-            messages_field="messages",
-            chat_template=d.chat_template,
-            train_on=d.train_on,
-        )
-    select = DataConfig(
-        train="-",
-        prompt=cfg.task_prompt,
-        target=" {label}",
-        label_field="task",
-        label_words={t: t for t in labels},
-        max_length=d.max_length,
-        max_eval_rows=d.max_eval_rows,
-    )
-    runs: dict[str, tuple[str, RunConfig]] = {}
-    for label in labels:
-        name = safe_name(label)
-        runs[name] = (
-            "task",
-            run(
-                name,
-                splits / "by_task" / f"{name}.train.jsonl",
-                splits / "by_task" / f"{name}.val.jsonl",
-                answer,
-                cfg.chain,
-                cfg.train,
-            ),
-        )
-    runs[MIXED] = (
-        "mixed",
-        run(
-            MIXED,
-            splits / "train.jsonl",
-            splits / "val.jsonl",
-            answer,
-            cfg.chain,
-            cfg.mixed_train or cfg.train,
-        ),
-    )
-    runs[SELECTOR] = (
-        "selector",
-        run(
-            SELECTOR,
-            splits / "train.jsonl",
-            splits / "val.jsonl",
-            select,
-            cfg.selector_chain or cfg.chain,
-            cfg.selector_train or cfg.train,
-        ),
-    )
-    return runs
 
 
 def write_splits(cfg: RouteConfig, root: Path, split: dict, labels: list[str], rejected: list[str]) -> None:

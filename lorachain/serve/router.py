@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from lorachain.chat import chat_template, generation_ids, selector_text
 from lorachain.config import ConfigError, DataConfig, ModelConfig
 from lorachain.data import prompt_ids
+from lorachain.data.chat import chat_template, generation_ids, selector_text
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.select import Selection, decide, match_labels
 from lorachain.routing.selectors import get_kind, label_ids, score_labels

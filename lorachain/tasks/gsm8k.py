@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from lorachain.data import DataError, read_rows
-from lorachain.tasks import TaskExample, need, register
+from lorachain.tasks.registry import TaskExample, need, register
 
 CALC = re.compile(r"<<[^>]*>>")  # the calculator annotations of the official answers
 

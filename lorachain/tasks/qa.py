@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lorachain.data import DataError
-from lorachain.tasks import TaskExample, need, register
+from lorachain.tasks.registry import TaskExample, need, register
 
 
 def _json(path: str | Path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorachain.data import DataError, read_rows
-from lorachain.tasks import TaskExample, need, register
+from lorachain.tasks.registry import TaskExample, need, register
 
 YES_NO = ["No", "Yes"]
 

@@ -16,9 +16,9 @@ from torch import nn
 
 from lorachain.config import OptimConfig, RunConfig
 from lorachain.data import Example, collate, micro_batches
-from lorachain.dist import Dist
 from lorachain.models import device_of, logits_at
-from lorachain.precision import FP32, Precision
+from lorachain.training.parallel import Dist
+from lorachain.training.precision import FP32, Precision
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorachain.data import DataError, Example
+from lorachain.data.rows import DataError, Example
 
 FIELDS = ("messages", "conversations")  # OpenAI, ShareGPT
 ROLES = {
@@ -241,8 +241,3 @@ def selector_text(messages: list[dict], how: str = "system_last_user") -> str:
     if how == "system_last_user":
         parts = system + parts
     return "\n".join(parts) or messages[-1]["content"]
-
-
-def encode_row(cfg: Any, tokenizer: Any, row: dict[str, Any], where: str) -> Example:
-    """One chat row of DataConfig `cfg` as an Example (DataError naming `where` when bad)."""
-    return encode_rows(cfg, tokenizer)(row, where)

@@ -1,0 +1,403 @@
+"""The one training loop: LoRA, COLA and every baseline are configurations of it.
+
+`train(cfg)` runs a chain link by link inside one fixed budget: tune the link (`step.run_steps`), tie a
+knot, extend the chain with a fresh adapter and a new optimizer. It checkpoints atomically, resumes
+from the last checkpoint (mid-link or between links) to the same weights, and writes the run folder:
+config.json, metrics.jsonl, tb/, chain.safetensors, adapter/, summary.json (and merged/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorachain.chain.export import head_state, save_chain, write_adapter, write_merged
+from lorachain.chain.knot import (
+    Knot,
+    apply_factors,
+    check_lora_bias,
+    extend,
+    lora_config,
+    tie_knot,
+    trainable_state,
+    unload,
+)
+from lorachain.chain.policy import KnotPolicy, make_policy
+from lorachain.config import ConfigError, RunConfig
+from lorachain.data import (
+    candidate_ids,
+    check_targets,
+    load_examples,
+    steps_per_epoch,
+)
+from lorachain.io import atomic_write, write_json, write_text
+from lorachain.models import (
+    best_device,
+    load_model,
+    load_tokenizer,
+    resolve_path,
+    resolve_target_modules,
+    uses_conv1d,
+)
+from lorachain.training.evaluate import evaluate
+from lorachain.training.parallel import init_dist
+from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
+from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
+from lorachain.training.step import lr_factor, make_optimizer, run_steps, trainable
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class State:
+    """Everything a checkpoint holds besides the model and optimizer."""
+
+    step: int = 0
+    link: int = 0
+    link_start: int = 0
+    knots: list[Knot] = field(default_factory=list)
+    links: list[dict] = field(default_factory=list)  # per-link summary rows
+
+
+@dataclass
+class Result:
+    summary: dict
+    model: nn.Module | None = None
+    tokenizer: object | None = None
+
+
+class Trainer:
+    """Holds one run's moving parts; `run()` is the loop. Use `train(cfg)` rather than this."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module | None, tokenizer, progress: bool) -> None:
+        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        self.dist = init_dist()
+        self.progress = progress and self.dist.main
+        self.classifier = cfg.model.task == "classification"
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
+        d = cfg.data
+        self.train_ex = load_examples(d.train, d, self.tokenizer, self.classifier, d.max_train_rows)
+        self.eval_ex = (
+            load_examples(d.eval, d, self.tokenizer, self.classifier, d.max_eval_rows) if d.eval else []
+        )
+        check_targets(self.train_ex, d, self.tokenizer, self.classifier, d.train)
+        self.cand_ids = None if self.classifier else candidate_ids(d, self.tokenizer)
+        t = cfg.train
+        self.spe = steps_per_epoch(len(self.train_ex), t.batch_size, t.grad_accum)
+        self.total = t.max_steps or max(1, round((t.epochs or 1) * self.spe))
+        self.policy: KnotPolicy = make_policy(cfg.chain, self.total, self.spe)
+        # the model is loaded last, so that bad data or shares fail before the slow part
+        labels = len(cfg.data.label_words) if cfg.data.label_words else None
+        self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
+        self.model.to(best_device())
+        self.prec = resolve(cfg.train.precision, best_device())
+        self.scaler = self.prec.scaler()
+        self.attn = attention(cfg.model.attn_implementation, self.prec, cfg.data.max_length)
+        if self.attn and hasattr(self.model, "set_attn_implementation"):
+            try:
+                self.model.set_attn_implementation(self.attn)
+            except (ValueError, ImportError) as e:
+                raise ConfigError(f"model.attn_implementation: {self.attn!r} cannot be used: {e}") from None
+        if self.classifier and self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.full = cfg.chain.method == "full"
+        self.targets = [] if self.full else resolve_target_modules(self.model, cfg.chain.target_modules)
+        self.fan_in_fan_out = uses_conv1d(self.model, self.targets)
+        if cfg.chain.bias == "lora_only":
+            check_lora_bias(self.model, self.targets)
+        self.pad_id = self.tokenizer.pad_token_id
+        # frozen weights held in the autocast dtype, their fp32 masters kept for knots and the end
+        self.masters = {} if self.full else compute_copies(self.model, self.prec)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+    # -- the chain ---------------------------------------------------------------------------
+    def extend(self, st: State) -> None:
+        """Extend the chain with link `st.link` and a new, empty optimizer."""
+        link = self.cfg.chain.links[st.link]
+        if self.full:
+            self.peft, self.modules_to_save = self.model, []
+            self.model.requires_grad_(True)
+        else:
+            config = lora_config(link, self.cfg.chain, self.targets, self.fan_in_fan_out, self.cfg.model.task)
+            self.peft = extend(self.model, config, gaussian=self.cfg.chain.init == "gaussian")
+            self.modules_to_save = list(self.peft.peft_config["default"].modules_to_save or [])
+        self.opt = make_optimizer(trainable(self.peft), self.cfg.optim)
+        if len(st.links) <= st.link:
+            n_train = sum(p.numel() for p in trainable(self.peft))
+            st.links.append(
+                {
+                    "link": st.link,
+                    "rank": link.rank,
+                    "alpha": link.alpha,
+                    "start_step": st.step,
+                    "trainable_params": n_train,
+                    "tokens": 0,
+                    "est_train_flops": 0.0,
+                    "wall_seconds": 0.0,
+                    "losses": [],
+                }
+            )
+
+    def tie(self, st: State, reason: str) -> None:
+        """Tie a knot: merge the link into the base, evaluate, record; extend unless finished."""
+        t0 = time.perf_counter()
+        link = self.cfg.chain.links[st.link]
+        if not self.full:  # full fine-tuning has nothing to merge
+            knot = tie_knot(self.peft, st.link, st.step, link.rank, link.alpha, reason, self.masters)
+            st.knots.append(knot)
+            st.links[st.link]["knot_rounding"] = knot.rounding
+            self.model = unload(self.peft)
+        knot_seconds = time.perf_counter() - t0
+        row = st.links[st.link]
+        losses = row.pop("losses")
+        row.update(
+            end_step=st.step,
+            steps=st.step - row["start_step"],
+            knot_reason=reason,
+            knot_seconds=knot_seconds,
+            final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])),
+        )
+        if self.eval_ex and self.dist.main:
+            row["eval"] = self.evaluate(self.model)
+        self.log(f"knot {st.link} at step {st.step} ({reason}); rank {link.rank}", row.get("eval"))
+        if st.step < self.total:
+            st.link, st.link_start = st.link + 1, st.step
+            self.extend(st)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        size = self.cfg.train.eval_batch_size
+        with self.prec.autocast():
+            return evaluate(model, self.eval_ex, self.pad_id, size, self.classifier, self.cand_ids)
+
+    def lr_at(self, st: State) -> Callable[[int], float]:
+        o = self.cfg.optim
+        if o.restart_per_link:
+            ends = getattr(self.policy, "ends", None)
+            end = ends[st.link] if ends else self.total
+            return lambda s: (
+                o.lr * lr_factor(s - st.link_start, end - st.link_start, o.warmup_steps, o.schedule)
+            )
+        return lambda s: o.lr * lr_factor(s, self.total, o.warmup_steps, o.schedule)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, st: State) -> None:
+        if not self.dist.main:
+            return
+        state = {
+            "step": st.step,
+            "link": st.link,
+            "link_start": st.link_start,
+            "knots": [k.to_state() for k in st.knots],
+            "links": json.dumps(st.links),
+            "trainable": trainable_state(self.peft),
+            "optimizer": self.opt.state_dict(),
+            "policy": json.dumps(self.policy.state_dict()),
+            "rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+        }
+        atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+    def restore(self) -> State:
+        """The state of the last checkpoint, with the model rebuilt to match; a new State if none."""
+        path = self.out / CHECKPOINT
+        st = State()
+        if not path.is_file():  # a fresh start: drop what a run killed before its first checkpoint wrote
+            if self.dist.main:
+                self._trim_metrics(0)
+                shutil.rmtree(self.out / "tb", ignore_errors=True)
+            self.extend(st)
+            return st
+        ck = torch.load(path, weights_only=True)
+        st = State(
+            ck["step"],
+            ck["link"],
+            ck["link_start"],
+            [Knot.from_state(k) for k in ck["knots"]],
+            json.loads(ck["links"]),
+        )
+        for knot in st.knots:
+            apply_factors(self.model, knot.factors, self.masters)
+        self.extend(st)
+        missing = set(trainable_state(self.peft)) - set(ck["trainable"])
+        if missing:
+            raise RuntimeError(f"{path}: checkpoint lacks {sorted(missing)[0]}; delete it to restart")
+        self.peft.load_state_dict(ck["trainable"], strict=False)
+        self.opt.load_state_dict(ck["optimizer"])
+        self.policy.load_state_dict(json.loads(ck["policy"]))
+        if self.scaler and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"])
+        if self.dist.main:
+            self._trim_metrics(st.step)
+        self.log(f"resumed from {path} at step {st.step}, link {st.link}")
+        return st
+
+    def _trim_metrics(self, step: int) -> None:
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            write_text(path, "".join(ln + "\n" for ln in keep))
+
+    # -- logging -----------------------------------------------------------------------------
+    def log(self, msg: str, extra: dict | None = None) -> None:
+        if self.progress:
+            import sys
+
+            from tqdm import tqdm
+
+            tqdm.write(f"[lorachain] {msg}" + (f" {json.dumps(extra)}" if extra else ""), file=sys.stderr)
+
+    def run(self, stop_after: int | None = None) -> Result:
+        """Train to the end of the budget (or `stop_after` steps, as if interrupted)."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        st = self.restore()
+        main = self.dist.main
+        writer = SummaryWriter(str(self.out / "tb"), purge_step=st.step or None) if main else NoWriter()
+        metrics = (self.out / "metrics.jsonl").open("a") if main else open(os.devnull, "w")
+        bar = tqdm(total=self.total, initial=st.step, disable=not self.progress, desc="train", unit="step")
+        interrupted = False
+        t0 = time.perf_counter()
+
+        def on_step(step: int, loss: float, tokens: int) -> bool:
+            nonlocal interrupted, t0
+            st.step = step
+            row = st.links[st.link]
+            row["wall_seconds"] += time.perf_counter() - t0
+            empty = loss != loss  # a batch without target tokens: counted; no update, no loss of 0
+            if empty:
+                row["empty_batches"] = row.get("empty_batches", 0) + 1
+                self.log(f"step {step}: the batch has no target tokens; no update (counted in summary.json)")
+            else:
+                row["losses"].append(loss)
+            row["tokens"] += tokens
+            row["est_train_flops"] += tokens * (4 * self.n_params + 6 * row["trainable_params"])
+            lr = self.opt.param_groups[0]["lr"]
+            if not empty:
+                metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
+                metrics.flush()
+                writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/lr", lr, step)
+            bar.update(1)
+            bar.set_postfix(link=st.link, loss=f"{loss:.4f}")
+            reason = self.policy.should_tie(step, st.link, st.link_start, loss)
+            if reason is None and step == self.total:
+                reason = "end of budget"
+            if reason:
+                self.tie(st, reason)
+                writer.add_scalar("chain/knot", st.link, step)
+            if step < self.total and (flag.stop or (stop_after or self.total) <= step):
+                interrupted = True
+            if step < self.total and (reason or interrupted or step % self.cfg.train.save_every == 0):
+                self.save_checkpoint(st)
+            t0 = time.perf_counter()  # knots, evaluation and checkpoints are not step time
+            return bool(reason) or interrupted
+
+        try:
+            with StopFlag() as flag:
+                while st.step < self.total and not interrupted:
+                    run_steps(
+                        self.peft,
+                        self.opt,
+                        self.train_ex,
+                        self.cfg,
+                        st.step,
+                        self.total,
+                        self.lr_at(st),
+                        self.pad_id,
+                        self.classifier,
+                        on_step,
+                        self.dist,
+                        self.prec,
+                        self.scaler,
+                    )
+        finally:
+            bar.close()
+            metrics.close()
+            writer.close()
+        if interrupted:
+            self.log(f"stopped at step {st.step}; run the same command again to resume")
+            return Result({"status": "interrupted", "step": st.step}, self.peft, self.tokenizer)
+        return Result(self.finish(st), self.model, self.tokenizer)
+
+    def finish(self, st: State) -> dict:
+        """Write the chain, the single-adapter export, (merged model) and summary.json (rank 0)."""
+        cfg = self.cfg
+        restore_masters(self.model, self.masters)  # the exact fp32 weights, knots included
+        if not self.dist.main:
+            return {"status": "finished", "rank": self.dist.rank, "total_steps": self.total}
+        meta = {
+            "base_model": cfg.model.name_or_path,
+            "gguf_file": cfg.model.gguf_file,
+            "task": cfg.model.task,
+            "target_modules": self.targets,
+        }
+        if not self.full:
+            head = head_state(self.model, self.modules_to_save)
+            save_chain(self.out / "chain.safetensors", st.knots, head, meta)
+            write_adapter(self.out / "adapter", st.knots, head, meta)
+        if cfg.export_merged or self.full:
+            write_merged(self.out / "merged", self.model, [], {}, self.tokenizer)
+        summary = {
+            "status": "finished",
+            "total_steps": self.total,
+            "steps_per_epoch": self.spe,
+            "train_examples": len(self.train_ex),
+            "eval_examples": len(self.eval_ex),
+            "links": st.links,
+            "chain_rank": sum(k.rank for k in st.knots),
+            "precision": self.prec.name,
+            "base_dtype": self.cfg.model.dtype,
+            "attention": self.attn or getattr(self.model.config, "_attn_implementation", None),
+            "knot_rounding": _rounding_total(st.knots),
+            "wall_seconds": sum(r["wall_seconds"] for r in st.links),
+            "est_train_flops": sum(r["est_train_flops"] for r in st.links),
+            "peak_memory_mb": peak_memory_mb(),
+            "target_modules": self.targets,
+            "final_eval": st.links[-1].get("eval", {}),
+        }
+        write_json(self.out / "summary.json", summary)
+        from lorachain.training.plots import plot_runs
+
+        plot_runs({self.out.name or "run": self.out}, self.out / "loss.png")
+        (self.out / CHECKPOINT).unlink(missing_ok=True)
+        return summary
+
+
+def _rounding_total(knots: list[Knot]) -> dict[str, float]:
+    """The largest rounding of any knot (0 unless the base is held in a low dtype)."""
+    return {
+        "max_abs": max((k.rounding.get("max_abs", 0.0) for k in knots), default=0.0),
+        "max_rel_fro": max((k.rounding.get("rel_fro", 0.0) for k in knots), default=0.0),
+    }
+
+
+def train(
+    cfg: RunConfig,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    *,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> Result:
+    """Train the chain described by `cfg`; resume if its output_dir holds a checkpoint.
+
+    `model`/`tokenizer` may be given (tests, notebooks); the model is modified in place. A finished
+    run folder returns its summary without training again.
+    """
+    out = Path(cfg.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_run_dir(out, cfg)
+    if (out / "summary.json").is_file():
+        return Result(json.loads((out / "summary.json").read_text()))
+    return Trainer(cfg, model, tokenizer, progress).run(stop_after)
