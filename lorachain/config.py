@@ -198,6 +198,8 @@ class TrainConfig:
     # fp32 | bf16 | fp16 (autocast; LoRA weights, gradients, optimizer state in fp32) | auto (bf16
     # where the device runs it fast: CUDA with bf16, a CPU with AMX or AVX-512 BF16; else fp32)
     precision: str = "fp32"
+    # recompute each decoder layer's activations in the backward (non-reentrant): less memory
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check(

@@ -47,6 +47,7 @@ from lorachain.models import (
     resolve_target_modules,
     uses_conv1d,
 )
+from lorachain.training.checkpointing import check_checkpointing, enable_checkpointing
 from lorachain.training.evaluate import evaluate
 from lorachain.training.parallel import init_dist
 from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
@@ -98,6 +99,8 @@ class Trainer:
         # the model is loaded last, so that bad data or shares fail before the slow part
         labels = len(cfg.data.label_words) if cfg.data.label_words else None
         self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
+        if cfg.train.gradient_checkpointing:
+            check_checkpointing(self.model)
         self.model.to(best_device())
         self.prec = resolve(cfg.train.precision, best_device())
         self.scaler = self.prec.scaler()
@@ -123,6 +126,8 @@ class Trainer:
     def extend(self, st: State) -> None:
         """Extend the chain with link `st.link` and a new, empty optimizer."""
         link = self.cfg.chain.links[st.link]
+        if self.cfg.train.gradient_checkpointing:
+            enable_checkpointing(self.model)  # idempotent; kept through knots and unload
         if self.full:
             self.peft, self.modules_to_save = self.model, []
             self.model.requires_grad_(True)
