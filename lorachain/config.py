@@ -90,6 +90,8 @@ class DataConfig:
     eos: bool = True  # append EOS to free-text targets (not to label_words), so generation stops
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
+    # causal LM: several rows per training sequence up to max_length, none attending to another
+    packing: bool = False
 
     def __post_init__(self) -> None:
         check(bool(self.train), "data.train: expected a path to a JSONL, JSON or CSV file")
@@ -234,6 +236,7 @@ class RunConfig:
                 self.data.label_words is not None or self.model.num_labels is not None,
                 "data.label_words: a classification model needs the label set",
             )
+            check(not self.data.packing, "data.packing: a classifier scores whole sequences; set it to false")
 
     def to_dict(self) -> dict[str, Any]:
         return {"lorachain_version": __version__, **dataclasses.asdict(self)}

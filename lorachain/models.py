@@ -198,18 +198,61 @@ def best_device() -> torch.device:
 
 
 def logits_at(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    keep: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits at the positions where the boolean `keep` (B, T) is set, flattened to (N, V) in
     row-major order. Models that take `logits_to_keep` project only those positions onto the
-    vocabulary (the LM head and softmax of a 50k-vocab model are a large share of a step)."""
+    vocabulary (the LM head and softmax of a 50k-vocab model are a large share of a step).
+    `position_ids` without a mask is a packed batch (`data.packing`), run without a KV cache."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs.update(position_ids=position_ids, use_cache=False)
     if getattr(model, "_lorachain_full_logits", False):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+        return model(**inputs).logits[keep]
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logits = model(**inputs, logits_to_keep=keep).logits
     except TypeError:  # a model without logits_to_keep
         logits = None
     if logits is None or logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
         model._lorachain_full_logits = True
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+        return model(**inputs).logits[keep]
     return logits
+
+
+PACKING_PROBE = ([2, 5, 6, 7, 8], [2, 9, 10, 11, 12, 13])  # two rows of token ids
+
+
+def check_packing(model: nn.Module) -> None:
+    """Raise one ConfigError line unless `model`'s attention keeps packed rows apart: the second
+    probe row must give the same logits packed behind the first as alone (transformers builds
+    the block mask from restarting position ids for most, not all, architectures)."""
+    from lorachain.data.packing import pack
+    from lorachain.data.rows import Example
+
+    rows = [Example(ids, ids) for ids in PACKING_PROBE]
+    batch = {k: v.to(device_of(model)) for k, v in pack(rows, 0, 64).items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            alone = model(input_ids=batch["input_ids"][:, len(rows[0].input_ids) :])
+        n = len(rows[0].input_ids)
+        err = float((packed.logits[0, n:].float() - alone.logits[0].float()).abs().max())
+        scale = float(alone.logits.float().abs().max()) or 1.0
+    except (TypeError, ValueError) as e:
+        err, scale = float("inf"), 1.0
+        why = f"({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    else:
+        why = f"(a packed row's logits differ by {err:.2g} from the row alone)"
+    finally:
+        model.train(was_training)
+    if not err <= 1e-3 * scale:
+        raise ConfigError(
+            f"data.packing: {model_family(model)} attention does not keep packed rows apart {why}; "
+            "set it to false"
+        )

@@ -41,6 +41,7 @@ from lorachain.data import (
 from lorachain.io import atomic_write, write_json, write_text
 from lorachain.models import (
     best_device,
+    check_packing,
     load_model,
     load_tokenizer,
     resolve_path,
@@ -110,6 +111,8 @@ class Trainer:
                 self.model.set_attn_implementation(self.attn)
             except (ValueError, ImportError) as e:
                 raise ConfigError(f"model.attn_implementation: {self.attn!r} cannot be used: {e}") from None
+        if cfg.data.packing:
+            check_packing(self.model)
         if self.classifier and self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.full = cfg.chain.method == "full"

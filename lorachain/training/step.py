@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorachain.config import OptimConfig, RunConfig
-from lorachain.data import Example, collate, micro_batches
+from lorachain.data import Example, collate, micro_batches, pack
 from lorachain.models import device_of, logits_at
 from lorachain.training.parallel import Dist
 from lorachain.training.precision import FP32, Precision
@@ -54,7 +54,8 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], classifier: bo
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
-    logits = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)  # (N, V)
+    mask, pos = batch.get("attention_mask"), batch.get("position_ids")  # packed: positions, no mask
+    logits = logits_at(model, batch["input_ids"], mask, keep, pos)  # (N, V)
     return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum")
 
 
@@ -104,12 +105,17 @@ def run_steps(
             mine = dist.shard(chunk)
             if not mine:
                 continue
-            batch = {k: v.to(device) for k, v in collate(mine, pad_id, classifier).items()}
+            rows = (
+                pack(mine, pad_id, cfg.data.max_length)
+                if cfg.data.packing
+                else collate(mine, pad_id, classifier)
+            )
+            batch = {k: v.to(device) for k, v in rows.items()}
             with prec.autocast():
                 loss = summed_loss(model, batch, classifier) / units
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += sum(len(e.input_ids) for e in mine)
         dist.sum_grads(params)
         if scaler:
             scaler.unscale_(opt)
