@@ -236,6 +236,19 @@ def _router_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
 
 
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option of `parser` and its subcommands states its default in --help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                show_defaults(child)
+            continue
+        hidden = action.help == argparse.SUPPRESS or action.default in (None, argparse.SUPPRESS)
+        if not action.option_strings or hidden or action.nargs == 0 or "%(default)" in (action.help or ""):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorachain", description=__doc__)
     p.add_argument("--version", action="version", version=f"lorachain {__version__}")
@@ -364,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--upstream-timeout", type=float, default=300.0, help="seconds before a 504")
     s.set_defaults(func=_serve)
+    show_defaults(p)
     return p
 
 

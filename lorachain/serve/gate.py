@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from lorachain.serve.prompting import PromptError, encode, fit_context, render_chat
-from lorachain.serve.schemas import RequestError, parse
+from lorachain.serve.schemas import RequestError, lone_surrogate, parse
 
 
 @dataclass
@@ -58,9 +58,14 @@ def gate(kind: str, raw: bytes) -> tuple[int, str, str | None, str | None] | Non
     s: GateSettings = _STATE["settings"]
     tok = _STATE["tok"]
     try:
-        req = parse(kind, json.loads(raw))
+        body = json.loads(raw)
+        if (where := lone_surrogate(body)) is not None:
+            return 400, f"{where}: a lone UTF-16 surrogate is not valid Unicode text", where, None
+        req = parse(kind, body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return 400, f"the request body is not valid JSON: {e}", None, None
+    except RecursionError:
+        return 400, "the request body is not valid JSON: nested too deeply", None, None
     except RequestError as e:
         return 400, e.message, e.param, None
     requested = getattr(req, "max_completion_tokens", None)

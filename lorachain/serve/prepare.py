@@ -10,7 +10,7 @@ from lorachain.serve.engine import GenRequest
 from lorachain.serve.prompting import PromptError, encode, fit_context, render_chat
 from lorachain.serve.respond import Job
 from lorachain.serve.sampling import Sampling
-from lorachain.serve.schemas import ApiError, RequestError, parse
+from lorachain.serve.schemas import ApiError, RequestError, lone_surrogate, parse
 
 
 def prepare(server, kind: str, raw: bytes) -> Job | ApiError:
@@ -24,11 +24,17 @@ def prepare(server, kind: str, raw: bytes) -> Job | ApiError:
         err = ApiError(400, e.message, param=e.param, code=getattr(e, "code", None))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         err = ApiError(400, f"the request body is not valid JSON: {e}")
+    except RecursionError:
+        err = ApiError(400, "the request body is not valid JSON: nested too deeply")
     return ApiError(err.status, err.message, err.type, err.param, err.code)
 
 
 def _prepare(server, kind: str, raw: bytes) -> Job:
-    req = parse(kind, json.loads(raw))
+    body = json.loads(raw)
+    where = lone_surrogate(body)
+    if where is not None:
+        raise ApiError(400, f"{where}: a lone UTF-16 surrogate is not valid Unicode text", param=where)
+    req = parse(kind, body)
     adapter = server.resolve(req.model)
     requested = getattr(req, "max_completion_tokens", None)
     requested = requested if requested is not None else req.max_tokens

@@ -199,3 +199,21 @@ def check(req: CompletionRequest | ChatRequest, kind: str) -> None:
     for value in (req.logit_bias or {}).values():
         if not -100 <= value <= 100:
             raise RequestError(f"logit_bias: values are between -100 and 100, got {value}", "logit_bias")
+
+
+def lone_surrogate(body) -> str | None:
+    """The path of the first string in a parsed body that holds a lone UTF-16 surrogate (JSON lets
+    `"\\ud800"` through; no tokenizer can encode it), or None."""
+    todo = [("", body)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, dict):
+            todo += [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    return None
