@@ -83,12 +83,16 @@ def run_in_child(fn, *args):
     proc = ctx.Process(target=_child_main, args=(send, fn, args), daemon=True)
     proc.start()
     send.close()
+    answered = False
     try:
         status, value = recv.recv()
+        answered = True
     except EOFError:
         proc.join()
         raise RuntimeError(f"worker process died (exit code {proc.exitcode})") from None
     finally:
+        if answered:  # let it exit by itself: a terminated child leaves its semaphores (tqdm's
+            proc.join(60)  # lock) registered, and the resource tracker warns about them at exit
         if proc.is_alive():
             proc.terminate()
             proc.join(60)
@@ -332,6 +336,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, precision:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the network
     out = Path(out)
+    start, cpu0 = time.perf_counter(), _cpu_seconds()
     zero = _zero_shot(demo_config(out / "zero", [{"rank": 8}], steps, precision))
     rows = [
         {
@@ -366,11 +371,20 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, precision:
     print("\n" + table)
     plot = plot_runs(runs, out / "demo.png")
     routing = run_routing_demo(out / "routing", precision)
-    write_json(
-        out / "demo_results.json", {"cola": rows, "eval_examples": 200, "model": MODEL, "routing": routing}
-    )
+    total = {"wall_seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu0}
+    results = {"cola": rows, "eval_examples": 200, "model": MODEL, "routing": routing, "total": total}
+    write_json(out / "demo_results.json", results)
     print(f"\nresults: {out / 'demo_results.json'}  plot: {plot}")
+    print(f"demo: {total['wall_seconds'] / 60:.1f} min of wall time, {total['cpu_seconds']:.0f} s of CPU")
     return rows
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the demo's workers)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 if __name__ == "__main__":

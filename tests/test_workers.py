@@ -107,3 +107,41 @@ def test_plot_of_an_underscore_run_has_a_legend_and_no_warning(tmp_path):
         warnings.simplefilter("error")
         plot_runs({"_selector": run}, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+SEMAPHORE_PARENT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {here!r})
+    from bar_helper import work
+    from lorachain.demo import run_in_child
+    if __name__ == "__main__":
+        print([run_in_child(work, i) for i in range(3)], flush=True)
+    """
+)
+BAR_HELPER = textwrap.dedent(
+    """
+    def work(i):
+        from tqdm import tqdm  # its progress bar lock is a multiprocessing semaphore
+        for _ in tqdm(range(3)):
+            pass
+        import torch  # noqa: F401  (a real worker's slower exit)
+        return i
+    """
+)
+
+
+def test_the_demo_workers_leave_no_semaphore_behind(tmp_path):
+    """The demo's worker path (`run_in_child`, as the demo calls it three times): the children
+    exit by themselves once they answered, so the resource tracker finds nothing to warn about.
+    Before, they were terminated right after answering and left tqdm's lock registered."""
+    (tmp_path / "bar_helper.py").write_text(BAR_HELPER)
+    script = tmp_path / "parent.py"
+    script.write_text(SEMAPHORE_PARENT.format(here=str(tmp_path)))
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[0, 1, 2]"
+    assert "leaked semaphore" not in proc.stderr
+    assert "resource_tracker" not in proc.stderr
