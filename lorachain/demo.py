@@ -11,6 +11,7 @@ import json
 import multiprocessing as mp
 import signal
 import sys
+import time
 from pathlib import Path
 
 from lorachain.config import RunConfig, from_dict
