@@ -23,6 +23,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 BIASES = ("none", "lora_only")
 INITS = ("gaussian", "kaiming")
 TASKS = ("causal_lm", "classification")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 CHAT_CHOICES = {
     "format": ("auto", "text", "chat"),
     "train_on": ("all_assistant", "last"),
@@ -53,9 +54,29 @@ class ModelConfig:
     # attention kernel for training: auto (the precision policy's choice) | eager | sdpa | any name
     # transformers accepts
     attn_implementation: str = "auto"
+    # frozen base held quantized by bitsandbytes (QLoRA): none | nf4 | fp4 (4-bit) | int8 (LLM.int8())
+    quantization: str = "none"
+    compute_dtype: str = "float32"  # 4-bit: the dtype its matmuls run in (float32 | bfloat16 | float16)
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too (~0.4 bit/param less)
+    # a knot on a quantized base: side (finished links kept as a fixed low-rank side path; exact)
+    # | requantize (dequantize, add, quantize again; drifts, measured as knot_rounding)
+    quantized_knot: str = "side"
 
     def __post_init__(self) -> None:
         check(bool(self.name_or_path), "model.name_or_path: expected a hub id or a local path")
+        check(
+            self.quantization in QUANTIZATIONS,
+            f"model.quantization: expected one of {QUANTIZATIONS} (the bitsandbytes types), "
+            f"got {self.quantization!r}",
+        )
+        check(
+            self.compute_dtype in ("float32", "bfloat16", "float16"),
+            f"model.compute_dtype: expected float32, bfloat16 or float16, got {self.compute_dtype!r}",
+        )
+        check(
+            self.quantized_knot in ("side", "requantize"),
+            f"model.quantized_knot: expected side or requantize, got {self.quantized_knot!r}",
+        )
         check(self.task in TASKS, f"model.task: expected one of {TASKS}, got {self.task!r}")
         check(
             self.dtype in ("float32", "bfloat16", "float16"),
@@ -237,6 +258,13 @@ class RunConfig:
                 "data.label_words: a classification model needs the label set",
             )
             check(not self.data.packing, "data.packing: a classifier scores whole sequences; set it to false")
+        if self.model.quantization != "none":
+            check(
+                not self.export_merged,
+                "export_merged: a quantized base cannot be saved merged; merge the exported adapter "
+                "into the full-precision base instead",
+            )
+            check(self.chain.method == "lora", "chain.method: full fine-tuning cannot train a quantized base")
 
     def to_dict(self) -> dict[str, Any]:
         return {"lorachain_version": __version__, **dataclasses.asdict(self)}

@@ -135,15 +135,20 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 def load_model(cfg: ModelConfig, num_labels: int | None = None) -> PreTrainedModel:
     """Load the model named by `cfg` (hub id, folder, or GGUF file) in eval mode."""
+    from lorachain.training.quantization import load_kwargs
+
     path = resolve_path(cfg)
     dtype = DTYPES[cfg.dtype]
+    extra = load_kwargs(cfg)  # a quantized base is quantized layer by layer as it loads
+    if extra:
+        extra["device_map"] = {"": best_device()}
     try:
         if cfg.task == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels or cfg.num_labels, dtype=dtype
+                path, num_labels=num_labels or cfg.num_labels, dtype=dtype, **extra
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
         raise not_loadable(path, "model", e) from None
     return model.eval()

@@ -7,6 +7,7 @@ the chain* wraps the base with a fresh LoRA (A Gaussian, B zero); the caller bui
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -194,10 +195,14 @@ def tie_knot(
     alpha: float,
     reason: str,
     masters: dict[str, torch.Tensor] | None = None,
+    merge: Callable[..., dict[str, float]] | None = None,
 ) -> Knot:
-    """Tie a knot: merge the current link into the base weights and record what was merged."""
+    """Tie a knot: merge the current link into the base weights and record what was merged.
+
+    `merge(base, factors, masters)` does the merge (default `apply_factors`; a quantized base
+    takes `chain.sidepath.merge_quantized`)."""
     factors = {name: layer_factors(layer) for name, layer in lora_layers(model).items()}
-    rounding = apply_factors(model.base_model.model, factors, masters)
+    rounding = (merge or apply_factors)(model.base_model.model, factors, masters)
     return Knot(link, step, rank, alpha, reason, factors, rounding)
 
 

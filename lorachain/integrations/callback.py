@@ -32,12 +32,12 @@ from lorachain.chain.knot import (
     ADAPTER,
     PEFT_PREFIX,
     Knot,
-    apply_factors,
     layer_factors,
     lora_layers,
     tie_knot,
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
+from lorachain.chain.sidepath import merge_quantized
 from lorachain.config import ChainConfig, ConfigError, from_dict
 from lorachain.integrations.link import peft_rank, restart_schedule, start_link
 from lorachain.store import fingerprint
@@ -139,7 +139,10 @@ class ChainCallback(TrainerCallback):
 
     def _tie(self, state, model, optimizer, lr_scheduler, reason: str) -> None:
         link = self.chain.links[self.link]
-        self.knots.append(tie_knot(model, self.link, state.global_step, link.rank, link.alpha, reason))
+        knot = tie_knot(
+            model, self.link, state.global_step, link.rank, link.alpha, reason, None, merge_quantized
+        )
+        self.knots.append(knot)  # (merge_quantized: a side path on a quantized base, else apply_factors)
         self.link, self.link_start = self.link + 1, state.global_step
         nxt = self.chain.links[self.link]
         start_link(model, optimizer, nxt.rank, nxt.alpha, self.chain.init, self._generator())
@@ -214,7 +217,7 @@ class ChainCallback(TrainerCallback):
                 "(already holding knots?); build the model afresh before resuming"
             )
         for knot in knots:
-            apply_factors(model.base_model.model, knot.factors)
+            merge_quantized(model.base_model.model, knot.factors)
         self.knots, self.link, self.link_start = knots, meta["link"], meta["link_start"]
         self.base_fingerprint, self._step, self._policy_state = (
             meta["base_fingerprint"],

@@ -29,7 +29,8 @@ def enable_checkpointing(model: nn.Module) -> None:
     """Checkpoint every decoder layer of `model` (non-reentrant); the embeddings' output requires
     grad so that frozen layers pass gradients through to the LoRA factors. Idempotent."""
     check_checkpointing(model)
-    if getattr(model, "is_gradient_checkpointing", False):
+    newer = hasattr(type(model), "is_activation_checkpointing")  # transformers >= 5 renamed it
+    if getattr(model, "is_activation_checkpointing" if newer else "is_gradient_checkpointing", False):
         return
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(KWARGS))

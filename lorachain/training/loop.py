@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from lorachain.chain.knot import (
     unload,
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
+from lorachain.chain.sidepath import merge_quantized
 from lorachain.config import ConfigError, RunConfig
 from lorachain.data import (
     candidate_ids,
@@ -51,6 +53,7 @@ from lorachain.models import (
 from lorachain.training.checkpointing import check_checkpointing, enable_checkpointing
 from lorachain.training.evaluate import evaluate
 from lorachain.training.parallel import init_dist
+from lorachain.training.quantization import is_quantized, quantized_base
 from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
 from lorachain.training.step import lr_factor, make_optimizer, run_steps, trainable
@@ -100,9 +103,14 @@ class Trainer:
         # the model is loaded last, so that bad data or shares fail before the slow part
         labels = len(cfg.data.label_words) if cfg.data.label_words else None
         self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
+        self.merge = apply_factors  # how a knot adds a link into the base
+        if cfg.model.quantization != "none":  # QLoRA: a knot keeps the chain exact (chain.sidepath)
+            self.model = quantized_base(self.model, cfg.model)
+            self.merge = partial(merge_quantized, mode=cfg.model.quantized_knot)
         if cfg.train.gradient_checkpointing:
             check_checkpointing(self.model)
-        self.model.to(best_device())
+        if not is_quantized(self.model):  # (bitsandbytes layers are placed as they load)
+            self.model.to(best_device())
         self.prec = resolve(cfg.train.precision, best_device())
         self.scaler = self.prec.scaler()
         self.attn = attention(cfg.model.attn_implementation, self.prec, cfg.data.max_length)
@@ -160,7 +168,9 @@ class Trainer:
         t0 = time.perf_counter()
         link = self.cfg.chain.links[st.link]
         if not self.full:  # full fine-tuning has nothing to merge
-            knot = tie_knot(self.peft, st.link, st.step, link.rank, link.alpha, reason, self.masters)
+            knot = tie_knot(
+                self.peft, st.link, st.step, link.rank, link.alpha, reason, self.masters, self.merge
+            )
             st.knots.append(knot)
             st.links[st.link]["knot_rounding"] = knot.rounding
             self.model = unload(self.peft)
@@ -233,7 +243,7 @@ class Trainer:
             json.loads(ck["links"]),
         )
         for knot in st.knots:
-            apply_factors(self.model, knot.factors, self.masters)
+            self.merge(self.model, knot.factors, self.masters)
         self.extend(st)
         missing = set(trainable_state(self.peft)) - set(ck["trainable"])
         if missing:
@@ -366,6 +376,7 @@ class Trainer:
             "chain_rank": sum(k.rank for k in st.knots),
             "precision": self.prec.name,
             "base_dtype": self.cfg.model.dtype,
+            "quantization": self.cfg.model.quantization,
             "attention": self.attn or getattr(self.model.config, "_attn_implementation", None),
             "knot_rounding": _rounding_total(st.knots),
             "wall_seconds": sum(r["wall_seconds"] for r in st.links),

@@ -1,0 +1,121 @@
+"""A quantized frozen base (QLoRA): bitsandbytes NF4 / FP4 4-bit or LLM.int8() 8-bit Linears.
+
+Two ways in, one result: `load_kwargs` makes `from_pretrained` quantize each Linear as it loads
+(a checkpoint never sits in memory in full precision), and `quantize_model` quantizes a model given
+in memory (tests, notebooks, models built on the meta device), one layer at a time. Both quantize
+every Linear except the output head, as transformers does. `prepare` is PEFT's
+`prepare_model_for_kbit_training` (the known-good QLoRA path) without its checkpointing, which
+`training.checkpointing` does non-reentrant. Knots on such a base are `chain.sidepath`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lorachain.config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KEEP = ("lm_head", "classifier", "score")  # output heads stay in full precision
+
+
+def require_bnb():
+    """The bitsandbytes module, or one ConfigError line saying how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            "model.quantization: needs bitsandbytes, which is not installed; pip install bitsandbytes"
+        ) from None
+    return bitsandbytes
+
+
+def load_kwargs(cfg: ModelConfig) -> dict:
+    """Extra `from_pretrained` arguments for `cfg.quantization` (none: no arguments)."""
+    if cfg.quantization == "none":
+        return {}
+    require_bnb()
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "int8":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization,
+        bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
+        bnb_4bit_use_double_quant=cfg.double_quant,
+    )
+    return {"quantization_config": bnb_config}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of `model` holds bitsandbytes-quantized weights."""
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+
+
+def quantized_layer(linear: nn.Linear, cfg: ModelConfig, weight: torch.Tensor | None = None) -> nn.Module:
+    """A bitsandbytes layer holding `weight` (default: the Linear's own) quantized per `cfg`."""
+    bnb = require_bnb()
+    w = (linear.weight if weight is None else weight).detach()
+    bias = linear.bias is not None
+    if cfg.quantization == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(w.float(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias,
+            compute_dtype=DTYPES[cfg.compute_dtype],
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.quantization,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            w.float(), requires_grad=False, compress_statistics=cfg.double_quant, quant_type=cfg.quantization
+        )
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+    return layer.to("cpu")  # .to quantizes
+
+
+def quantize_model(
+    model: nn.Module, cfg: ModelConfig, init: Callable[[nn.Linear], torch.Tensor] | None = None
+) -> nn.Module:
+    """Replace every Linear of `model` but the heads by its quantized layer, one at a time, so
+    that at most one layer is ever held in full precision. `init(linear)` gives the weight of a
+    layer built on the meta device (random shapes for benchmarks)."""
+    names = [
+        n
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear and n.split(".")[-1] not in KEEP and n not in KEEP
+    ]
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        linear = getattr(owner, leaf)
+        weight = init(linear) if init is not None else None
+        setattr(owner, leaf, quantized_layer(linear, cfg, weight))
+        del linear, weight
+    model.is_loaded_in_4bit = cfg.quantization in ("nf4", "fp4")
+    model.is_loaded_in_8bit = cfg.quantization == "int8"
+    return model
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Freeze the base, keep norms and embeddings in fp32 (PEFT's `prepare_model_for_kbit_training`);
+    turn off bitsandbytes' CPU inference repacking, which rewrites a 4-bit weight in place the
+    first time it runs under no_grad, so that evaluation sees the weights training sees."""
+    from peft import prepare_model_for_kbit_training
+
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def quantized_base(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """`model` with its Linears quantized per `cfg` (unless `from_pretrained` already did), prepared
+    for LoRA training."""
+    return prepare(model if is_quantized(model) else quantize_model(model, cfg))
