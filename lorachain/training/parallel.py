@@ -1,41 +1,82 @@
-"""Data parallelism over torch.distributed, for runs started by `accelerate launch` or `torchrun`.
+"""Data parallelism over torch.distributed, for runs started by `torchrun` or `accelerate launch`.
 
-Every rank holds the whole model and takes its share of each global micro-batch; gradients are
-summed across ranks before the (identical) optimizer step, so all ranks keep equal weights and tie
-knots at the same step. The loss is a sum over the global batch divided by its size, so a run on N
-processes follows the single-process run with the same global batch. Only rank 0 writes files.
+`train.parallel` picks how the ranks share the work (`auto`: `ddp` when launched on several
+processes, else `none`):
+
+- `ddp`: every rank holds the whole model; PyTorch's `DistributedDataParallel` sums the trainable
+  gradients in buckets, overlapped with the backward pass.
+- `fsdp`: the frozen base is sharded per decoder layer with FSDP2 (`fully_shard`), so each rank
+  holds 1/world of every base weight; the LoRA factors stay whole on every rank (they are small)
+  and are reduced by DDP as above. Knots add into each rank's local rows (`chain/shards.py`).
+
+Every rank takes its share of each global micro-batch. The loss is a sum over the global batch
+divided by its size; DDP averages gradients over ranks, so each rank's loss is multiplied by the
+world size (`loss_scale`) and the reduced gradient is that of the single-process run with the same
+global batch. Only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from lorachain.config import ConfigError
+
+TIMEOUT_ENV = "LORACHAIN_DIST_TIMEOUT"  # seconds a collective waits for a dead rank (default 300)
 
 
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world: int = 1
+    mode: str = "none"  # none | ddp | fsdp (see the module docstring)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
+
     def shard(self, items: list) -> list:
         """This rank's share of a global micro-batch."""
         return items[self.rank :: self.world]
 
-    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        if self.world == 1:
-            return
-        import torch.distributed as dist
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """`model` under DistributedDataParallel over its trainable parameters (the model itself for
+        one process). Re-wrap at every link: a new link brings new parameters."""
+        if self.mode == "none":
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        for p in params:
-            if p.grad is None:  # this rank had no examples in the step
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        # the frozen base (FSDP DTensors under fsdp) and buffers are equal on all ranks: no broadcast
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=ids, init_sync=False)
+
+    def loss_scale(self, model: nn.Module) -> float:
+        """What each rank's share of the loss is multiplied by, so that DDP's average over ranks is
+        the single-process gradient of the global batch."""
+        if self.mode == "none":
+            return 1.0
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise RuntimeError("train.parallel: the model must be wrapped with Dist.wrap before training")
+        return float(self.world)
+
+    def accumulate(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        """Around forward and backward of a micro-batch: gradients are reduced only when `sync`
+        (the last micro-batch of a step); before that they accumulate locally."""
+        if self.mode == "none" or sync:
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -44,22 +85,90 @@ class Dist:
             dist.barrier()
 
     def sum(self, value: float) -> float:
+        return self.reduce(value, "sum")
+
+    def reduce(self, value: float, op: str = "sum") -> float:
+        """`value` summed (or `max`ed) over the ranks."""
         if self.world == 1:
             return value
         import torch.distributed as dist
 
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return float(t.item())
 
 
-def init_dist() -> Dist:
-    """The process group of this launch (Accelerate's state on top of torch.distributed), or a
-    single process when not launched distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def init_dist(parallel: str = "auto") -> Dist:
+    """The process group of this launch (torchrun or accelerate launch: gloo on CPU, NCCL on GPUs),
+    or a single process when not launched distributed. `parallel` is `train.parallel`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        if parallel == "fsdp":
+            raise ConfigError(
+                "train.parallel: fsdp needs a process group of 2 or more ranks; launch with "
+                "`torchrun --nproc-per-node N` (or use none/ddp)"
+            )
         return Dist()
-    from accelerate import PartialState
+    if parallel == "none":
+        raise ConfigError(
+            f"train.parallel: none, but launched on {world} processes (WORLD_SIZE); use ddp or fsdp, "
+            "or run one process"
+        )
+    import torch.distributed as dist
 
-    state = PartialState()
-    return Dist(state.process_index, state.num_processes)
+    if not dist.is_initialized():  # (Accelerate may have done it already)
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "300")))
+        cuda = torch.cuda.is_available()
+        if cuda:  # the launcher's device for this rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    mode = "ddp" if parallel == "auto" else parallel
+    return Dist(dist.get_rank(), dist.get_world_size(), mode)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one: transformers' `_no_split_modules` classes."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(
+            f"train.parallel: fsdp cannot find the decoder layers of {type(model).__name__} "
+            "(no _no_split_modules); use ddp"
+        )
+    return layers
+
+
+def shard_base(model: nn.Module, offload: bool = False) -> nn.Module:
+    """Shard `model` (the frozen base, before any LoRA) in place with FSDP2: each decoder layer,
+    then the root (embeddings, norms, head). Its weights become DTensors holding 1/world of the
+    rows on each rank; a forward gathers one layer at a time."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, offload_policy=policy)
+    fully_shard(model, offload_policy=policy)
+    return model
+
+
+def check_parallel(cfg, dist: Dist) -> None:
+    """Refuse, in one line and before any slow work, what this launch cannot run (`cfg` a RunConfig)."""
+    t = cfg.train
+    if dist.world > 1 and t.batch_size % dist.world:
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} does not divide among {dist.world} processes; use a "
+            f"multiple of {dist.world} (it is the global batch, shared by the ranks)"
+        )
+    if not dist.sharded:
+        return
+    if cfg.chain.method == "full":
+        raise ConfigError(
+            "train.parallel: fsdp shards the frozen base of a LoRA chain; for full fine-tuning use ddp"
+        )
+    if cfg.model.task == "classification":
+        raise ConfigError("train.parallel: fsdp does not shard a classifier's new head yet; use ddp")
+    if cfg.export_merged:
+        raise ConfigError(
+            "export_merged: not written from an fsdp run yet (merge adapter/ into the base afterwards)"
+        )

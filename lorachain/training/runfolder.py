@@ -14,6 +14,8 @@ import torch
 from lorachain.config import ConfigError, RunConfig, as_current
 from lorachain.io import write_text
 
+HOW = ("parallel", "fsdp_offload")  # train.* keys a resumed run may change (world sizes too)
+
 
 class NoWriter:
     """TensorBoard writer of the ranks that write nothing."""
@@ -55,8 +57,10 @@ def prepare_run_dir(out: Path, cfg: RunConfig) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         old = as_current(RunConfig, old)  # fields added since: their defaults
-        old.pop("lorachain_version", None)
-        new.pop("lorachain_version", None)
+        for cfg_dict in (old, new):
+            cfg_dict.pop("lorachain_version", None)
+            for key in HOW:  # how the run is spread over processes, not what it computes
+                cfg_dict.get("train", {}).pop(key, None)
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(

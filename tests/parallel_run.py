@@ -1,0 +1,28 @@
+"""`lorachain.train` of a YAML config for 1 or N processes, for the tests of `train.parallel`:
+
+    torchrun --standalone --nproc-per-node 2 tests/parallel_run.py CONFIG [STOP_AFTER] [DIE_RANK]
+
+STOP_AFTER stops the run after that many steps, as an interruption would; DIE_RANK makes that rank
+exit abruptly in the middle of its first knot (fault injection: the others must not hang)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import yaml
+
+from lorachain.config import RunConfig, from_dict
+from lorachain.training import loop
+
+
+def _dying(*args, **kwargs):
+    os._exit(17)  # no clean-up, no collective: as if the process were killed
+
+
+if __name__ == "__main__":
+    cfg = from_dict(RunConfig, yaml.safe_load(open(sys.argv[1])))
+    stop = int(sys.argv[2]) if len(sys.argv) > 2 and int(sys.argv[2]) > 0 else None
+    if len(sys.argv) > 3 and os.environ.get("RANK") == sys.argv[3]:
+        loop.tie_on_shards = _dying
+    print(loop.train(cfg, stop_after=stop, progress=False).summary["status"])

@@ -1,0 +1,137 @@
+"""`train.parallel`: ddp and fsdp on 2 CPU processes (torchrun, gloo) equal one process with the
+same global batch, knots on shards included; resume across world sizes; bad input; a dying rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_config, tiny_model
+from safetensors.torch import load_file
+
+from lorachain.chain.knot import Factors, apply_factors
+from lorachain.chain.shards import apply_on_shards, local_rows
+from lorachain.config import ConfigError, RunConfig, from_dict
+from lorachain.training.loop import train
+
+RUN = str(Path(__file__).parent / "parallel_run.py")
+TOL = {"rtol": 1e-4, "atol": 1e-5}  # fp32: the ranks' partial sums are added in another order
+
+
+def torchrun(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORACHAIN_DIST_TIMEOUT": "60"}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def config(tmp_path, toy_data, tiny_dir, name: str, parallel: str, policy: str = "fixed", **train_over):
+    cfg = run_config(
+        tmp_path,
+        toy_data,
+        "llama",
+        output_dir=str(tmp_path / name),
+        chain={
+            "links": [{"rank": 4, "alpha": 8}, {"rank": 2, "alpha": 4}],  # a rank step-down
+            "dropout": 0.0,
+            "knot": {"policy": policy, "window": 2, "min_delta": 0.2, "min_link_steps": 2},
+        },
+        train={"epochs": 2, "batch_size": 8, "grad_accum": 2, "save_every": 2, "seed": 0}
+        | {"parallel": parallel, **train_over},
+    )
+    cfg["model"]["name_or_path"] = str(tiny_dir)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_one(path: Path, **over) -> dict:
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(over)
+    return train(from_dict(RunConfig, data), progress=False).summary
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    one, two = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert [x["end_step"] for x in one["links"]] == [x["end_step"] for x in two["links"]]
+    assert [x["tokens"] for x in one["links"]] == [x["tokens"] for x in two["links"]]
+    for name in ("chain.safetensors", "adapter/adapter_model.safetensors"):
+        x, y = (load_file(str(d / name)) for d in (a, b))
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], **TOL, msg=k)
+    assert two["final_eval"]["eval_loss"] == pytest.approx(one["final_eval"]["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "policy"),
+    [("ddp", "fixed"), ("fsdp", "fixed"), pytest.param("fsdp", "auto", marks=pytest.mark.slow)],
+)
+def test_two_processes_equal_one(tmp_path, toy_data, tiny_dir, parallel, policy):
+    one = run_one(config(tmp_path, toy_data, tiny_dir, "one", "auto", policy))
+    proc = torchrun(str(config(tmp_path, toy_data, tiny_dir, "two", parallel, policy)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(one["links"]) == 2  # a knot was tied, then a link of rank 2
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert not list((tmp_path / "two").glob("*.tmp"))  # rank 0 alone wrote, atomically
+
+
+def test_fsdp_resumes_on_one_process(tmp_path, toy_data, tiny_dir):
+    """2 -> 1: stopped after the knot at step 3 and a checkpoint at 4, resumed without sharding."""
+    run_one(config(tmp_path, toy_data, tiny_dir, "one", "auto"))
+    path = config(tmp_path, toy_data, tiny_dir, "two", "fsdp")
+    proc = torchrun(str(path), "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "two" / "checkpoint.pt").is_file() and not (tmp_path / "two" / "summary.json").exists()
+    assert run_one(path, parallel="auto")["status"] == "finished"  # another world size, same folder
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_dying_rank_stops_the_others_and_a_rerun_resumes(tmp_path, toy_data, tiny_dir):
+    run_one(config(tmp_path, toy_data, tiny_dir, "one", "auto"))
+    path = config(tmp_path, toy_data, tiny_dir, "two", "fsdp")
+    t0 = time.monotonic()
+    proc = torchrun(str(path), "0", "1")  # rank 1 exits inside its first knot
+    assert proc.returncode != 0 and time.monotonic() - t0 < 90  # no hang
+    assert "exitcode  : 17" in proc.stderr  # the launcher names the dead rank
+    assert not (tmp_path / "two" / "summary.json").exists()
+    proc = torchrun(str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_bad_world_size_and_missing_process_group(tmp_path, toy_data, tiny_dir):
+    proc = torchrun(str(config(tmp_path, toy_data, tiny_dir, "odd", "ddp", batch_size=7)))
+    assert proc.returncode != 0
+    assert "train.batch_size: 7 does not divide among 2 processes" in proc.stderr
+    assert not (tmp_path / "odd" / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match="train.parallel: fsdp needs a process group"):
+        run_one(config(tmp_path, toy_data, tiny_dir, "solo", "fsdp"))
+    with pytest.raises(ConfigError, match="train.parallel: expected one of"):
+        run_one(config(tmp_path, toy_data, tiny_dir, "typo", "zero3"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_knot_on_unsharded_weights_matches_apply_factors(dtype):
+    """Without a process group `apply_on_shards` is `apply_factors`: same weights, same rounding."""
+    a, b = tiny_model("llama").to(dtype), tiny_model("llama").to(dtype)
+    g = torch.Generator().manual_seed(0)
+    factors = {
+        f"model.layers.{i}.self_attn.q_proj": Factors(
+            A=torch.randn(3, 32, generator=g), B=torch.randn(32, 3, generator=g), scale=0.5
+        )
+        for i in range(2)
+    }
+    assert apply_on_shards(a, factors) == pytest.approx(apply_factors(b, factors), rel=1e-9)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    w = a.model.layers[0].self_attn.q_proj.weight
+    rows, start = local_rows(w)
+    assert start == 0 and rows.data_ptr() == w.data_ptr()
