@@ -24,6 +24,7 @@ BIASES = ("none", "lora_only")
 INITS = ("gaussian", "kaiming")
 TASKS = ("causal_lm", "classification")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
 CHAT_CHOICES = {
     "format": ("auto", "text", "chat"),
     "train_on": ("all_assistant", "last"),
@@ -223,8 +224,16 @@ class TrainConfig:
     precision: str = "fp32"
     # recompute each decoder layer's activations in the backward (non-reentrant): less memory
     gradient_checkpointing: bool = False
+    # several processes (torchrun / accelerate launch): ddp (whole model per rank) | fsdp (frozen base
+    # sharded per decoder layer, FSDP2) | none | auto (ddp when launched on several processes)
+    parallel: str = "auto"
+    fsdp_offload: bool = False  # fsdp: keep the base shards in CPU memory between uses (CPUOffloadPolicy)
 
     def __post_init__(self) -> None:
+        check(
+            self.parallel in PARALLEL,
+            f"train.parallel: expected one of {PARALLEL}, got {self.parallel!r}",
+        )
         check(
             self.precision in ("fp32", "bf16", "fp16", "auto"),
             f"train.precision: expected fp32, bf16, fp16 or auto, got {self.precision!r}",

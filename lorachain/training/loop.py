@@ -32,6 +32,7 @@ from lorachain.chain.knot import (
     unload,
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
+from lorachain.chain.shards import apply_on_shards, tie_on_shards
 from lorachain.chain.sidepath import merge_quantized
 from lorachain.config import ConfigError, RunConfig
 from lorachain.data import (
@@ -52,9 +53,9 @@ from lorachain.models import (
 )
 from lorachain.training.checkpointing import check_checkpointing, enable_checkpointing
 from lorachain.training.evaluate import evaluate
-from lorachain.training.parallel import init_dist
-from lorachain.training.quantization import is_quantized, quantized_base
+from lorachain.training.parallel import check_parallel, init_dist, shard_base
 from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
+from lorachain.training.quantization import is_quantized, quantized_base
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
 from lorachain.training.step import lr_factor, make_optimizer, run_steps, trainable
 
@@ -84,7 +85,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, model: nn.Module | None, tokenizer, progress: bool) -> None:
         self.cfg, self.out = cfg, Path(cfg.output_dir)
-        self.dist = init_dist()
+        self.dist = init_dist(cfg.train.parallel)
+        check_parallel(cfg, self.dist)
         self.progress = progress and self.dist.main
         self.classifier = cfg.model.task == "classification"
         torch.manual_seed(cfg.train.seed)
@@ -130,8 +132,11 @@ class Trainer:
             check_lora_bias(self.model, self.targets)
         self.pad_id = self.tokenizer.pad_token_id
         # frozen weights held in the autocast dtype, their fp32 masters kept for knots and the end
-        self.masters = {} if self.full else compute_copies(self.model, self.prec)
+        # (fsdp: the fp32 shards are the masters; autocast casts each matmul's copy)
+        self.masters = {} if self.full or self.dist.sharded else compute_copies(self.model, self.prec)
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        if self.dist.sharded:
+            shard_base(self.model, cfg.train.fsdp_offload)
 
     # -- the chain ---------------------------------------------------------------------------
     def extend(self, st: State) -> None:
@@ -146,6 +151,7 @@ class Trainer:
             config = lora_config(link, self.cfg.chain, self.targets, self.fan_in_fan_out, self.cfg.model.task)
             self.peft = extend(self.model, config, gaussian=self.cfg.chain.init == "gaussian")
             self.modules_to_save = list(self.peft.peft_config["default"].modules_to_save or [])
+        self.net = self.dist.wrap(self.peft)  # DDP over this link's parameters (itself on one process)
         self.opt = make_optimizer(trainable(self.peft), self.cfg.optim)
         if len(st.links) <= st.link:
             n_train = sum(p.numel() for p in trainable(self.peft))
@@ -168,9 +174,12 @@ class Trainer:
         t0 = time.perf_counter()
         link = self.cfg.chain.links[st.link]
         if not self.full:  # full fine-tuning has nothing to merge
-            knot = tie_knot(
-                self.peft, st.link, st.step, link.rank, link.alpha, reason, self.masters, self.merge
-            )
+            if self.dist.sharded:  # each rank adds into the rows it holds
+                knot = tie_on_shards(self.peft, st.link, st.step, link.rank, link.alpha, reason)
+            else:
+                knot = tie_knot(
+                    self.peft, st.link, st.step, link.rank, link.alpha, reason, self.masters, self.merge
+                )
             st.knots.append(knot)
             st.links[st.link]["knot_rounding"] = knot.rounding
             self.model = unload(self.peft)
@@ -184,7 +193,7 @@ class Trainer:
             knot_seconds=knot_seconds,
             final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])),
         )
-        if self.eval_ex and self.dist.main:
+        if self.eval_ex and (self.dist.main or self.dist.sharded):  # a sharded forward needs every rank
             row["eval"] = self.evaluate(self.model)
         self.log(f"knot {st.link} at step {st.step} ({reason}); rank {link.rank}", row.get("eval"))
         if st.step < self.total:
@@ -243,7 +252,10 @@ class Trainer:
             json.loads(ck["links"]),
         )
         for knot in st.knots:
-            self.merge(self.model, knot.factors, self.masters)
+            if self.dist.sharded:
+                apply_on_shards(self.model, knot.factors)
+            else:
+                self.merge(self.model, knot.factors, self.masters)
         self.extend(st)
         missing = set(trainable_state(self.peft)) - set(ck["trainable"])
         if missing:
@@ -314,7 +326,8 @@ class Trainer:
             if reason:
                 self.tie(st, reason)
                 writer.add_scalar("chain/knot", st.link, step)
-            if step < self.total and (flag.stop or (stop_after or self.total) <= step):
+            stop = flag.stop if self.dist.world == 1 else self.dist.reduce(float(flag.stop), "max") > 0
+            if step < self.total and (stop or (stop_after or self.total) <= step):
                 interrupted = True
             if step < self.total and (reason or interrupted or step % self.cfg.train.save_every == 0):
                 self.save_checkpoint(st)
@@ -325,7 +338,7 @@ class Trainer:
             with StopFlag() as flag:
                 while st.step < self.total and not interrupted:
                     run_steps(
-                        self.peft,
+                        self.net,
                         self.opt,
                         self.train_ex,
                         self.cfg,

@@ -101,22 +101,26 @@ def run_steps(
                 break
             continue
         loss_sum, tokens = 0.0, 0
-        for chunk in batches:
+        scale = dist.loss_scale(model)  # DDP averages over ranks; the loss is a sum
+        for i, chunk in enumerate(batches):
             mine = dist.shard(chunk)
-            if not mine:
+            if not mine and dist.mode == "none":
                 continue
+            part = mine or chunk[:1]  # a rank without examples still joins the collectives (weight 0)
             rows = (
-                pack(mine, pad_id, cfg.data.max_length)
+                pack(part, pad_id, cfg.data.max_length)
                 if cfg.data.packing
-                else collate(mine, pad_id, classifier)
+                else collate(part, pad_id, classifier)
             )
             batch = {k: v.to(device) for k, v in rows.items()}
-            with prec.autocast():
-                loss = summed_loss(model, batch, classifier) / units
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
-            tokens += sum(len(e.input_ids) for e in mine)
-        dist.sum_grads(params)
+            weight = scale if mine else 0.0
+            with dist.accumulate(model, sync=i == len(batches) - 1):  # reduce on the last micro-batch
+                with prec.autocast():
+                    loss = summed_loss(model, batch, classifier) / units
+                (scaler.scale(loss * weight) if scaler else loss * weight).backward()
+            if mine:
+                loss_sum += loss.item()
+                tokens += sum(len(e.input_ids) for e in mine)
         if scaler:
             scaler.unscale_(opt)
         if cfg.optim.max_grad_norm:
