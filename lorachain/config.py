@@ -224,6 +224,7 @@ class TrainConfig:
     precision: str = "fp32"
     # recompute each decoder layer's activations in the backward (non-reentrant): less memory
     gradient_checkpointing: bool = False
+    check_memory: bool = True  # refuse, before loading, a model whose estimated peak memory cannot fit
     # several processes (torchrun / accelerate launch): ddp (whole model per rank) | fsdp (frozen base
     # sharded per decoder layer, FSDP2) | none | auto (ddp when launched on several processes)
     parallel: str = "auto"

@@ -165,3 +165,13 @@ def test_a_quantized_chain_exports_one_adapter_and_resumes(tmp_path, toy_data, t
     for key in a:
         assert torch.equal(a[key], b[key]), key
     torch.testing.assert_close(logits(resumed.model), trained, rtol=0, atol=1e-6)
+
+
+def test_loading_quantized_equals_quantizing_in_memory(tmp_path):
+    from lorachain.models import load_model
+
+    wide_llama().save_pretrained(tmp_path / "m")
+    cfg = ModelConfig(name_or_path=str(tmp_path / "m"), quantization="nf4")
+    loaded = quantized_base(load_model(cfg), cfg)
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert torch.equal(logits(loaded), logits(quantized_base(wide_llama(), qcfg("nf4"))))

@@ -53,6 +53,7 @@ from lorachain.models import (
 )
 from lorachain.training.checkpointing import check_checkpointing, enable_checkpointing
 from lorachain.training.evaluate import evaluate
+from lorachain.training.memory import check_before_load
 from lorachain.training.parallel import check_parallel, init_dist, shard_base
 from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
 from lorachain.training.quantization import is_quantized, quantized_base
@@ -104,6 +105,8 @@ class Trainer:
         self.policy: KnotPolicy = make_policy(cfg.chain, self.total, self.spe)
         # the model is loaded last, so that bad data or shares fail before the slow part
         labels = len(cfg.data.label_words) if cfg.data.label_words else None
+        if model is None and cfg.train.check_memory:
+            check_before_load(cfg)  # one line with the estimate if it cannot fit
         self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
         self.merge = apply_factors  # how a knot adds a link into the base
         if cfg.model.quantization != "none":  # QLoRA: a knot keeps the chain exact (chain.sidepath)
