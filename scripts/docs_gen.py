@@ -1,0 +1,471 @@
+"""Generated parts of the docs and the README, so that no figure is typed by hand.
+
+- `docs/reference/config.md` from the config dataclasses (every key, type, default, comment);
+- `docs/reference/cli.md` from the argparse parser;
+- every table between `<!-- table: NAME -->` and `<!-- /table -->` in README.md and docs/**/*.md,
+  rendered from the committed JSON named in `TABLES` (benchmarks/results/, results/).
+
+    python scripts/docs_gen.py           # write them (make docs-tables)
+    python scripts/docs_gen.py --check   # exit 1 listing every file that differs (the drift test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def load(rel: str | list[str]) -> dict | list:
+    """The JSON at `rel`, or with a `*` in it (or a list of paths), {path: JSON} of every match."""
+    if isinstance(rel, list):
+        return {r: json.loads((ROOT / r).read_text()) for r in rel}
+    if "*" in rel:
+        return {str(p.relative_to(ROOT)): json.loads(p.read_text()) for p in sorted(ROOT.glob(rel))}
+    return json.loads((ROOT / rel).read_text())
+
+
+def exists(rel: str | list[str]) -> bool:
+    if isinstance(rel, list):
+        return all((ROOT / r).is_file() for r in rel)
+    return any(ROOT.glob(rel)) if "*" in rel else (ROOT / rel).is_file()
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def signed(x: float) -> str:
+    return f"{x:+.1f}".replace("-", "−")
+
+
+# -- renderers: (json path, command, render(data) -> markdown table) ------------------------------
+def demo(d: dict) -> str:
+    cola = table(
+        ["method", "links", "steps", "train loss (last)", "eval loss", "accuracy", "train s", "peak RSS MB"],
+        [[r[k] for k in ("method", "links", "steps", "train_loss", "eval_loss", "accuracy", "train_s",
+                         "peak_mem_mb")] for r in d["cola"]],
+    )  # fmt: skip
+    r = d["routing"]
+    rows = []
+    for task, t in sorted(r["per_task"].items()) + [("all", r["overall"])]:
+        ppl, em = t["perplexity"], t["exact_match"]
+        rows.append([task, t["n"], f(t["top1"]), " / ".join(f(ppl[k], 2) for k in ("routed", "base", "mixed")),
+                     " / ".join(f(em[k]) for k in ("routed", "base", "mixed"))])  # fmt: skip
+    routing = table(
+        ["task", "n", "top-1", "ppl routed / base / mixed", "exact match routed / base / mixed"], rows
+    )
+    tot = d["total"]
+    return (
+        f"{cola}\n\n{routing}\n\nWhole demo: {tot['wall_seconds'] / 60:.1f} min of wall time, "
+        f"{tot['cpu_seconds']:.0f} s of CPU ({d.get('machine', 'one reading')})."
+    )
+
+
+def paired_grid(pairs: list[tuple[str, str]]) -> Callable[[list], str]:
+    """Mean ± std per method at its chosen lr and the paired difference against the reference."""
+
+    def render(results: list) -> str:
+        from lorachain.experiment.choose import select
+        from lorachain.experiment.paired import mean_std, per_task
+
+        chosen = select(results)
+        tasks = list(dict.fromkeys(r["task"] for r in results))
+        methods = list(dict.fromkeys(m for pair in pairs for m in pair))
+        header = ["task", *[f"`{m}`" for m in methods]]
+        header += [f"`{o}` − `{ref}` [95% CI] (above / tied / below)" for ref, o in pairs]
+        rows, pooled = [], []
+        stats = [per_task(chosen, tasks, ref, o) for ref, o in pairs]
+        for t in tasks:
+            row = [t]
+            for m in methods:
+                c = chosen.get((t, m))
+                row.append(f"{mean_std(list(c['test'].values()))} (lr {c['lr']:g})" if c else "-")
+            for by_task, _ in stats:
+                s = by_task.get(t)
+                row.append(_ci(s) if s else "-")
+            rows.append(row)
+        pooled = ["**pooled**", *[""] * len(methods), *[f"**{_ci(p)}**" for _, p in stats]]
+        return table(header, rows + [pooled])
+
+    return render
+
+
+def _ci(s: dict) -> str:
+    lo, hi = s["ci"]
+    return f"{signed(s['mean'])} [{signed(lo)}, {signed(hi)}] ({s['above']} / {s['tied']} / {s['below']})"
+
+
+def precision_speed(d: dict) -> str:
+    rows = [
+        [k, f(d.get(f"step_time_ratio_{k}") if k != "fp32" else 1.0, 2)]
+        for k in ("fp32", "bf16", "bf16_base", "bf16_sdpa")
+    ]
+    return table(["configuration", "step time / fp32"], rows) + (
+        f"\n\nbf16 reaches {d['fraction_of_bf16_peak']:.0%} of the bf16 matmul peak "
+        f"({d['matmul_peak_gflops']['bf16']:.0f} GFLOP/s); accuracy fp32 {d['accuracy_fp32']:.3f}, "
+        f"bf16 {d['accuracy_bf16']:.3f}; peak RSS bf16 / fp32 {d['rss_ratio_bf16']:.2f}."
+    )  # fmt: skip
+
+
+def cola_cost(d: dict) -> str:
+    rows = [[r["config"], f(r["time_ratio"]), f(r["mem_ratio"]), f(r["median_step_s"]), f(r["median_knot_s"]),
+             f(r["knot_over_step"], 2), f"{r['flops_saved_vs_lora']:.2%}", f"{r['peak_rss_mb']:.0f}"]
+            for r in d["rows"]]  # fmt: skip
+    return table(["configuration", "time ratio", "peak-memory ratio", "step s", "knot s", "knot / step",
+                  "training FLOPs saved", "peak RSS MB"], rows)  # fmt: skip
+
+
+def lm_eval(d: dict) -> str:
+    s, g, c = d["sst2"], d["gsm8k"], d["gsm8k_chat"]
+    rows = [
+        ["SST-2 log-likelihood", s["samples"], f"max |Δ loglik| {s['max_abs_loglik_diff']:.1e}",
+         f"{s['acc_server']:.3f} / {s['acc_hf']:.3f}"],
+        ["GSM8K greedy", g["samples"], f"{g['generations_equal']} of {g['samples']} generations equal",
+         f"{g['exact_match_server']:.2f} / {g['exact_match_hf']:.2f}"],
+        ["GSM8K chat", c["samples"], f"{c['generations_equal']} of {c['samples']} generations equal",
+         f"{c['exact_match_server']:.2f} / {c['exact_match_hf']:.2f}"],
+    ]  # fmt: skip
+    return table(["through `lorachain serve`", "samples", "agreement", "score (server / hf+peft)"], rows)
+
+
+def serve_big(d: dict) -> str:
+    rows = []
+    for key in ("under_limit_400", "over_limit_413"):
+        r = d[key]
+        codes = ", ".join(f"{n} × {c}" for c, n in r["codes"].items())
+        rows.append([f"{r['limit_mb']} MB", codes, f"{r['big_p50_s']:.2f} / {r['big_max_s']:.2f} s",
+                     f"{r['health_p50_ms']:.0f} / {r['health_p99_ms']:.0f} / {r['health_max_ms']:.0f} ms",
+                     f"{r['rss_mb_peak']:.0f} MB"])  # fmt: skip
+    return table(
+        ["body limit", "answers", "big request p50 / max", "`/health` p50 / p99 / max", "RSS peak"], rows
+    )
+
+
+def serve_load(d: dict) -> str:
+    rows = []
+    for c in d["results"]["mixed"]:
+        cell = [d["results"][k][c] for k in ("mixed", "swap", "single")]
+        rows.append([c, *[f"{x['tokens_per_s']:.1f} ({x['p50_s']:.2f} / {x['p99_s']:.2f} s)" for x in cell],
+                     f(d["ratios"][c]["mixed_over_swap"], 2), f(d["ratios"][c]["mixed_over_single"], 2)])  # fmt: skip
+    return table(["concurrency", "(a) mixed batching", "(b) swapped per request", "(c) all on one adapter",
+                  "a / b", "a / c"], rows)  # fmt: skip
+
+
+def routing_cost(d: dict) -> str:
+    s, kinds = d["switch"], d.get("ask_by_selector_kind", {})
+    mem = {m["adapters"]: m for m in d["memory"]}
+    rows = [
+        ["cached switch", f"{s['cached_switch_ms']:.2f} ms"],
+        ["cold load (new buffer / reused buffer)",
+         f"{s['cold_load_new_buffer_ms']:.1f} / {s['cold_load_reused_buffer_ms']:.1f} ms"],
+        ["first load of an adapter form", f"{s['first_load_new_slot_ms']:.0f} ms"],
+        ["PEFT load_adapter + set_adapter (naive)", f"{s['peft_naive_load_set_ms']:.0f} ms"],
+        *[[f"RSS growth at {n} adapters / on disk", f"{m['growth_mb'] / m['expected_mb']:.2f}×"]
+          for n, m in sorted(mem.items()) if m.get("expected_mb")],
+        *[[f"routed / direct answer, `{k}` selector", f"{v['routed_total_s'] / v['direct_total_s']:.2f}"]
+          for k, v in kinds.items()],
+    ]  # fmt: skip
+    return table(["measure", "median"], rows)
+
+
+def route_eval(d: dict) -> str:
+    p, q = d["perplexity"], d.get("quality", {})
+    sel = d["selection"].get("score", {}).get("per_task", {})
+    cols = [k for k in ("oracle", "mixed", "routed", "base") if k in p]
+    rows = []
+    for t in sorted(d["per_task_rows"]):
+        rouge = [f(q[k][t].get("rougeL")) if k in q else "-" for k in ("routed", "mixed")]
+        rows.append([t, d["per_task_rows"][t], *[f(p[k][t], 2) for k in cols], f((sel.get(t) or {}).get("top1")), *rouge])
+    if "overall" in d:
+        o = d["overall"]
+        rouge = [f(o["quality"][k].get("rougeL")) if k in o["quality"] else "-" for k in ("routed", "mixed")]
+        rows.append(["**all, pooled**", o["rows"], *[f(o["perplexity"][k], 2) for k in cols],
+                     f(d["selection"].get("score", {}).get("top1")), *rouge])  # fmt: skip
+    header = ["task", "rows", *[f"ppl {k}" for k in cols], "selector top-1", "ROUGE-L routed", "ROUGE-L mixed"]
+    return table(header, rows)
+
+
+def holdout(runs: dict) -> str:
+    """Every leave-one-data-set-out run: folder, kind, its settings, held-out and in-distribution top-1."""
+    rows = []
+    for path, d in runs.items():
+        for kind, k in d["kinds"].items():
+            h, i = k["held_out"], k.get("in_distribution") or {}
+            st = k.get("settings", {})
+            how = ", ".join(f"{x}={st[x]}" for x in ("epochs", "truncation", "max_length") if x in st)
+            rows.append([f"`{Path(path).parent.name}`", f"`{kind}`", how, d.get("folds", "-"), h.get("rows", "-"),
+                         f(h.get("top1")), f(h.get("top3")), f(i.get("top1"))])  # fmt: skip
+    return table(["run", "kind", "settings", "folds", "held-out rows", "held-out top-1", "top-3",
+                  "in-distribution top-1"], rows)  # fmt: skip
+
+
+def variants(d: dict) -> str:
+    rows = [[r["truncation"], r["scoring"], f(r["top1"])] for r in d["results"]]
+    return table(["truncation", "scoring", "held-out top-1"], rows)
+
+
+def grid_scores(results: list) -> str:
+    from lorachain.experiment.choose import select
+    from lorachain.experiment.report import score_table
+
+    chosen = select(results)
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    return score_table(chosen, tasks, methods).strip()
+
+
+def gap_pilot(results: list) -> str:
+    """One seed: each method's test score (and GSM8K's reference NLL), and full − LoRA r=8."""
+    by = {(r["task"], r["method"]): r for r in results}
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    methods = ["full", "lora_r8", "lora_r1"]
+    rows = []
+    for t in tasks:
+        cells = [by.get((t, m)) for m in methods]
+        score = [f"{c['test']['score'] * 100:.1f}" if c else "…" for c in cells]
+        nll = [f"{c['test']['ref_nll']:.3f}" if c and "ref_nll" in c["test"] else "" for c in cells]
+        shown = [f"{s} (NLL {n})" if n else s for s, n in zip(score, nll, strict=True)]
+        gap = "…"
+        if cells[0] and cells[1]:
+            gap = signed((cells[0]["test"]["score"] - cells[1]["test"]["score"]) * 100)
+        rows.append([t, *shown, gap, cells[0]["counts"]["test"] if cells[0] else "…"])
+    return table(["task", "full", "LoRA r=8", "LoRA r=1", "full − LoRA r=8 (points)", "test rows"], rows)
+
+
+def headline(paths: dict) -> str:
+    """The README's one small table: each line's figure from its own JSON."""
+    from lorachain.experiment.choose import select
+    from lorachain.experiment.paired import per_task
+
+    def pooled(rel: str, ref: str, other: str) -> str:
+        chosen = select(paths[rel])
+        tasks = list(dict.fromkeys(r["task"] for r in paths[rel]))
+        s = per_task(chosen, tasks, ref, other)[1]
+        return f"{signed(s['mean'])} points [{signed(s['ci'][0])}, {signed(s['ci'][1])}], {len(tasks)} tasks"
+
+    t1, t6 = "results/cola_smollm2_table1/results.json", "results/cola_smollm2_table6/results.json"
+    prec, cost = paths["benchmarks/results/precision.json"], paths["benchmarks/results/cola_cost.json"]
+    serve = paths["benchmarks/results/serve_load.json"]
+    cola_time = next(r["time_ratio"] for r in cost["rows"] if r["config"].startswith("cola 3"))
+    rows = [
+        ["COLA (8, 8) − LoRA r=8, Table 1 protocol (625 steps, 3 seeds)", pooled(t1, "lora", "cola2"),
+         f"`{t1}`"],
+        ["COLA − LoRA, Table 6 protocol (100 examples, 5 seeds)", pooled(t6, "lora_n100", "cola_n100"), f"`{t6}`"],
+        ["COLA (3 links) / LoRA training time", f"{cola_time:.3f}", "`benchmarks/results/cola_cost.json`"],
+        ["bf16 / fp32 step time", f"{prec['step_time_ratio_bf16']:.2f}", "`benchmarks/results/precision.json`"],
+        ["served tokens/s, mixed-adapter batches / one adapter at a time (32 clients)",
+         f"{serve['ratios']['32']['mixed_over_swap']:.1f}×", "`benchmarks/results/serve_load.json`"],
+    ]  # fmt: skip
+    return table(["measure", "result", "from"], rows)
+
+
+TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
+    "headline": (["results/cola_smollm2_table1/results.json", "results/cola_smollm2_table6/results.json",
+                  "benchmarks/results/precision.json", "benchmarks/results/cola_cost.json",
+                  "benchmarks/results/serve_load.json"], "the commands in docs/measured.md", headline),
+    "demo": ("benchmarks/results/demo.json", "lorachain demo", demo),
+    "table1": ("results/cola_smollm2_table1/results.json",
+               "lorachain experiment configs/experiments/cola_smollm2_table1.yaml",
+               paired_grid([("lora", "cola2"), ("lora", "cola3")])),
+    "table6": ("results/cola_smollm2_table6/results.json",
+               "lorachain experiment configs/experiments/cola_smollm2_table6.yaml",
+               paired_grid([("lora_n100", "cola_n100"), ("lora_n50", "cola_n50")])),
+    "short-budget": ("results/cola_smollm2/results.json",
+                     "lorachain experiment configs/experiments/cola_smollm2.yaml", grid_scores),
+    "gemma3": ("results/cola_gemma3/results.json", "lorachain experiment configs/experiments/cola_gemma3.yaml",
+               grid_scores),
+    "minilm": ("results/cola_minilm/results.json", "lorachain experiment configs/experiments/cola_minilm.yaml",
+               grid_scores),
+    "gap-pilot": ("results/cola_gap_pilot/results.json",
+                  "lorachain experiment configs/experiments/cola_gap_pilot_smollm2.yaml", gap_pilot),
+    "gap-pilot-gsm8k": ("results/cola_gap_pilot_gsm8k/results.json",
+                        "lorachain experiment configs/experiments/cola_gap_pilot_gsm8k_smollm2.yaml", gap_pilot),
+    "precision": ("benchmarks/results/precision.json", "python benchmarks/precision.py --accuracy", precision_speed),
+    "cola-cost": ("benchmarks/results/cola_cost.json", "python benchmarks/cola_cost.py", cola_cost),
+    "lm-eval": ("benchmarks/results/lm_eval_agreement.json", "python benchmarks/lm_eval_agreement.py", lm_eval),
+    "serve-big": ("benchmarks/results/serve_stress_big.json",
+                  "OMP_NUM_THREADS=1 python benchmarks/serve_stress.py --big 40", serve_big),
+    "serve-load": ("benchmarks/results/serve_load.json", "python benchmarks/serve_load.py", serve_load),
+    "routing-cost": ("benchmarks/results/routing_cost.json",
+                     "OMP_NUM_THREADS=1 python benchmarks/routing_cost.py --repeats 3", routing_cost),
+    "routing-t0": ("results/routing_t0_smollm2/route_eval.json", "lorachain route eval (results/README.md)",
+                   route_eval),
+    "routing-table1": ("results/routing_table1_smollm2/route_eval.json",
+                       "lorachain route eval stores/t0_smollm2_table1 --max-per-task 25 --modes score", route_eval),
+    "holdout": ("results/routing_holdout/task_by_dataset*/holdout.json",
+                "lorachain route eval configs/route/t0_smollm2.yaml --holdout-by dataset (its JSON's command)", holdout),
+    "variants": ("results/routing_holdout/variants/variants.json",
+                 "python benchmarks/selector_variants.py --per-dataset 60", variants),
+}  # fmt: skip
+
+
+def render_table(name: str) -> str:
+    path, command, fn = TABLES[name]
+    if not exists(path):
+        return f"*Not measured yet: `{path}` is written by `{command}`.*\n"
+    where = "the files named in it" if isinstance(path, list) else f"`{path}`"
+    return f"{fn(load(path))}\n\n*Rendered from {where}, written by `{command}`.*\n"
+
+
+def fill_tables(text: str, where: str) -> str:
+    def sub(m: re.Match) -> str:
+        if m.group(2) not in TABLES:
+            raise SystemExit(f"{where}: unknown table {m.group(2)!r}; known: {', '.join(TABLES)}")
+        return m.group(1) + render_table(m.group(2)) + m.group(4)
+
+    return MARK.sub(sub, text)
+
+
+# -- the configuration reference ------------------------------------------------------------------
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment: the trailing `# ...` on its line and any comment lines just above."""
+    out, above = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            above.append(s.lstrip("# "))
+            continue
+        m = re.match(r"(\w+)\s*:\s*[^=]+?(?:=.*?)?(?:\s+#\s*(.*))?$", s)
+        if m and not s.startswith(("def ", "class ", "@", "return")) and ":" in s:
+            out[m.group(1)] = " ".join([*above, m.group(2) or ""]).strip()
+        above = []
+    return out
+
+
+def type_name(tp) -> str:
+    text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    return text.replace("typing.", "")
+
+
+def default_of(fld: dataclasses.Field) -> str:
+    if fld.default is not dataclasses.MISSING:
+        return f"`{fld.default!r}`"
+    if fld.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = fld.default_factory()  # type: ignore[misc]
+        return "section" if dataclasses.is_dataclass(value) else f"`{value!r}`"
+    return "required"
+
+
+def config_section(cls: type, title: str) -> list[str]:
+    doc = inspect.getdoc(cls) or ""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    rows = [
+        [f"`{fld.name}`", f"`{type_name(fld.type)}`".replace("|", "\\|"), default_of(fld).replace("|", "\\|"),
+         comments.get(fld.name, "").replace("|", "\\|")]
+        for fld in dataclasses.fields(cls)
+    ]  # fmt: skip
+    del hints
+    return [f"## {title}", "", doc, "", table(["key", "type", "default", "meaning"], rows), ""]
+
+
+def config_reference() -> str:
+    from lorachain import config as c
+    from lorachain.experiment.config import ExperimentConfig
+    from lorachain.routing import config as rc
+
+    sections = [
+        (c.RunConfig, "A run (`lorachain train`)"),
+        (c.ModelConfig, "`model`"),
+        (c.DataConfig, "`data`"),
+        (c.ChainConfig, "`chain`"),
+        (c.LinkConfig, "`chain.links[]`"),
+        (c.KnotConfig, "`chain.knot`"),
+        (c.OptimConfig, "`optim`"),
+        (c.TrainConfig, "`train`"),
+        (rc.RouteConfig, "A routing store (`lorachain route train`)"),
+        (rc.RouteDataConfig, "`data` of a routing store"),
+        (rc.SelectorConfig, "`selector`"),
+        (ExperimentConfig, "An experiment grid (`lorachain experiment`)"),
+    ]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config dataclasses by `python scripts/docs_gen.py`; a test fails when this",
+        "page differs from the code. Every key can be set in the YAML file or as a dotted override on the",
+        "command line (`optim.lr=5e-4 chain.links.1.rank=4`). A bad value fails with one line naming the key.",
+        "",
+    ]
+    for cls, title in sections:
+        lines += config_section(cls, title)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- the CLI reference ----------------------------------------------------------------------------
+def parsers(p: argparse.ArgumentParser, name: str = "lorachain"):
+    yield name, p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield from parsers(child, f"{name} {sub}")
+
+
+def cli_reference() -> str:
+    from lorachain.cli import build_parser
+
+    os.environ["COLUMNS"] = "100"
+    lines = ["# CLI reference", "", "Generated from the argparse parser by `python scripts/docs_gen.py`.", ""]
+    for name, p in parsers(build_parser()):
+        lines += [f"## `{name}`", "", "```text", p.format_help().rstrip(), "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- the whole set --------------------------------------------------------------------------------
+def outputs() -> dict[Path, str]:
+    """Every generated file and its content."""
+    out = {
+        ROOT / "docs" / "reference" / "config.md": config_reference(),
+        ROOT / "docs" / "reference" / "cli.md": cli_reference(),
+    }
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        if path in out:
+            continue
+        text = path.read_text()
+        out[path] = fill_tables(text, str(path.relative_to(ROOT)))
+    return out
+
+
+def drift() -> list[str]:
+    """The generated files whose committed text differs from what the code and JSON render."""
+    return [
+        str(p.relative_to(ROOT)) for p, text in outputs().items() if not p.is_file() or p.read_text() != text
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if a generated file differs")
+    args = ap.parse_args(argv)
+    if args.check:
+        stale = drift()
+        for p in stale:
+            print(f"{p}: differs from what scripts/docs_gen.py renders; run it", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in outputs().items():
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
