@@ -59,15 +59,36 @@ def signed(x: float) -> str:
 def demo(d: dict) -> str:
     cola = table(
         ["method", "links", "steps", "train loss (last)", "eval loss", "accuracy", "train s", "peak RSS MB"],
-        [[r[k] for k in ("method", "links", "steps", "train_loss", "eval_loss", "accuracy", "train_s",
-                         "peak_mem_mb")] for r in d["cola"]],
-    )  # fmt: skip
+        [
+            [
+                r[k]
+                for k in (
+                    "method",
+                    "links",
+                    "steps",
+                    "train_loss",
+                    "eval_loss",
+                    "accuracy",
+                    "train_s",
+                    "peak_mem_mb",
+                )
+            ]
+            for r in d["cola"]
+        ],
+    )
     r = d["routing"]
     rows = []
     for task, t in sorted(r["per_task"].items()) + [("all", r["overall"])]:
         ppl, em = t["perplexity"], t["exact_match"]
-        rows.append([task, t["n"], f(t["top1"]), " / ".join(f(ppl[k], 2) for k in ("routed", "base", "mixed")),
-                     " / ".join(f(em[k]) for k in ("routed", "base", "mixed"))])  # fmt: skip
+        rows.append(
+            [
+                task,
+                t["n"],
+                f(t["top1"]),
+                " / ".join(f(ppl[k], 2) for k in ("routed", "base", "mixed")),
+                " / ".join(f(em[k]) for k in ("routed", "base", "mixed")),
+            ]
+        )
     routing = table(
         ["task", "n", "top-1", "ppl routed / base / mixed", "exact match routed / base / mixed"], rows
     )
@@ -121,27 +142,60 @@ def precision_speed(d: dict) -> str:
         f"\n\nbf16 reaches {d['fraction_of_bf16_peak']:.0%} of the bf16 matmul peak "
         f"({d['matmul_peak_gflops']['bf16']:.0f} GFLOP/s); accuracy fp32 {d['accuracy_fp32']:.3f}, "
         f"bf16 {d['accuracy_bf16']:.3f}; peak RSS bf16 / fp32 {d['rss_ratio_bf16']:.2f}."
-    )  # fmt: skip
+    )
 
 
 def cola_cost(d: dict) -> str:
-    rows = [[r["config"], f(r["time_ratio"]), f(r["mem_ratio"]), f(r["median_step_s"]), f(r["median_knot_s"]),
-             f(r["knot_over_step"], 2), f"{r['flops_saved_vs_lora']:.2%}", f"{r['peak_rss_mb']:.0f}"]
-            for r in d["rows"]]  # fmt: skip
-    return table(["configuration", "time ratio", "peak-memory ratio", "step s", "knot s", "knot / step",
-                  "training FLOPs saved", "peak RSS MB"], rows)  # fmt: skip
+    rows = [
+        [
+            r["config"],
+            f(r["time_ratio"]),
+            f(r["mem_ratio"]),
+            f(r["median_step_s"]),
+            f(r["median_knot_s"]),
+            f(r["knot_over_step"], 2),
+            f"{r['flops_saved_vs_lora']:.2%}",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
+        for r in d["rows"]
+    ]
+    return table(
+        [
+            "configuration",
+            "time ratio",
+            "peak-memory ratio",
+            "step s",
+            "knot s",
+            "knot / step",
+            "training FLOPs saved",
+            "peak RSS MB",
+        ],
+        rows,
+    )
 
 
 def lm_eval(d: dict) -> str:
     s, g, c = d["sst2"], d["gsm8k"], d["gsm8k_chat"]
     rows = [
-        ["SST-2 log-likelihood", s["samples"], f"max |Δ loglik| {s['max_abs_loglik_diff']:.1e}",
-         f"{s['acc_server']:.3f} / {s['acc_hf']:.3f}"],
-        ["GSM8K greedy", g["samples"], f"{g['generations_equal']} of {g['samples']} generations equal",
-         f"{g['exact_match_server']:.2f} / {g['exact_match_hf']:.2f}"],
-        ["GSM8K chat", c["samples"], f"{c['generations_equal']} of {c['samples']} generations equal",
-         f"{c['exact_match_server']:.2f} / {c['exact_match_hf']:.2f}"],
-    ]  # fmt: skip
+        [
+            "SST-2 log-likelihood",
+            s["samples"],
+            f"max |Δ loglik| {s['max_abs_loglik_diff']:.1e}",
+            f"{s['acc_server']:.3f} / {s['acc_hf']:.3f}",
+        ],
+        [
+            "GSM8K greedy",
+            g["samples"],
+            f"{g['generations_equal']} of {g['samples']} generations equal",
+            f"{g['exact_match_server']:.2f} / {g['exact_match_hf']:.2f}",
+        ],
+        [
+            "GSM8K chat",
+            c["samples"],
+            f"{c['generations_equal']} of {c['samples']} generations equal",
+            f"{c['exact_match_server']:.2f} / {c['exact_match_hf']:.2f}",
+        ],
+    ]
     return table(["through `lorachain serve`", "samples", "agreement", "score (server / hf+peft)"], rows)
 
 
@@ -150,9 +204,15 @@ def serve_big(d: dict) -> str:
     for key in ("under_limit_400", "over_limit_413"):
         r = d[key]
         codes = ", ".join(f"{n} × {c}" for c, n in r["codes"].items())
-        rows.append([f"{r['limit_mb']} MB", codes, f"{r['big_p50_s']:.2f} / {r['big_max_s']:.2f} s",
-                     f"{r['health_p50_ms']:.0f} / {r['health_p99_ms']:.0f} / {r['health_max_ms']:.0f} ms",
-                     f"{r['rss_mb_peak']:.0f} MB"])  # fmt: skip
+        rows.append(
+            [
+                f"{r['limit_mb']} MB",
+                codes,
+                f"{r['big_p50_s']:.2f} / {r['big_max_s']:.2f} s",
+                f"{r['health_p50_ms']:.0f} / {r['health_p99_ms']:.0f} / {r['health_max_ms']:.0f} ms",
+                f"{r['rss_mb_peak']:.0f} MB",
+            ]
+        )
     return table(
         ["body limit", "answers", "big request p50 / max", "`/health` p50 / p99 / max", "RSS peak"], rows
     )
@@ -162,10 +222,25 @@ def serve_load(d: dict) -> str:
     rows = []
     for c in d["results"]["mixed"]:
         cell = [d["results"][k][c] for k in ("mixed", "swap", "single")]
-        rows.append([c, *[f"{x['tokens_per_s']:.1f} ({x['p50_s']:.2f} / {x['p99_s']:.2f} s)" for x in cell],
-                     f(d["ratios"][c]["mixed_over_swap"], 2), f(d["ratios"][c]["mixed_over_single"], 2)])  # fmt: skip
-    return table(["concurrency", "(a) mixed batching", "(b) swapped per request", "(c) all on one adapter",
-                  "a / b", "a / c"], rows)  # fmt: skip
+        rows.append(
+            [
+                c,
+                *[f"{x['tokens_per_s']:.1f} ({x['p50_s']:.2f} / {x['p99_s']:.2f} s)" for x in cell],
+                f(d["ratios"][c]["mixed_over_swap"], 2),
+                f(d["ratios"][c]["mixed_over_single"], 2),
+            ]
+        )
+    return table(
+        [
+            "concurrency",
+            "(a) mixed batching",
+            "(b) swapped per request",
+            "(c) all on one adapter",
+            "a / b",
+            "a / c",
+        ],
+        rows,
+    )
 
 
 def routing_cost(d: dict) -> str:
@@ -173,15 +248,22 @@ def routing_cost(d: dict) -> str:
     mem = {m["adapters"]: m for m in d["memory"]}
     rows = [
         ["cached switch", f"{s['cached_switch_ms']:.2f} ms"],
-        ["cold load (new buffer / reused buffer)",
-         f"{s['cold_load_new_buffer_ms']:.1f} / {s['cold_load_reused_buffer_ms']:.1f} ms"],
+        [
+            "cold load (new buffer / reused buffer)",
+            f"{s['cold_load_new_buffer_ms']:.1f} / {s['cold_load_reused_buffer_ms']:.1f} ms",
+        ],
         ["first load of an adapter form", f"{s['first_load_new_slot_ms']:.0f} ms"],
         ["PEFT load_adapter + set_adapter (naive)", f"{s['peft_naive_load_set_ms']:.0f} ms"],
-        *[[f"RSS growth at {n} adapters / on disk", f"{m['growth_mb'] / m['expected_mb']:.2f}×"]
-          for n, m in sorted(mem.items()) if m.get("expected_mb")],
-        *[[f"routed / direct answer, `{k}` selector", f"{v['routed_total_s'] / v['direct_total_s']:.2f}"]
-          for k, v in kinds.items()],
-    ]  # fmt: skip
+        *[
+            [f"RSS growth at {n} adapters / on disk", f"{m['growth_mb'] / m['expected_mb']:.2f}×"]
+            for n, m in sorted(mem.items())
+            if m.get("expected_mb")
+        ],
+        *[
+            [f"routed / direct answer, `{k}` selector", f"{v['routed_total_s'] / v['direct_total_s']:.2f}"]
+            for k, v in kinds.items()
+        ],
+    ]
     return table(["measure", "median"], rows)
 
 
@@ -192,13 +274,35 @@ def route_eval(d: dict) -> str:
     rows = []
     for t in sorted(d["per_task_rows"]):
         rouge = [f(q[k][t].get("rougeL")) if k in q else "-" for k in ("routed", "mixed")]
-        rows.append([t, d["per_task_rows"][t], *[f(p[k][t], 2) for k in cols], f((sel.get(t) or {}).get("top1")), *rouge])
+        rows.append(
+            [
+                t,
+                d["per_task_rows"][t],
+                *[f(p[k][t], 2) for k in cols],
+                f((sel.get(t) or {}).get("top1")),
+                *rouge,
+            ]
+        )
     if "overall" in d:
         o = d["overall"]
         rouge = [f(o["quality"][k].get("rougeL")) if k in o["quality"] else "-" for k in ("routed", "mixed")]
-        rows.append(["**all, pooled**", o["rows"], *[f(o["perplexity"][k], 2) for k in cols],
-                     f(d["selection"].get("score", {}).get("top1")), *rouge])  # fmt: skip
-    header = ["task", "rows", *[f"ppl {k}" for k in cols], "selector top-1", "ROUGE-L routed", "ROUGE-L mixed"]
+        rows.append(
+            [
+                "**all, pooled**",
+                o["rows"],
+                *[f(o["perplexity"][k], 2) for k in cols],
+                f(d["selection"].get("score", {}).get("top1")),
+                *rouge,
+            ]
+        )
+    header = [
+        "task",
+        "rows",
+        *[f"ppl {k}" for k in cols],
+        "selector top-1",
+        "ROUGE-L routed",
+        "ROUGE-L mixed",
+    ]
     return table(header, rows)
 
 
@@ -210,10 +314,31 @@ def holdout(runs: dict) -> str:
             h, i = k["held_out"], k.get("in_distribution") or {}
             st = k.get("settings", {})
             how = ", ".join(f"{x}={st[x]}" for x in ("epochs", "truncation", "max_length") if x in st)
-            rows.append([f"`{Path(path).parent.name}`", f"`{kind}`", how, d.get("folds", "-"), h.get("rows", "-"),
-                         f(h.get("top1")), f(h.get("top3")), f(i.get("top1"))])  # fmt: skip
-    return table(["run", "kind", "settings", "folds", "held-out rows", "held-out top-1", "top-3",
-                  "in-distribution top-1"], rows)  # fmt: skip
+            rows.append(
+                [
+                    f"`{Path(path).parent.name}`",
+                    f"`{kind}`",
+                    how,
+                    d.get("folds", "-"),
+                    h.get("rows", "-"),
+                    f(h.get("top1")),
+                    f(h.get("top3")),
+                    f(i.get("top1")),
+                ]
+            )
+    return table(
+        [
+            "run",
+            "kind",
+            "settings",
+            "folds",
+            "held-out rows",
+            "held-out top-1",
+            "top-3",
+            "in-distribution top-1",
+        ],
+        rows,
+    )
 
 
 def variants(d: dict) -> str:
@@ -265,55 +390,122 @@ def headline(paths: dict) -> str:
     serve = paths["benchmarks/results/serve_load.json"]
     cola_time = next(r["time_ratio"] for r in cost["rows"] if r["config"].startswith("cola 3"))
     rows = [
-        ["COLA (8, 8) − LoRA r=8, Table 1 protocol (625 steps, 3 seeds)", pooled(t1, "lora", "cola2"),
-         f"`{t1}`"],
-        ["COLA − LoRA, Table 6 protocol (100 examples, 5 seeds)", pooled(t6, "lora_n100", "cola_n100"), f"`{t6}`"],
+        [
+            "COLA (8, 8) − LoRA r=8, Table 1 protocol (625 steps, 3 seeds)",
+            pooled(t1, "lora", "cola2"),
+            f"`{t1}`",
+        ],
+        [
+            "COLA − LoRA, Table 6 protocol (100 examples, 5 seeds)",
+            pooled(t6, "lora_n100", "cola_n100"),
+            f"`{t6}`",
+        ],
         ["COLA (3 links) / LoRA training time", f"{cola_time:.3f}", "`benchmarks/results/cola_cost.json`"],
-        ["bf16 / fp32 step time", f"{prec['step_time_ratio_bf16']:.2f}", "`benchmarks/results/precision.json`"],
-        ["served tokens/s, mixed-adapter batches / one adapter at a time (32 clients)",
-         f"{serve['ratios']['32']['mixed_over_swap']:.1f}×", "`benchmarks/results/serve_load.json`"],
-    ]  # fmt: skip
+        [
+            "bf16 / fp32 step time",
+            f"{prec['step_time_ratio_bf16']:.2f}",
+            "`benchmarks/results/precision.json`",
+        ],
+        [
+            "served tokens/s, mixed-adapter batches / one adapter at a time (32 clients)",
+            f"{serve['ratios']['32']['mixed_over_swap']:.1f}×",
+            "`benchmarks/results/serve_load.json`",
+        ],
+    ]
     return table(["measure", "result", "from"], rows)
 
 
 TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
-    "headline": (["results/cola_smollm2_table1/results.json", "results/cola_smollm2_table6/results.json",
-                  "benchmarks/results/precision.json", "benchmarks/results/cola_cost.json",
-                  "benchmarks/results/serve_load.json"], "the commands in docs/measured.md", headline),
+    "headline": (
+        [
+            "results/cola_smollm2_table1/results.json",
+            "results/cola_smollm2_table6/results.json",
+            "benchmarks/results/precision.json",
+            "benchmarks/results/cola_cost.json",
+            "benchmarks/results/serve_load.json",
+        ],
+        "the commands in docs/measured.md",
+        headline,
+    ),
     "demo": ("benchmarks/results/demo.json", "lorachain demo", demo),
-    "table1": ("results/cola_smollm2_table1/results.json",
-               "lorachain experiment configs/experiments/cola_smollm2_table1.yaml",
-               paired_grid([("lora", "cola2"), ("lora", "cola3")])),
-    "table6": ("results/cola_smollm2_table6/results.json",
-               "lorachain experiment configs/experiments/cola_smollm2_table6.yaml",
-               paired_grid([("lora_n100", "cola_n100"), ("lora_n50", "cola_n50")])),
-    "short-budget": ("results/cola_smollm2/results.json",
-                     "lorachain experiment configs/experiments/cola_smollm2.yaml", grid_scores),
-    "gemma3": ("results/cola_gemma3/results.json", "lorachain experiment configs/experiments/cola_gemma3.yaml",
-               grid_scores),
-    "minilm": ("results/cola_minilm/results.json", "lorachain experiment configs/experiments/cola_minilm.yaml",
-               grid_scores),
-    "gap-pilot": ("results/cola_gap_pilot/results.json",
-                  "lorachain experiment configs/experiments/cola_gap_pilot_smollm2.yaml", gap_pilot),
-    "gap-pilot-gsm8k": ("results/cola_gap_pilot_gsm8k/results.json",
-                        "lorachain experiment configs/experiments/cola_gap_pilot_gsm8k_smollm2.yaml", gap_pilot),
-    "precision": ("benchmarks/results/precision.json", "python benchmarks/precision.py --accuracy", precision_speed),
+    "table1": (
+        "results/cola_smollm2_table1/results.json",
+        "lorachain experiment configs/experiments/cola_smollm2_table1.yaml",
+        paired_grid([("lora", "cola2"), ("lora", "cola3")]),
+    ),
+    "table6": (
+        "results/cola_smollm2_table6/results.json",
+        "lorachain experiment configs/experiments/cola_smollm2_table6.yaml",
+        paired_grid([("lora_n100", "cola_n100"), ("lora_n50", "cola_n50")]),
+    ),
+    "short-budget": (
+        "results/cola_smollm2/results.json",
+        "lorachain experiment configs/experiments/cola_smollm2.yaml",
+        grid_scores,
+    ),
+    "gemma3": (
+        "results/cola_gemma3/results.json",
+        "lorachain experiment configs/experiments/cola_gemma3.yaml",
+        grid_scores,
+    ),
+    "minilm": (
+        "results/cola_minilm/results.json",
+        "lorachain experiment configs/experiments/cola_minilm.yaml",
+        grid_scores,
+    ),
+    "gap-pilot": (
+        "results/cola_gap_pilot/results.json",
+        "lorachain experiment configs/experiments/cola_gap_pilot_smollm2.yaml",
+        gap_pilot,
+    ),
+    "gap-pilot-gsm8k": (
+        "results/cola_gap_pilot_gsm8k/results.json",
+        "lorachain experiment configs/experiments/cola_gap_pilot_gsm8k_smollm2.yaml",
+        gap_pilot,
+    ),
+    "precision": (
+        "benchmarks/results/precision.json",
+        "python benchmarks/precision.py --accuracy",
+        precision_speed,
+    ),
     "cola-cost": ("benchmarks/results/cola_cost.json", "python benchmarks/cola_cost.py", cola_cost),
-    "lm-eval": ("benchmarks/results/lm_eval_agreement.json", "python benchmarks/lm_eval_agreement.py", lm_eval),
-    "serve-big": ("benchmarks/results/serve_stress_big.json",
-                  "OMP_NUM_THREADS=1 python benchmarks/serve_stress.py --big 40", serve_big),
+    "lm-eval": (
+        "benchmarks/results/lm_eval_agreement.json",
+        "python benchmarks/lm_eval_agreement.py",
+        lm_eval,
+    ),
+    "serve-big": (
+        "benchmarks/results/serve_stress_big.json",
+        "OMP_NUM_THREADS=1 python benchmarks/serve_stress.py --big 40",
+        serve_big,
+    ),
     "serve-load": ("benchmarks/results/serve_load.json", "python benchmarks/serve_load.py", serve_load),
-    "routing-cost": ("benchmarks/results/routing_cost.json",
-                     "OMP_NUM_THREADS=1 python benchmarks/routing_cost.py --repeats 3", routing_cost),
-    "routing-t0": ("results/routing_t0_smollm2/route_eval.json", "lorachain route eval (results/README.md)",
-                   route_eval),
-    "routing-table1": ("results/routing_table1_smollm2/route_eval.json",
-                       "lorachain route eval stores/t0_smollm2_table1 --max-per-task 25 --modes score", route_eval),
-    "holdout": ("results/routing_holdout/task_by_dataset*/holdout.json",
-                "lorachain route eval configs/route/t0_smollm2.yaml --holdout-by dataset (its JSON's command)", holdout),
-    "variants": ("results/routing_holdout/variants/variants.json",
-                 "python benchmarks/selector_variants.py --per-dataset 60", variants),
-}  # fmt: skip
+    "routing-cost": (
+        "benchmarks/results/routing_cost.json",
+        "OMP_NUM_THREADS=1 python benchmarks/routing_cost.py --repeats 3",
+        routing_cost,
+    ),
+    "routing-t0": (
+        "results/routing_t0_smollm2/route_eval.json",
+        "lorachain route eval (results/README.md)",
+        route_eval,
+    ),
+    "routing-table1": (
+        "results/routing_table1_smollm2/route_eval.json",
+        "lorachain route eval stores/t0_smollm2_table1 --max-per-task 25 --modes score",
+        route_eval,
+    ),
+    "holdout": (
+        "results/routing_holdout/task_by_dataset*/holdout.json",
+        "lorachain route eval configs/route/t0_smollm2.yaml --holdout-by dataset (its JSON's command)",
+        holdout,
+    ),
+    "variants": (
+        "results/routing_holdout/variants/variants.json",
+        "python benchmarks/selector_variants.py --per-dataset 60",
+        variants,
+    ),
+}
 
 
 def render_table(name: str) -> str:
@@ -368,10 +560,14 @@ def config_section(cls: type, title: str) -> list[str]:
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     rows = [
-        [f"`{fld.name}`", f"`{type_name(fld.type)}`".replace("|", "\\|"), default_of(fld).replace("|", "\\|"),
-         comments.get(fld.name, "").replace("|", "\\|")]
+        [
+            f"`{fld.name}`",
+            f"`{type_name(fld.type)}`".replace("|", "\\|"),
+            default_of(fld).replace("|", "\\|"),
+            comments.get(fld.name, "").replace("|", "\\|"),
+        ]
         for fld in dataclasses.fields(cls)
-    ]  # fmt: skip
+    ]
     del hints
     return [f"## {title}", "", doc, "", table(["key", "type", "default", "meaning"], rows), ""]
 
@@ -400,7 +596,8 @@ def config_reference() -> str:
         "",
         "Generated from the config dataclasses by `python scripts/docs_gen.py`; a test fails when this",
         "page differs from the code. Every key can be set in the YAML file or as a dotted override on the",
-        "command line (`optim.lr=5e-4 chain.links.1.rank=4`). A bad value fails with one line naming the key.",
+        "command line (`optim.lr=5e-4 chain.links.1.rank=4`). A bad value fails with one line naming",
+        "the key.",
         "",
     ]
     for cls, title in sections:
