@@ -135,3 +135,31 @@ def test_knot_on_unsharded_weights_matches_apply_factors(dtype):
     w = a.model.layers[0].self_attn.q_proj.weight
     rows, start = local_rows(w)
     assert start == 0 and rows.data_ptr() == w.data_ptr()
+
+
+def test_callback_knot_on_fsdp2_shards(tmp_path):
+    """ChainCallback._tie on a hand-wrapped FSDP2 model equals it on the unsharded model."""
+    script = str(Path(__file__).parent / "fsdp_callback.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["local_shape"] == [16, 32] and r["lora_A_local_shape"] == [2, 32]  # base and LoRA sharded
+    assert r["max_factor_diff"] == 0.0  # the gathered factors are the unsharded ones
+    assert r["max_param_diff"] < 1e-5 and r["max_logit_diff"] < 1e-4  # merged base, new link A, B = 0
+    assert r["rounding"] == {"max_abs": 0.0, "rel_fro": 0.0}
+
+
+def test_callback_refuses_deepspeed():
+    from types import SimpleNamespace
+
+    from lorachain.integrations import ChainCallback
+
+    args = SimpleNamespace(
+        load_best_model_at_end=False, deepspeed={"zero_optimization": {"stage": 3}}, fsdp=""
+    )
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO partitions the weights"):
+        ChainCallback({"links": [{"rank": 4, "alpha": 8}]}).on_train_begin(args, None, None, model=None)

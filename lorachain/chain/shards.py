@@ -24,6 +24,13 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def sharded(model: nn.Module) -> bool:
+    """Whether the LoRA or target weights of the PEFT `model` are sharded (FSDP2)."""
+    for layer in lora_layers(model).values():
+        return is_sharded(layer.get_base_layer().weight) or is_sharded(layer.lora_A["default"].weight)
+    return False
+
+
 def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(this rank's local rows, the global index of the first) of a tensor sharded along dim 0,
     or (the tensor, 0) for a plain one. The local tensor is the shard's storage: writes stay."""

@@ -12,7 +12,9 @@ link. Every checkpoint the Trainer saves gets `lorachain_chain.safetensors` (the
 the chain's position), so `trainer.train(resume_from_checkpoint=...)` continues mid-link; after a
 rank step-down, call `chain.prepare_resume(trainer, checkpoint)` first so the LoRA has the shapes the
 checkpoint holds. Under DDP every rank ties at the same step (the auto policy reads the Trainer's
-gathered loss) and draws the same new link; only the main process writes files.
+gathered loss) and draws the same new link; only the main process writes files. Under FSDP2 each
+rank adds a knot into the rows it holds (`chain/shards.py`: the small LoRA factors are gathered, a
+base weight never); DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from lorachain.chain.knot import (
     ADAPTER,
     PEFT_PREFIX,
     Knot,
-    layer_factors,
     lora_layers,
     tie_knot,
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
+from lorachain.chain.shards import apply_on_shards, shard_factors, sharded, tie_on_shards
 from lorachain.chain.sidepath import merge_quantized
 from lorachain.config import ChainConfig, ConfigError, from_dict
 from lorachain.integrations.link import peft_rank, restart_schedule, start_link
@@ -83,8 +85,13 @@ class ChainCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
         if args.load_best_model_at_end:
             raise ConfigError("ChainCallback: load_best_model_at_end would load one link over merged knots")
-        if args.fsdp or args.deepspeed:
-            raise ConfigError("ChainCallback: FSDP and DeepSpeed shard the weights a knot merges into")
+        if args.deepspeed:
+            raise ConfigError(
+                "ChainCallback: DeepSpeed ZeRO partitions the weights a knot merges into (not supported; "
+                "use FSDP2: fsdp='full_shard', fsdp_config={'version': 2})"
+            )
+        if args.fsdp and int((args.fsdp_config or {}).get("version", 2)) != 2:
+            raise ConfigError("ChainCallback: FSDP1 flattens the weights a knot merges into; use version 2")
         if self.seed is None:
             self.seed = args.seed
         self._total = state.max_steps
@@ -139,9 +146,12 @@ class ChainCallback(TrainerCallback):
 
     def _tie(self, state, model, optimizer, lr_scheduler, reason: str) -> None:
         link = self.chain.links[self.link]
-        knot = tie_knot(
-            model, self.link, state.global_step, link.rank, link.alpha, reason, None, merge_quantized
-        )
+        if sharded(model):  # FSDP2: into the rows each rank holds
+            knot = tie_on_shards(model, self.link, state.global_step, link.rank, link.alpha, reason)
+        else:
+            knot = tie_knot(
+                model, self.link, state.global_step, link.rank, link.alpha, reason, None, merge_quantized
+            )
         self.knots.append(knot)  # (merge_quantized: a side path on a quantized base, else apply_factors)
         self.link, self.link_start = self.link + 1, state.global_step
         nxt = self.chain.links[self.link]
@@ -217,7 +227,7 @@ class ChainCallback(TrainerCallback):
                 "(already holding knots?); build the model afresh before resuming"
             )
         for knot in knots:
-            merge_quantized(model.base_model.model, knot.factors)
+            (apply_on_shards if sharded(model) else merge_quantized)(model.base_model.model, knot.factors)
         self.knots, self.link, self.link_start = knots, meta["link"], meta["link_start"]
         self.base_fingerprint, self._step, self._policy_state = (
             meta["base_fingerprint"],
@@ -234,7 +244,7 @@ class ChainCallback(TrainerCallback):
         chain: chain.safetensors and adapter/ (one PEFT LoRA of rank Σr on the original base)."""
         if state.global_step > self.link_start or not self.knots:
             link = self.chain.links[self.link]
-            factors = {name: layer_factors(layer) for name, layer in lora_layers(model).items()}
+            factors = {name: shard_factors(layer) for name, layer in lora_layers(model).items()}
             self.knots.append(
                 Knot(self.link, state.global_step, link.rank, link.alpha, "end of budget", factors)
             )

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lorachain.chain.knot import ADAPTER, lora_layers
+from lorachain.chain.shards import assign
 from lorachain.config import ConfigError
 
 
@@ -59,8 +60,8 @@ def draw(a: nn.Linear, b: nn.Linear, init: str, generator: torch.Generator) -> N
         nn.init.normal_(fresh, std=1 / rank, generator=generator)
     else:
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+    assign(a.weight, fresh)  # (this rank's rows of it when FSDP shards the factors)
     with torch.no_grad():
-        a.weight.copy_(fresh.to(a.weight.dtype))
         b.weight.zero_()
         if b.bias is not None:
             b.bias.zero_()

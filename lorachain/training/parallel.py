@@ -168,6 +168,11 @@ def check_parallel(cfg, dist: Dist) -> None:
         )
     if cfg.model.task == "classification":
         raise ConfigError("train.parallel: fsdp does not shard a classifier's new head yet; use ddp")
+    if cfg.model.quantization != "none":
+        raise ConfigError(
+            "model.quantization: a bitsandbytes base is not sharded by fsdp yet (FSDP2 drops Params4bit's "
+            "quant state, axolotl#2992); use ddp"
+        )
     if cfg.export_merged:
         raise ConfigError(
             "export_merged: not written from an fsdp run yet (merge adapter/ into the base afterwards)"
