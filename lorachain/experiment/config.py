@@ -36,6 +36,10 @@ class ExperimentConfig:
     max_new_tokens: int = 32  # generation tasks
     icl_k: int = 4  # demonstrations of the in-context baseline
     keep_models: bool = False  # keep merged/ of full fine-tuning cells (large)
+    # what each trained cell forgot, against the base (experiment/forgetting.py): `general` (a JSONL
+    # of instruction/output/task rows), `general_tasks` (its task types the grid does not train on),
+    # `n_general` (rows, default 200), `task` (an unrelated task scored before and after), `n_task`
+    forgetting: dict[str, Any] = field(default_factory=dict)
     output_dir: str = "runs/experiment"
 
     def __post_init__(self) -> None:
@@ -56,6 +60,16 @@ class ExperimentConfig:
                 b in (None, "zero_shot", "icl"),
                 f"methods.{name}.baseline: expected zero_shot or icl, got {b!r}",
             )
+
+        known = {"general", "general_tasks", "n_general", "task", "n_task"}
+        check(
+            not set(self.forgetting) - known,
+            f"forgetting: unknown keys {sorted(set(self.forgetting) - known)}",
+        )
+        check(
+            not self.forgetting.get("general") or bool(self.forgetting.get("general_tasks")),
+            "forgetting.general_tasks: expected the task types of forgetting.general to score",
+        )
 
     def to_json(self) -> str:
         return json.dumps(

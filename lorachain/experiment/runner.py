@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorachain.config import ConfigError, RunConfig, as_current, from_dict
+from lorachain.experiment import forgetting
 from lorachain.experiment.config import ExperimentConfig
 from lorachain.io import write_json, write_text
 from lorachain.tasks import Task, TaskExample, get_task
@@ -142,6 +143,15 @@ class Runner:
                 self._base.config.pad_token_id = self._tokenizer.pad_token_id
         return self._base, self._tokenizer
 
+    def general_examples(self) -> list[TaskExample]:
+        """The forgetting set's rows (fixed for the whole grid)."""
+        if not hasattr(self, "_general"):
+            f = self.cfg.forgetting
+            self._general = forgetting.general_examples(
+                Path(f["general"]), list(f["general_tasks"]), int(f.get("n_general", 200))
+            )
+        return self._general
+
     def splits(self, task: str, seed: int, n_train: int, n_val: int, n_test: int) -> Splits:
         if task not in self._loaded:
             train_path, test_path = task_paths(self.cfg, task)
@@ -226,6 +236,9 @@ class Runner:
         t1 = time.perf_counter()
         row["val"] = self.score(model, task, val, length, precision) if val else {}
         row["test"] = self.score(model, task, test, length, precision)
+        if c.forgetting:
+            after = forgetting.measure(self, model, precision)
+            row["forgetting"] = after | forgetting.change(after, forgetting.base_figures(self, precision))
         t2 = time.perf_counter()
         row["cost"] = {
             "train_seconds": summary.get("wall_seconds", 0.0),
@@ -335,6 +348,7 @@ def prepare(cfg: ExperimentConfig) -> None:
         old.pop("lorachain_version", None)
         # the grid may grow (tasks, methods, seeds, lrs); what a finished cell means may not change
         fixed = ("model", "base", "n_train", "n_val", "n_test", "max_length", "icl_k", "max_new_tokens")
+        fixed += ("forgetting",)
         changed = [k for k in fixed if old.get(k) != new.get(k)]
         changed += [
             f"methods.{m}"
@@ -360,6 +374,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         for p in task_paths(cfg, task):
             if not p.is_file():
                 raise ConfigError(f"paths.{task}: {p} not found")
+    general = cfg.forgetting.get("general")
+    if general and not Path(general).is_file():
+        raise ConfigError(f"forgetting.general: {general} not found")
+    if cfg.forgetting.get("task"):
+        get_task(cfg.forgetting["task"])
     runner = Runner(cfg, progress)
     cells = plan(cfg)
     for cell in cells:  # every method's RunConfig must build before the first cell runs
