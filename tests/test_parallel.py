@@ -163,3 +163,20 @@ def test_callback_refuses_deepspeed():
     )
     with pytest.raises(ConfigError, match="DeepSpeed ZeRO partitions the weights"):
         ChainCallback({"links": [{"rank": 4, "alpha": 8}]}).on_train_begin(args, None, None, model=None)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_is_bit_exact_and_one_to_two_continues(tmp_path, toy_data, tiny_dir):
+    straight = config(tmp_path, toy_data, tiny_dir, "straight", "fsdp")
+    assert torchrun(str(straight)).returncode == 0
+    resumed = config(tmp_path, toy_data, tiny_dir, "resumed", "fsdp")
+    assert torchrun(str(resumed), "4").returncode == 0
+    assert torchrun(str(resumed)).returncode == 0  # same world size: bit-exact on CPU
+    for name in ("chain.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = (load_file(str(tmp_path / d / name)) for d in ("straight", "resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    grown = config(tmp_path, toy_data, tiny_dir, "grown", "auto")
+    train(from_dict(RunConfig, yaml.safe_load(grown.read_text())), stop_after=4, progress=False)  # 1 process
+    proc = torchrun(str(config(tmp_path, toy_data, tiny_dir, "grown", "fsdp")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", tmp_path / "grown")
