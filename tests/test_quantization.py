@@ -175,3 +175,22 @@ def test_loading_quantized_equals_quantizing_in_memory(tmp_path):
     loaded = quantized_base(load_model(cfg), cfg)
     assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     assert torch.equal(logits(loaded), logits(quantized_base(wide_llama(), qcfg("nf4"))))
+
+
+def test_a_quantized_run_from_its_folder_with_checkpointing_and_packing(tmp_path, toy_data, tokenizer):
+    """What `lorachain train` does: load the folder in NF4 as it loads, check memory, train through a
+    knot; with checkpointing and packing, the same chain as without them."""
+    folder = tmp_path / "wide"
+    wide_llama().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    runs = []
+    for on in (False, True):
+        raw = run_config(tmp_path / str(on), toy_data, data__packing=on, train__gradient_checkpointing=on)
+        raw["model"] = {"name_or_path": str(folder), "quantization": "nf4"}
+        done = train(from_dict(RunConfig, raw), progress=False)
+        assert done.summary["status"] == "finished" and done.summary["chain_rank"] == 6
+        assert is_quantized(done.model)
+        runs.append((done, load_file(tmp_path / str(on) / "run" / "chain.safetensors")))
+    for key in runs[0][1]:
+        torch.testing.assert_close(runs[1][1][key], runs[0][1][key], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(logits(runs[1][0].model), logits(runs[0][0].model), rtol=1e-3, atol=1e-4)

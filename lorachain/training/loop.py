@@ -106,7 +106,8 @@ class Trainer:
         # the model is loaded last, so that bad data or shares fail before the slow part
         labels = len(cfg.data.label_words) if cfg.data.label_words else None
         if model is None and cfg.train.check_memory:
-            check_before_load(cfg)  # one line with the estimate if it cannot fit
+            longest = max((len(e.input_ids) for e in self.train_ex), default=None)
+            check_before_load(cfg, longest)  # one line with the estimate if it cannot fit
         self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
         self.merge = apply_factors  # how a knot adds a link into the base
         if cfg.model.quantization != "none":  # QLoRA: a knot keeps the chain exact (chain.sidepath)

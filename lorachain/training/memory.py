@@ -59,8 +59,9 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def estimate(cfg: RunConfig, config, model: nn.Module | None = None) -> Estimate:
-    """Peak memory of training `cfg` on a model of transformers `config` (on one process)."""
+def estimate(cfg: RunConfig, config, model: nn.Module | None = None, seq: int | None = None) -> Estimate:
+    """Peak memory of training `cfg` on a model of transformers `config` (on one process), with
+    micro-batches `seq` tokens wide (default `data.max_length`; the loop passes its longest row)."""
     model = model if model is not None else meta_model(config)
     m, t = cfg.model, cfg.train
     q = m.quantization
@@ -87,7 +88,7 @@ def estimate(cfg: RunConfig, config, model: nn.Module | None = None) -> Estimate
         for name, mod in model.named_modules()
         if type(mod) is nn.Linear and name.split(".")[-1] in targets
     )
-    return Estimate(weights, 16.0 * lora, activation_bytes(cfg, config))
+    return Estimate(weights, 16.0 * lora, activation_bytes(cfg, config, seq))
 
 
 def _default_targets(model: nn.Module) -> list[str]:
@@ -96,12 +97,12 @@ def _default_targets(model: nn.Module) -> list[str]:
     return list(defaults.get(getattr(model.config, "model_type", ""), ["q_proj", "v_proj"]))
 
 
-def activation_bytes(cfg: RunConfig, config) -> float:
+def activation_bytes(cfg: RunConfig, config, seq: int | None = None) -> float:
     """What one micro-batch keeps for the backward: per layer and token about 10 hidden-size and
     4 intermediate-size tensors (norms, q/k/v, attention output, MLP), attention scores
     (heads x length), and the logits of the target tokens (with their gradient)."""
     t, d = cfg.train, cfg.data
-    b, s = t.batch_size, d.max_length
+    b, s = t.batch_size, min(seq or d.max_length, d.max_length)
     h = config.hidden_size
     inter = getattr(config, "intermediate_size", 4 * h)
     layers = config.num_hidden_layers
@@ -135,11 +136,11 @@ FIXES = (  # cumulative settings tried, in order, for the "would fit" advice
 )
 
 
-def check_memory(cfg: RunConfig, config, available: float | None = None) -> Estimate:
+def check_memory(cfg: RunConfig, config, available: float | None = None, seq: int | None = None) -> Estimate:
     """The estimate for `cfg`; one ConfigError line if it exceeds the `available` memory."""
     available = available_bytes() if available is None else available
     model = meta_model(config)
-    est = estimate(cfg, config, model)
+    est = estimate(cfg, config, model, seq)
     if est.total <= available:
         return est
     tried, advice = cfg, "no setting tried fits (use a smaller model or a bigger machine)"
@@ -150,7 +151,7 @@ def check_memory(cfg: RunConfig, config, available: float | None = None) -> Esti
         part = dataclasses.replace(getattr(tried, section), **{name: value})
         tried = dataclasses.replace(tried, **{section: part})
         changes.append(f"{label}={str(value).lower()}")
-        fit = estimate(tried, config, model)
+        fit = estimate(tried, config, model, seq)
         if fit.total <= available:
             advice = f"would fit with {' '.join(changes)} (about {fit.total / GIB:.1f} GiB)"
             break
@@ -160,7 +161,7 @@ def check_memory(cfg: RunConfig, config, available: float | None = None) -> Esti
     )
 
 
-def check_before_load(cfg: RunConfig) -> Estimate | None:
+def check_before_load(cfg: RunConfig, seq: int | None = None) -> Estimate | None:
     """`check_memory` for the model `cfg` names, from its config file alone (None: no estimate for
     this architecture)."""
     from transformers import AutoConfig
@@ -172,4 +173,4 @@ def check_before_load(cfg: RunConfig) -> Estimate | None:
         meta_model(config)
     except (OSError, ValueError, KeyError, AttributeError):
         return None  # load_model reports an unloadable model itself
-    return check_memory(cfg, config)
+    return check_memory(cfg, config, seq=seq)
