@@ -43,12 +43,15 @@ def test_checkpointing_keeps_the_lora_gradients():
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7)
 
 
-def test_a_checkpointed_chain_through_a_knot_trains_the_same_weights(tmp_path, toy_data, tokenizer):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_checkpointed_chain_through_a_knot_trains_the_same_weights(
+    tmp_path, toy_data, tokenizer, precision
+):
     chains = []
     for ckpt in (False, True):
-        cfg = from_dict(
-            RunConfig, run_config(tmp_path / str(ckpt), toy_data, train__gradient_checkpointing=ckpt)
-        )
+        raw = run_config(tmp_path / str(ckpt), toy_data, train__gradient_checkpointing=ckpt)
+        raw["train"]["precision"] = precision
+        cfg = from_dict(RunConfig, raw)
         model = tiny_model("llama")
         summary = train(cfg, model, tokenizer, progress=False).summary
         assert len(summary["links"]) == 2 and summary["chain_rank"] == 6
