@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from lorachain.experiment import gap
 from lorachain.experiment.choose import (
     chosen_spec,
     comparisons,
@@ -257,7 +258,8 @@ def write_report(
     """report.md and the PNG figures next to results.json."""
     if not results:
         return out
-    write_text(out / "report.md", render(results, tasks, methods))
+    write_text(out / "report.md", render(results, tasks, methods) + gap.render(results, tasks, methods))
     plot(results, out)
+    gap.plot(results, out, tasks)
     plot_comparisons(results, out / "paired.png", tasks)
     return out / "report.md"

@@ -1,0 +1,99 @@
+"""The gap report: fraction of the LoRA → full gap a chain closes, with its interval, forgetting,
+and the two figures, on hand-made results with known answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorachain.experiment import gap
+from lorachain.experiment.choose import select
+from lorachain.experiment.report import write_report
+
+
+def spec(method: str, ranks: list[int]) -> dict:
+    return {"method": method, "ranks": ranks, "optimizer": "adamw", "knot_policy": "fixed", "n_train": 10,
+            "steps": 10, "precision": "fp32", "attention": None}  # fmt: skip
+
+
+SCORES = {  # method -> (spec, test score per seed 0..2, general NLL increase per seed)
+    "full": (spec("full", [8]), [0.80, 0.82, 0.84], [0.30, 0.32, 0.34]),
+    "lora_r8": (spec("lora", [8]), [0.70, 0.72, 0.74], [0.10, 0.10, 0.10]),
+    "cola_r8x2": (spec("lora", [8, 8]), [0.75, 0.76, 0.79], [0.12, 0.13, 0.14]),
+    "lora_r1": (spec("lora", [1]), [0.80, 0.82, 0.84], [0.05, 0.05, 0.05]),
+    "cola_r1x4": (spec("lora", [1, 1, 1, 1]), [0.81, 0.82, 0.84], [0.06, 0.06, 0.06]),
+}
+
+
+COST = {
+    "est_train_flops": 1.0,
+    "cell_seconds": 1.0,
+    "peak_rss_mb": 1.0,
+    "train_seconds": 1.0,
+    "eval_seconds": 0.0,
+}
+
+
+def results(task: str = "wic") -> list[dict]:
+    out = []
+    for m, (spec, scores, nll) in SCORES.items():
+        for seed, (s, n) in enumerate(zip(scores, nll, strict=True)):
+            out.append(
+                {
+                    "task": task,
+                    "method": m,
+                    "seed": seed,
+                    "lr": 1e-3,
+                    "metric": "accuracy",
+                    "spec": spec,
+                    "counts": {"train": 10, "val": 5, "test": 50, "borrowed_from_validation": 0},
+                    "val": {"score": s},
+                    "test": {"score": s},
+                    "cost": {
+                        "est_train_flops": 1.0,
+                        "cell_seconds": 1.0,
+                        "peak_rss_mb": 1.0,
+                        "train_seconds": 1.0,
+                        "eval_seconds": 0.0,
+                        "trainable_params": 1,
+                    },
+                    "forgetting": {"general_nll_increase": n, "task_score_drop": 0.0},
+                }
+            )
+    return out
+
+
+def test_roles_read_the_specs():
+    chosen = select(results())
+    full, lora, chains = gap.roles(chosen, list(SCORES))
+    assert full == "full" and lora == {8: "lora_r8", 1: "lora_r1"}
+    assert chains == {"cola_r8x2": 8, "cola_r1x4": 1}
+
+
+def test_closed_fraction_per_seed_with_interval():
+    chosen = select(results())
+    g = gap.closed_fraction(chosen, "wic", "full", "lora_r8", "cola_r8x2")
+    assert g["n"] == 3 and g["has_gap"] and g["gap"] == pytest.approx(0.10)
+    assert g["fractions"] == pytest.approx([0.5, 0.4, 0.5])
+    assert g["mean"] == pytest.approx(1.4 / 3)
+    lo, hi = g["ci"]
+    assert lo < g["mean"] < hi and hi - lo == pytest.approx(2 * 4.303 * 0.057735 / 3**0.5, rel=1e-3)
+    # LoRA r=1 already matches full: no gap, no fraction
+    none = gap.closed_fraction(chosen, "wic", "full", "lora_r1", "cola_r1x4")
+    assert none["has_gap"] is False and "mean" not in none
+
+
+def test_report_has_the_gap_section_and_figures(tmp_path):
+    path = write_report(results(), tmp_path)
+    text = path.read_text()
+    assert "## The LoRA → full fine-tuning gap" in text
+    assert "| `cola_r8x2` vs `lora_r8` | +4.7 [" in text and "| 0.47 [" in text
+    assert "| `cola_r1x4` vs `lora_r1` |" in text and "no gap to close" in text
+    assert "| `full` (lr 0.001) | 82.0 ± 2.0 | 0.320 ± 0.020 |" in text
+    for name in ("gap.png", "links.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_gap_section_without_full_fine_tuning(tmp_path):
+    rows = [r for r in results() if r["method"] != "full"]
+    assert gap.render(rows) == ""
+    assert gap.plot(rows, tmp_path) == []
