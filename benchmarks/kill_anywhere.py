@@ -1,7 +1,8 @@
 """Kill-anywhere: SIGKILL `lorachain train` at random moments, rerun, compare with an unkilled run.
 
-One command: `python benchmarks/kill_anywhere.py [--kills 20 --seed 0]`. A tiny random Llama saved
-to disk, a 2-link chain with dropout (so RNG state matters), checkpoints every 3 steps; each trial
+One command: `python benchmarks/kill_anywhere.py [--kills 20 --seed 0 --quantization nf4]`. A tiny random
+Llama saved to disk (with `--quantization`, loaded quantized: knots on the side path), a 2-link chain
+with dropout (so RNG state matters), checkpoints every 3 steps; each trial
 kills the run after a random delay (in a step, in a knot, while a checkpoint or an output is being
 written), reruns the same command until it finishes, and compares every tensor of chain.safetensors
 and the metrics rows with the reference. Prints kills tried and divergent results (goal: 0), writes JSON.
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def setup(tmp: Path) -> list[str]:
+def setup(tmp: Path, quantization: str = "none") -> list[str]:
     import yaml
     from conftest import make_tokenizer, run_config, tiny_model, toy_rows, write_jsonl
 
@@ -45,6 +46,7 @@ def setup(tmp: Path) -> list[str]:
             train={"epochs": 3, "batch_size": 8, "save_every": 3, "seed": 0},
         )
         cfg["model"]["name_or_path"] = str(model)
+        cfg["model"]["quantization"] = quantization  # nf4 | fp4 | int8: knots on the side path
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cfgs.append(str(path))
@@ -78,14 +80,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="benchmarks/results/kill_anywhere.json")
+    ap.add_argument("--quantization", default="none", help="a quantized base: nf4, fp4 or int8")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/kill_anywhere[_nf4].json")
     args = ap.parse_args()
+    q = args.quantization
+    args.out = args.out or f"benchmarks/results/kill_anywhere{'' if q == 'none' else '_' + q}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rng = random.Random(args.seed)
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ref_cfg, cfg = setup(tmp)
+        ref_cfg, cfg = setup(tmp, args.quantization)
         t0 = time.perf_counter()
         assert run(ref_cfg, None) == 0
         duration = time.perf_counter() - t0
@@ -115,7 +120,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
-            {"kills": kills, "trials": trials, "divergent": divergent, "reference_seconds": duration},
+            {
+                "kills": kills,
+                "trials": trials,
+                "divergent": divergent,
+                "reference_seconds": duration,
+                "quantization": args.quantization,
+            },
             indent=2,
         )
         + "\n"
