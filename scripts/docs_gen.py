@@ -248,14 +248,17 @@ def parallel(d: dict) -> str:
     for mode, m in d["modes"].items():
         reps = " / ".join(f"{x:.2f}" for x in m["step_s_per_repeat"])
         shape = "×".join(str(x) for x in m["q_proj_local_shape"])
-        rows.append([mode, f"{m['step_s']:.2f}", reps, f"{m['train_peak_rss_mb']:.0f}", f"{m['knot_s']:.3f}", shape])
+        rss, knot = f"{m['train_peak_rss_mb']:.0f}", f"{m['knot_s']:.3f}"
+        rows.append([mode, f"{m['step_s']:.2f}", reps, rss, knot, shape])
     head = ["mode", "median step s", "per-repeat medians", "peak RSS per rank MB", "knot s", "local q_proj"]
-    return table(head, rows) + (
-        f"\n\nDDP / hand all-reduce step time {d['ddp_step_time_ratio_vs_hand_allreduce']:.3f}; FSDP / DDP "
-        f"{d['fsdp_step_time_ratio_vs_ddp']:.2f}; FSDP rank peak RSS / one process {d['fsdp_rank_rss_ratio_world2']:.2f}; "
-        f"a knot gathers a full weight: {d['knot_gathers_full_weight']}; bytes a knot communicates under FSDP: "
-        f"{d['knot_comm_bytes_fsdp']} ({d['machine']})."
+    ratios = (
+        f"DDP / hand all-reduce step time {d['ddp_step_time_ratio_vs_hand_allreduce']:.3f}; FSDP / DDP "
+        f"{d['fsdp_step_time_ratio_vs_ddp']:.2f}; FSDP rank peak RSS / one process "
+        f"{d['fsdp_rank_rss_ratio_world2']:.2f}; a knot gathers a full weight: "
+        f"{d['knot_gathers_full_weight']}; "
+        f"bytes a knot communicates under FSDP: {d['knot_comm_bytes_fsdp']} ({d['machine']})."
     )
+    return table(head, rows) + "\n\n" + ratios
 
 
 def routing_cost(d: dict) -> str:
@@ -495,7 +498,11 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         serve_big,
     ),
     "serve-load": ("benchmarks/results/serve_load.json", "python benchmarks/serve_load.py", serve_load),
-    "parallel": ("benchmarks/results/parallel.json", "python benchmarks/parallel.py --steps 6 --repeats 3", parallel),
+    "parallel": (
+        "benchmarks/results/parallel.json",
+        "python benchmarks/parallel.py --steps 6 --repeats 3",
+        parallel,
+    ),
     "routing-cost": (
         "benchmarks/results/routing_cost.json",
         "OMP_NUM_THREADS=1 python benchmarks/routing_cost.py --repeats 3",
