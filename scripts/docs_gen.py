@@ -376,6 +376,7 @@ def grid_scores(results: list) -> str:
 
 def gap_pilot(results: list) -> str:
     """One seed: each method's test score (and GSM8K's reference NLL), and full − LoRA r=8."""
+    results = list(results.values()) if isinstance(results, dict) else results
     by = {(r["task"], r["method"]): r for r in results}
     tasks = list(dict.fromkeys(r["task"] for r in results))
     methods = ["full", "lora_r8", "lora_r1"]
@@ -472,12 +473,12 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         grid_scores,
     ),
     "gap-pilot": (
-        "results/cola_gap_pilot/results.json",
+        "results/cola_gap_pilot/cells/*/*/*/*/result.json",
         "lorachain experiment configs/experiments/cola_gap_pilot_smollm2.yaml",
         gap_pilot,
     ),
     "gap-pilot-gsm8k": (
-        "results/cola_gap_pilot_gsm8k/results.json",
+        "results/cola_gap_pilot_gsm8k/cells/*/*/*/*/result.json",
         "lorachain experiment configs/experiments/cola_gap_pilot_gsm8k_smollm2.yaml",
         gap_pilot,
     ),
