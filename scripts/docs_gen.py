@@ -407,6 +407,7 @@ def headline(paths: dict) -> str:
     t1, t6 = "results/cola_smollm2_table1/results.json", "results/cola_smollm2_table6/results.json"
     prec, cost = paths["benchmarks/results/precision.json"], paths["benchmarks/results/cola_cost.json"]
     serve = paths["benchmarks/results/serve_load.json"]
+    par = paths["benchmarks/results/parallel.json"]
     cola_time = next(r["time_ratio"] for r in cost["rows"] if r["config"].startswith("cola 3"))
     rows = [
         [
@@ -430,6 +431,11 @@ def headline(paths: dict) -> str:
             f"{serve['ratios']['32']['mixed_over_swap']:.1f}×",
             "`benchmarks/results/serve_load.json`",
         ],
+        [
+            "2-process FSDP2 knot: bytes communicated (a full weight is never gathered)",
+            f"{par['knot_comm_bytes_fsdp']}",
+            "`benchmarks/results/parallel.json`",
+        ],
     ]
     return table(["measure", "result", "from"], rows)
 
@@ -442,6 +448,7 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
             "benchmarks/results/precision.json",
             "benchmarks/results/cola_cost.json",
             "benchmarks/results/serve_load.json",
+            "benchmarks/results/parallel.json",
         ],
         "the commands in docs/measured.md",
         headline,
