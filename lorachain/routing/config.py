@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from lorachain import __version__
 from lorachain.config import CHAT_CHOICES, ChainConfig, ModelConfig, OptimConfig, TrainConfig, check
+from lorachain.routing.balance import BALANCES
 
 TRUNCATIONS = ("head", "head_tail")
 
@@ -25,7 +26,12 @@ class RouteDataConfig:
     output_field: str = "output"
     task_field: str = "task"
     tasks: list[str] | None = None  # keep only these labels (default: all)
-    max_per_task: int | None = None  # subsample each task first (CPU budgets)
+    dataset_field: str = "dataset"  # the source data set of a row (missing: one data set per task)
+    # which rows the adapters and the selector learn from (lorachain.routing.balance): none | task |
+    # dataset | task_then_dataset (equal rows per task type, spread evenly over its data sets)
+    balance: str = "task_then_dataset"
+    max_per_task: int | None = None  # task, task_then_dataset: rows per task (unset: see balance)
+    max_per_dataset: int | None = None  # dataset: rows per data set (unset: the median data set's count)
     split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     seed: int = 0
     max_length: int = 256
@@ -52,6 +58,20 @@ class RouteDataConfig:
             f"data.split: expected three fractions adding up to 1, got {self.split}",
         )
         check(self.max_per_task is None or self.max_per_task >= 5, "data.max_per_task: expected >= 5")
+        check(
+            self.balance in BALANCES, f"data.balance: expected one of {list(BALANCES)}, got {self.balance!r}"
+        )
+        check(
+            self.max_per_dataset is None or self.max_per_dataset >= 1, "data.max_per_dataset: expected >= 1"
+        )
+        for name, used in (
+            ("max_per_task", ("task", "task_then_dataset")),
+            ("max_per_dataset", ("dataset",)),
+        ):
+            check(
+                getattr(self, name) is None or self.balance in used,
+                f"data.{name}: has no effect with data.balance={self.balance} (used by {' or '.join(used)})",
+            )
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorachain.data import DataError, read_rows
+from lorachain.routing.balance import balance_rows
 
 
 @dataclass
@@ -20,6 +21,7 @@ class InstructionRow:
     output: str
     task: str
     messages: list[dict] | None = None  # chat rows: the whole conversation
+    dataset: str = ""  # the source data set (`data.dataset_field`; empty: not given)
 
 
 def read_chat_rows(
@@ -28,6 +30,7 @@ def read_chat_rows(
     messages_field: str | None = None,
     selector_input: str = "system_last_user",
     rejected: list[str] | None = None,
+    dataset: str = "dataset",
 ) -> list[InstructionRow]:
     """Chat rows (OpenAI messages / ShareGPT conversations) with a task label. A bad
     conversation or a missing label is an error, or skipped and listed in `rejected`."""
@@ -43,7 +46,8 @@ def read_chat_rows(
             problems.append(f"line {line}: {e}")
             continue
         text = selector_text(messages, selector_input)
-        out.append(InstructionRow(line, text, messages[-1]["content"], str(row[task]).strip(), messages))
+        label, source = str(row[task]).strip(), str(row.get(dataset) or "")
+        out.append(InstructionRow(line, text, messages[-1]["content"], label, messages, source))
     return _checked(Path(path), out, problems, rejected)
 
 
@@ -54,6 +58,7 @@ def read_instruction_rows(
     task: str = "task",
     input_field: str | None = None,
     rejected: list[str] | None = None,
+    dataset: str = "dataset",
 ) -> list[InstructionRow]:
     """Rows of a JSONL, JSON, CSV or Parquet file. A row with a missing or empty field is an
     error, or, when a `rejected` list is given, is skipped and described there by line."""
@@ -71,7 +76,8 @@ def read_instruction_rows(
         text = str(row[instruction])
         if input_field and row.get(input_field):
             text = f"{text}\n{row[input_field]}"
-        out.append(InstructionRow(line, text, str(row[output]), str(row[task]).strip()))
+        source = str(row.get(dataset) or "")
+        out.append(InstructionRow(line, text, str(row[output]), str(row[task]).strip(), dataset=source))
     return _checked(p, out, problems, rejected)
 
 
@@ -99,21 +105,22 @@ def stratified_split(
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
     seed: int = 0,
     max_per_task: int | None = None,
+    balance: str = "task",
+    max_per_dataset: int | None = None,
 ) -> dict[str, list[InstructionRow]]:
-    """Per-task shuffled split into train/val/test by `fractions` (the paper's 60/20/20).
-
-    With `max_per_task`, each task is first subsampled to that many rows (seeded)."""
+    """Per-task shuffled split into train/val/test by `fractions` (the paper's 60/20/20) of the
+    rows `balance` keeps (`lorachain.routing.balance`: `task` with `max_per_task` subsamples each
+    task to that many rows; `task_then_dataset` spreads them evenly over each task's data sets)."""
     if abs(sum(fractions) - 1) > 1e-6:
         raise DataError(f"split fractions {fractions} must add up to 1")
     by_task: dict[str, list[InstructionRow]] = defaultdict(list)
-    for r in rows:
+    for r in balance_rows(rows, balance, max_per_task, max_per_dataset, seed):
         by_task[r.task].append(r)
     rng = random.Random(seed)
     split: dict[str, list[InstructionRow]] = {"train": [], "val": [], "test": []}
     for task in sorted(by_task):
         group = list(by_task[task])
         rng.shuffle(group)
-        group = group[:max_per_task] if max_per_task else group
         n_train = round(fractions[0] * len(group))
         n_val = round(fractions[1] * len(group))
         split["train"] += group[:n_train]

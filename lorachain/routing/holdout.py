@@ -25,6 +25,7 @@ import torch
 from lorachain.data import DataError, read_rows
 from lorachain.io import write_json, write_text
 from lorachain.metrics import top_k_accuracy
+from lorachain.routing.balance import balance_rows
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.selectors import (
     centroid_probs,
@@ -67,6 +68,14 @@ def read_grouped(cfg: RouteConfig, by: str, label: str, per_group: int, seed: in
         rng.shuffle(rows)
         out += rows[:per_group]
     return out
+
+
+def train_rows(cfg: RouteConfig, rows: list[Row]) -> list[Row]:
+    """What a fold's selector learns from: `rows` balanced by `data.balance` as `route train`
+    balances a store's rows (the held-out group is the data set)."""
+    d = cfg.data
+    group = (lambda r: r.group.split("/")[0]) if d.balance != "dataset" else (lambda r: r.group)
+    return balance_rows(rows, d.balance, d.max_per_task, d.max_per_dataset, d.seed, lambda r: r.label, group)
 
 
 def make_folds(rows: list[Row], scheme: str) -> tuple[list[list[str]], list[str]]:
@@ -223,7 +232,7 @@ def run_kind(
             done = json.loads(path.read_text())
         else:
             t0 = time.perf_counter()
-            select = fitter.fit([r for r in rows if r.group not in groups], labels)
+            select = fitter.fit(train_rows(fitter.cfg, [r for r in rows if r.group not in groups]), labels)
             fitted = time.perf_counter() - t0
             got, per = evaluate_fold(select, test)
             done = {"groups": groups, "ranked": got, "fit_s": fitted, "select_s": per}
@@ -252,7 +261,7 @@ def run_kind(
     rng.shuffle(shuffled)
     cut = len(shuffled) // 5
     t0 = time.perf_counter()
-    select = fitter.fit(shuffled[cut:], labels)
+    select = fitter.fit(train_rows(fitter.cfg, shuffled[cut:]), labels)
     fit_all = time.perf_counter() - t0
     in_ranks, in_select = evaluate_fold(select, shuffled[:cut])
     if fitter.kind.name == "embedding":  # the folds reuse embeddings: count what a fit from scratch costs

@@ -38,6 +38,7 @@ def write_rows(path: Path, rows: list[InstructionRow]) -> Path:
         json.dumps(
             {"instruction": r.instruction, "output": r.output, "task": r.task, "line": r.line}
             | ({"messages": r.messages} if r.messages is not None else {})
+            | ({"dataset": r.dataset} if r.dataset else {})
         )
         for r in rows
     ]
@@ -62,12 +63,12 @@ def load_split(cfg: RouteConfig, rejected: list[str] | None = None) -> dict[str,
         from lorachain.routing.data import read_chat_rows
 
         skip = rejected if d.on_bad_rows == "skip" else None
-        rows = read_chat_rows(d.path, d.task_field, d.messages_field, d.selector_input, skip)
+        rows = read_chat_rows(d.path, d.task_field, d.messages_field, d.selector_input, skip, d.dataset_field)
     else:
         rows = _text_rows(cfg, rejected)
     if d.tasks:
         rows = [r for r in rows if r.task in set(d.tasks)]
-    return stratified_split(rows, tuple(d.split), d.seed, d.max_per_task)
+    return stratified_split(rows, tuple(d.split), d.seed, d.max_per_task, d.balance, d.max_per_dataset)
 
 
 def _text_rows(cfg: RouteConfig, rejected: list[str] | None) -> list[InstructionRow]:
@@ -79,6 +80,7 @@ def _text_rows(cfg: RouteConfig, rejected: list[str] | None) -> list[Instruction
         d.task_field,
         d.input_field,
         rejected if d.on_bad_rows == "skip" else None,
+        d.dataset_field,
     )
 
 
