@@ -123,6 +123,28 @@ def _route_holdout(args: argparse.Namespace) -> int:
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     out = args.out or str((store if store.is_dir() else Path("results")) / f"holdout_{args.holdout_by}")
     command = "lorachain " + " ".join(sys.argv[1:])
+    if args.nested:
+        from lorachain.routing.nested import nested_eval, nested_markdown
+
+        grids: dict[str, list[str]] = {}
+        for spec in args.grid:  # KIND:KEY=V1,V2
+            kind, _, axis = spec.partition(":")
+            grids.setdefault(kind, []).append(axis)
+        result = nested_eval(
+            cfg,
+            args.holdout_by,
+            out,
+            kinds,
+            args.label,
+            args.per_group,
+            command,
+            grids or None,
+            args.target_precision,
+            args.max_folds,
+            args.inner_folds,
+        )
+        print(nested_markdown(result))
+        return 0
     result = holdout_eval(
         cfg,
         args.holdout_by,
@@ -322,6 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-in-distribution", action="store_true", help="holdout: no in-distribution fit (budget)"
     )
     re_.add_argument("--set", nargs="*", default=[], help="holdout: dotted config overrides")
+    re_.add_argument(
+        "--nested",
+        action="store_true",
+        help="holdout: settings, temperature and thresholds chosen on inner folds only (unbiased)",
+    )
+    re_.add_argument(
+        "--grid",
+        nargs="*",
+        default=[],
+        help="nested: KIND:KEY=V1,V2 axes of the settings grid (default per kind: routing.nested.GRIDS)",
+    )
+    re_.add_argument(
+        "--target-precision", type=float, default=0.9, help="nested: precision the routing threshold aims at"
+    )
+    re_.add_argument("--inner-folds", type=int, default=None, help="nested: at most N inner folds (budget)")
     re_.set_defaults(func=_route_eval)
     ra = rsub.add_parser(
         "add", help="add a task adapter to a store with an embedding selector (no retraining)"
