@@ -73,19 +73,16 @@ def test_generation_scored_by_final_number():
     got = score_task(model, tok, task, examples, batch_size=4, max_new_tokens=3)
     ref_nll = got.pop("ref_nll")
     assert got == {"em": 0.0, "score": 0.0, "n": 2}  # the random model's words hold no number
-    # the reference's mean NLL per token, against a direct computation on the second example
+    # the reference's mean NLL per token, against a direct computation of each example
+    sums = [target_nll(model, tok, e.prompt, e.answers[0]) for e in examples]
+    assert abs(ref_nll - sum(n for n, _ in sums) / sum(k for _, k in sums)) < 1e-4
+
+
+def target_nll(model, tok, prompt: str, target: str) -> tuple[float, int]:
+    """(summed NLL of `target` after `prompt`, its token count), one unpadded forward."""
     import torch
 
-    prompt = tok("Review : bad")["input_ids"]
-    target = tok(" #### 8", add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt + target])
+    p, t = tok(prompt)["input_ids"], tok(target, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-    nll2 = -sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(target))
-    prompt1 = tok("Review : good")["input_ids"]
-    target1 = tok(" #### 7", add_special_tokens=False)["input_ids"]
-    ids1 = torch.tensor([prompt1 + target1])
-    with torch.no_grad():
-        logp1 = torch.log_softmax(model(input_ids=ids1).logits[0].float(), -1)
-    nll1 = -sum(logp1[len(prompt1) + j - 1, t].item() for j, t in enumerate(target1))
-    assert abs(ref_nll - (nll1 + nll2) / (len(target) + len(target1))) < 1e-4
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + t])).logits[0].float(), -1)
+    return -sum(logp[len(p) + j - 1, x].item() for j, x in enumerate(t)), len(t)

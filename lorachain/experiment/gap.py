@@ -151,13 +151,8 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
                 capsize=3,
                 label=m,
             )
-        ax.set_title(task)
-        ax.set_xlabel("forgetting: general-set NLL increase")
-        ax.set_ylabel("target-task test score ×100")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save(fig, out / "gap.png"))
-    plt.close(fig)
+        _label(ax, task, "forgetting: general-set NLL increase", "target-task test score ×100")
+    written.append(_save(plt, fig, out / "gap.png"))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for rank, ref in sorted(lora.items()):
@@ -175,15 +170,20 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
             ax.axhline(
                 100 * statistics.fmean(chosen[(task, full)]["test"].values()), ls="--", c="k", label="full"
             )
-        ax.set_title(task)
-        ax.set_xlabel("links in the chain")
-        ax.set_ylabel("test score ×100")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save(fig, out / "links.png"))
-    plt.close(fig)
+        _label(ax, task, "links in the chain", "test score ×100")
+    written.append(_save(plt, fig, out / "links.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+def _label(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    written = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return written
