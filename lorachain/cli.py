@@ -142,6 +142,7 @@ def _route_holdout(args: argparse.Namespace) -> int:
             args.target_precision,
             args.max_folds,
             args.inner_folds,
+            args.embedding_cache,
         )
         print(nested_markdown(result))
         return 0
@@ -359,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-precision", type=float, default=0.9, help="nested: precision the routing threshold aims at"
     )
     re_.add_argument("--inner-folds", type=int, default=None, help="nested: at most N inner folds (budget)")
+    re_.add_argument(
+        "--embedding-cache",
+        default=None,
+        help="nested: a file keeping the embedding kind's embeddings between runs",
+    )
     re_.set_defaults(func=_route_eval)
     ra = rsub.add_parser(
         "add", help="add a task adapter to a store with an embedding selector (no retraining)"

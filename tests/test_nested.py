@@ -95,7 +95,12 @@ def test_route_eval_nested_writes_per_kind_results_and_resumes(tmp_path, capsys)
     out = tmp_path / "nested"
     argv = ["route", "eval", str(tmp_path / "route.json"), "--holdout-by", "dataset", "--nested"]
     argv += ["--out", str(out), "--per-group", "4", "--grid", "embedding:selector.truncation=head,head_tail"]
+    argv += ["--embedding-cache", str(tmp_path / "emb.pt")]
     assert main(argv) == 0
+    cache = torch.load(tmp_path / "emb.pt")
+    assert sorted(cache) == [(16, "head"), (16, "head_tail")] and len(cache[(16, "head")]) == len(
+        {r["instruction"] for r in grouped_rows()}
+    )
     result = json.loads((out / "nested.json").read_text())
     s = result["kinds"]["embedding"]
     assert (

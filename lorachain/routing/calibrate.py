@@ -79,7 +79,7 @@ def class_gaussian(vecs: torch.Tensor, index: torch.Tensor, n_labels: int, shrin
     cov = centred.T @ centred / max(1, len(vecs))  # (D, D)
     eye = torch.eye(cov.shape[0])
     cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * eye
-    return means, torch.linalg.inv(cov)
+    return means, torch.linalg.inv(cov).contiguous()
 
 
 def mahalanobis(vecs: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from lorachain import __version__
 from lorachain.config import CHAT_CHOICES, ChainConfig, ModelConfig, OptimConfig, TrainConfig, check
 from lorachain.routing.balance import BALANCES
+from lorachain.routing.confidence import CONFIDENCES
 
 TRUNCATIONS = ("head", "head_tail")
 
@@ -90,6 +91,11 @@ class SelectorConfig:
     lr: float = (
         1.0e-4  # encoder: full fine-tuning learning rate (budget: selector_train, else 4 epochs of 16)
     )
+    # embedding: the score that sends unfamiliar instructions to the fallback (routing.confidence:
+    # msp | energy | cosine | mahalanobis), its threshold fitted on held-out data sets of the
+    # store's rows for `target_precision` of right routes; stored in the manifest
+    confidence: str = "msp"
+    target_precision: float = 0.9
 
     def __post_init__(self) -> None:
         from lorachain.routing.selectors import kind_names
@@ -102,6 +108,11 @@ class SelectorConfig:
             f"selector.truncation: expected one of {list(TRUNCATIONS)}, got {self.truncation!r}",
         )
         check(self.lr > 0, f"selector.lr: expected > 0, got {self.lr}")
+        check(
+            self.confidence in CONFIDENCES,
+            f"selector.confidence: expected one of {list(CONFIDENCES)}, got {self.confidence!r}",
+        )
+        check(0 < self.target_precision <= 1, "selector.target_precision: expected in (0, 1]")
 
 
 @dataclass

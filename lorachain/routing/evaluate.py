@@ -88,10 +88,14 @@ def selection_report(router, rows: list[dict], mode: str) -> tuple[dict, list[st
             ranked.append(sel.ranked)
             chosen.append(sel.adapter)
     gold = [r["task"] for r in rows]
+    routed = [i for i, a in enumerate(chosen) if a != router.fallback]
     report = {
         "top1": top_k_accuracy(ranked, gold, 1),
         "top3": top_k_accuracy(ranked, gold, 3),
-        "fallbacks": sum(a == router.fallback for a in chosen) / len(rows),
+        "fallbacks": 1 - len(routed) / len(rows),
+        "routed_precision": sum(chosen[i] == router.adapters.get(gold[i]) for i in routed) / len(routed)
+        if routed
+        else None,
         "per_task": {},
     }
     for task in sorted(set(gold)):
@@ -191,6 +195,9 @@ def route_eval(
         "per_task_rows": {t: gold.count(t) for t in sorted(set(gold))},
         "selection": {},
         "max_new_tokens": max_new_tokens,
+        "calibration": router.manifest.selector.get("calibration"),  # fitted on held-out data sets
+        "min_confidence": router.min_confidence,
+        "min_in_distribution": router.min_in_distribution,
     }
     routed = None
     for mode in modes:
@@ -260,6 +267,21 @@ def report_markdown(result: dict) -> str:
     )
     lines += ["", "## Task selection accuracy", ""]
     modes = list(result["selection"])
+    cal, floor = result.get("calibration"), result.get("min_in_distribution")
+    if cal:
+        lines += [
+            f"Calibration (fitted on {cal['held_out_groups']} held-out data sets of the store's rows): "
+            f"temperature {cal['temperature']:.3f}, `{cal['score']}` threshold {cal['threshold']} for "
+            f"precision {cal['target_precision']}; applied here: min_in_distribution {floor}.",
+            "",
+        ]
+    for m in modes:
+        s = result["selection"][m]
+        p = s.get("routed_precision")
+        lines.append(
+            f"- {m}: routed {1 - s['fallbacks']:.3f} of rows, right {'-' if p is None else f'{p:.3f}'}"
+        )
+    lines.append("")
     lines += [
         "| task | " + " | ".join(f"{m} top-1 | {m} top-3" for m in modes) + " |",
         "|---|" + "---|---|" * len(modes),

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lorachain.config import from_dict, set_dotted
-from lorachain.io import write_json, write_text
+from lorachain.io import atomic_write, write_json, write_text
 from lorachain.routing import calibrate as cal
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.holdout import Fitter, Row, make_folds, read_grouped, train_rows
@@ -28,7 +28,7 @@ from lorachain.routing.selectors import embed, load_encoder
 
 # the default grid per kind: temperature is fitted, not searched (argmax does not depend on it)
 GRIDS = {
-    "embedding": ["selector.truncation=head,head_tail", "selector.max_length=128,256"],
+    "embedding": ["selector.truncation=head,head_tail", "selector.max_length=64,128"],
     "encoder": ["selector.truncation=head,head_tail"],
     "lora": ["selector_train.epochs=1"],
     "full": ["selector_train.epochs=1"],
@@ -52,9 +52,11 @@ class EmbeddingScorer:
     """The `embedding` kind on cached embeddings: task centroids of the training rows; logits are
     cosines over `selector.temperature`; also the nearest centroid's cosine and Mahalanobis."""
 
-    def __init__(self, cfg: RouteConfig) -> None:
-        self.enc = load_encoder(cfg.selector.encoder)
+    def __init__(self, cfg: RouteConfig, cache: Path | None = None) -> None:
+        self.enc, self.path = load_encoder(cfg.selector.encoder), cache
         self.cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        if cache is not None and cache.is_file():  # embeddings of an earlier run, by setting and text
+            self.cache = torch.load(cache)
 
     def vectors(self, cfg: RouteConfig, texts: list[str]) -> torch.Tensor:
         sel = cfg.selector
@@ -62,6 +64,9 @@ class EmbeddingScorer:
         new = list(dict.fromkeys(t for t in texts if t not in cache))
         if new:
             cache.update(zip(new, embed(*self.enc, new, sel.max_length, sel.truncation), strict=True))
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.path, lambda tmp: torch.save(self.cache, tmp))
         return torch.stack([cache[t] for t in texts])  # (N, D)
 
     def __call__(self, cfg: RouteConfig, train: list[Row], test: list[Row], labels: list[str]) -> dict:
@@ -218,6 +223,7 @@ def nested_eval(
     target: float = 0.9,
     max_folds: int | None = None,
     inner_max: int | None = None,
+    embedding_cache: str | Path | None = None,
 ) -> dict:
     """Nested leave-one-group-out for every kind; writes nested.json, nested.md, reliability_*.png."""
     out = Path(out)
@@ -242,7 +248,10 @@ def nested_eval(
     }
     for kind in kinds:
         grid = grid_settings((grids or {}).get(kind, GRIDS.get(kind, [])))
-        scorer = EmbeddingScorer(cfg) if kind == "embedding" else KindScorer(kind, out / "work")
+        if kind == "embedding":
+            scorer = EmbeddingScorer(cfg, Path(embedding_cache) if embedding_cache else None)
+        else:
+            scorer = KindScorer(kind, out / "work")
         folds = []
         for i, groups in enumerate(outer):
             path = out / "folds" / f"nested_{kind}_{i}.json"
@@ -265,8 +274,6 @@ def plot_reliability(summary: dict, title: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lorachain.io import atomic_write
 
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")

@@ -65,6 +65,7 @@ class Selection:
     text: str = ""  # what the selector generated (generate mode)
     adapter: str = ""
     fallback: str | None = None  # why the fallback adapter was used, if it was
+    in_distribution: float | None = None  # the store's calibrated confidence score, if it has one
 
     def top(self, k: int) -> list[dict]:
         if self.scores:
@@ -81,14 +82,28 @@ def rank_scores(labels: list[str], logprobs: list[float]) -> tuple[list[str], li
     return [labels[i] for i in order], [weights[i] / total for i in order]
 
 
-def decide(sel: Selection, adapters: set[str], fallback: str, min_confidence: float) -> Selection:
+def decide(
+    sel: Selection,
+    adapters: set[str],
+    fallback: str,
+    min_confidence: float,
+    min_in_distribution: float | None = None,
+) -> Selection:
     """Choose the adapter for `sel`: its top label, or `fallback` when nothing matched, the top
-    label has no adapter, or its probability is below `min_confidence`."""
+    label has no adapter, its probability is below `min_confidence`, or its calibrated confidence
+    score is below `min_in_distribution` (an instruction unlike the selector's training rows)."""
+    low = min_in_distribution is not None and sel.in_distribution is not None
     if not sel.ranked:
         sel.adapter, sel.fallback = fallback, "no task label found in the selector's output"
     elif sel.scores and sel.scores[0] < min_confidence:
         sel.adapter = fallback
         sel.fallback = f"top task {sel.ranked[0]!r} has probability {sel.scores[0]:.3f} < {min_confidence}"
+    elif low and sel.in_distribution < min_in_distribution:
+        sel.adapter = fallback
+        sel.fallback = (
+            f"top task {sel.ranked[0]!r}: confidence score {sel.in_distribution:.3f} < "
+            f"min_in_distribution {min_in_distribution:.3f}"
+        )
     elif sel.ranked[0] not in adapters:
         sel.adapter, sel.fallback = fallback, f"no adapter for task {sel.ranked[0]!r}"
     else:

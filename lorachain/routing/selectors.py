@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from lorachain.config import ConfigError
+from lorachain.routing.calibrate import class_gaussian
+from lorachain.routing.confidence import centroid_scores, confidence, fit_calibration
 from lorachain.routing.select import Selection, rank_scores
 from lorachain.store import StoreError, file_hashes, fingerprint
 
@@ -252,10 +254,21 @@ def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None
     rows = read_split(root, "train")
     vecs = embed(enc, tok, [r["instruction"] for r in rows], sel.max_length, sel.truncation)  # (N, D)
     sums, counts = task_sums(vecs, [r["task"] for r in rows], labels)
+    tensors = {"sums": sums, "counts": counts}
+    index, groups = (
+        torch.tensor([labels.index(r["task"]) for r in rows]),
+        [r.get("dataset", "") for r in rows],
+    )
+    calibration = fit_calibration(
+        vecs, index, groups, len(labels), sel.temperature, sel.confidence, sel.target_precision
+    )
+    if calibration and sel.confidence == "mahalanobis":
+        tensors["precision"] = class_gaussian(vecs, index, len(labels))[1]  # (D, D)
     (root / SELECTOR_DIR).mkdir(parents=True, exist_ok=True)
-    save_file({"sums": sums, "counts": counts}, str(root / SELECTOR_DIR / "centroids.safetensors"))
+    save_file(tensors, str(root / SELECTOR_DIR / "centroids.safetensors"))
     settings = {"encoder": sel.encoder, "encoder_fingerprint": fingerprint(enc), "labels": labels}
     settings |= {"temperature": sel.temperature, "max_length": sel.max_length, "truncation": sel.truncation}
+    settings["calibration"] = calibration  # None: no task has two data sets to hold one out
     return entry_for(root, "embedding", **settings, summary={"wall_seconds": time.perf_counter() - t0})
 
 
@@ -269,10 +282,18 @@ def load_embedding(router, folder: Path, entry: dict) -> Callable:
     t = load_file(str(folder / "centroids.safetensors"))
     labels, temp, max_length = entry["labels"], entry["temperature"], entry["max_length"]
     truncation = entry.get("truncation", "head")  # stores fitted before the setting read the head
+    calib = entry.get("calibration") or {}
+    scale = calib.get("temperature", 1.0)  # temperature scaling fitted on held-out data sets
 
     def select(texts: list[str]) -> list[Selection]:
         vecs = embed(enc, tok, texts, max_length, truncation)  # (N, D)
-        return ranked(labels, centroid_probs(vecs, t["sums"], t["counts"], temp))
+        out = ranked(labels, centroid_probs(vecs, t["sums"], t["counts"], temp * scale))
+        if calib:
+            means = t["sums"] / t["counts"].clamp(min=1)[:, None]  # (L, D)
+            scored = centroid_scores(vecs, means, t.get("precision"), temp)
+            for sel, v in zip(out, confidence(calib["score"], scored, scale).tolist(), strict=True):
+                sel.in_distribution = v
+        return out
 
     select.memory_params = sum(p.numel() for p in enc.parameters())
     return select

@@ -66,6 +66,7 @@ class Router:
         cache_size: int = 8,
         fallback: str = MIXED,
         min_confidence: float = 0.0,
+        min_in_distribution: float | None | str = "store",
         max_new_tokens: int = 64,
         score_batch: int = 8,
     ) -> None:
@@ -82,6 +83,9 @@ class Router:
         self.root, self.manifest, self.model, self.tok = Path(root), manifest, model, tokenizer
         self.mode, self.top_k, self.cache_size = mode, top_k, cache_size
         self.fallback, self.min_confidence, self.max_new_tokens = fallback, min_confidence, max_new_tokens
+        if min_in_distribution == "store":  # the threshold fitted with the selector, if any
+            min_in_distribution = (manifest.selector.get("calibration") or {}).get("threshold")
+        self.min_in_distribution = min_in_distribution
         self.slots = AdapterSlots(model, cache_size)  # resident task/mixed adapters (LRU), PEFT slots
         self.labels = manifest.labels
         t = manifest.templates
@@ -194,7 +198,7 @@ class Router:
             texts = self._generate(prompts, longest)
             sels = [Selection(match_labels(t, self.labels), [], t) for t in texts]
         for sel in sels:
-            decide(sel, set(self.adapters), self.fallback, self.min_confidence)
+            decide(sel, set(self.adapters), self.fallback, self.min_confidence, self.min_in_distribution)
             if sel.adapter in self.adapters:
                 sel.adapter = self.adapters[sel.adapter]
         if torch.cuda.is_available():
