@@ -143,6 +143,7 @@ def _route_holdout(args: argparse.Namespace) -> int:
             args.max_folds,
             args.inner_folds,
             args.embedding_cache,
+            args.folds,
         )
         print(nested_markdown(result))
         return 0

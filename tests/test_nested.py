@@ -117,3 +117,19 @@ def test_route_eval_nested_writes_per_kind_results_and_resumes(tmp_path, capsys)
     fold.write_text(json.dumps(json.loads(fold.read_text()) | {"gold": ["beta"] * 4}))  # a rerun reads it
     assert main(argv) == 0
     assert json.loads((out / "nested.json").read_text())["kinds"]["embedding"]["top1"] == 32 / 36
+
+
+def test_rounds_hold_out_one_group_of_every_label_outside_and_inside(tmp_path):
+    rows = [Row(r["instruction"], r["task"], r["dataset"]) for r in grouped_rows()]
+    labels = sorted({r.label for r in rows})
+    seen = []
+
+    def spy(cfg, train, test, lab):
+        seen.append({r.group for r in test})
+        return {"logits": torch.tensor([[3.0 * (lab.index(r.label) == j) for j in range(3)] for r in test])}
+
+    cfg = route_cfg(tmp_path, tmp_path / "x.jsonl", "embedding", tmp_path)
+    outer = ["alpha_0", "beta_0", "gamma_0"]
+    done = outer_fold(spy, cfg, rows, outer, labels, [[]], 0.9, None, "rounds")
+    assert seen == [{"alpha_1", "beta_1", "gamma_1"}, {"alpha_2", "beta_2", "gamma_2"}, set(outer)]
+    assert done["inner_folds"] == 2 and len(done["gold"]) == 12

@@ -107,9 +107,9 @@ def confidence_scores(out: dict, t: float) -> dict[str, list[float]]:
     return scores
 
 
-def inner_choice(scorer, cfg, rest: list[Row], labels, grid, target, inner_max) -> dict:
+def inner_choice(scorer, cfg, rest: list[Row], labels, grid, target, inner_max, scheme="one") -> dict:
     """Settings, temperature and thresholds chosen on leave-one-group-out folds of `rest`."""
-    folds, _ = make_folds(rest, "one")
+    folds, _ = make_folds(rest, scheme)
     if inner_max and len(folds) > inner_max:  # spread the kept folds over the groups
         folds = [folds[round(k * (len(folds) - 1) / (inner_max - 1 or 1))] for k in range(inner_max)]
     tried = []
@@ -144,10 +144,10 @@ def inner_choice(scorer, cfg, rest: list[Row], labels, grid, target, inner_max) 
     }
 
 
-def outer_fold(scorer, cfg, rows, groups, labels, grid, target, inner_max) -> dict:
+def outer_fold(scorer, cfg, rows, groups, labels, grid, target, inner_max, scheme="one") -> dict:
     rest = [r for r in rows if r.group not in groups]
     test = [r for r in rows if r.group in groups]
-    chosen = inner_choice(scorer, cfg, rest, labels, grid, target, inner_max)
+    chosen = inner_choice(scorer, cfg, rest, labels, grid, target, inner_max, scheme)
     c = with_overrides(cfg, chosen["settings"])
     got = scorer(c, train_rows(c, rest), test, labels)
     t = chosen["temperature"]
@@ -224,12 +224,13 @@ def nested_eval(
     max_folds: int | None = None,
     inner_max: int | None = None,
     embedding_cache: str | Path | None = None,
+    folds: str = "one",
 ) -> dict:
     """Nested leave-one-group-out for every kind; writes nested.json, nested.md, reliability_*.png."""
     out = Path(out)
     rows = read_grouped(cfg, by, label, per_group, cfg.data.seed)
     labels = sorted({r.label for r in rows})
-    outer, single = make_folds(rows, "one")
+    outer, single = make_folds(rows, folds)  # `rounds`: one group of every label per fold, inside too
     outer = outer[:max_folds] if max_folds else outer
     result = {
         "command": command,
@@ -240,6 +241,7 @@ def nested_eval(
         "balance": {"balance": cfg.data.balance, "max_per_task": cfg.data.max_per_task}
         | {"max_per_dataset": cfg.data.max_per_dataset},
         "target_precision": target,
+        "folds": folds,
         "outer_folds": len(outer),
         "inner_max": inner_max,
         "labels": labels,
@@ -258,7 +260,7 @@ def nested_eval(
             if path.is_file():
                 folds.append(json.loads(path.read_text()))
                 continue
-            done = outer_fold(scorer, cfg, rows, groups, labels, grid, target, inner_max)
+            done = outer_fold(scorer, cfg, rows, groups, labels, grid, target, inner_max, folds)
             write_json(path, done)
             folds.append(done)
             print(f"[nested] {kind} fold {i + 1}/{len(outer)} {groups}: {done['settings']}", flush=True)
@@ -311,6 +313,11 @@ def nested_markdown(result: dict) -> str:
         "folds of the other groups only; up to "
         f"{result['per_group']} rows per group; training rows balanced by `{result['balance']}`.",
         "",
+        *(
+            [f"Not held out (one group only): {', '.join(result['single_group_labels'])}.", ""]
+            if result["single_group_labels"]
+            else []
+        ),
         "| kind | top-1 | top-3 | ECE as fitted | ECE temperature-scaled | settings chosen |",
         "|---|---|---|---|---|---|",
     ]
