@@ -112,7 +112,7 @@ def test_route_eval_nested_writes_per_kind_results_and_resumes(tmp_path, capsys)
     assert s["grid"] == ["selector.truncation=head", "selector.truncation=head_tail"]
     assert sorted(p.name for p in (out / "folds").iterdir())[0] == "nested_embedding_0.json"
     assert (out / "reliability_embedding.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| embedding | 1.000 | 1.000 |" in (out / "nested.md").read_text()
+    assert "| embedding | 1.000 | 1.000 | 1.000 |" in (out / "nested.md").read_text()
     fold = out / "folds" / "nested_embedding_0.json"
     fold.write_text(json.dumps(json.loads(fold.read_text()) | {"gold": ["beta"] * 4}))  # a rerun reads it
     assert main(argv) == 0
