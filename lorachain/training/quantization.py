@@ -10,6 +10,8 @@ every Linear except the output head, as transformers does. `prepare` is PEFT's
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections.abc import Callable
 
 import torch
@@ -60,24 +62,38 @@ def quantized_layer(linear: nn.Linear, cfg: ModelConfig, weight: torch.Tensor | 
     bnb = require_bnb()
     w = (linear.weight if weight is None else weight).detach()
     bias = linear.bias is not None
+    with torch.device("meta"):  # the layer's own initial weight would be a full-precision copy
+        if cfg.quantization == "int8":
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias,
+                compute_dtype=DTYPES[cfg.compute_dtype],
+                compress_statistics=cfg.double_quant,
+                quant_type=cfg.quantization,
+            )
     if cfg.quantization == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(w.float(), requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias,
-            compute_dtype=DTYPES[cfg.compute_dtype],
-            compress_statistics=cfg.double_quant,
-            quant_type=cfg.quantization,
-        )
         layer.weight = bnb.nn.Params4bit(
             w.float(), requires_grad=False, compress_statistics=cfg.double_quant, quant_type=cfg.quantization
         )
     if bias:
         layer.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
     return layer.to("cpu")  # .to quantizes
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS. glibc keeps freed blocks in its heap once it has raised its
+    mmap threshold, so quantizing layer after layer would otherwise leave the RSS of many fp32
+    weights behind (measured: +0.46 GiB over the 135M shape's 106M quantized weights)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def quantize_model(
@@ -98,6 +114,7 @@ def quantize_model(
         weight = init(linear) if init is not None else None
         setattr(owner, leaf, quantized_layer(linear, cfg, weight))
         del linear, weight
+        release_memory()
     model.is_loaded_in_4bit = cfg.quantization in ("nf4", "fp4")
     model.is_loaded_in_8bit = cfg.quantization == "int8"
     return model
