@@ -351,10 +351,10 @@ def cells(quick: bool, only: set[str]) -> list[dict]:
     if "135m" in only:
         out += [{**lora, "base": b, "ckpt": c} for b in ("fp32", "bf16", "nf4") for c in (False, True)]
         out.append({**lora, "base": "nf4", "ckpt": True, "method": "cola"})
-    if "requant" in only:  # the other knot on a quantized base: dequantize, add, quantize again
-        out.append({**lora, "base": "nf4", "ckpt": True, "method": "cola", "knot": "requantize"})
         # checkpointing at 1,024 tokens
         out += [{**lora, "base": "bf16", "ckpt": c, "seq": 1024, "batch": 1} for c in (False, True)]
+    if "requant" in only:  # the other knot on a quantized base: dequantize, add, quantize again
+        out.append({**lora, "base": "nf4", "ckpt": True, "method": "cola", "knot": "requantize"})
     if "peer" in only:
         for base, ckpt in (("bf16", False), ("nf4", True)):
             out += [{**lora, "kind": k, "base": base, "ckpt": ckpt} for k in ("lorachain", "trainer")]
