@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -269,6 +270,7 @@ def nested_eval(
         plot_reliability(result["kinds"][kind], f"{kind}: nested held-out", out / f"reliability_{kind}.png")
         write_json(out / "nested.json", result)
     write_text(out / "nested.md", nested_markdown(result))
+    shutil.rmtree(out / "work", ignore_errors=True)  # the kinds' fold stores
     return result
 
 
