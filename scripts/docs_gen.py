@@ -261,6 +261,86 @@ def parallel(d: dict) -> str:
     return table(head, rows) + "\n\n" + ratios
 
 
+def scale(d: dict) -> str:
+    """benchmarks/scale.py: each cell in its own process, peak RSS and CPU seconds per step."""
+    rows = []
+    for c in d["cells"]:
+        if c["kind"] == "packing":
+            continue
+        what = f"{c['kind']} {c['method']}" + (f" ({c['knot']} knot)" if c.get("knot") else "")
+        rows.append(
+            [
+                c["size"],
+                c["base"],
+                "yes" if c["ckpt"] else "no",
+                f"{c['batch']}×{c['seq']}",
+                what,
+                f"{c['peak_rss_gib']:.2f}",
+                f(c.get("estimate_gib"), 2),
+                f(c["cpu_seconds_per_step"], 2),
+                f(c.get("knot_seconds"), 2),
+                f(c.get("knot_rel_fro"), 3),
+            ]
+        )
+    head = [
+        "shape",
+        "base",
+        "ckpt",
+        "batch",
+        "run",
+        "peak RSS GiB",
+        "estimate GiB",
+        "CPU s/step",
+        "knot s",
+        "knot rel. loss",
+    ]
+    top = [
+        [
+            "7B-shape NF4 COLA with a knot, checkpointing, 1×128: peak RSS",
+            f"{d['peak_rss_gib_7b_nf4_cola']:.2f} GiB",
+            "≤ 8 GiB",
+        ],
+        ["its knot", f"{d['knot_seconds_7b']:.2f} s", ""],
+        ["NF4 / bf16 peak RSS at ~1B", f"{d['rss_ratio_nf4_vs_bf16_1b']:.2f}", "≤ 0.45"],
+        [
+            "checkpointing at 1,024 tokens: peak RSS / step time",
+            f"{d['grad_ckpt_rss_ratio_1024']:.2f} / {d['grad_ckpt_step_time_ratio_1024']:.2f}",
+            "≤ 0.6 / ≤ 1.35",
+        ],
+        ["packing tokens/s, GSM8K chat", f"{d['packing_tokens_per_s_ratio']:.2f}×", "≥ 1.5×"],
+        [
+            "lorachain / Trainer+PEFT step time (135M bf16, 135M NF4, 1B NF4)",
+            ", ".join(f"{r['step_time_ratio']:.2f}" for r in d["lorachain_vs_trainer"]),
+            "≤ 1.0",
+        ],
+        [
+            "lorachain / Trainer+PEFT peak RSS",
+            ", ".join(f"{r['rss_ratio']:.2f}" for r in d["lorachain_vs_trainer"]),
+            "≤ 1.0",
+        ],
+        [
+            "knot on NF4: side path / requantize, relative loss of the update",
+            f"{d['knot_rel_fro_nf4_side_135m']:.3f} / {d['knot_rel_fro_nf4_requantize_135m']:.3f}",
+            "side: 0",
+        ],
+    ]
+    acc = d.get("sst2_accuracy", {})
+    if any(v is not None for v in acc.values()):
+        top.append(
+            [
+                "SST-2 accuracy on real SmolLM2 weights, fp32 / bf16 / nf4",
+                " / ".join(f(acc.get(k)) for k in ("fp32", "bf16", "nf4")),
+                "nf4 within noise of bf16",
+            ]
+        )
+    return (
+        table(["figure", "measured", "target"], top)
+        + "\n\n"
+        + table(head, rows)
+        + f"\n\n{d['machine']}; {d['note']}"
+    )
+
+
 def routing_cost(d: dict) -> str:
     s, kinds = d["switch"], d.get("ask_by_selector_kind", {})
     mem = {m["adapters"]: m for m in d["memory"]}
@@ -408,6 +488,7 @@ def headline(paths: dict) -> str:
     prec, cost = paths["benchmarks/results/precision.json"], paths["benchmarks/results/cola_cost.json"]
     serve = paths["benchmarks/results/serve_load.json"]
     par = paths["benchmarks/results/parallel.json"]
+    big = paths["benchmarks/results/scale.json"]
     cola_time = next(r["time_ratio"] for r in cost["rows"] if r["config"].startswith("cola 3"))
     rows = [
         [
@@ -432,6 +513,11 @@ def headline(paths: dict) -> str:
             "`benchmarks/results/serve_load.json`",
         ],
         [
+            "COLA with a knot on a Llama-2-7B-shaped NF4 base, checkpointing, 1×128 tokens: peak RSS",
+            f"{big['peak_rss_gib_7b_nf4_cola']:.2f} GiB (fp32 weights alone: ~25 GiB)",
+            "`benchmarks/results/scale.json`",
+        ],
+        [
             "2-process FSDP2 knot: bytes communicated (a full weight is never gathered)",
             f"{par['knot_comm_bytes_fsdp']}",
             "`benchmarks/results/parallel.json`",
@@ -449,6 +535,7 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
             "benchmarks/results/cola_cost.json",
             "benchmarks/results/serve_load.json",
             "benchmarks/results/parallel.json",
+            "benchmarks/results/scale.json",
         ],
         "the commands in docs/measured.md",
         headline,
@@ -511,6 +598,7 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "python benchmarks/parallel.py --steps 6 --repeats 3",
         parallel,
     ),
+    "scale": ("benchmarks/results/scale.json", "python benchmarks/scale.py", scale),
     "routing-cost": (
         "benchmarks/results/routing_cost.json",
         "OMP_NUM_THREADS=1 python benchmarks/routing_cost.py --repeats 3",
