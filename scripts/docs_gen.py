@@ -439,6 +439,50 @@ def holdout(runs: dict) -> str:
     )
 
 
+def _balance(b) -> str:
+    if not isinstance(b, dict):
+        return str(b or "-")
+    caps = ", ".join(f"{k}={v}" for k, v in b.items() if k != "balance" and v is not None)
+    return b["balance"] + (f" ({caps})" if caps else "")
+
+
+def nested(runs: dict) -> str:
+    """Nested leave-one-data-set-out: settings, temperature and thresholds chosen on inner folds only."""
+    rows = []
+    for path, d in runs.items():
+        for kind, k in d["kinds"].items():
+            msp, cos = k["routing"].get("msp", {}), k["routing"].get("cosine", {})
+            rows.append(
+                [
+                    f"`{Path(path).parent.name}`",
+                    f"`{kind}`",
+                    d.get("balance", "-"),
+                    d.get("outer_folds", "-"),
+                    k["rows"],
+                    f(k["top1"]),
+                    f(k["top3"]),
+                    f(k["macro_top1"]),
+                    f"{k['ece_raw']:.3f} → {k['ece_calibrated']:.3f}",
+                    f"{f(msp.get('coverage'), 2)} / {f(msp.get('precision'), 2)}",
+                    f"{f(cos.get('coverage'), 2)} / {f(cos.get('precision'), 2)}",
+                ]
+            )
+    head = [
+        "run",
+        "kind",
+        "balance",
+        "outer folds",
+        "rows",
+        "top-1",
+        "top-3",
+        "top-1 over types",
+        "ECE → after temperature",
+        "max-softmax routed / right",
+        "cosine routed / right",
+    ]
+    return table(head, rows)
+
+
 def variants(d: dict) -> str:
     rows = [[r["truncation"], r["scoring"], f(r["top1"])] for r in d["results"]]
     return table(["truncation", "scoring", "held-out top-1"], rows)
@@ -618,6 +662,12 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "results/routing_holdout/task_by_dataset*/holdout.json",
         "lorachain route eval configs/route/t0_smollm2.yaml --holdout-by dataset (its JSON's command)",
         holdout,
+    ),
+    "nested": (
+        "results/routing_holdout/nested_*/nested.json",
+        "lorachain route eval configs/route/t0_smollm2.yaml --holdout-by dataset --nested "
+        "(each run's command: results/routing_holdout/README.md)",
+        nested,
     ),
     "variants": (
         "results/routing_holdout/variants/variants.json",
