@@ -265,7 +265,7 @@ def scale(d: dict) -> str:
     """benchmarks/scale.py: each cell in its own process, peak RSS and CPU seconds per step."""
     rows = []
     for c in d["cells"]:
-        if c["kind"] == "packing":
+        if c["kind"] not in ("lorachain", "trainer"):
             continue
         what = f"{c['kind']} {c['method']}" + (f" ({c['knot']} knot)" if c.get("knot") else "")
         rows.append(
@@ -337,7 +337,7 @@ def scale(d: dict) -> str:
         table(["figure", "measured", "target"], top)
         + "\n\n"
         + table(head, rows)
-        + f"\n\n{d['machine']}; {d['note']}"
+        + f"\n\n{d['machine']}; cells from: {'; '.join(f'`{c}`' for c in d.get('commands', []))}"
     )
 
 
