@@ -373,6 +373,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, precision:
     plot = plot_runs(runs, out / "demo.png")
     routing = run_routing_demo(out / "routing", precision)
     total = {"wall_seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu0}
+    total["load_average_at_end"] = list(os.getloadavg())  # a busy machine stretches the wall time
     results = {"cola": rows, "eval_examples": 200, "model": MODEL, "routing": routing, "total": total}
     write_json(out / "demo_results.json", results)
     print(f"\nresults: {out / 'demo_results.json'}  plot: {plot}")

@@ -76,15 +76,14 @@ def demo(d: dict) -> str:
             for r in d["cola"]
         ],
     )
-    r = d["routing"]
     rows = []
-    for task, t in sorted(r["per_task"].items()) + [("all", r["overall"])]:
+    for task, t in d["routing"]["table"].items():
         ppl, em = t["perplexity"], t["exact_match"]
         rows.append(
             [
                 task,
                 t["n"],
-                f(t["top1"]),
+                f(t["selector_top1"]),
                 " / ".join(f(ppl[k], 2) for k in ("routed", "base", "mixed")),
                 " / ".join(f(em[k]) for k in ("routed", "base", "mixed")),
             ]
@@ -95,7 +94,13 @@ def demo(d: dict) -> str:
     tot = d["total"]
     return (
         f"{cola}\n\n{routing}\n\nWhole demo: {tot['wall_seconds'] / 60:.1f} min of wall time, "
-        f"{tot['cpu_seconds']:.0f} s of CPU ({d.get('machine', 'one reading')})."
+        f"{tot['cpu_seconds']:.0f} s of CPU; one reading"
+        + (
+            f", load average {tot['load_average_at_end'][2]:.1f} at the end"
+            if "load_average_at_end" in tot
+            else ""
+        )
+        + "."
     )
 
 
