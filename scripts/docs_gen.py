@@ -538,8 +538,14 @@ def headline(paths: dict) -> str:
     serve = paths["benchmarks/results/serve_load.json"]
     par = paths["benchmarks/results/parallel.json"]
     big = paths["benchmarks/results/scale.json"]
+    demo_total = paths["benchmarks/results/demo.json"]["total"]
     cola_time = next(r["time_ratio"] for r in cost["rows"] if r["config"].startswith("cola 3"))
     rows = [
+        [
+            "`lorachain demo`, wall / CPU time (one reading on the shared machine)",
+            f"{demo_total['wall_seconds'] / 60:.1f} min / {demo_total['cpu_seconds']:.0f} s",
+            "`benchmarks/results/demo.json`",
+        ],
         [
             "COLA (8, 8) − LoRA r=8, Table 1 protocol (625 steps, 3 seeds)",
             pooled(t1, "lora", "cola2"),
@@ -585,6 +591,7 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
             "benchmarks/results/serve_load.json",
             "benchmarks/results/parallel.json",
             "benchmarks/results/scale.json",
+            "benchmarks/results/demo.json",
         ],
         "the commands in docs/measured.md",
         headline,
