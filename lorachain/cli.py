@@ -171,6 +171,13 @@ def _route_eval(args: argparse.Namespace) -> int:
     if args.holdout_by:
         return _route_holdout(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    rows, source = None, "the store's test split"
+    if args.unseen:
+        from lorachain.routing.unseen import unseen_rows
+
+        names = [x for x in (args.datasets or "").split(",") if x] or None
+        rows = unseen_rows(args.store, args.rows, names, args.max_per_task)
+        source = "data sets the store never saw"
     result = route_eval(
         _router(args),
         args.store,
@@ -180,6 +187,8 @@ def _route_eval(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         args.judge_url,
         args.judge_model,
+        rows,
+        source,
     )
     from lorachain.routing.evaluate import report_markdown
 
@@ -320,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--out", default=None, help="report folder (default STORE/eval)")
     re_.add_argument("--max-per-task", type=int, default=None, help="test rows per task")
     re_.add_argument("--modes", default="score,generate")
+    re_.add_argument(
+        "--unseen",
+        action="store_true",
+        help="score rows of data sets the store never saw (default: its data.exclude_datasets), not "
+        "its test split",
+    )
+    re_.add_argument(
+        "--rows", default=None, help="unseen: the instruction file (default: the store's data file)"
+    )
+    re_.add_argument("--datasets", default=None, help="unseen: data sets, comma-separated")
     re_.add_argument(
         "--judge-url",
         default=os.environ.get("LORACHAIN_JUDGE_URL"),

@@ -28,6 +28,9 @@ class RouteDataConfig:
     task_field: str = "task"
     tasks: list[str] | None = None  # keep only these labels (default: all)
     dataset_field: str = "dataset"  # the source data set of a row (missing: one data set per task)
+    # data sets kept out of every split, to score the store on instructions it never saw
+    # (`lorachain route eval STORE --unseen`)
+    exclude_datasets: list[str] = field(default_factory=list)
     # which rows the adapters and the selector learn from (lorachain.routing.balance): none | task |
     # dataset | task_then_dataset (equal rows per task type, spread evenly over its data sets)
     balance: str = "task_then_dataset"

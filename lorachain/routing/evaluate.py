@@ -15,14 +15,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lorachain.data import encode_row
-from lorachain.io import atomic_write, write_json, write_text
+from lorachain.io import write_json, write_text
 from lorachain.metrics import exact_match, perplexity, rouge_l, top_k_accuracy
 from lorachain.routing.judge import JudgeError, judge_score, write_human_sheet
+from lorachain.routing.plots import plot_answers, plot_confusion
 from lorachain.store import MIXED
 from lorachain.training.evaluate import sequence_logprobs
 
-NONE = "(none)"
-QUALITY_KINDS = ("routed", "base", "mixed")  # whose greedy answers are scored (and judged)
+# whose greedy answers are scored (and judged): the routed chain (with the store's fallback), the
+# selector's top label without any fallback, the true task's adapter, the mixed adapter, no adapter
+QUALITY_KINDS = ("routed", "top1", "oracle", "mixed", "base")
 BASE = "(base)"  # not an adapter: the base model with every adapter disabled
 
 
@@ -55,19 +57,27 @@ def using(router, name: str) -> Iterator[None]:
         yield
 
 
-def task_nll(router, rows: list[dict], adapters: list[str]) -> dict[str, tuple[float, int]]:
+def task_nll(
+    router, rows: list[dict], adapters: list[str], cache: dict | None = None
+) -> dict[str, tuple[float, int]]:
     """task -> (summed negative log-likelihood, tokens) of the rows' outputs, each row under the
-    adapter chosen for it (BASE: none)."""
-    nll: dict[str, float] = defaultdict(float)
-    ntok: dict[str, int] = defaultdict(int)
+    adapter chosen for it (BASE: none). `cache` keeps (row, adapter) -> (logprob, tokens) between
+    calls, so kinds that pick the same adapter for a row score it once."""
+    cache = {} if cache is None else cache
     for name in dict.fromkeys(adapters):
-        idx = [i for i, a in enumerate(adapters) if a == name]
+        idx = [i for i, a in enumerate(adapters) if a == name and (i, name) not in cache]
         examples = [encode_row(router.answer_cfg, router.tok, rows[i], "test", classifier=False) for i in idx]
+        if not examples:
+            continue
         with using(router, name):
             scored = sequence_logprobs(router.model, examples, router.tok.pad_token_id, 8)
-        for i, (lp, n) in zip(idx, scored, strict=True):
-            nll[rows[i]["task"]] -= lp
-            ntok[rows[i]["task"]] += n
+        cache.update(((i, name), s) for i, s in zip(idx, scored, strict=True))
+    nll: dict[str, float] = defaultdict(float)
+    ntok: dict[str, int] = defaultdict(int)
+    for i, name in enumerate(adapters):
+        lp, n = cache[(i, name)]
+        nll[rows[i]["task"]] -= lp
+        ntok[rows[i]["task"]] += n
     return {t: (nll[t], ntok[t]) for t in sorted(nll)}
 
 
@@ -108,20 +118,21 @@ def selection_report(router, rows: list[dict], mode: str) -> tuple[dict, list[st
     return report, chosen, ranked
 
 
-def answers_for(router, rows: list[dict], adapters: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers, each row by the adapter chosen for it (BASE: none)."""
-    out = [""] * len(rows)
+def answers_for(
+    router, rows: list[dict], adapters: list[str], max_new_tokens: int, cache: dict | None = None
+) -> list[str]:
+    """Greedy answers, each row by the adapter chosen for it (BASE: none); `cache` as in task_nll."""
+    cache = {} if cache is None else cache
     for name in dict.fromkeys(adapters):
-        idx = [i for i, a in enumerate(adapters) if a == name]
+        idx = [i for i, a in enumerate(adapters) if a == name and (i, name) not in cache]
         for chunk in batched(idx, 8):
             # a chat row is answered from its conversation up to the final assistant turn
             asks = [rows[i].get("messages", [])[:-1] or rows[i]["instruction"] for i in chunk]
             with using(router, name):
                 # with the adapters disabled, the one `ask` makes active changes nothing
                 got = router.ask(asks, adapter=MIXED if name == BASE else name, max_new_tokens=max_new_tokens)
-            for i, a in zip(chunk, got, strict=True):
-                out[i] = a.answer
-    return out
+            cache.update(((i, name), a.answer) for i, a in zip(chunk, got, strict=True))
+    return [cache[(i, name)] for i, name in enumerate(adapters)]
 
 
 def _mean_scores(scores: list[tuple[float, float]]) -> dict[str, float]:
@@ -147,33 +158,6 @@ def overall_quality(rows: list[dict], answers: list[str]) -> dict[str, float]:
     return _mean_scores(_scores(rows, answers))
 
 
-def plot_confusion(
-    gold: list[str], ranked: list[list[str]], labels: list[str], title: str, path: Path
-) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = labels + [NONE]
-    counts = [[0] * len(cols) for _ in labels]
-    for g, r in zip(gold, ranked, strict=True):
-        counts[labels.index(g)][cols.index(r[0] if r else NONE)] += 1
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cols), 1.0 + 0.6 * len(labels)))
-    ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i, row in enumerate(counts):
-        for j, v in enumerate(row):
-            if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set(xlabel="selected (top-1)", ylabel="true task", title=title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
-
-
 def route_eval(
     router,
     store: str | Path,
@@ -183,14 +167,19 @@ def route_eval(
     max_new_tokens: int = 32,
     judge_url: str | None = None,
     judge_model: str = "gpt-3.5-turbo",
+    rows: list[dict] | None = None,
+    rows_from: str = "the store's test split",
 ) -> dict:
-    """Evaluate a store's routed chain against its task adapters and mixed adapter; write
-    route_eval.json, route_eval.md, confusion_<mode>.png and human_eval.csv into `out`."""
+    """Evaluate a store's routed chain against its task adapters and mixed adapter on its test
+    split, or on `rows` (e.g. `routing.unseen.unseen_rows`); write route_eval.json, route_eval.md,
+    confusion_<mode>.png, answers.png and human_eval.csv into `out`."""
     store = Path(store)
     out = Path(out or store / "eval")
-    rows = load_test_rows(store, max_per_task)
+    rows = load_test_rows(store, max_per_task) if rows is None else rows
     gold = [r["task"] for r in rows]
     result: dict = {
+        "rows_from": rows_from,
+        "datasets": sorted({r["dataset"] for r in rows if r.get("dataset")}),
         "test_rows": len(rows),
         "per_task_rows": {t: gold.count(t) for t in sorted(set(gold))},
         "selection": {},
@@ -199,28 +188,33 @@ def route_eval(
         "min_confidence": router.min_confidence,
         "min_in_distribution": router.min_in_distribution,
     }
-    routed = None
+    routed, top1 = None, None
     for mode in modes:
         report, chosen, ranked = selection_report(router, rows, mode)
         result["selection"][mode] = report
         plot_confusion(gold, ranked, router.labels, f"task selection ({mode})", out / f"confusion_{mode}.png")
         if mode == router.mode or routed is None:
             routed = chosen
+            top1 = [router.adapters.get(r[0], router.fallback) if r else router.fallback for r in ranked]
     chosen = {
         "oracle": [router.adapters[t] for t in gold],
         "base": [BASE] * len(rows),
         "mixed": [MIXED] * len(rows),
         "routed": routed,
+        "top1": top1,
     }
-    nll = {kind: task_nll(router, rows, adapters) for kind, adapters in chosen.items()}
+    scored: dict = {}
+    nll = {kind: task_nll(router, rows, adapters, scored) for kind, adapters in chosen.items()}
     result["perplexity"] = {kind: {t: perplexity(*v) for t, v in per.items()} for kind, per in nll.items()}
-    answers = {kind: answers_for(router, rows, chosen[kind], max_new_tokens) for kind in QUALITY_KINDS}
+    said: dict = {}
+    answers = {kind: answers_for(router, rows, chosen[kind], max_new_tokens, said) for kind in QUALITY_KINDS}
     result["quality"] = {kind: quality(rows, a) for kind, a in answers.items()}
     result["overall"] = {
         "rows": len(rows),
         "perplexity": {kind: pooled_ppl(per) for kind, per in nll.items()},
         "quality": {kind: overall_quality(rows, a) for kind, a in answers.items()},
     }
+    plot_answers(result, out / "answers.png")
     result["judge"] = judge_all(rows, answers, judge_url, judge_model)
     sheet = [
         {**r, "adapter": a, "answer": ans} for r, a, ans in zip(rows, routed, answers["routed"], strict=True)
@@ -251,12 +245,18 @@ def report_markdown(result: dict) -> str:
     (no adapter) is the last column, the pooled numbers over all tasks the last row."""
     tasks = sorted(result["per_task_rows"])
     ppl, q, overall = result["perplexity"], result["quality"], result["overall"]
-    kinds = ("oracle", "mixed", "routed", "base")
+    kinds = [k for k in ("oracle", "mixed", "routed", "top1", "base") if k in ppl]
+    names = {"oracle": "oracle task adapter", "mixed": "mixed adapter", "routed": "routed chain"}
+    names |= {"top1": "top-1, no fallback", "base": "base model (no adapter)"}
     lines = [
+        f"Rows: {result['test_rows']} from {result.get('rows_from', 'the test split')}"
+        + (f" (data sets: {', '.join(result['datasets'])})" if result.get("datasets") else "")
+        + ".",
+        "",
         "## Perplexity per task (lower is better)",
         "",
-        "| task | n | oracle task adapter | mixed adapter | routed chain | base model (no adapter) |",
-        "|---|---|---|---|---|---|",
+        "| task | n | " + " | ".join(names[k] for k in kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
     ]
     lines += [
         f"| {t} | {result['per_task_rows'][t]} | " + " | ".join(f"{ppl[k][t]:.3f}" for k in kinds) + " |"
@@ -293,17 +293,19 @@ def report_markdown(result: dict) -> str:
             d = s if t == "all" else s["per_task"][t]
             cells += [f"{d['top1']:.3f}", f"{d['top3']:.3f}"]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    answered = [k for k in ("routed", "top1", "oracle", "mixed", "base") if k in q]
     lines += [
         "",
-        "## Answer quality (greedy, ROUGE-L / exact match)",
+        "## Answer quality (greedy; ROUGE-L / exact match)",
         "",
-        "| task | routed ROUGE-L | mixed ROUGE-L | routed EM | mixed EM | base ROUGE-L | base EM |",
-        "|---|---|---|---|---|---|---|",
+        "| task | " + " | ".join(names[k] for k in answered) + " | routed − mixed ROUGE-L |",
+        "|---|" + "---|" * (len(answered) + 1),
     ]
-    cells = [("routed", "rougeL"), ("mixed", "rougeL"), ("routed", "exact_match"), ("mixed", "exact_match")]
-    cells += [("base", "rougeL"), ("base", "exact_match")]
     for t, per in [*((t, {k: q[k][t] for k in q}) for t in tasks), ("all", overall["quality"])]:
-        lines.append(f"| {t} | " + " | ".join(f"{per[k][m]:.3f}" for k, m in cells) + " |")
+        cells = [f"{per[k]['rougeL']:.3f} / {per[k]['exact_match']:.3f}" for k in answered]
+        if "routed" in per and "mixed" in per:
+            cells.append(f"{per['routed']['rougeL'] - per['mixed']['rougeL']:+.3f}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
     judge = result["judge"]
     lines += ["", "## Judged helpfulness (1-6)", ""]
     if "skipped" in judge:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lorachain.config import ConfigError
+from lorachain.data import DataError
 from lorachain.io import atomic_dir, write_text
 from lorachain.models import load_model, load_tokenizer, resolve_path
 from lorachain.routing.config import RouteConfig
@@ -57,18 +58,42 @@ def is_chat(cfg: RouteConfig) -> bool:
     return bool(rows) and messages_field(rows[0][1], d.messages_field) is not None
 
 
-def load_split(cfg: RouteConfig, rejected: list[str] | None = None) -> dict[str, list[InstructionRow]]:
+def read_rows_of(cfg: RouteConfig, rejected: list[str] | None = None) -> list[InstructionRow]:
+    """Every row of `data.path`, chat or text, read with the config's field names."""
     d = cfg.data
     if is_chat(cfg):
         from lorachain.routing.data import read_chat_rows
 
         skip = rejected if d.on_bad_rows == "skip" else None
-        rows = read_chat_rows(d.path, d.task_field, d.messages_field, d.selector_input, skip, d.dataset_field)
-    else:
-        rows = _text_rows(cfg, rejected)
+        return read_chat_rows(d.path, d.task_field, d.messages_field, d.selector_input, skip, d.dataset_field)
+    return _text_rows(cfg, rejected)
+
+
+def load_split(cfg: RouteConfig, rejected: list[str] | None = None) -> dict[str, list[InstructionRow]]:
+    d = cfg.data
+    rows = read_rows_of(cfg, rejected)
     if d.tasks:
         rows = [r for r in rows if r.task in set(d.tasks)]
+    rows = exclude_datasets(rows, d.exclude_datasets, d.path)
     return stratified_split(rows, tuple(d.split), d.seed, d.max_per_task, d.balance, d.max_per_dataset)
+
+
+def exclude_datasets(rows: list[InstructionRow], names: list[str], path: str) -> list[InstructionRow]:
+    """The rows of no data set in `names`; a name no row has is an error (a typo would otherwise
+    leave the data set in, and the 'unseen' score would be in-distribution)."""
+    if not names:
+        return rows
+    present = {r.dataset for r in rows}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise DataError(
+            f"{path}: data.exclude_datasets: no row has data set {missing[0]!r} (field "
+            f"data.dataset_field); known: {sorted(present)[:12]}"
+        )
+    kept = [r for r in rows if r.dataset not in set(names)]
+    if not kept:
+        raise DataError(f"{path}: data.exclude_datasets leaves no rows")
+    return kept
 
 
 def _text_rows(cfg: RouteConfig, rejected: list[str] | None) -> list[InstructionRow]:

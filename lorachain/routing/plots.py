@@ -1,0 +1,77 @@
+"""Plots of `lorachain route eval`: the selector's confusion matrix and the answers of each way
+of choosing an adapter, per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorachain.io import atomic_write
+
+NONE = "(none)"
+KINDS = ("oracle", "routed", "top1", "mixed", "base")  # bar order in answers.png
+NAMES = {
+    "oracle": "oracle (true task's adapter)",
+    "routed": "routed (with fallback)",
+    "top1": "selector's top-1, no fallback",
+    "mixed": "mixed adapter",
+    "base": "base (no adapter)",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(
+    gold: list[str], ranked: list[list[str]], labels: list[str], title: str, path: Path
+) -> Path:
+    plt = _pyplot()
+    cols = labels + [NONE]
+    counts = [[0] * len(cols) for _ in labels]
+    for g, r in zip(gold, ranked, strict=True):
+        counts[labels.index(g)][cols.index(r[0] if r else NONE)] += 1
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cols), 1.0 + 0.6 * len(labels)))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(counts):
+        for j, v in enumerate(row):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set(xlabel="selected (top-1)", ylabel="true task", title=title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def plot_answers(result: dict, path: Path) -> Path:
+    """Grouped bars per task (and over all rows): ROUGE-L of the greedy answers and perplexity of
+    the reference answers, one bar per kind of route_eval."""
+    plt = _pyplot()
+    tasks = [*sorted(result["per_task_rows"]), "all"]
+    kinds = [k for k in KINDS if k in result["quality"]]
+    q, ppl, overall = result["quality"], result["perplexity"], result["overall"]
+    fig, axes = plt.subplots(2, 1, figsize=(2.0 + 1.1 * len(tasks), 7.5), sharex=True)
+    width = 0.8 / len(kinds)
+    for j, kind in enumerate(kinds):
+        xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(tasks))]
+        rouge = [overall["quality"][kind]["rougeL"] if t == "all" else q[kind][t]["rougeL"] for t in tasks]
+        perp = [overall["perplexity"][kind] if t == "all" else ppl[kind][t] for t in tasks]
+        axes[0].bar(xs, rouge, width, label=NAMES[kind])
+        axes[1].bar(xs, perp, width, label=NAMES[kind])
+    axes[0].set(ylabel="ROUGE-L of greedy answers (higher is better)")
+    axes[1].set(ylabel="perplexity of the reference (lower is better)", yscale="log")
+    axes[1].set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    axes[0].legend(fontsize=8, ncol=2)
+    source = result.get("rows_from", "the test split")
+    axes[0].set_title(f"{result['test_rows']} rows from {source}", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path

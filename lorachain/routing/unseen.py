@@ -1,0 +1,75 @@
+"""Rows of data sets a store never saw, for `lorachain route eval STORE --unseen`.
+
+A store trained with `data.exclude_datasets` kept those data sets out of every split: the
+adapters, the selector and its calibration never saw them. Their rows, read with the store's own
+field names, score how routing does on instructions from data sets it was not built from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorachain.config import from_dict
+from lorachain.data import DataError
+from lorachain.routing.balance import balance_rows
+from lorachain.routing.config import RouteConfig
+from lorachain.routing.train import is_chat, read_rows_of
+from lorachain.store import read_manifest
+
+
+def store_config(store: Path) -> RouteConfig:
+    data = json.loads((store / "route_config.json").read_text())
+    data.pop("lorachain_version", None)
+    return from_dict(RouteConfig, data)
+
+
+def trained_datasets(store: Path) -> set[str]:
+    """The data sets of the store's own rows (train, val and test splits)."""
+    names = set()
+    for part in ("train", "val", "test"):
+        for line in (store / "splits" / f"{part}.jsonl").read_text().splitlines():
+            if line:
+                names.add(json.loads(line).get("dataset", ""))
+    return names - {""}
+
+
+def unseen_rows(
+    store: str | Path,
+    path: str | None = None,
+    datasets: list[str] | None = None,
+    max_per_task: int | None = None,
+) -> list[dict]:
+    """Rows of `datasets` (default: the store's `data.exclude_datasets`) from `path` (default: the
+    store's data file), as test rows; at most `max_per_task` per task, spread evenly over its data
+    sets (seeded). A data set the store trained on, or one no row has, is an error."""
+    store = Path(store)
+    cfg = store_config(store)
+    names = list(datasets or cfg.data.exclude_datasets)
+    if not names:
+        raise DataError(
+            f"{store}: no unseen data sets: the store has no data.exclude_datasets; name them (--datasets)"
+        )
+    seen = trained_datasets(store) & set(names)
+    if seen:
+        name = sorted(seen)[0]
+        raise DataError(f"{store}: data set {name!r} is in the store's own rows, so it is not unseen")
+    file = path or cfg.data.path
+    cfg.data.path = file
+    rows = [r for r in read_rows_of(cfg, []) if r.dataset in names]
+    missing = sorted(set(names) - {r.dataset for r in rows})
+    if missing:
+        raise DataError(f"{file}: no row has data set {missing[0]!r} (field {cfg.data.dataset_field!r})")
+    known = set(read_manifest(store).labels)
+    rows = [r for r in rows if r.task in known]
+    if not rows:
+        raise DataError(f"{file}: no row of {names} has a task the store knows")
+    if max_per_task:
+        rows = balance_rows(rows, "task_then_dataset", max_per_task, None, cfg.data.seed)
+    chat = is_chat(cfg)
+    return [
+        {"instruction": r.instruction, "output": r.output, "task": r.task, "line": r.line}
+        | {"dataset": r.dataset}
+        | ({"messages": r.messages} if chat and r.messages is not None else {})
+        for r in rows
+    ]
