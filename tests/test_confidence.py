@@ -94,3 +94,30 @@ def test_bad_confidence_settings_fail_in_one_line():
         from_dict(RouteConfig, base | {"selector": {"confidence": "odin"}})
     with pytest.raises(ConfigError, match=r"selector.target_precision: expected in \(0, 1\]"):
         from_dict(RouteConfig, base | {"selector": {"target_precision": 1.5}})
+
+
+@pytest.mark.parametrize("score", ["msp", "mahalanobis"])
+def test_route_add_fits_the_calibration_again_with_the_new_task(calibrated, tmp_path, score):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lorachain.routing.add import add_task
+
+    store = shutil.copytree(calibrated[score], tmp_path / "store")
+    before = read_manifest(store).selector["calibration"]
+    old = load_file(str(store / "selector" / "centroids.safetensors"))
+    data = write_jsonl(tmp_path / "delta.jsonl", [{"instruction": f"purple {w} moon"} for w in "abcdef"])
+    m = add_task(store, "delta", store / "adapters" / "gamma", data)
+    after = m.selector["calibration"]
+    assert before["labels"] == 3 and after["labels"] == 4  # fitted against four centroids now
+    assert after["score"] == score and after["held_out_groups"] == before["held_out_groups"] == 9
+    assert after["held_out"]["precision"] is None or after["held_out"]["precision"] >= 0.9
+    new = load_file(str(store / "selector" / "centroids.safetensors"))
+    if score == "mahalanobis":  # the shared covariance now includes the new task's rows
+        assert new["precision"].shape == old["precision"].shape
+        assert not torch.allclose(new["precision"], old["precision"])
+    r = router(store)
+    assert r.min_in_distribution == after["threshold"]
+    sel = r.select(["purple a moon"])[0]
+    assert sel.ranked[0] == "delta" and sel.in_distribution is not None

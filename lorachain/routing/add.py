@@ -1,6 +1,8 @@
 """`lorachain route add STORE TASK ADAPTER_DIR DATA`: a new task in a store whose selector is
 `embedding`, without retraining anything: the task's adapter is copied in (sha256 in the
-manifest) and its instructions' embeddings become one more centroid."""
+manifest) and its instructions' embeddings become one more centroid. A calibrated store's
+temperature and routing threshold are fitted again on its held-out data sets, now scored against
+every centroid including the new one (its own rows form one data set, so they are never held out)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from lorachain.config import ConfigError
 from lorachain.data import DataError, read_rows
 from lorachain.io import atomic_dir, atomic_write
-from lorachain.routing.selectors import embed, entry_for, load_encoder, task_sums
+from lorachain.routing.calibrate import class_gaussian
+from lorachain.routing.confidence import fit_calibration
+from lorachain.routing.selectors import embed, entry_for, load_encoder, read_split, task_sums
 from lorachain.store import (
     Manifest,
     StoreError,
@@ -81,9 +85,13 @@ def add_task(
     sums, counts = task_sums(vecs, [task] * len(texts), [task])  # (1, D), (1,)
     old = load_file(str(folder / "centroids.safetensors"))
     new = {"sums": torch.cat([old["sums"], sums]), "counts": torch.cat([old["counts"], counts])}  # (L+1, D)
+    keep = {k: v for k, v in entry.items() if k not in ("kind", "path", "files")}
+    if entry.get("calibration"):
+        keep["calibration"], precision = recalibrate(root, entry, enc, tok, task, vecs)
+        if precision is not None:
+            new["precision"] = precision
     atomic_dir(root / "adapters" / name, lambda tmp: _copy(source, tmp))
     atomic_write(folder / "centroids.safetensors", lambda tmp: save_file(new, str(tmp)))
-    keep = {k: v for k, v in entry.items() if k not in ("kind", "path", "files")}
     manifest.selector = entry_for(root, "embedding", **(keep | {"labels": [*entry["labels"], task]}))
     manifest.labels = sorted([*manifest.labels, task])
     manifest.adapters[name] = {
@@ -95,6 +103,23 @@ def add_task(
     }
     write_manifest(root, manifest)
     return manifest
+
+
+def recalibrate(root: Path, entry: dict, enc, tok, task: str, vecs: torch.Tensor):
+    """The calibration of `entry` fitted again with `task`'s rows (`vecs`, one data set) added to
+    the store's training rows; and the Mahalanobis precision matrix, if its score needs one."""
+    rows = read_split(root, "train")
+    labels = [*entry["labels"], task]
+    texts = [r["instruction"] for r in rows]
+    mine = embed(enc, tok, texts, entry["max_length"], entry.get("truncation", "head"))  # (N, D)
+    every = torch.cat([mine, vecs])
+    index = torch.tensor([labels.index(r["task"]) for r in rows] + [len(labels) - 1] * len(vecs))
+    groups = [r.get("dataset", "") for r in rows] + [f"{task} (route add)"] * len(vecs)
+    old = entry["calibration"]
+    score, target = old["score"], old["target_precision"]
+    fitted = fit_calibration(every, index, groups, len(labels), entry["temperature"], score, target)
+    needs = fitted is not None and score == "mahalanobis"
+    return fitted, class_gaussian(every, index, len(labels))[1] if needs else None
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -79,5 +79,6 @@ def fit_calibration(
         "threshold": threshold,
         "target_precision": target,
         "held_out_groups": len(held),
+        "labels": n_labels,
         "held_out": cal.routed(values, correct, threshold) | {"top1": sum(correct) / len(correct)},
     }
