@@ -1,0 +1,227 @@
+"""The `lorachain route ...` subcommands and the store options `ask` and `serve` share: argument
+parsing and printing only; the work is in the routing modules they call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _route_train(args: argparse.Namespace) -> int:
+    from lorachain.config import load_config
+    from lorachain.routing.config import RouteConfig
+    from lorachain.routing.train import route_train
+
+    cfg = load_config(args.config, args.overrides, cls=RouteConfig)
+    for budget in (cfg.train, cfg.mixed_train, cfg.selector_train):
+        if budget is not None and args.precision:
+            budget.precision = args.precision
+    manifest = route_train(cfg)
+    if manifest is None:
+        return 130
+    print(f"store: {cfg.output_dir} ({len(manifest.adapters)} adapters)")
+    return 0
+
+
+def router_from_args(args: argparse.Namespace):
+    from lorachain.serve.router import Router
+
+    return Router.from_store(args.store, mode=args.mode, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+
+
+def _route_holdout(args: argparse.Namespace) -> int:
+    from lorachain.config import load_config
+    from lorachain.routing.config import RouteConfig
+    from lorachain.routing.holdout import holdout_eval
+
+    store = Path(args.store)
+    path = store / "route_config.json" if store.is_dir() else store
+    cfg = load_config(str(path), args.set, cls=RouteConfig)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    out = args.out or str((store if store.is_dir() else Path("results")) / f"holdout_{args.holdout_by}")
+    command = "lorachain " + " ".join(sys.argv[1:])
+    if args.nested:
+        from lorachain.routing.nested import nested_eval, nested_markdown
+
+        grids: dict[str, list[str]] = {}
+        for spec in args.grid:  # KIND:KEY=V1,V2
+            kind, _, axis = spec.partition(":")
+            grids.setdefault(kind, []).append(axis)
+        result = nested_eval(
+            cfg,
+            args.holdout_by,
+            out,
+            kinds,
+            args.label,
+            args.per_group,
+            command,
+            grids or None,
+            args.target_precision,
+            args.max_folds,
+            args.inner_folds,
+            args.embedding_cache,
+            args.folds,
+        )
+        print(nested_markdown(result))
+        return 0
+    result = holdout_eval(
+        cfg,
+        args.holdout_by,
+        out,
+        kinds,
+        args.label,
+        args.per_group,
+        args.folds,
+        command,
+        args.max_folds,
+        not args.skip_in_distribution,
+    )
+    from lorachain.routing.holdout import holdout_markdown
+
+    print(holdout_markdown(result))
+    return 0
+
+
+def _route_eval(args: argparse.Namespace) -> int:
+    from lorachain.routing.evaluate import route_eval
+
+    if args.holdout_by:
+        return _route_holdout(args)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    rows, source = None, "the store's test split"
+    if args.unseen:
+        from lorachain.routing.unseen import unseen_rows
+
+        names = [x for x in (args.datasets or "").split(",") if x] or None
+        rows = unseen_rows(args.store, args.rows, names, args.max_per_task)
+        source = "data sets the store never saw"
+    result = route_eval(
+        router_from_args(args),
+        args.store,
+        args.out,
+        args.max_per_task,
+        modes,
+        args.max_new_tokens,
+        args.judge_url,
+        args.judge_model,
+        rows,
+        source,
+    )
+    from lorachain.routing.evaluate import report_markdown
+
+    print(report_markdown(result))
+    return 0
+
+
+def _route_add(args: argparse.Namespace) -> int:
+    from lorachain.routing.add import add_task
+
+    m = add_task(args.store, args.task, args.adapter_dir, args.data, args.instruction_field, args.input_field)
+    print(f"store: {args.store} ({len(m.labels)} tasks; added {args.task!r}, selector not retrained)")
+    return 0
+
+
+def _human_rates(args: argparse.Namespace) -> int:
+    from lorachain.routing.judge import human_rates
+
+    print(json.dumps(human_rates(args.sheet), indent=2))
+    return 0
+
+
+def router_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("store", help="adapter store folder (made by `lorachain route train`)")
+    p.add_argument("--mode", choices=["score", "generate"], default="score", help="task selection mode")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+
+
+def add_route_parser(sub, add_precision: Callable[[argparse.ArgumentParser], None]) -> None:
+    """`lorachain route train | eval | add | human-rates` under the top-level subparsers `sub`."""
+    r = sub.add_parser("route", help="task routing: train a store, evaluate it, rate human sheets")
+    rsub = r.add_subparsers(dest="route_cmd", required=True)
+    rt = rsub.add_parser("train", help="train task adapters, the selector and the mixed adapter")
+    rt.add_argument("config")
+    rt.add_argument("overrides", nargs="*")
+    add_precision(rt)
+    rt.set_defaults(func=_route_train)
+    re_ = rsub.add_parser("eval", help="perplexity, selector accuracy, answer quality on the test split")
+    router_args(re_, 32)
+    re_.add_argument("--out", default=None, help="report folder (default STORE/eval)")
+    re_.add_argument("--max-per-task", type=int, default=None, help="test rows per task")
+    re_.add_argument("--modes", default="score,generate")
+    re_.add_argument(
+        "--unseen",
+        action="store_true",
+        help="score rows of data sets the store never saw (default: its data.exclude_datasets), not "
+        "its test split",
+    )
+    re_.add_argument(
+        "--rows", default=None, help="unseen: the instruction file (default: the store's data file)"
+    )
+    re_.add_argument("--datasets", default=None, help="unseen: data sets, comma-separated")
+    re_.add_argument(
+        "--judge-url",
+        default=os.environ.get("LORACHAIN_JUDGE_URL"),
+        help="OpenAI-compatible base URL for 1-6 helpfulness ratings (optional)",
+    )
+    re_.add_argument("--judge-model", default=os.environ.get("LORACHAIN_JUDGE_MODEL", "gpt-3.5-turbo"))
+    re_.add_argument(
+        "--holdout-by",
+        default=None,
+        help="leave-one-group-out selector accuracy by this field (e.g. dataset, template); STORE may "
+        "then be a route YAML config instead of a store",
+    )
+    re_.add_argument("--label", default="task", help="holdout: the field the selector predicts")
+    re_.add_argument("--kinds", default="embedding", help="holdout: selector kinds, comma-separated")
+    re_.add_argument("--per-group", type=int, default=60, help="holdout: rows per group (seeded)")
+    re_.add_argument(
+        "--folds",
+        choices=["one", "rounds"],
+        default="one",
+        help="holdout: one group per fold, or one group of every label per fold",
+    )
+    re_.add_argument("--max-folds", type=int, default=None, help="holdout: only the first N folds")
+    re_.add_argument(
+        "--skip-in-distribution", action="store_true", help="holdout: no in-distribution fit (budget)"
+    )
+    re_.add_argument("--set", nargs="*", default=[], help="holdout: dotted config overrides")
+    re_.add_argument(
+        "--nested",
+        action="store_true",
+        help="holdout: settings, temperature and thresholds chosen on inner folds only (unbiased)",
+    )
+    re_.add_argument(
+        "--grid",
+        nargs="*",
+        default=[],
+        help="nested: KIND:KEY=V1,V2 axes of the settings grid (default per kind: routing.nested.GRIDS)",
+    )
+    re_.add_argument(
+        "--target-precision", type=float, default=0.9, help="nested: precision the routing threshold aims at"
+    )
+    re_.add_argument("--inner-folds", type=int, default=None, help="nested: at most N inner folds (budget)")
+    re_.add_argument(
+        "--embedding-cache",
+        default=None,
+        help="nested: a file keeping the embedding kind's embeddings between runs",
+    )
+    re_.set_defaults(func=_route_eval)
+    ra = rsub.add_parser(
+        "add", help="add a task adapter to a store with an embedding selector (no retraining)"
+    )
+    ra.add_argument("store")
+    ra.add_argument("task", help="the new task label")
+    ra.add_argument(
+        "adapter_dir", help="a PEFT adapter folder (or a lorachain run folder) on the store's base"
+    )
+    ra.add_argument("data", help="instructions of the task (JSONL, JSON, CSV): their centroid routes to it")
+    ra.add_argument("--instruction-field", default="instruction")
+    ra.add_argument("--input-field", default=None, help="optional context appended to the instruction")
+    ra.set_defaults(func=_route_add)
+    rh = rsub.add_parser("human-rates", help="pass/excellent/fail rates from a filled human_eval.csv")
+    rh.add_argument("sheet")
+    rh.set_defaults(func=_human_rates)
