@@ -409,6 +409,36 @@ def route_eval(d: dict) -> str:
     return table(header, rows)
 
 
+def unseen_answers(runs: dict) -> str:
+    """`route eval --unseen` (and the same store's test split): answers per task type and pooled,
+    ROUGE-L of routed-with-fallback, top-1 without fallback, oracle, mixed and base."""
+    kinds = ("routed", "top1", "oracle", "mixed", "base")
+    rows = []
+    for path, d in runs.items():
+        run, q, o = Path(path).parent.name, d["quality"], d["overall"]
+        sel = d["selection"]["score"]
+        for t in [*sorted(d["per_task_rows"]), "all"]:
+            per = o["quality"] if t == "all" else {k: q[k][t] for k in kinds}
+            ppl = o["perplexity"] if t == "all" else {k: d["perplexity"][k][t] for k in kinds}
+            top1 = sel["top1"] if t == "all" else sel["per_task"][t]["top1"]
+            rows.append(
+                [
+                    f"`{run}`" if t == "all" else "",
+                    f"**{t}**" if t == "all" else t,
+                    o["rows"] if t == "all" else d["per_task_rows"][t],
+                    f(top1, 2),
+                    *[f(per[k]["rougeL"]) for k in kinds],
+                    signed(100 * (per["routed"]["rougeL"] - per["mixed"]["rougeL"])),
+                    f"{ppl['routed']:.2f} / {ppl['mixed']:.2f}",
+                ]
+            )
+        p = sel.get("routed_precision")
+        rows[-1][1] = f"**all** (sent to a task adapter: {f(1 - sel['fallbacks'], 2)}, right {f(p, 2)})"
+    head = ["run", "task type", "rows", "selector top-1", "ROUGE-L routed (fallback)", "top-1, no fallback"]
+    head += ["oracle", "mixed", "base", "routed − mixed (points)", "ppl routed / mixed"]
+    return table(head, rows)
+
+
 def holdout(runs: dict) -> str:
     """Every leave-one-data-set-out run: folder, kind, its settings, held-out and in-distribution top-1."""
     rows = []
@@ -461,7 +491,7 @@ def nested(runs: dict) -> str:
                 [
                     f"`{Path(path).parent.name}`",
                     f"`{kind}`",
-                    d.get("balance", "-"),
+                    _balance(d.get("balance")),
                     d.get("outer_folds", "-"),
                     k["rows"],
                     f(k["top1"]),
@@ -680,6 +710,11 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "lorachain route eval configs/route/t0_smollm2.yaml --holdout-by dataset --nested "
         "(each run's command: results/routing_holdout/README.md)",
         nested,
+    ),
+    "routing-unseen": (
+        "results/routing_unseen/*/route_eval.json",
+        "lorachain route eval stores/t0_smollm2_unseen [--unseen] --max-per-task 20 (results/README.md)",
+        unseen_answers,
     ),
     "variants": (
         "results/routing_holdout/variants/variants.json",
