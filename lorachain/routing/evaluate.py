@@ -293,7 +293,7 @@ def report_markdown(result: dict) -> str:
             d = s if t == "all" else s["per_task"][t]
             cells += [f"{d['top1']:.3f}", f"{d['top3']:.3f}"]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    answered = [k for k in ("routed", "top1", "oracle", "mixed", "base") if k in q]
+    answered = [k for k in QUALITY_KINDS if k in q]
     lines += [
         "",
         "## Answer quality (greedy; ROUGE-L / exact match)",

@@ -34,16 +34,17 @@ from lorachain.training.loop import train
 from lorachain.training.parallel import init_dist
 
 
+def row_dict(r: InstructionRow) -> dict:
+    """A row as the store's split files (and `route eval`) keep it."""
+    return (
+        {"instruction": r.instruction, "output": r.output, "task": r.task, "line": r.line}
+        | ({"messages": r.messages} if r.messages is not None else {})
+        | ({"dataset": r.dataset} if r.dataset else {})
+    )
+
+
 def write_rows(path: Path, rows: list[InstructionRow]) -> Path:
-    lines = [
-        json.dumps(
-            {"instruction": r.instruction, "output": r.output, "task": r.task, "line": r.line}
-            | ({"messages": r.messages} if r.messages is not None else {})
-            | ({"dataset": r.dataset} if r.dataset else {})
-        )
-        for r in rows
-    ]
-    return write_text(path, "".join(line + "\n" for line in lines))
+    return write_text(path, "".join(json.dumps(row_dict(r)) + "\n" for r in rows))
 
 
 def is_chat(cfg: RouteConfig) -> bool:

@@ -7,30 +7,24 @@ field names, score how routing does on instructions from data sets it was not bu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from lorachain.config import from_dict
+from lorachain.config import load_config
 from lorachain.data import DataError
 from lorachain.routing.balance import balance_rows
 from lorachain.routing.config import RouteConfig
-from lorachain.routing.train import is_chat, read_rows_of
+from lorachain.routing.selectors import read_split
+from lorachain.routing.train import read_rows_of, row_dict
 from lorachain.store import read_manifest
 
 
 def store_config(store: Path) -> RouteConfig:
-    data = json.loads((store / "route_config.json").read_text())
-    data.pop("lorachain_version", None)
-    return from_dict(RouteConfig, data)
+    return load_config(store / "route_config.json", cls=RouteConfig)
 
 
 def trained_datasets(store: Path) -> set[str]:
     """The data sets of the store's own rows (train, val and test splits)."""
-    names = set()
-    for part in ("train", "val", "test"):
-        for line in (store / "splits" / f"{part}.jsonl").read_text().splitlines():
-            if line:
-                names.add(json.loads(line).get("dataset", ""))
+    names = {r.get("dataset", "") for part in ("train", "val", "test") for r in read_split(store, part)}
     return names - {""}
 
 
@@ -66,10 +60,4 @@ def unseen_rows(
         raise DataError(f"{file}: no row of {names} has a task the store knows")
     if max_per_task:
         rows = balance_rows(rows, "task_then_dataset", max_per_task, None, cfg.data.seed)
-    chat = is_chat(cfg)
-    return [
-        {"instruction": r.instruction, "output": r.output, "task": r.task, "line": r.line}
-        | {"dataset": r.dataset}
-        | ({"messages": r.messages} if chat and r.messages is not None else {})
-        for r in rows
-    ]
+    return [row_dict(r) for r in rows]
