@@ -534,22 +534,30 @@ def grid_scores(results: list) -> str:
 
 
 def gap_pilot(results: list) -> str:
-    """One seed: each method's test score (and GSM8K's reference NLL), and full − LoRA r=8."""
+    """One seed: each method's test score (GSM8K: and reference NLL) per lr, and full − LoRA r=8."""
     results = list(results.values()) if isinstance(results, dict) else results
-    by = {(r["task"], r["method"]): r for r in results}
+    by = {(r["task"], r["method"], r["lr"]): r for r in results}
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    methods = ["full", "lora_r8", "lora_r1"]
+    cols = sorted({(r["method"], r["lr"]) for r in results}, key=lambda c: (c[0] != "full", -c[1], c[0]))
+    cols = [c for c in cols if c[0] == "full"] + [("lora_r8", 1e-3), ("lora_r1", 1e-3)]
+
+    def shown(c):
+        if not c:
+            return "…"
+        nll = c["test"].get("ref_nll")
+        return f"{c['test']['score'] * 100:.1f}" + (f" (NLL {nll:.3f})" if nll is not None else "")
+
     rows = []
     for t in tasks:
-        cells = [by.get((t, m)) for m in methods]
-        score = [f"{c['test']['score'] * 100:.1f}" if c else "…" for c in cells]
-        nll = [f"{c['test']['ref_nll']:.3f}" if c and "ref_nll" in c["test"] else "" for c in cells]
-        shown = [f"{s} (NLL {n})" if n else s for s, n in zip(score, nll, strict=True)]
-        gap = "…"
-        if cells[0] and cells[1]:
-            gap = signed((cells[0]["test"]["score"] - cells[1]["test"]["score"]) * 100)
-        rows.append([t, *shown, gap, cells[0]["counts"]["test"] if cells[0] else "…"])
-    return table(["task", "full", "LoRA r=8", "LoRA r=1", "full − LoRA r=8 (points)", "test rows"], rows)
+        cells = [by.get((t, m, lr)) for m, lr in cols]
+        fulls = [c for (m, _), c in zip(cols, cells, strict=True) if m == "full" and c]
+        best = max(fulls, key=lambda c: c["val"]["score"], default=None)  # lr chosen on validation
+        lora = by.get((t, "lora_r8", 1e-3))
+        gap = signed((best["test"]["score"] - lora["test"]["score"]) * 100) if best and lora else "…"
+        rows.append([t, *map(shown, cells), gap, (best or lora or {}).get("counts", {}).get("test", "…")])
+    heads = [f"full lr {lr:g}" if m == "full" else f"LoRA r={m.split('_r')[1]}" for m, lr in cols]
+    gap_head = "full (lr chosen on val) − LoRA r=8 (points)"
+    return table(["task", *heads, gap_head, "test rows"], rows)
 
 
 def headline(paths: dict) -> str:

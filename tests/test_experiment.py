@@ -124,6 +124,16 @@ def test_changed_grid_definition_is_refused(tmp_path, tiny_dir):
     assert run_experiment(more_seeds, progress=False) == {"cells": 2, "computed": 1, "cached": 1}
 
 
+def test_a_method_may_grow_its_lrs_and_seeds_but_not_change(tmp_path, tiny_dir):
+    cfg = grid(tmp_path, tiny_dir, methods={"zs": {"baseline": "zero_shot"}}, seeds=[0])
+    run_experiment(cfg, progress=False)
+    grown = grid(tmp_path, tiny_dir, methods={"zs": {"baseline": "zero_shot", "seeds": [0, 1]}}, seeds=[0])
+    assert run_experiment(grown, progress=False) == {"cells": 2, "computed": 1, "cached": 1}
+    changed = grid(tmp_path, tiny_dir, methods={"zs": {"baseline": "icl", "seeds": [0, 1]}}, seeds=[0])
+    with pytest.raises(ConfigError, match="another methods.zs"):
+        run_experiment(changed, progress=False)
+
+
 def test_grid_written_before_a_new_config_field_still_resumes(tmp_path, tiny_dir):
     """A field added to the config since (with its default) does not change what a cell means."""
     cfg = grid(tmp_path, tiny_dir, methods={"zero_shot": {"baseline": "zero_shot"}}, seeds=[0])

@@ -353,13 +353,18 @@ def prepare(cfg: ExperimentConfig) -> None:
         changed += [
             f"methods.{m}"
             for m in old["methods"]
-            if m in new["methods"] and old["methods"][m] != new["methods"][m]
+            if m in new["methods"] and _meaning(old["methods"][m]) != _meaning(new["methods"][m])
         ]
         if changed:
             raise ConfigError(
                 f"{out}: holds an experiment with another {', '.join(changed)}; choose another output_dir"
             )
     write_text(path, cfg.to_json() + "\n")
+
+
+def _meaning(method: dict) -> dict:
+    """A method's settings without its lrs and seeds: those are part of the cell id and may grow."""
+    return {k: v for k, v in method.items() if k not in ("lrs", "seeds")}
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
