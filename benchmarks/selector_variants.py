@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--cache", help="file to keep the embeddings in (reused when the rows match)")
     ap.add_argument("--out", default="results/routing_holdout/variants")
     args = ap.parse_args()
-    from lorachain.routing.selectors import embed, load_encoder
+    from lorachain.routing.encoders import embed, load_encoder
 
     rows = sample_rows(DATA, args.per_dataset)
     texts = [r["instruction"] for r in rows]

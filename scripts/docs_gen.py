@@ -481,6 +481,9 @@ def _balance(b) -> str:
     return b["balance"] + (f" ({caps})" if caps else "")
 
 
+PROTOTYPES = {"task": "", "dataset": "; data-set prototypes"}
+
+
 def nested(runs: dict) -> str:
     """Nested leave-one-data-set-out: settings, temperature and thresholds chosen on inner folds only."""
     rows = []
@@ -491,7 +494,7 @@ def nested(runs: dict) -> str:
                 [
                     f"`{Path(path).parent.name}`",
                     f"`{kind}`",
-                    _balance(d.get("balance")),
+                    _balance(d.get("balance")) + PROTOTYPES.get(d.get("prototypes", "task"), ""),
                     d.get("outer_folds", "-"),
                     k["rows"],
                     f(k["top1"]),

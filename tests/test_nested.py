@@ -96,6 +96,7 @@ def test_route_eval_nested_writes_per_kind_results_and_resumes(tmp_path, capsys)
     argv = ["route", "eval", str(tmp_path / "route.json"), "--holdout-by", "dataset", "--nested"]
     argv += ["--out", str(out), "--per-group", "4", "--grid", "embedding:selector.truncation=head,head_tail"]
     argv += ["--embedding-cache", str(tmp_path / "emb.pt")]
+    argv += ["--set", "data.max_per_task=50", "--set", "selector.prototypes=task"]  # both kept
     assert main(argv) == 0
     cache = torch.load(tmp_path / "emb.pt")
     assert sorted(cache) == [(16, "head"), (16, "head_tail")] and len(cache[(16, "head")]) == len(
@@ -106,6 +107,7 @@ def test_route_eval_nested_writes_per_kind_results_and_resumes(tmp_path, capsys)
     assert (
         result["outer_folds"] == 9 and s["rows"] == 36 and result["balance"]["balance"] == "task_then_dataset"
     )
+    assert result["balance"]["max_per_task"] == 50
     assert s["top1"] == 1.0 and s["top3"] == 1.0  # a data set of the same words, never seen, routed right
     assert set(s["routing"]) == {"msp", "energy", "cosine", "mahalanobis"}
     assert 0 <= s["ece_raw"] <= 1 and len(s["temperature"]) == 9

@@ -246,7 +246,7 @@ def test_route_eval_holdout_by_dataset_writes_per_kind_results(encoder, tmp_path
 
 
 def test_head_tail_clip_keeps_both_ends_of_a_long_instruction():
-    from lorachain.routing.selectors import clip
+    from lorachain.routing.encoders import clip
 
     tok = make_tokenizer()  # whitespace words, no special tokens
     long = " ".join(["red"] * 3 + ["sky"] * 20 + ["blue", "sea", "blue", "sea"])

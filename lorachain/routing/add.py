@@ -17,7 +17,9 @@ from lorachain.data import DataError, read_rows
 from lorachain.io import atomic_dir, atomic_write
 from lorachain.routing.calibrate import class_gaussian
 from lorachain.routing.confidence import fit_calibration
-from lorachain.routing.selectors import embed, entry_for, load_encoder, read_split, task_sums
+from lorachain.routing.encoders import embed, load_encoder
+from lorachain.routing.prototypes import prototype_index
+from lorachain.routing.selectors import entry_for, read_split
 from lorachain.store import (
     Manifest,
     StoreError,
@@ -82,9 +84,11 @@ def add_task(
     if entry.get("encoder_fingerprint") and fingerprint(enc) != entry["encoder_fingerprint"]:
         raise StoreError(f"{folder}: encoder {entry['encoder']!r} has other weights than the one used to fit")
     vecs = embed(enc, tok, texts, entry["max_length"], entry.get("truncation", "head"))  # (N, D)
-    sums, counts = task_sums(vecs, [task] * len(texts), [task])  # (1, D), (1,)
+    sums, counts = vecs.sum(0, keepdim=True), torch.tensor([float(len(vecs))])  # one more prototype
     old = load_file(str(folder / "centroids.safetensors"))
-    new = {"sums": torch.cat([old["sums"], sums]), "counts": torch.cat([old["counts"], counts])}  # (L+1, D)
+    owner = old.get("owner", torch.arange(len(entry["labels"])))
+    new = {"sums": torch.cat([old["sums"], sums]), "counts": torch.cat([old["counts"], counts])}  # (P+1, D)
+    new["owner"] = torch.cat([owner, torch.tensor([len(entry["labels"])])])  # the new task's index
     keep = {k: v for k, v in entry.items() if k not in ("kind", "path", "files")}
     if entry.get("calibration"):
         keep["calibration"], precision = recalibrate(root, entry, enc, tok, task, vecs)
@@ -117,7 +121,9 @@ def recalibrate(root: Path, entry: dict, enc, tok, task: str, vecs: torch.Tensor
     groups = [r.get("dataset", "") for r in rows] + [f"{task} (route add)"] * len(vecs)
     old = entry["calibration"]
     score, target = old["score"], old["target_precision"]
-    fitted = fit_calibration(every, index, groups, len(labels), entry["temperature"], score, target)
+    tasks = [r["task"] for r in rows] + [task] * len(vecs)
+    protos = prototype_index(tasks, groups, labels, entry.get("prototypes", "task"))
+    fitted = fit_calibration(every, index, groups, len(labels), entry["temperature"], score, target, protos)
     needs = fitted is not None and score == "mahalanobis"
     return fitted, class_gaussian(every, index, len(labels))[1] if needs else None
 

@@ -188,7 +188,9 @@ def add_route_parser(sub, add_precision: Callable[[argparse.ArgumentParser], Non
     re_.add_argument(
         "--skip-in-distribution", action="store_true", help="holdout: no in-distribution fit (budget)"
     )
-    re_.add_argument("--set", nargs="*", default=[], help="holdout: dotted config overrides")
+    re_.add_argument(
+        "--set", nargs="+", action="extend", default=[], help="dotted config overrides (repeatable)"
+    )
     re_.add_argument(
         "--nested",
         action="store_true",

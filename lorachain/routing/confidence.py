@@ -13,16 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from lorachain.routing import calibrate as cal
+from lorachain.routing.prototypes import prototype_sums, task_cosines
 
 CONFIDENCES = ("msp", "energy", "cosine", "mahalanobis")
 
 
 def centroid_scores(
-    vecs: torch.Tensor, means: torch.Tensor, precision: torch.Tensor | None, temp: float
+    vecs: torch.Tensor,
+    means: torch.Tensor,
+    precision: torch.Tensor | None,
+    temp: float,
+    cos: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Logits (N, L) of unit embeddings (N, D) against task means (L, D) (cosine / `temp`), the
-    nearest centroid's cosine and, given a precision matrix, the Mahalanobis score (N,)."""
-    cos = vecs @ F.normalize(means, dim=-1).T  # (N, L)
+    """Logits (N, L) of unit embeddings (N, D): each task's cosine `cos` (default: to the task
+    means (L, D)) over `temp`; the best cosine and, given a precision matrix, the Mahalanobis score
+    to the task means (N,)."""
+    cos = vecs @ F.normalize(means, dim=-1).T if cos is None else cos  # (N, L)
     out = {"logits": cos / temp, "cosine": cos.max(-1).values}
     if precision is not None:
         out["mahalanobis"] = cal.mahalanobis(vecs, means, precision)
@@ -46,9 +52,11 @@ def fit_calibration(
     temp: float,
     score: str = "msp",
     target: float = 0.9,
+    prototypes: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict | None:
     """Leave-one-group-out temperature and threshold (see the module docstring); None when no
-    label has two groups (nothing can be held out)."""
+    label has two groups (nothing can be held out). `prototypes`: each row's prototype (N,) and
+    each prototype's label (P,) (routing.prototypes); default one per label."""
     labels_of: dict[str, set[int]] = {}
     for g, i in zip(groups, index.tolist(), strict=True):
         labels_of.setdefault(g, set()).add(i)
@@ -63,7 +71,12 @@ def fit_calibration(
     for g in held:
         test = torch.tensor([x == g for x in groups])
         means, precision = cal.class_gaussian(vecs[~test], index[~test], n_labels)
-        got = centroid_scores(vecs[test], means, precision if score == "mahalanobis" else None, temp)
+        cos = None
+        if prototypes is not None:
+            rows, owner = prototypes
+            sums, counts = prototype_sums(vecs[~test], rows[~test], len(owner))
+            cos = task_cosines(vecs[test], sums, counts, owner, n_labels)
+        got = centroid_scores(vecs[test], means, precision if score == "mahalanobis" else None, temp, cos)
         logits.append(got["logits"])
         gold.append(index[test])
         extra.append(got.get(score, got["cosine"]))

@@ -13,6 +13,7 @@ from lorachain import __version__
 from lorachain.config import CHAT_CHOICES, ChainConfig, ModelConfig, OptimConfig, TrainConfig, check
 from lorachain.routing.balance import BALANCES
 from lorachain.routing.confidence import CONFIDENCES
+from lorachain.routing.prototypes import PROTOTYPES
 
 TRUNCATIONS = ("head", "head_tail")
 
@@ -99,6 +100,9 @@ class SelectorConfig:
     # store's rows for `target_precision` of right routes; stored in the manifest
     confidence: str = "msp"
     target_precision: float = 0.9
+    # embedding: what an instruction is compared with: `task` (one centroid per task) or `dataset`
+    # (one per task and data set of the rows, a task scoring its nearest; routing.prototypes)
+    prototypes: str = "task"
 
     def __post_init__(self) -> None:
         from lorachain.routing.selectors import kind_names
@@ -116,6 +120,10 @@ class SelectorConfig:
             f"selector.confidence: expected one of {list(CONFIDENCES)}, got {self.confidence!r}",
         )
         check(0 < self.target_precision <= 1, "selector.target_precision: expected in (0, 1]")
+        check(
+            self.prototypes in PROTOTYPES,
+            f"selector.prototypes: expected one of {list(PROTOTYPES)}, got {self.prototypes!r}",
+        )
 
 
 @dataclass

@@ -27,13 +27,13 @@ from lorachain.io import write_json, write_text
 from lorachain.metrics import top_k_accuracy
 from lorachain.routing.balance import balance_rows
 from lorachain.routing.config import RouteConfig
+from lorachain.routing.encoders import embed, load_encoder
+from lorachain.routing.prototypes import prototype_index, prototype_sums
 from lorachain.routing.selectors import (
-    centroid_probs,
-    embed,
+    embedding_probs,
     encoder_budget,
     get_kind,
     label_ids,
-    load_encoder,
     ranked,
     score_labels,
 )
@@ -45,6 +45,7 @@ class Row:
     text: str
     label: str
     group: str
+    dataset: str = ""  # the row's data set, for `selector.prototypes: dataset`
 
 
 def read_grouped(cfg: RouteConfig, by: str, label: str, per_group: int, seed: int = 0) -> list[Row]:
@@ -59,7 +60,7 @@ def read_grouped(cfg: RouteConfig, by: str, label: str, per_group: int, seed: in
         if d.input_field and r.get(d.input_field):
             text = f"{text}\n{r[d.input_field]}"
         group = "/".join(str(r[f]) for f in fields)
-        groups[group].append(Row(text, str(r[label]), group))
+        groups[group].append(Row(text, str(r[label]), group, str(r.get("dataset", ""))))
     if not groups:
         raise DataError(f"{d.path}: no rows with fields {label!r} and {by!r}")
     rng, out = random.Random(seed), []
@@ -156,17 +157,15 @@ class Fitter:
         if new:
             self.embed_s_per_row = (time.perf_counter() - t0) / len(new)
         vecs = torch.stack([self.cache[r.text] for r in rows])  # (N, D)
-        index = torch.tensor([labels.index(r.label) for r in rows])
-        sums = torch.zeros(len(labels), vecs.shape[1]).index_add_(0, index, vecs)
-        counts = torch.bincount(index, minlength=len(labels)).float()
+        proto, owner = prototype_index(
+            [r.label for r in rows], [r.dataset for r in rows], labels, sel.prototypes
+        )
+        sums, counts = prototype_sums(vecs, proto, len(owner))
+        t = {"sums": sums, "counts": counts, "owner": owner}
 
         def select(texts: list[str]):
-            return ranked(
-                labels,
-                centroid_probs(
-                    embed(enc, tok, texts, sel.max_length, sel.truncation), sums, counts, sel.temperature
-                ),
-            )
+            q = embed(enc, tok, texts, sel.max_length, sel.truncation)
+            return ranked(labels, embedding_probs(q, t, len(labels), sel.temperature))
 
         return select
 

@@ -24,8 +24,9 @@ from lorachain.config import from_dict, set_dotted
 from lorachain.io import atomic_write, write_json, write_text
 from lorachain.routing import calibrate as cal
 from lorachain.routing.config import RouteConfig
+from lorachain.routing.encoders import embed, load_encoder
 from lorachain.routing.holdout import Fitter, Row, make_folds, read_grouped, train_rows
-from lorachain.routing.selectors import embed, load_encoder
+from lorachain.routing.prototypes import prototype_index, prototype_sums, task_cosines
 
 # the default grid per kind: temperature is fitted, not searched (argmax does not depend on it)
 GRIDS = {
@@ -50,8 +51,9 @@ def with_overrides(cfg: RouteConfig, overrides: list[str]) -> RouteConfig:
 
 
 class EmbeddingScorer:
-    """The `embedding` kind on cached embeddings: task centroids of the training rows; logits are
-    cosines over `selector.temperature`; also the nearest centroid's cosine and Mahalanobis."""
+    """The `embedding` kind on cached embeddings: the prototypes (`selector.prototypes`) of the
+    training rows; logits are each task's cosine over `selector.temperature`; also the nearest
+    prototype's cosine and the Mahalanobis score to the task means."""
 
     def __init__(self, cfg: RouteConfig, cache: Path | None = None) -> None:
         self.enc, self.path = load_encoder(cfg.selector.encoder), cache
@@ -74,8 +76,10 @@ class EmbeddingScorer:
         x, q = self.vectors(cfg, [r.text for r in train]), self.vectors(cfg, [r.text for r in test])
         index = torch.tensor([labels.index(r.label) for r in train])
         means, precision = cal.class_gaussian(x, index, len(labels))
-        centroids = torch.nn.functional.normalize(means, dim=-1)  # (L, D)
-        cos = q @ centroids.T  # (N, L)
+        by = cfg.selector.prototypes
+        rows, owner = prototype_index([r.label for r in train], [r.dataset for r in train], labels, by)
+        sums, counts = prototype_sums(x, rows, len(owner))
+        cos = task_cosines(q, sums, counts, owner, len(labels))  # (N, L)
         return {
             "logits": cos / cfg.selector.temperature,
             "cosine": cos.max(-1).values,
@@ -242,6 +246,7 @@ def nested_eval(
         "per_group": per_group,
         "balance": {"balance": cfg.data.balance, "max_per_task": cfg.data.max_per_task}
         | {"max_per_dataset": cfg.data.max_per_dataset},
+        "prototypes": cfg.selector.prototypes,  # the embedding kind's
         "target_precision": target,
         "folds": folds,
         "outer_folds": len(outer),

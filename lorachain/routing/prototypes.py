@@ -1,0 +1,54 @@
+"""Prototypes of the `embedding` selector: what an instruction's embedding is compared with.
+
+`task` (one centroid per task, the paper-free default) or `dataset`: one centroid per (task, data
+set) of the training rows, a task scoring the cosine of its nearest data set's centroid. A task
+mixed from many data sets (T0's multiple-choice QA has nine) otherwise owns a blurred average that
+pulls in instructions of every other task; its nearest data set is a sharper match.
+
+A store keeps the per-prototype sums (P, D) and row counts (P,) and, for `dataset`, the task index
+of every prototype (`owner`, (P,)); with one prototype per task `owner` is `arange(L)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PROTOTYPES = ("task", "dataset")
+
+
+def prototype_index(
+    tasks: list[str], datasets: list[str], labels: list[str], by: str = "task"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's prototype (N,) and each prototype's task index (P,). `task`: prototype = task;
+    `dataset`: one per (task, data set) pair in first-seen order after the tasks' own order."""
+    if by == "task":
+        index = torch.tensor([labels.index(t) for t in tasks])
+        return index, torch.arange(len(labels))
+    pairs = sorted(set(zip(tasks, datasets, strict=True)), key=lambda p: (labels.index(p[0]), p[1]))
+    slot = {p: i for i, p in enumerate(pairs)}
+    rows = torch.tensor([slot[p] for p in zip(tasks, datasets, strict=True)])
+    return rows, torch.tensor([labels.index(t) for t, _ in pairs])
+
+
+def prototype_sums(vecs: torch.Tensor, rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the unit embeddings (P, D) and row count (P,) of each of `n` prototypes."""
+    sums = torch.zeros(n, vecs.shape[1]).index_add_(0, rows, vecs)
+    return sums, torch.bincount(rows, minlength=n).float()
+
+
+def task_cosines(
+    vecs: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, owner: torch.Tensor, n_labels: int
+) -> torch.Tensor:
+    """Cosine (N, L) of each embedding to each task's nearest prototype; a task without rows -1."""
+    cos = vecs @ F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1).T  # (N, P)
+    cos = cos.masked_fill(counts[None] == 0, -1.0)
+    out = torch.full((len(vecs), n_labels), -1.0)
+    return out.scatter_reduce(1, owner.expand(len(vecs), -1), cos, reduce="amax", include_self=True)
+
+
+def task_means(sums: torch.Tensor, counts: torch.Tensor, owner: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """Each task's mean embedding (L, D) over all its prototypes' rows (for Mahalanobis)."""
+    s = torch.zeros(n_labels, sums.shape[1]).index_add_(0, owner, sums)
+    c = torch.zeros(n_labels).index_add_(0, owner, counts)
+    return s / c.clamp(min=1)[:, None]
