@@ -494,7 +494,9 @@ def nested(runs: dict) -> str:
                 [
                     f"`{Path(path).parent.name}`",
                     f"`{kind}`",
-                    _balance(d.get("balance")) + PROTOTYPES.get(d.get("prototypes", "task"), ""),
+                    _balance(d.get("balance"))
+                    + PROTOTYPES.get(d.get("prototypes", "task"), "")
+                    + ("; task descriptions" if d.get("descriptions") else ""),
                     d.get("outer_folds", "-"),
                     k["rows"],
                     f(k["top1"]),

@@ -87,12 +87,17 @@ def dataset_store(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("protos")
     data = write_jsonl(tmp / "rows.jsonl", grouped_rows())
-    cfg = route_cfg(tmp, data, "embedding", tiny_encoder(tmp / "tiny-bert"), prototypes="dataset")
+    described = {"alpha": "Review Sentiment Review"}  # words no alpha row has
+    enc = tiny_encoder(tmp / "tiny-bert")
+    cfg = route_cfg(tmp, data, "embedding", enc, prototypes="dataset", descriptions=described)
     assert route_train(cfg, tiny_model("llama"), make_tokenizer(), progress=False) is not None
+    bad = route_cfg(tmp / "bad", data, "embedding", enc, descriptions={"omega": "x"})
+    with pytest.raises(ConfigError, match="selector.descriptions: no task 'omega' in the data"):
+        route_train(bad, tiny_model("llama"), make_tokenizer(), progress=False)
     return tmp / "store"
 
 
-def test_a_dataset_prototype_store_keeps_one_centroid_per_dataset_and_route_add_appends_one(
+def test_a_store_keeps_one_centroid_per_dataset_and_description_and_route_add_appends_one(
     dataset_store, tmp_path
 ):
     import shutil
@@ -106,14 +111,18 @@ def test_a_dataset_prototype_store_keeps_one_centroid_per_dataset_and_route_add_
 
     m = read_manifest(dataset_store)
     assert m.selector["prototypes"] == "dataset" and m.selector["labels"] == ["alpha", "beta", "gamma"]
+    assert m.selector["descriptions"] == {"alpha": "Review Sentiment Review"}
     t = load_file(str(dataset_store / "selector" / "centroids.safetensors"))
-    assert t["owner"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and t["counts"].sum().item() > 0
+    assert t["owner"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 0] and t["counts"].tolist()[-1] == 1
+    assert t["described"].tolist() == [0] * 9 + [1]
     r = Router.from_store(dataset_store, model=tiny_model("llama"), tokenizer=make_tokenizer())
-    assert [s.adapter for s in r.select(["red sky red", "blue sea blue"])] == ["alpha", "beta"]
+    sels = r.select(["red sky red", "blue sea blue", "Review Sentiment Review"])
+    assert [s.ranked[0] for s in sels] == ["alpha", "beta", "alpha"]  # the last by its description
     store = shutil.copytree(dataset_store, tmp_path / "store")
     data = write_jsonl(tmp_path / "delta.jsonl", [{"instruction": f"purple {w} moon"} for w in "abcdef"])
     add_task(store, "delta", store / "adapters" / "gamma", data)
     t = load_file(str(store / "selector" / "centroids.safetensors"))
-    assert t["owner"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3] and t["counts"][-1].item() == 6
+    assert t["owner"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 3] and t["counts"][-1].item() == 6
+    assert t["described"].tolist() == [0] * 9 + [1, 0]
     r = Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer())
     assert r.select(["purple a moon"])[0].ranked[0] == "delta"

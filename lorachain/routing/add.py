@@ -89,9 +89,12 @@ def add_task(
     owner = old.get("owner", torch.arange(len(entry["labels"])))
     new = {"sums": torch.cat([old["sums"], sums]), "counts": torch.cat([old["counts"], counts])}  # (P+1, D)
     new["owner"] = torch.cat([owner, torch.tensor([len(entry["labels"])])])  # the new task's index
+    described = old.get("described", torch.zeros(len(owner), dtype=torch.uint8))
+    new["described"] = torch.cat([described, torch.zeros(1, dtype=torch.uint8)])
     keep = {k: v for k, v in entry.items() if k not in ("kind", "path", "files")}
     if entry.get("calibration"):
-        keep["calibration"], precision = recalibrate(root, entry, enc, tok, task, vecs)
+        fixed = (old["sums"][described == 1], owner[described == 1]) if described.any() else None
+        keep["calibration"], precision = recalibrate(root, entry, enc, tok, task, vecs, fixed)
         if precision is not None:
             new["precision"] = precision
     atomic_dir(root / "adapters" / name, lambda tmp: _copy(source, tmp))
@@ -109,9 +112,10 @@ def add_task(
     return manifest
 
 
-def recalibrate(root: Path, entry: dict, enc, tok, task: str, vecs: torch.Tensor):
+def recalibrate(root: Path, entry: dict, enc, tok, task: str, vecs: torch.Tensor, fixed=None):
     """The calibration of `entry` fitted again with `task`'s rows (`vecs`, one data set) added to
-    the store's training rows; and the Mahalanobis precision matrix, if its score needs one."""
+    the store's training rows (`fixed`: its description prototypes, kept in every fold); and the
+    Mahalanobis precision matrix, if its score needs one."""
     rows = read_split(root, "train")
     labels = [*entry["labels"], task]
     texts = [r["instruction"] for r in rows]
@@ -123,7 +127,9 @@ def recalibrate(root: Path, entry: dict, enc, tok, task: str, vecs: torch.Tensor
     score, target = old["score"], old["target_precision"]
     tasks = [r["task"] for r in rows] + [task] * len(vecs)
     protos = prototype_index(tasks, groups, labels, entry.get("prototypes", "task"))
-    fitted = fit_calibration(every, index, groups, len(labels), entry["temperature"], score, target, protos)
+    fitted = fit_calibration(
+        every, index, groups, len(labels), entry["temperature"], score, target, protos, fixed
+    )
     needs = fitted is not None and score == "mahalanobis"
     return fitted, class_gaussian(every, index, len(labels))[1] if needs else None
 

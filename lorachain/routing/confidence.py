@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lorachain.routing import calibrate as cal
-from lorachain.routing.prototypes import prototype_sums, task_cosines
+from lorachain.routing.prototypes import prototype_sums, task_cosines, with_fixed
 
 CONFIDENCES = ("msp", "energy", "cosine", "mahalanobis")
 
@@ -53,10 +53,12 @@ def fit_calibration(
     score: str = "msp",
     target: float = 0.9,
     prototypes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict | None:
     """Leave-one-group-out temperature and threshold (see the module docstring); None when no
     label has two groups (nothing can be held out). `prototypes`: each row's prototype (N,) and
-    each prototype's label (P,) (routing.prototypes); default one per label."""
+    each prototype's label (P,) (routing.prototypes); default one per label. `fixed`: prototypes
+    that are not rows (descriptions), kept in every fold."""
     labels_of: dict[str, set[int]] = {}
     for g, i in zip(groups, index.tolist(), strict=True):
         labels_of.setdefault(g, set()).add(i)
@@ -72,10 +74,10 @@ def fit_calibration(
         test = torch.tensor([x == g for x in groups])
         means, precision = cal.class_gaussian(vecs[~test], index[~test], n_labels)
         cos = None
-        if prototypes is not None:
-            rows, owner = prototypes
+        if prototypes is not None or fixed is not None:
+            rows, owner = prototypes if prototypes is not None else (index, torch.arange(n_labels))
             sums, counts = prototype_sums(vecs[~test], rows[~test], len(owner))
-            cos = task_cosines(vecs[test], sums, counts, owner, n_labels)
+            cos = task_cosines(vecs[test], *with_fixed(sums, counts, owner, fixed), n_labels)
         got = centroid_scores(vecs[test], means, precision if score == "mahalanobis" else None, temp, cos)
         logits.append(got["logits"])
         gold.append(index[test])

@@ -103,6 +103,8 @@ class SelectorConfig:
     # embedding: what an instruction is compared with: `task` (one centroid per task) or `dataset`
     # (one per task and data set of the rows, a task scoring its nearest; routing.prototypes)
     prototypes: str = "task"
+    # embedding: task -> a short description of it, embedded as one more prototype of the task
+    descriptions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from lorachain.routing.selectors import kind_names
@@ -124,6 +126,11 @@ class SelectorConfig:
             self.prototypes in PROTOTYPES,
             f"selector.prototypes: expected one of {list(PROTOTYPES)}, got {self.prototypes!r}",
         )
+        for task, text in (self.descriptions or {}).items():
+            check(
+                isinstance(text, str) and text.strip(),
+                f"selector.descriptions.{task}: expected a non-empty text",
+            )
 
 
 @dataclass

@@ -28,7 +28,7 @@ from lorachain.metrics import top_k_accuracy
 from lorachain.routing.balance import balance_rows
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.encoders import embed, load_encoder
-from lorachain.routing.prototypes import prototype_index, prototype_sums
+from lorachain.routing.prototypes import description_prototypes, prototype_index, prototype_sums, with_fixed
 from lorachain.routing.selectors import (
     embedding_probs,
     encoder_budget,
@@ -160,7 +160,9 @@ class Fitter:
         proto, owner = prototype_index(
             [r.label for r in rows], [r.dataset for r in rows], labels, sel.prototypes
         )
-        sums, counts = prototype_sums(vecs, proto, len(owner))
+        embed_fn = lambda texts: embed(enc, tok, texts, sel.max_length, sel.truncation)  # noqa: E731
+        fixed = description_prototypes(sel.descriptions, labels, embed_fn)
+        sums, counts, owner = with_fixed(*prototype_sums(vecs, proto, len(owner)), owner, fixed)
         t = {"sums": sums, "counts": counts, "owner": owner}
 
         def select(texts: list[str]):

@@ -26,7 +26,13 @@ from lorachain.routing import calibrate as cal
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.encoders import embed, load_encoder
 from lorachain.routing.holdout import Fitter, Row, make_folds, read_grouped, train_rows
-from lorachain.routing.prototypes import prototype_index, prototype_sums, task_cosines
+from lorachain.routing.prototypes import (
+    description_prototypes,
+    prototype_index,
+    prototype_sums,
+    task_cosines,
+    with_fixed,
+)
 
 # the default grid per kind: temperature is fitted, not searched (argmax does not depend on it)
 GRIDS = {
@@ -78,7 +84,8 @@ class EmbeddingScorer:
         means, precision = cal.class_gaussian(x, index, len(labels))
         by = cfg.selector.prototypes
         rows, owner = prototype_index([r.label for r in train], [r.dataset for r in train], labels, by)
-        sums, counts = prototype_sums(x, rows, len(owner))
+        fixed = description_prototypes(cfg.selector.descriptions, labels, lambda t: self.vectors(cfg, t))
+        sums, counts, owner = with_fixed(*prototype_sums(x, rows, len(owner)), owner, fixed)
         cos = task_cosines(q, sums, counts, owner, len(labels))  # (N, L)
         return {
             "logits": cos / cfg.selector.temperature,
@@ -247,6 +254,7 @@ def nested_eval(
         "balance": {"balance": cfg.data.balance, "max_per_task": cfg.data.max_per_task}
         | {"max_per_dataset": cfg.data.max_per_dataset},
         "prototypes": cfg.selector.prototypes,  # the embedding kind's
+        "descriptions": cfg.selector.descriptions,
         "target_precision": target,
         "folds": folds,
         "outer_folds": len(outer),

@@ -5,6 +5,9 @@ set) of the training rows, a task scoring the cosine of its nearest data set's c
 mixed from many data sets (T0's multiple-choice QA has nine) otherwise owns a blurred average that
 pulls in instructions of every other task; its nearest data set is a sharper match.
 
+`selector.descriptions` adds one fixed prototype per described task: the embedding of a short
+description of it, written by the user and never fitted to rows.
+
 A store keeps the per-prototype sums (P, D) and row counts (P,) and, for `dataset`, the task index
 of every prototype (`owner`, (P,)); with one prototype per task `owner` is `arange(L)`.
 """
@@ -52,3 +55,28 @@ def task_means(sums: torch.Tensor, counts: torch.Tensor, owner: torch.Tensor, n_
     s = torch.zeros(n_labels, sums.shape[1]).index_add_(0, owner, sums)
     c = torch.zeros(n_labels).index_add_(0, owner, counts)
     return s / c.clamp(min=1)[:, None]
+
+
+def description_prototypes(
+    descriptions: dict[str, str] | None, labels: list[str], embed_fn
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`selector.descriptions` (task -> a short description) as fixed prototypes: their unit
+    embeddings (K, D) by `embed_fn(texts)` and their tasks (K,); tasks not in `labels` are left out
+    (a fold may lack one). None without descriptions."""
+    pairs = [(t, d) for t, d in (descriptions or {}).items() if t in labels]
+    if not pairs:
+        return None
+    return embed_fn([d for _, d in pairs]), torch.tensor([labels.index(t) for t, _ in pairs])
+
+
+def with_fixed(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    owner: torch.Tensor,
+    fixed: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prototypes with `fixed` ones (unit vectors and their tasks) appended, one row each."""
+    if fixed is None:
+        return sums, counts, owner
+    vecs, own = fixed
+    return torch.cat([sums, vecs]), torch.cat([counts, torch.ones(len(vecs))]), torch.cat([owner, own])

@@ -29,7 +29,14 @@ from lorachain.config import ConfigError
 from lorachain.routing.calibrate import class_gaussian
 from lorachain.routing.confidence import centroid_scores, confidence, fit_calibration
 from lorachain.routing.encoders import clip, embed, load_encoder
-from lorachain.routing.prototypes import prototype_index, prototype_sums, task_cosines, task_means
+from lorachain.routing.prototypes import (
+    description_prototypes,
+    prototype_index,
+    prototype_sums,
+    task_cosines,
+    task_means,
+    with_fixed,
+)
 from lorachain.routing.select import Selection, rank_scores
 from lorachain.store import StoreError, file_hashes, fingerprint
 
@@ -193,26 +200,25 @@ def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None
     vecs = embed(enc, tok, [r["instruction"] for r in rows], sel.max_length, sel.truncation)  # (N, D)
     tasks, groups = [r["task"] for r in rows], [r.get("dataset", "") for r in rows]
     proto, owner = prototype_index(tasks, groups, labels, sel.prototypes)
-    sums, counts = prototype_sums(vecs, proto, len(owner))
-    tensors = {"sums": sums, "counts": counts, "owner": owner}
-    index = torch.tensor([labels.index(t) for t in tasks])
-    calibration = fit_calibration(
-        vecs,
-        index,
-        groups,
-        len(labels),
-        sel.temperature,
-        sel.confidence,
-        sel.target_precision,
-        (proto, owner),
+    fixed = description_prototypes(
+        sel.descriptions, labels, lambda texts: embed(enc, tok, texts, sel.max_length, sel.truncation)
     )
+    unknown = sorted(set(sel.descriptions or {}) - set(labels))
+    if unknown:
+        raise ConfigError(f"selector.descriptions: no task {unknown[0]!r} in the data; tasks: {labels}")
+    sums, counts, owners = with_fixed(*prototype_sums(vecs, proto, len(owner)), owner, fixed)
+    described = torch.arange(len(owners)) >= len(owner)  # (P,) the description prototypes
+    tensors = {"sums": sums, "counts": counts, "owner": owners, "described": described.to(torch.uint8)}
+    index = torch.tensor([labels.index(t) for t in tasks])
+    confidence_of = (sel.temperature, sel.confidence, sel.target_precision)
+    calibration = fit_calibration(vecs, index, groups, len(labels), *confidence_of, (proto, owner), fixed)
     if calibration and sel.confidence == "mahalanobis":
         tensors["precision"] = class_gaussian(vecs, index, len(labels))[1]  # (D, D)
     (root / SELECTOR_DIR).mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(root / SELECTOR_DIR / "centroids.safetensors"))
     settings = {"encoder": sel.encoder, "encoder_fingerprint": fingerprint(enc), "labels": labels}
     settings |= {"temperature": sel.temperature, "max_length": sel.max_length, "truncation": sel.truncation}
-    settings["prototypes"] = sel.prototypes
+    settings |= {"prototypes": sel.prototypes, "descriptions": sel.descriptions}
     settings["calibration"] = calibration  # None: no task has two data sets to hold one out
     return entry_for(root, "embedding", **settings, summary={"wall_seconds": time.perf_counter() - t0})
 
@@ -235,7 +241,8 @@ def load_embedding(router, folder: Path, entry: dict) -> Callable:
         out = ranked(labels, embedding_probs(vecs, t, len(labels), temp * scale))
         if calib:
             owner = t.get("owner", torch.arange(len(labels)))
-            means = task_means(t["sums"], t["counts"], owner, len(labels))  # (L, D)
+            rows = t.get("described", torch.zeros(len(owner), dtype=torch.uint8)) == 0  # fitted to rows
+            means = task_means(t["sums"][rows], t["counts"][rows], owner[rows], len(labels))  # (L, D)
             cos = task_cosines(vecs, t["sums"], t["counts"], owner, len(labels))
             scored = centroid_scores(vecs, means, t.get("precision"), temp, cos)
             for sel, v in zip(out, confidence(calib["score"], scored, scale).tolist(), strict=True):
