@@ -32,7 +32,7 @@ def clusters(seed: int = 0):
     return F.normalize(torch.cat(vecs), dim=-1), torch.tensor(index), groups
 
 
-@pytest.mark.parametrize("score", ["msp", "energy", "cosine", "mahalanobis"])
+@pytest.mark.parametrize("score", ["msp", "margin", "energy", "cosine", "mahalanobis"])
 def test_fit_calibration_holds_out_every_group(score):
     vecs, index, groups = clusters()
     got = fit_calibration(vecs, index, groups, 2, 0.05, score, 0.9)
@@ -90,7 +90,7 @@ def test_route_eval_shows_the_calibration_and_the_routed_precision(calibrated, t
 
 def test_bad_confidence_settings_fail_in_one_line():
     base = {"model": {"name_or_path": "t"}, "data": {"path": "x"}}
-    with pytest.raises(ConfigError, match=r"selector.confidence: expected one of \['msp', 'energy'"):
+    with pytest.raises(ConfigError, match=r"selector.confidence: expected one of \['msp', 'margin'"):
         from_dict(RouteConfig, base | {"selector": {"confidence": "odin"}})
     with pytest.raises(ConfigError, match=r"selector.target_precision: expected in \(0, 1\]"):
         from_dict(RouteConfig, base | {"selector": {"target_precision": 1.5}})

@@ -41,6 +41,9 @@ def test_ece_reliability_and_threshold_on_hand_made_rows():
 def test_energy_msp_and_mahalanobis_by_hand():
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     assert cal.msp(logits).tolist() == pytest.approx([1 / (1 + torch.e**-2), 0.5])
+    assert cal.margin(torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0]])).tolist() == pytest.approx(
+        [(torch.e**2 - 1) / (torch.e**2 + 2), 0.0]
+    )
     assert cal.energy(logits, 2.0).tolist() == pytest.approx([2 * math.log(math.e + 1), 2 * 0.6931], rel=1e-3)
     x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
     means, prec = cal.class_gaussian(x, torch.tensor([0, 0, 1, 1]), 2, shrink=1.0)  # covariance: 0.5 I
@@ -109,7 +112,7 @@ def test_route_eval_nested_writes_per_kind_results_and_resumes(tmp_path, capsys)
     )
     assert result["balance"]["max_per_task"] == 50
     assert s["top1"] == 1.0 and s["top3"] == 1.0  # a data set of the same words, never seen, routed right
-    assert set(s["routing"]) == {"msp", "energy", "cosine", "mahalanobis"}
+    assert set(s["routing"]) == {"msp", "margin", "energy", "cosine", "mahalanobis"}
     assert 0 <= s["ece_raw"] <= 1 and len(s["temperature"]) == 9
     assert s["grid"] == ["selector.truncation=head", "selector.truncation=head_tail"]
     assert sorted(p.name for p in (out / "folds").iterdir())[0] == "nested_embedding_0.json"

@@ -3,8 +3,9 @@ the threshold that reaches a target precision. Pure tensor functions; loads no w
 
 Every score is "higher = more confident / more familiar", so one rule routes: score >= threshold.
 - `msp`: the top label's probability after temperature scaling (max-softmax).
+- `margin`: the top label's probability minus the runner-up's (low when two tasks tie).
 - `energy`: T * logsumexp(logits / T), the negative free energy (Liu et al. 2020).
-- `cosine`: cosine similarity to the nearest task centroid (embedding selectors).
+- `cosine`: cosine similarity to the nearest task prototype (embedding selectors).
 - `mahalanobis`: minus the smallest squared Mahalanobis distance to a task mean, with one shared,
   shrunk covariance of the training embeddings (Lee et al. 2018).
 """
@@ -15,8 +16,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-SCORES = ("msp", "energy", "cosine", "mahalanobis")
 
 
 def fit_temperature(logits: torch.Tensor, gold: torch.Tensor, grid: int = 81) -> float:
@@ -64,6 +63,12 @@ def ece(conf: list[float], correct: list[bool], bins: int = 10) -> float:
 
 def msp(logits: torch.Tensor, t: float = 1.0) -> torch.Tensor:
     return torch.softmax(logits / t, dim=-1).max(-1).values  # (N,)
+
+
+def margin(logits: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+    """The top label's probability minus the runner-up's (N,): low when two tasks tie."""
+    top = torch.softmax(logits / t, dim=-1).topk(2, dim=-1).values  # (N, 2)
+    return top[:, 0] - top[:, 1]
 
 
 def energy(logits: torch.Tensor, t: float = 1.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lorachain.routing import calibrate as cal
 from lorachain.routing.prototypes import prototype_sums, task_cosines, with_fixed
 
-CONFIDENCES = ("msp", "energy", "cosine", "mahalanobis")
+CONFIDENCES = ("msp", "margin", "energy", "cosine", "mahalanobis")
 
 
 def centroid_scores(
@@ -39,6 +39,8 @@ def confidence(name: str, scored: dict[str, torch.Tensor], t: float) -> torch.Te
     """Score `name` of `scored` (from `centroid_scores`) with temperature `t`: (N,)."""
     if name == "msp":
         return cal.msp(scored["logits"], t)
+    if name == "margin":
+        return cal.margin(scored["logits"], t)
     if name == "energy":
         return cal.energy(scored["logits"], t)
     return scored[name]

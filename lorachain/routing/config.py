@@ -96,7 +96,7 @@ class SelectorConfig:
         1.0e-4  # encoder: full fine-tuning learning rate (budget: selector_train, else 4 epochs of 16)
     )
     # embedding: the score that sends unfamiliar instructions to the fallback (routing.confidence:
-    # msp | energy | cosine | mahalanobis), its threshold fitted on held-out data sets of the
+    # msp | margin | energy | cosine | mahalanobis), its threshold fitted on held-out data sets of the
     # store's rows for `target_precision` of right routes; stored in the manifest
     confidence: str = "msp"
     target_precision: float = 0.9

@@ -112,7 +112,7 @@ class KindScorer:
 
 
 def confidence_scores(out: dict, t: float) -> dict[str, list[float]]:
-    scores = {"msp": cal.msp(out["logits"], t).tolist()}
+    scores = {"msp": cal.msp(out["logits"], t).tolist(), "margin": cal.margin(out["logits"], t).tolist()}
     if "cosine" in out:  # raw logits: energy is informative
         scores["energy"] = cal.energy(out["logits"], t).tolist()
         scores |= {k: out[k].tolist() for k in ("cosine", "mahalanobis")}
