@@ -84,8 +84,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from lorachain.experiment.grid import collect
     from lorachain.experiment.report import write_report
-    from lorachain.experiment.runner import collect
 
     results = collect(args.folder)
     if not results:

@@ -13,7 +13,8 @@ from lorachain.config import ConfigError, from_dict
 from lorachain.data import read_rows
 from lorachain.experiment import report
 from lorachain.experiment.config import ExperimentConfig
-from lorachain.experiment.runner import collect, plan, run_experiment
+from lorachain.experiment.grid import collect
+from lorachain.experiment.runner import plan, run_experiment
 from lorachain.tasks import TASKS, TaskExample, register
 
 if "toy_review" not in TASKS:  # a user task: a loader + template + verbalizer, nothing else

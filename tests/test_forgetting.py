@@ -13,7 +13,8 @@ from test_experiment import grid
 from lorachain.config import ConfigError
 from lorachain.data import DataError
 from lorachain.experiment.forgetting import change, general_examples
-from lorachain.experiment.runner import collect, run_experiment
+from lorachain.experiment.grid import collect
+from lorachain.experiment.runner import run_experiment
 
 WORDS = [("good", "closed_book_qa"), ("bad", "closed_book_qa"), ("great", "summarization")]
 WORDS += [("dull", "summarization"), ("fine", "sentiment")]

@@ -8,20 +8,19 @@ and test with the task's metric, and records its cost: time, estimated FLOPs, pe
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
-import os
 import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorachain.config import ConfigError, RunConfig, as_current, from_dict
+from lorachain.config import ConfigError, RunConfig, from_dict
 from lorachain.experiment import forgetting
 from lorachain.experiment.config import ExperimentConfig
+from lorachain.experiment.grid import cell_lock, collect, prepare
 from lorachain.io import write_json, write_text
 from lorachain.tasks import Task, TaskExample, get_task
 from lorachain.tasks.protocol import PATHS, Splits, sample_splits
@@ -306,67 +305,6 @@ class Runner:
         return model
 
 
-@contextlib.contextmanager
-def cell_lock(folder: Path):
-    """Yield True if this process holds the cell's lock (workers on one grid share the cells).
-    A lock whose process is gone is taken over, so a killed worker's cell is resumed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / "cell.lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)
-                if pid != os.getpid():
-                    yield False
-                    return
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                pass
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield False
-
-
-def prepare(cfg: ExperimentConfig) -> None:
-    """Write experiment.json, or check that the folder holds the same grid definition."""
-    out = Path(cfg.output_dir)
-    path = out / "experiment.json"
-    new = json.loads(cfg.to_json())
-    new.pop("lorachain_version")
-    if path.is_file():
-        old = json.loads(path.read_text())
-        old = as_current(ExperimentConfig, old)  # fields added since: their defaults
-        old.pop("lorachain_version", None)
-        # the grid may grow (tasks, methods, seeds, lrs); what a finished cell means may not change
-        fixed = ("model", "base", "n_train", "n_val", "n_test", "max_length", "icl_k", "max_new_tokens")
-        fixed += ("forgetting",)
-        changed = [k for k in fixed if old.get(k) != new.get(k)]
-        changed += [
-            f"methods.{m}"
-            for m in old["methods"]
-            if m in new["methods"] and _meaning(old["methods"][m]) != _meaning(new["methods"][m])
-        ]
-        if changed:
-            raise ConfigError(
-                f"{out}: holds an experiment with another {', '.join(changed)}; choose another output_dir"
-            )
-    write_text(path, cfg.to_json() + "\n")
-
-
-def _meaning(method: dict) -> dict:
-    """A method's settings without its lrs and seeds: those are part of the cell id and may grow."""
-    return {k: v for k, v in method.items() if k not in ("lrs", "seeds")}
-
-
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     """Run every cell not yet done; write results.json and the report. Returns counts."""
     from tqdm import tqdm
@@ -410,9 +348,3 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     write_report(results, Path(cfg.output_dir), tasks=cfg.tasks, methods=list(cfg.methods))
     counts = {"cells": len(cells), "computed": computed, "cached": cached}
     return counts | ({"busy": busy} if busy else {})
-
-
-def collect(output_dir: str | Path) -> list[dict]:
-    """Every finished cell's result under `output_dir`, in a stable order."""
-    paths = sorted(Path(output_dir).glob("cells/**/result.json"))
-    return [json.loads(p.read_text()) for p in paths]
