@@ -18,6 +18,8 @@ def test_prototype_index_per_task_and_per_dataset():
     assert rows.tolist() == [1, 0, 1, 1] and owner.tolist() == [0, 1]
     rows, owner = prototype_index(tasks, sets, ["a", "b"], "dataset")  # (a,y) (b,x) (b,z)
     assert rows.tolist() == [1, 0, 2, 1] and owner.tolist() == [0, 1, 1]
+    rows, owner = prototype_index(tasks, sets, ["a", "b"], "row")
+    assert rows.tolist() == [0, 1, 2, 3] and owner.tolist() == [1, 0, 1, 1]
 
 
 def test_a_task_of_two_distant_datasets_wins_an_instruction_near_one_of_them():

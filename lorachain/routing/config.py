@@ -100,8 +100,9 @@ class SelectorConfig:
     # store's rows for `target_precision` of right routes; stored in the manifest
     confidence: str = "msp"
     target_precision: float = 0.9
-    # embedding: what an instruction is compared with: `task` (one centroid per task) or `dataset`
-    # (one per task and data set of the rows, a task scoring its nearest; routing.prototypes)
+    # embedding: what an instruction is compared with: `task` (one centroid per task), `dataset`
+    # (one per task and data set of the rows, a task scoring its nearest) or `row` (every training
+    # row: the nearest neighbour); routing.prototypes
     prototypes: str = "task"
     # embedding: task -> a short description of it, embedded as one more prototype of the task
     descriptions: dict[str, str] = field(default_factory=dict)

@@ -1,7 +1,8 @@
 """Prototypes of the `embedding` selector: what an instruction's embedding is compared with.
 
 `task` (one centroid per task, the paper-free default) or `dataset`: one centroid per (task, data
-set) of the training rows, a task scoring the cosine of its nearest data set's centroid. A task
+set) of the training rows, a task scoring the cosine of its nearest data set's centroid; or `row`:
+every training row its own prototype (the nearest neighbour). A task
 mixed from many data sets (T0's multiple-choice QA has nine) otherwise owns a blurred average that
 pulls in instructions of every other task; its nearest data set is a sharper match.
 
@@ -17,17 +18,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PROTOTYPES = ("task", "dataset")
+PROTOTYPES = ("task", "dataset", "row")
 
 
 def prototype_index(
     tasks: list[str], datasets: list[str], labels: list[str], by: str = "task"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's prototype (N,) and each prototype's task index (P,). `task`: prototype = task;
-    `dataset`: one per (task, data set) pair in first-seen order after the tasks' own order."""
+    `dataset`: one per (task, data set) pair, in the tasks' order then by data set; `row`: one per row."""
     if by == "task":
         index = torch.tensor([labels.index(t) for t in tasks])
         return index, torch.arange(len(labels))
+    if by == "row":  # every row its own prototype: the nearest neighbour's task
+        return torch.arange(len(tasks)), torch.tensor([labels.index(t) for t in tasks])
     pairs = sorted(set(zip(tasks, datasets, strict=True)), key=lambda p: (labels.index(p[0]), p[1]))
     slot = {p: i for i, p in enumerate(pairs)}
     rows = torch.tensor([slot[p] for p in zip(tasks, datasets, strict=True)])
