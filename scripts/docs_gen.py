@@ -481,7 +481,7 @@ def _balance(b) -> str:
     return b["balance"] + (f" ({caps})" if caps else "")
 
 
-PROTOTYPES = {"task": "", "dataset": "; data-set prototypes"}
+PROTOTYPES = {"task": "", "dataset": "; data-set prototypes", "row": "; every row a prototype (1-NN)"}
 
 
 def nested(runs: dict) -> str:
