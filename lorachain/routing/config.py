@@ -100,10 +100,11 @@ class SelectorConfig:
     # store's rows for `target_precision` of right routes; stored in the manifest
     confidence: str = "msp"
     target_precision: float = 0.9
-    # embedding: what an instruction is compared with: `task` (one centroid per task), `dataset`
-    # (one per task and data set of the rows, a task scoring its nearest) or `row` (every training
-    # row: the nearest neighbour); routing.prototypes
-    prototypes: str = "task"
+    # embedding: what an instruction is compared with: `dataset` (one centroid per task and data set
+    # of the rows, a task scoring its nearest: the best measured on unseen data sets; rows without a
+    # data set give one per task), `task` (one centroid per task) or `row` (every training row: the
+    # nearest neighbour); routing.prototypes
+    prototypes: str = "dataset"
     # embedding: task -> a short description of it, embedded as one more prototype of the task
     descriptions: dict[str, str] = field(default_factory=dict)
 
