@@ -18,7 +18,7 @@ from lorachain.io import atomic_dir, atomic_write
 from lorachain.routing.calibrate import class_gaussian
 from lorachain.routing.confidence import fit_calibration
 from lorachain.routing.encoders import embed, load_encoder
-from lorachain.routing.prototypes import prototype_index
+from lorachain.routing.prototypes import prototype_index, stored_prototypes
 from lorachain.routing.selectors import entry_for, read_split
 from lorachain.store import (
     Manifest,
@@ -85,11 +85,10 @@ def add_task(
         raise StoreError(f"{folder}: encoder {entry['encoder']!r} has other weights than the one used to fit")
     vecs = embed(enc, tok, texts, entry["max_length"], entry.get("truncation", "head"))  # (N, D)
     sums, counts = vecs.sum(0, keepdim=True), torch.tensor([float(len(vecs))])  # one more prototype
-    old = load_file(str(folder / "centroids.safetensors"))
-    owner = old.get("owner", torch.arange(len(entry["labels"])))
+    old = stored_prototypes(load_file(str(folder / "centroids.safetensors")), len(entry["labels"]))
+    owner, described = old["owner"], old["described"]
     new = {"sums": torch.cat([old["sums"], sums]), "counts": torch.cat([old["counts"], counts])}  # (P+1, D)
     new["owner"] = torch.cat([owner, torch.tensor([len(entry["labels"])])])  # the new task's index
-    described = old.get("described", torch.zeros(len(owner), dtype=torch.uint8))
     new["described"] = torch.cat([described, torch.zeros(1, dtype=torch.uint8)])
     keep = {k: v for k, v in entry.items() if k not in ("kind", "path", "files")}
     if entry.get("calibration"):

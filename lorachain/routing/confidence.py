@@ -10,25 +10,19 @@ routed rows right `target` of the time. Both go into the manifest's selector ent
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lorachain.routing import calibrate as cal
-from lorachain.routing.prototypes import prototype_sums, task_cosines, with_fixed
+from lorachain.routing.prototypes import fit_prototypes, task_cosines
 
 CONFIDENCES = ("msp", "margin", "energy", "cosine", "mahalanobis")
 
 
 def centroid_scores(
-    vecs: torch.Tensor,
-    means: torch.Tensor,
-    precision: torch.Tensor | None,
-    temp: float,
-    cos: torch.Tensor | None = None,
+    vecs: torch.Tensor, cos: torch.Tensor, means: torch.Tensor, precision: torch.Tensor | None, temp: float
 ) -> dict[str, torch.Tensor]:
-    """Logits (N, L) of unit embeddings (N, D): each task's cosine `cos` (default: to the task
-    means (L, D)) over `temp`; the best cosine and, given a precision matrix, the Mahalanobis score
-    to the task means (N,)."""
-    cos = vecs @ F.normalize(means, dim=-1).T if cos is None else cos  # (N, L)
+    """Logits (N, L) of unit embeddings (N, D) from each task's cosine `cos` (N, L)
+    (routing.prototypes) over `temp`; the best cosine and, given a precision matrix, the
+    Mahalanobis score to the task means (L, D) (N,)."""
     out = {"logits": cos / temp, "cosine": cos.max(-1).values}
     if precision is not None:
         out["mahalanobis"] = cal.mahalanobis(vecs, means, precision)
@@ -71,16 +65,14 @@ def fit_calibration(
     held = sorted(g for g, ls in labels_of.items() if all(len(per_label[i]) >= 2 for i in ls))
     if not held:
         return None
+    rows, owner = prototypes if prototypes is not None else (index, torch.arange(n_labels))
     logits, gold, extra = [], [], []
     for g in held:
         test = torch.tensor([x == g for x in groups])
         means, precision = cal.class_gaussian(vecs[~test], index[~test], n_labels)
-        cos = None
-        if prototypes is not None or fixed is not None:
-            rows, owner = prototypes if prototypes is not None else (index, torch.arange(n_labels))
-            sums, counts = prototype_sums(vecs[~test], rows[~test], len(owner))
-            cos = task_cosines(vecs[test], *with_fixed(sums, counts, owner, fixed), n_labels)
-        got = centroid_scores(vecs[test], means, precision if score == "mahalanobis" else None, temp, cos)
+        t = fit_prototypes(vecs[~test], rows[~test], owner, fixed)
+        cos = task_cosines(vecs[test], t["sums"], t["counts"], t["owner"], n_labels)
+        got = centroid_scores(vecs[test], cos, means, precision if score == "mahalanobis" else None, temp)
         logits.append(got["logits"])
         gold.append(index[test])
         extra.append(got.get(score, got["cosine"]))

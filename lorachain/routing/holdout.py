@@ -28,7 +28,7 @@ from lorachain.metrics import top_k_accuracy
 from lorachain.routing.balance import balance_rows
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.encoders import embed, load_encoder
-from lorachain.routing.prototypes import description_prototypes, prototype_index, prototype_sums, with_fixed
+from lorachain.routing.prototypes import description_prototypes, fit_prototypes, prototype_index
 from lorachain.routing.selectors import (
     embedding_probs,
     encoder_budget,
@@ -162,8 +162,7 @@ class Fitter:
         )
         embed_fn = lambda texts: embed(enc, tok, texts, sel.max_length, sel.truncation)  # noqa: E731
         fixed = description_prototypes(sel.descriptions, labels, embed_fn)
-        sums, counts, owner = with_fixed(*prototype_sums(vecs, proto, len(owner)), owner, fixed)
-        t = {"sums": sums, "counts": counts, "owner": owner}
+        t = fit_prototypes(vecs, proto, owner, fixed)
 
         def select(texts: list[str]):
             q = embed(enc, tok, texts, sel.max_length, sel.truncation)

@@ -26,13 +26,7 @@ from lorachain.routing import calibrate as cal
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.encoders import embed, load_encoder
 from lorachain.routing.holdout import Fitter, Row, make_folds, read_grouped, train_rows
-from lorachain.routing.prototypes import (
-    description_prototypes,
-    prototype_index,
-    prototype_sums,
-    task_cosines,
-    with_fixed,
-)
+from lorachain.routing.prototypes import description_prototypes, fit_prototypes, prototype_index, task_cosines
 
 # the default grid per kind: temperature is fitted, not searched (argmax does not depend on it)
 GRIDS = {
@@ -85,8 +79,8 @@ class EmbeddingScorer:
         by = cfg.selector.prototypes
         rows, owner = prototype_index([r.label for r in train], [r.dataset for r in train], labels, by)
         fixed = description_prototypes(cfg.selector.descriptions, labels, lambda t: self.vectors(cfg, t))
-        sums, counts, owner = with_fixed(*prototype_sums(x, rows, len(owner)), owner, fixed)
-        cos = task_cosines(q, sums, counts, owner, len(labels))  # (N, L)
+        t = fit_prototypes(x, rows, owner, fixed)
+        cos = task_cosines(q, t["sums"], t["counts"], t["owner"], len(labels))  # (N, L)
         return {
             "logits": cos / cfg.selector.temperature,
             "cosine": cos.max(-1).values,

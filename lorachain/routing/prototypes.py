@@ -1,16 +1,17 @@
 """Prototypes of the `embedding` selector: what an instruction's embedding is compared with.
 
-`task` (one centroid per task, the paper-free default) or `dataset`: one centroid per (task, data
-set) of the training rows, a task scoring the cosine of its nearest data set's centroid; or `row`:
-every training row its own prototype (the nearest neighbour). A task
-mixed from many data sets (T0's multiple-choice QA has nine) otherwise owns a blurred average that
-pulls in instructions of every other task; its nearest data set is a sharper match.
+`dataset` (the default): one centroid per (task, data set) of the training rows, a task scoring the
+cosine of its nearest data set's centroid; `task`: one centroid per task; `row`: every training row
+its own prototype (the nearest neighbour). A task mixed from many data sets (T0's multiple-choice QA
+has nine) otherwise owns a blurred average that pulls in instructions of every other task; its
+nearest data set is a sharper match.
 
 `selector.descriptions` adds one fixed prototype per described task: the embedding of a short
 description of it, written by the user and never fitted to rows.
 
-A store keeps the per-prototype sums (P, D) and row counts (P,) and, for `dataset`, the task index
-of every prototype (`owner`, (P,)); with one prototype per task `owner` is `arange(L)`.
+A store keeps the per-prototype sums (P, D), row counts (P,), the task index of every prototype
+(`owner`, (P,)) and which are descriptions (`described`, (P,)); `stored_prototypes` fills the last two
+in for a store fitted before them (one prototype per task).
 """
 
 from __future__ import annotations
@@ -72,14 +73,31 @@ def description_prototypes(
     return embed_fn([d for _, d in pairs]), torch.tensor([labels.index(t) for t, _ in pairs])
 
 
-def with_fixed(
-    sums: torch.Tensor,
-    counts: torch.Tensor,
+def fit_prototypes(
+    vecs: torch.Tensor,
+    rows: torch.Tensor,
     owner: torch.Tensor,
-    fixed: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prototypes with `fixed` ones (unit vectors and their tasks) appended, one row each."""
-    if fixed is None:
-        return sums, counts, owner
-    vecs, own = fixed
-    return torch.cat([sums, vecs]), torch.cat([counts, torch.ones(len(vecs))]), torch.cat([owner, own])
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The prototypes of rows `vecs` (N, D) (`rows`, `owner` from `prototype_index`) and after them
+    the `fixed` ones (unit vectors and their tasks, one row each): `sums` (P, D), `counts` (P,),
+    `owner` (P,) and `described` (P,), 1 for a fixed prototype."""
+    sums, counts = prototype_sums(vecs, rows, len(owner))
+    described = torch.zeros(len(owner), dtype=torch.uint8)
+    if fixed is not None:
+        v, own = fixed
+        sums, counts, owner = (
+            torch.cat([sums, v]),
+            torch.cat([counts, torch.ones(len(v))]),
+            torch.cat([owner, own]),
+        )
+        described = torch.cat([described, torch.ones(len(v), dtype=torch.uint8)])
+    return {"sums": sums, "counts": counts, "owner": owner, "described": described}
+
+
+def stored_prototypes(t: dict[str, torch.Tensor], n_labels: int) -> dict[str, torch.Tensor]:
+    """A store's centroid tensors with `owner` and `described` filled in for a store fitted before
+    prototypes (one per task, none described)."""
+    n = len(t["counts"])
+    defaults = {"owner": torch.arange(n_labels), "described": torch.zeros(n, dtype=torch.uint8)}
+    return defaults | dict(t)

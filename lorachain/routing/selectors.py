@@ -31,11 +31,11 @@ from lorachain.routing.confidence import centroid_scores, confidence, fit_calibr
 from lorachain.routing.encoders import clip, embed, load_encoder
 from lorachain.routing.prototypes import (
     description_prototypes,
+    fit_prototypes,
     prototype_index,
-    prototype_sums,
+    stored_prototypes,
     task_cosines,
     task_means,
-    with_fixed,
 )
 from lorachain.routing.select import Selection, rank_scores
 from lorachain.store import StoreError, file_hashes, fingerprint
@@ -185,9 +185,8 @@ register(Kind("lora", None, None, "task-selection LoRA on the base (the paper), 
 # -- embedding -----------------------------------------------------------------------------------
 def embedding_probs(vecs: torch.Tensor, t: dict[str, torch.Tensor], n_labels: int, temp: float):
     """Softmax over each task's cosine (routing.prototypes) of the embeddings (N, D): (N, L). `t`
-    holds the prototypes' sums, counts and owners (a store fitted before prototypes: one per task)."""
-    owner = t.get("owner", torch.arange(n_labels))
-    return torch.softmax(task_cosines(vecs, t["sums"], t["counts"], owner, n_labels) / temp, dim=-1)
+    holds the prototypes' sums, counts and owners (`fit_prototypes`, `stored_prototypes`)."""
+    return torch.softmax(task_cosines(vecs, t["sums"], t["counts"], t["owner"], n_labels) / temp, dim=-1)
 
 
 def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None, progress=True) -> dict:
@@ -199,16 +198,14 @@ def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None
     rows = read_split(root, "train")
     vecs = embed(enc, tok, [r["instruction"] for r in rows], sel.max_length, sel.truncation)  # (N, D)
     tasks, groups = [r["task"] for r in rows], [r.get("dataset", "") for r in rows]
+    unknown = sorted(set(sel.descriptions or {}) - set(labels))
+    if unknown:
+        raise ConfigError(f"selector.descriptions: no task {unknown[0]!r} in the data; tasks: {labels}")
     proto, owner = prototype_index(tasks, groups, labels, sel.prototypes)
     fixed = description_prototypes(
         sel.descriptions, labels, lambda texts: embed(enc, tok, texts, sel.max_length, sel.truncation)
     )
-    unknown = sorted(set(sel.descriptions or {}) - set(labels))
-    if unknown:
-        raise ConfigError(f"selector.descriptions: no task {unknown[0]!r} in the data; tasks: {labels}")
-    sums, counts, owners = with_fixed(*prototype_sums(vecs, proto, len(owner)), owner, fixed)
-    described = torch.arange(len(owners)) >= len(owner)  # (P,) the description prototypes
-    tensors = {"sums": sums, "counts": counts, "owner": owners, "described": described.to(torch.uint8)}
+    tensors = fit_prototypes(vecs, proto, owner, fixed)
     index = torch.tensor([labels.index(t) for t in tasks])
     confidence_of = (sel.temperature, sel.confidence, sel.target_precision)
     calibration = fit_calibration(vecs, index, groups, len(labels), *confidence_of, (proto, owner), fixed)
@@ -230,7 +227,7 @@ def load_embedding(router, folder: Path, entry: dict) -> Callable:
     if entry.get("encoder_fingerprint") and fingerprint(enc) != entry["encoder_fingerprint"]:
         raise StoreError(f"{folder}: encoder {entry['encoder']!r} has other weights than the one used to fit")
     check_labels(router.root, entry["labels"], router.labels)
-    t = load_file(str(folder / "centroids.safetensors"))
+    t = stored_prototypes(load_file(str(folder / "centroids.safetensors")), len(entry["labels"]))
     labels, temp, max_length = entry["labels"], entry["temperature"], entry["max_length"]
     truncation = entry.get("truncation", "head")  # stores fitted before the setting read the head
     calib = entry.get("calibration") or {}
@@ -240,11 +237,10 @@ def load_embedding(router, folder: Path, entry: dict) -> Callable:
         vecs = embed(enc, tok, texts, max_length, truncation)  # (N, D)
         out = ranked(labels, embedding_probs(vecs, t, len(labels), temp * scale))
         if calib:
-            owner = t.get("owner", torch.arange(len(labels)))
-            rows = t.get("described", torch.zeros(len(owner), dtype=torch.uint8)) == 0  # fitted to rows
-            means = task_means(t["sums"][rows], t["counts"][rows], owner[rows], len(labels))  # (L, D)
-            cos = task_cosines(vecs, t["sums"], t["counts"], owner, len(labels))
-            scored = centroid_scores(vecs, means, t.get("precision"), temp, cos)
+            rows = t["described"] == 0  # fitted to rows
+            means = task_means(t["sums"][rows], t["counts"][rows], t["owner"][rows], len(labels))  # (L, D)
+            cos = task_cosines(vecs, t["sums"], t["counts"], t["owner"], len(labels))
+            scored = centroid_scores(vecs, cos, means, t.get("precision"), temp)
             for sel, v in zip(out, confidence(calib["score"], scored, scale).tolist(), strict=True):
                 sel.in_distribution = v
         return out
