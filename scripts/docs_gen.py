@@ -540,11 +540,14 @@ def grid_scores(results: list) -> str:
 
 def gap_pilot(results: list) -> str:
     """One seed: each method's test score (GSM8K: and reference NLL) per lr, and full − LoRA r=8."""
+    from lorachain.experiment.choose import select
+
     results = list(results.values()) if isinstance(results, dict) else results
     by = {(r["task"], r["method"], r["lr"]): r for r in results}
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    cols = sorted({(r["method"], r["lr"]) for r in results}, key=lambda c: (c[0] != "full", -c[1], c[0]))
-    cols = [c for c in cols if c[0] == "full"] + [("lora_r8", 1e-3), ("lora_r1", 1e-3)]
+    full_lrs = sorted({r["lr"] for r in results if r["method"] == "full"}, reverse=True)
+    cols = [("full", lr) for lr in full_lrs] + [("lora_r8", 1e-3), ("lora_r1", 1e-3)]
+    chosen = select(results)  # the full fine-tuning lr with the best validation score
 
     def shown(c):
         if not c:
@@ -555,8 +558,7 @@ def gap_pilot(results: list) -> str:
     rows = []
     for t in tasks:
         cells = [by.get((t, m, lr)) for m, lr in cols]
-        fulls = [c for (m, _), c in zip(cols, cells, strict=True) if m == "full" and c]
-        best = max(fulls, key=lambda c: c["val"]["score"], default=None)  # lr chosen on validation
+        best = by.get((t, "full", chosen[(t, "full")]["lr"])) if (t, "full") in chosen else None
         lora = by.get((t, "lora_r8", 1e-3))
         gap = signed((best["test"]["score"] - lora["test"]["score"]) * 100) if best and lora else "…"
         rows.append([t, *map(shown, cells), gap, (best or lora or {}).get("counts", {}).get("test", "…")])
