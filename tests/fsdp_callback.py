@@ -56,7 +56,7 @@ def main(out: str) -> None:
         knots.append(cb.knots[0])
         assert not opt.state, "the knot resets the optimizer"
     full = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in model.named_parameters()}
-    diffs = {n: float((full[n] - p).abs().max()) for n, p in ref.named_parameters()}
+    diffs = {n: float((full[n] - p).detach().abs().max()) for n, p in ref.named_parameters()}
     with torch.no_grad():
         logits = float((model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max())
     factors = max(
@@ -75,6 +75,7 @@ def main(out: str) -> None:
             "gathered_A_shapes": sorted({tuple(s) for s in ends.values()}),
         }
         Path(out).write_text(json.dumps(result))
+    dist.barrier()  # no rank tears gloo down while another still talks to it (a SIGABRT in CI)
     dist.destroy_process_group()
 
 
