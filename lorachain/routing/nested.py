@@ -23,6 +23,7 @@ import torch
 from lorachain.config import from_dict, set_dotted
 from lorachain.io import atomic_write, write_json, write_text
 from lorachain.routing import calibrate as cal
+from lorachain.routing.agreement import agreement, agreement_markdown
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.encoders import embed, load_encoder
 from lorachain.routing.holdout import Fitter, Row, make_folds, read_grouped, train_rows
@@ -140,6 +141,7 @@ def inner_choice(scorer, cfg, rest: list[Row], labels, grid, target, inner_max, 
     correct = (logits_t.argmax(-1) == gold_t).tolist()
     scores = confidence_scores(out, t)
     return {
+        "inner": {"top1": logits_t.argmax(-1).tolist(), "gold": gold, "msp": scores["msp"]},  # per row
         "settings": overrides,
         "grid": {" ".join(x[1]) or "(config)": x[0] for x in tried},
         "inner_folds": len(folds),
@@ -257,6 +259,7 @@ def nested_eval(
         "single_group_labels": single,
         "kinds": {},
     }
+    scored: dict[str, list[dict]] = {}
     for kind in kinds:
         grid = grid_settings((grids or {}).get(kind, GRIDS.get(kind, [])))
         if kind == "embedding":
@@ -273,8 +276,13 @@ def nested_eval(
             write_json(path, done)
             folds.append(done)
             print(f"[nested] {kind} fold {i + 1}/{len(outer)} {groups}: {done['settings']}", flush=True)
+        scored[kind] = folds
         result["kinds"][kind] = summarise(folds, target) | {"grid": [" ".join(g) for g in grid]}
         plot_reliability(result["kinds"][kind], f"{kind}: nested held-out", out / f"reliability_{kind}.png")
+        write_json(out / "nested.json", result)
+    pairs = {f"{a} / {b}": agreement(scored[a], scored[b], target) for a in kinds for b in kinds if a != b}
+    if pairs:
+        result["agreement"] = pairs
         write_json(out / "nested.json", result)
     write_text(out / "nested.md", nested_markdown(result))
     shutil.rmtree(out / "work", ignore_errors=True)  # the kinds' fold stores
@@ -362,4 +370,5 @@ def nested_markdown(result: dict) -> str:
         per = [result["kinds"][k]["per_label"][lab] for k in kinds]
         cells = [f"{x['top1']:.2f} / {x['top3']:.2f}" for x in per]
         lines.append(f"| {lab} | {d['n']} | " + " | ".join(cells) + " |")
+    lines += agreement_markdown(result.get("agreement", {}), target)
     return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""Two selector kinds as each other's second opinion, on the nested held-out folds.
+
+A route is taken only when both kinds name the same task (`agree`: no parameter, nothing to
+choose), or when they agree and the first kind's temperature-scaled top probability clears a
+threshold chosen on the inner folds for the target precision (`agree_msp`: the per-row inner
+outputs of both kinds, on the same inner folds). The rest go to the fallback. Read from the outer
+folds `routing.nested` keeps per kind.
+"""
+
+from __future__ import annotations
+
+from lorachain.routing import calibrate as cal
+
+
+def _agreeing_scores(top_a: list, top_b: list, msp_a: list[float]) -> list[float]:
+    """The first kind's msp where the two top labels agree, else -1 (never routed)."""
+    return [m if x == y else -1.0 for x, y, m in zip(top_a, top_b, msp_a, strict=True)]
+
+
+def agreement(folds_a: list[dict], folds_b: list[dict], target: float) -> dict:
+    """Coverage and precision of `agree` and `agree_msp` over the outer rows of two kinds' folds
+    (the same outer groups, the same rows in the same order), and the bound of `agree_msp` with
+    its threshold chosen looking at the outer rows (not a result)."""
+    if [f["groups"] for f in folds_a] != [f["groups"] for f in folds_b]:
+        raise ValueError("agreement: the two kinds were scored on different outer folds")
+    agree, kept, all_s, all_c = [], [], [], []
+    for fa, fb in zip(folds_a, folds_b, strict=True):
+        if fa["gold"] != fb["gold"]:
+            raise ValueError(f"agreement: outer fold {fa['groups']}: the kinds scored different rows")
+        top_a, top_b = [r[0] for r in fa["ranked"]], [r[0] for r in fb["ranked"]]
+        correct = [t == g for t, g in zip(top_a, fa["gold"], strict=True)]
+        score = _agreeing_scores(top_a, top_b, fa["scores"]["msp"])
+        ia, ib = fa.get("inner"), fb.get("inner")
+        threshold = None
+        if ia and ib and ia["gold"] == ib["gold"]:
+            inner = _agreeing_scores(ia["top1"], ib["top1"], ia["msp"])
+            right = [t == g for t, g in zip(ia["top1"], ia["gold"], strict=True)]
+            threshold = cal.threshold_for_precision(inner, right, target)
+        for s, c in zip(score, correct, strict=True):
+            if s >= 0:
+                agree.append(c)
+            if threshold is not None and s >= threshold and s >= 0:
+                kept.append(c)
+        all_s += score
+        all_c += correct
+    n = len(all_c)
+    best = cal.threshold_for_precision(all_s, all_c, target)
+    return {
+        "rows": n,
+        "agree": {"coverage": len(agree) / n, "precision": sum(agree) / len(agree) if agree else None},
+        "agree_msp": {"coverage": len(kept) / n, "precision": sum(kept) / len(kept) if kept else None},
+        "bound_looking_at_outer": cal.routed(all_s, all_c, best),
+    }
+
+
+def agreement_markdown(pairs: dict[str, dict], target: float) -> list[str]:
+    """Table lines for `nested.md`: one row per pair of kinds."""
+    if not pairs:
+        return []
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = [
+        "",
+        "Two kinds as each other's second opinion (route only when both name the same task; "
+        f"`agree_msp` also needs the first kind's msp above a threshold chosen inside for {target}):",
+        "",
+        "| first / second | agree: coverage / precision | agree_msp: coverage / precision | "
+        "bound: coverage / precision |",
+        "|---|---|---|---|",
+    ]
+    for name, p in pairs.items():
+        b = p["bound_looking_at_outer"]
+        lines.append(
+            f"| {name} | {p['agree']['coverage']:.3f} / {pct(p['agree']['precision'])} | "
+            f"{p['agree_msp']['coverage']:.3f} / {pct(p['agree_msp']['precision'])} | "
+            f"{b['coverage']:.3f} / {pct(b['precision'])} |"
+        )
+    return lines

@@ -1,0 +1,50 @@
+"""Two selector kinds as each other's second opinion (routing.agreement), on hand-made folds."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorachain.routing.agreement import agreement, agreement_markdown
+
+
+def fold(groups, gold, tops, msp, inner=None) -> dict:
+    return {"groups": groups, "gold": gold, "ranked": [[t, "x"] for t in tops], "scores": {"msp": msp}} | (
+        {"inner": inner} if inner else {}
+    )
+
+
+def test_agree_routes_only_rows_both_kinds_name_the_same_task():
+    gold = ["a", "a", "b", "b", "c"]
+    a = fold(["g"], gold, ["a", "b", "b", "a", "c"], [0.9, 0.8, 0.7, 0.6, 0.5])
+    b = fold(["g"], gold, ["a", "b", "c", "a", "c"], [0.5] * 5)
+    got = agreement([a], [b], 0.9)
+    # agree on rows 0, 1, 3, 4: right on 0 and 4
+    assert got["rows"] == 5 and got["agree"] == {"coverage": 0.8, "precision": 0.5}
+    assert got["agree_msp"] == {"coverage": 0.0, "precision": None}  # no inner rows: no threshold
+
+
+def test_agree_msp_takes_its_threshold_from_the_inner_rows_only():
+    inner_gold = list(range(20))
+    inner_top = inner_gold[:12] + [99] * 8  # the first 12 right, the last 8 wrong
+    msp = [1.0 - i / 40 for i in range(20)]  # falling: the threshold lands at row 11's msp
+    ia = {"top1": inner_top, "gold": inner_gold, "msp": msp}
+    ib = {"top1": inner_top, "gold": inner_gold, "msp": msp}
+    gold = ["a"] * 4
+    a = fold(["g"], gold, ["a", "a", "b", "a"], [0.9, 0.5, 0.95, 0.8], ia)
+    b = fold(["g"], gold, ["a", "a", "b", "c"], [0.1] * 4, ib)
+    got = agreement([a], [b], 0.9)
+    # the top 13 inner rows are 12/13 = 0.923 right, the top 14 only 0.857: threshold = row 12's 0.7
+    # outer: row 0 (agree, right, 0.9) and row 2 (agree, wrong, 0.95) clear it; row 1 is below it,
+    # row 3 disagrees
+    assert got["agree_msp"] == {"coverage": 0.5, "precision": 0.5}
+    assert got["agree"]["coverage"] == 0.75
+    lines = agreement_markdown({"encoder / embedding": got}, 0.9)
+    assert "| encoder / embedding | 0.750 / 0.667 | 0.500 / 0.500 |" in "\n".join(lines)
+
+
+def test_folds_of_different_rows_are_refused():
+    a = fold(["g"], ["a"], ["a"], [0.9])
+    with pytest.raises(ValueError, match="different outer folds"):
+        agreement([a], [fold(["h"], ["a"], ["a"], [0.9])], 0.9)
+    with pytest.raises(ValueError, match="different rows"):
+        agreement([a], [fold(["g"], ["b"], ["a"], [0.9])], 0.9)
