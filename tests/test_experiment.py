@@ -323,3 +323,14 @@ def test_smollm2_zero_shot_sst2_is_well_above_chance(tmp_path):
     run_experiment(cfg, progress=False)
     (r,) = collect(cfg.output_dir)
     assert r["test"]["n"] == 100 and r["test"]["accuracy"] >= 0.7
+
+
+def test_order_seeds_runs_the_first_seed_of_every_method_first(tmp_path, tiny_dir):
+    by_method = [(c.method, c.seed) for c in plan(grid(tmp_path, tiny_dir))]
+    by_seed = [(c.method, c.seed) for c in plan(grid(tmp_path, tiny_dir, order="seeds"))]
+    assert sorted(by_method) == sorted(by_seed)
+    assert by_method[:3] == [("zero_shot", 0), ("zero_shot", 1), ("lora", 0)]
+    assert [s for _, s in by_seed] == [0] * 5 + [1] * 5  # zero-shot, lora x 2 lrs, cola x 2 lrs
+    assert [m for m, _ in by_seed[:5]] == ["zero_shot", "lora", "lora", "cola", "cola"]
+    with pytest.raises(ConfigError, match="order: expected methods or seeds"):
+        grid(tmp_path, tiny_dir, order="lrs")

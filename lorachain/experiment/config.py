@@ -40,12 +40,16 @@ class ExperimentConfig:
     # of instruction/output/task rows), `general_tasks` (its task types the grid does not train on),
     # `n_general` (rows, default 200), `task` (an unrelated task scored before and after), `n_task`
     forgetting: dict[str, Any] = field(default_factory=dict)
+    # the order cells run in, within a task: `methods` (each method's seeds and lrs together) or
+    # `seeds` (the first seed of every method, then the next: a grid cut short compares every method)
+    order: str = "methods"
     output_dir: str = "runs/experiment"
 
     def __post_init__(self) -> None:
         check(bool(self.tasks), "tasks: expected at least one task")
         check(bool(self.methods), "methods: expected at least one method")
         check(bool(self.seeds), "seeds: expected at least one seed")
+        check(self.order in ("methods", "seeds"), f"order: expected methods or seeds, got {self.order!r}")
         check(bool(self.lrs) and min(self.lrs) > 0, f"lrs: expected positive numbers, got {self.lrs}")
         for name in ("n_train", "n_val", "n_test", "max_length", "eval_batch_size", "icl_k"):
             check(getattr(self, name) > 0, f"{name}: expected > 0, got {getattr(self, name)}")

@@ -51,12 +51,18 @@ class Cell:
 
 
 def plan(cfg: ExperimentConfig) -> list[Cell]:
-    """Every cell of the grid, tasks outermost, so a task's results complete early."""
+    """Every cell of the grid, tasks outermost, so a task's results complete early; within a task,
+    by method or (`order: seeds`) by seed first."""
     cells = []
     for task in cfg.tasks:
+        mine = []
         for name, m in cfg.methods.items():
             lrs = [None] if m.get("baseline") else m.get("lrs", cfg.lrs)
-            cells += [Cell(task, name, seed, lr) for seed in m.get("seeds", cfg.seeds) for lr in lrs]
+            mine += [Cell(task, name, seed, lr) for seed in m.get("seeds", cfg.seeds) for lr in lrs]
+        if cfg.order == "seeds":  # stable: methods keep their order within a seed
+            seeds = list(dict.fromkeys(c.seed for c in mine))
+            mine.sort(key=lambda c: seeds.index(c.seed))
+        cells += mine
     return cells
 
 
