@@ -7,10 +7,9 @@ import pytest
 from lorachain.routing.agreement import agreement, agreement_markdown
 
 
-def fold(groups, gold, tops, msp, inner=None) -> dict:
-    return {"groups": groups, "gold": gold, "ranked": [[t, "x"] for t in tops], "scores": {"msp": msp}} | (
-        {"inner": inner} if inner else {}
-    )
+def fold(groups, gold, tops, msp, inner=None, threshold=None) -> dict:
+    out = {"groups": groups, "gold": gold, "ranked": [[t, "x"] for t in tops], "scores": {"msp": msp}}
+    return out | {"thresholds": {"msp": threshold}} | ({"inner": inner} if inner else {})
 
 
 def test_agree_routes_only_rows_both_kinds_name_the_same_task():
@@ -21,6 +20,7 @@ def test_agree_routes_only_rows_both_kinds_name_the_same_task():
     # agree on rows 0, 1, 3, 4: right on 0 and 4
     assert got["rows"] == 5 and got["agree"] == {"coverage": 0.8, "precision": 0.5}
     assert got["agree_msp"] == {"coverage": 0.0, "precision": None}  # no inner rows: no threshold
+    assert got["agree_either"] == {"coverage": 0.0, "precision": None}  # neither has a threshold
 
 
 def test_agree_msp_takes_its_threshold_from_the_inner_rows_only():
@@ -39,7 +39,15 @@ def test_agree_msp_takes_its_threshold_from_the_inner_rows_only():
     assert got["agree_msp"] == {"coverage": 0.5, "precision": 0.5}
     assert got["agree"]["coverage"] == 0.75
     lines = agreement_markdown({"encoder / embedding": got}, 0.9)
-    assert "| encoder / embedding | 0.750 / 0.667 | 0.500 / 0.500 |" in "\n".join(lines)
+    assert "| encoder / embedding | 0.750 / 0.667 | 0.500 / 0.500 | 0.000 / - |" in "\n".join(lines)
+
+
+def test_agree_either_needs_agreement_and_one_kind_above_its_own_threshold():
+    gold = ["a", "a", "a", "a"]
+    a = fold(["g"], gold, ["a", "a", "b", "a"], [0.9, 0.2, 0.9, 0.2], threshold=0.5)
+    b = fold(["g"], gold, ["a", "a", "b", "c"], [0.1, 0.8, 0.9, 0.9], threshold=0.7)
+    # row 0: a clears; row 1: b clears; row 2: both clear but wrong; row 3: no agreement
+    assert agreement([a], [b], 0.9)["agree_either"] == {"coverage": 0.75, "precision": 2 / 3}
 
 
 def test_folds_of_different_rows_are_refused():

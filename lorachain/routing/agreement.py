@@ -3,8 +3,9 @@
 A route is taken only when both kinds name the same task (`agree`: no parameter, nothing to
 choose), or when they agree and the first kind's temperature-scaled top probability clears a
 threshold chosen on the inner folds for the target precision (`agree_msp`: the per-row inner
-outputs of both kinds, on the same inner folds). The rest go to the fallback. Read from the outer
-folds `routing.nested` keeps per kind.
+outputs of both kinds, on the same inner folds), or when they agree and either kind's msp clears its
+own inner threshold for the target (`agree_either`). The rest go to the fallback. Read from the
+outer folds `routing.nested` keeps per kind.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def agreement(folds_a: list[dict], folds_b: list[dict], target: float) -> dict:
     its threshold chosen looking at the outer rows (not a result)."""
     if [f["groups"] for f in folds_a] != [f["groups"] for f in folds_b]:
         raise ValueError("agreement: the two kinds were scored on different outer folds")
-    agree, kept, all_s, all_c = [], [], [], []
+    agree, kept, either, all_s, all_c = [], [], [], [], []
     for fa, fb in zip(folds_a, folds_b, strict=True):
         if fa["gold"] != fb["gold"]:
             raise ValueError(f"agreement: outer fold {fa['groups']}: the kinds scored different rows")
@@ -36,21 +37,35 @@ def agreement(folds_a: list[dict], folds_b: list[dict], target: float) -> dict:
             inner = _agreeing_scores(ia["top1"], ib["top1"], ia["msp"])
             right = [t == g for t, g in zip(ia["top1"], ia["gold"], strict=True)]
             threshold = cal.threshold_for_precision(inner, right, target)
-        for s, c in zip(score, correct, strict=True):
+        own = [_clears(fa, i) or _clears(fb, i) for i in range(len(correct))]
+        for s, c, o in zip(score, correct, own, strict=True):
             if s >= 0:
                 agree.append(c)
+                if o:
+                    either.append(c)
             if threshold is not None and s >= threshold and s >= 0:
                 kept.append(c)
         all_s += score
         all_c += correct
     n = len(all_c)
     best = cal.threshold_for_precision(all_s, all_c, target)
+
+    def rate(kept: list[bool]) -> dict:
+        return {"coverage": len(kept) / n, "precision": sum(kept) / len(kept) if kept else None}
+
     return {
         "rows": n,
-        "agree": {"coverage": len(agree) / n, "precision": sum(agree) / len(agree) if agree else None},
-        "agree_msp": {"coverage": len(kept) / n, "precision": sum(kept) / len(kept) if kept else None},
+        "agree": rate(agree),
+        "agree_msp": rate(kept),
+        "agree_either": rate(either),
         "bound_looking_at_outer": cal.routed(all_s, all_c, best),
     }
+
+
+def _clears(fold: dict, i: int) -> bool:
+    """Whether outer row `i` of a kind's fold has msp at or above the kind's inner threshold."""
+    t = fold["thresholds"].get("msp")
+    return t is not None and fold["scores"]["msp"][i] >= t
 
 
 def agreement_markdown(pairs: dict[str, dict], target: float) -> list[str]:
@@ -64,17 +79,19 @@ def agreement_markdown(pairs: dict[str, dict], target: float) -> list[str]:
     lines = [
         "",
         "Two kinds as each other's second opinion (route only when both name the same task; "
-        f"`agree_msp` also needs the first kind's msp above a threshold chosen inside for {target}):",
+        f"`agree_msp` also needs the first kind's msp above a threshold chosen inside for {target} on "
+        "the agreeing rows, `agree_either` either kind's msp above its own inner threshold):",
         "",
         "| first / second | agree: coverage / precision | agree_msp: coverage / precision | "
-        "bound: coverage / precision |",
-        "|---|---|---|---|",
+        "agree_either: coverage / precision | bound: coverage / precision |",
+        "|---|---|---|---|---|",
     ]
     for name, p in pairs.items():
         b = p["bound_looking_at_outer"]
         lines.append(
             f"| {name} | {p['agree']['coverage']:.3f} / {pct(p['agree']['precision'])} | "
             f"{p['agree_msp']['coverage']:.3f} / {pct(p['agree_msp']['precision'])} | "
+            f"{p['agree_either']['coverage']:.3f} / {pct(p['agree_either']['precision'])} | "
             f"{b['coverage']:.3f} / {pct(b['precision'])} |"
         )
     return lines

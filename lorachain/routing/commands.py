@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ def _route_holdout(args: argparse.Namespace) -> int:
     cfg = load_config(str(path), args.set, cls=RouteConfig)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     out = args.out or str((store if store.is_dir() else Path("results")) / f"holdout_{args.holdout_by}")
-    command = "lorachain " + " ".join(sys.argv[1:])
+    command = "lorachain " + shlex.join(sys.argv[1:])  # quoted: it can be pasted back
     if args.nested:
         from lorachain.routing.nested import nested_eval, nested_markdown
 
