@@ -484,6 +484,18 @@ def _balance(b) -> str:
 PROTOTYPES = {"task": "", "dataset": "; data-set prototypes", "row": "; every row a prototype (1-NN)"}
 
 
+def _kind_balance(balance: dict | None, kind: dict) -> dict | None:
+    """The run's balance with a kind's own `data.*` settings of its grid laid over it."""
+    if balance is None:
+        return None
+    out = dict(balance)
+    for setting in " ".join(kind.get("settings_chosen", {})).split():
+        key, _, value = setting.partition("=")
+        if key.startswith("data."):
+            out[key[5:]] = None if value == "null" else int(value) if value.isdigit() else value
+    return out
+
+
 def nested(runs: dict) -> str:
     """Nested leave-one-data-set-out: settings, temperature and thresholds chosen on inner folds only."""
     rows = []
@@ -494,7 +506,7 @@ def nested(runs: dict) -> str:
                 [
                     f"`{Path(path).parent.name}`",
                     f"`{kind}`",
-                    _balance(d.get("balance"))
+                    _balance(_kind_balance(d.get("balance"), k))
                     + PROTOTYPES.get(d.get("prototypes", "task"), "")
                     + ("; task descriptions" if d.get("descriptions") else ""),
                     d.get("outer_folds", "-"),

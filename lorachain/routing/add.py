@@ -74,6 +74,11 @@ def add_task(
             f"{root / 'manifest.json'}: route add needs an `embedding` selector; this store's is "
             f"{entry.get('kind')!r} (train it with selector.kind=embedding)"
         )
+    if entry.get("second_opinion"):
+        raise StoreError(
+            f"{root / 'manifest.json'}: route add cannot extend a store with a second opinion "
+            f"({entry['second_opinion'].get('kind')!r}); retrain it with the new task"
+        )
     name = safe_name(task)
     if task in manifest.labels or name in manifest.adapters:
         raise ConfigError(f"task {task!r}: already in {root} (adapter {name!r})")

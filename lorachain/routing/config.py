@@ -107,6 +107,10 @@ class SelectorConfig:
     prototypes: str = "dataset"
     # embedding: task -> a short description of it, embedded as one more prototype of the task
     descriptions: dict[str, str] = field(default_factory=dict)
+    # another kind (embedding, encoder, full) fitted beside this one: an instruction is routed only
+    # when both name the same task and either is sure by its own threshold, fitted on held-out data
+    # sets (the encoder and full kinds fit once more for it); else the fallback (routing.agreement)
+    second_opinion: str | None = None
 
     def __post_init__(self) -> None:
         from lorachain.routing.selectors import kind_names
@@ -128,6 +132,13 @@ class SelectorConfig:
             self.prototypes in PROTOTYPES,
             f"selector.prototypes: expected one of {list(PROTOTYPES)}, got {self.prototypes!r}",
         )
+        if self.second_opinion is not None:
+            check(
+                self.second_opinion in kind_names() and self.second_opinion not in ("lora", self.kind),
+                f"selector.second_opinion: expected another kind than {self.kind!r} and not lora, "
+                f"got {self.second_opinion!r}",
+            )
+            check(self.kind != "lora", "selector.second_opinion: the lora kind cannot take one")
         for task, text in (self.descriptions or {}).items():
             check(
                 isinstance(text, str) and text.strip(),

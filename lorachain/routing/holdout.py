@@ -92,6 +92,16 @@ def make_folds(rows: list[Row], scheme: str) -> tuple[list[list[str]], list[str]
     return [[gs[i] for gs in many.values() if i < len(gs)] for i in range(rounds)], single
 
 
+def selection_logits(select, texts: list[str], labels: list[str], batch: int = 8) -> torch.Tensor:
+    """A fitted kind's ranked probabilities for `texts` as log-probabilities (N, L)."""
+    logits = torch.full((len(texts), len(labels)), -1e4)
+    for k in range(0, len(texts), batch):
+        for i, s in enumerate(select(texts[k : k + batch]), k):
+            for lab, p in zip(s.ranked, s.scores, strict=True):
+                logits[i, labels.index(lab)] = torch.log(torch.tensor(max(p, 1e-12)))
+    return logits
+
+
 class Fitter:
     """Fits one selector kind on a list of rows and returns `select(texts)`; keeps what it can
     reuse between folds (the encoder and its embeddings, the base model)."""

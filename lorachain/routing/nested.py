@@ -26,7 +26,7 @@ from lorachain.routing import calibrate as cal
 from lorachain.routing.agreement import agreement, agreement_markdown
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.encoders import embed, load_encoder
-from lorachain.routing.holdout import Fitter, Row, make_folds, read_grouped, train_rows
+from lorachain.routing.holdout import Fitter, Row, make_folds, read_grouped, selection_logits, train_rows
 from lorachain.routing.prototypes import description_prototypes, fit_prototypes, prototype_index, task_cosines
 
 # the default grid per kind: temperature is fitted, not searched (argmax does not depend on it)
@@ -98,12 +98,7 @@ class KindScorer:
 
     def __call__(self, cfg: RouteConfig, train: list[Row], test: list[Row], labels: list[str]) -> dict:
         select = Fitter(self.kind, cfg, self.work).fit(train, labels)
-        logits = torch.full((len(test), len(labels)), -1e4)
-        for k in range(0, len(test), 8):
-            for i, s in enumerate(select([r.text for r in test[k : k + 8]]), k):
-                for lab, p in zip(s.ranked, s.scores, strict=True):
-                    logits[i, labels.index(lab)] = torch.log(torch.tensor(max(p, 1e-12)))
-        return {"logits": logits}
+        return {"logits": selection_logits(select, [r.text for r in test], labels)}
 
 
 def confidence_scores(out: dict, t: float) -> dict[str, list[float]]:

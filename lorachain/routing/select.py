@@ -66,6 +66,7 @@ class Selection:
     adapter: str = ""
     fallback: str | None = None  # why the fallback adapter was used, if it was
     in_distribution: float | None = None  # the store's calibrated confidence score, if it has one
+    second: Selection | None = None  # the second opinion's selection (`selector.second_opinion`)
 
     def top(self, k: int) -> list[dict]:
         if self.scores:
@@ -88,11 +89,16 @@ def decide(
     fallback: str,
     min_confidence: float,
     min_in_distribution: float | None = None,
+    min_second: float | None = None,
 ) -> Selection:
     """Choose the adapter for `sel`: its top label, or `fallback` when nothing matched, the top
     label has no adapter, its probability is below `min_confidence`, or its calibrated confidence
-    score is below `min_in_distribution` (an instruction unlike the selector's training rows)."""
+    score is below `min_in_distribution` (an instruction unlike the selector's training rows).
+    With a second opinion (`sel.second`): the fallback unless both name the same task and either
+    score clears its own threshold (`min_in_distribution`, `min_second`; none set: agreement)."""
     low = min_in_distribution is not None and sel.in_distribution is not None
+    if sel.second is not None and sel.ranked:
+        return _decide_two(sel, adapters, fallback, min_confidence, (min_in_distribution, min_second))
     if not sel.ranked:
         sel.adapter, sel.fallback = fallback, "no task label found in the selector's output"
     elif sel.scores and sel.scores[0] < min_confidence:
@@ -109,3 +115,34 @@ def decide(
     else:
         sel.adapter = sel.ranked[0]
     return sel
+
+
+def _decide_two(
+    sel: Selection, adapters: set[str], fallback: str, min_confidence: float, floors
+) -> Selection:
+    other = sel.second.ranked[0] if sel.second.ranked else None
+    pairs = [
+        (v, t) for v, t in zip((sel.in_distribution, sel.second.in_distribution), floors) if t is not None
+    ]
+    sure = not pairs or any(v is not None and v >= t for v, t in pairs)
+    sel.adapter = fallback
+    if sel.scores and sel.scores[0] < min_confidence:
+        sel.fallback = f"top task {sel.ranked[0]!r} has probability {sel.scores[0]:.3f} < {min_confidence}"
+    elif other != sel.ranked[0]:
+        sel.fallback = f"the selector names {sel.ranked[0]!r}, its second opinion {other!r}"
+    elif not sure:
+        sel.fallback = f"both name {other!r}, but neither clears its confidence threshold"
+    elif sel.ranked[0] not in adapters:
+        sel.fallback = f"no adapter for task {sel.ranked[0]!r}"
+    else:
+        sel.adapter = sel.ranked[0]
+    return sel
+
+
+def calibrated_msp(sel: Selection, calibration: dict | None) -> float | None:
+    """A selection's top probability at the calibration's temperature (its scores over labels)."""
+    if not calibration or not sel.scores or calibration.get("score") != "msp":
+        return None
+    t = calibration["temperature"]
+    w = [math.exp(math.log(max(p, 1e-12)) / t) for p in sel.scores]
+    return max(w) / sum(w)

@@ -19,6 +19,7 @@ from lorachain.models import load_model, load_tokenizer, resolve_path
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
 from lorachain.routing.runs import adapter_runs, chat_templates
+from lorachain.routing.second_opinion import fit_second_opinion
 from lorachain.routing.selectors import get_kind
 from lorachain.store import (
     CHAT_FORMAT,
@@ -193,15 +194,27 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
         }
         write_manifest(root, manifest)
     if selector.fit is not None and dist.main:  # (rank 0 only: the selector is small)
-        manifest.selector = selector.fit(cfg, root, labels, model, tokenizer, progress)
-        with torch.no_grad():
-            model.load_state_dict(pristine)
+        manifest.selector = _fit_selector(cfg, root, labels, (model, tokenizer), pristine, progress)
         if not manifest.selector:
             return None  # interrupted; a rerun resumes
     manifest.complete = True
     if dist.main:
         write_manifest(root, manifest)
     return manifest
+
+
+def _fit_selector(cfg: RouteConfig, root: Path, labels: list[str], base, pristine, progress) -> dict:
+    """The selector's manifest entry (and its second opinion's); {} if interrupted. The base
+    model's weights are restored after each fit."""
+    model, tokenizer = base
+    entry = get_kind(cfg.selector.kind).fit(cfg, root, labels, model, tokenizer, progress)
+    with torch.no_grad():
+        model.load_state_dict(pristine)
+    if entry and cfg.selector.second_opinion:
+        entry = fit_second_opinion(cfg, root, labels, entry, model, tokenizer, progress)
+        with torch.no_grad():
+            model.load_state_dict(pristine)
+    return entry
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -19,7 +19,7 @@ from lorachain.config import ConfigError, DataConfig, ModelConfig
 from lorachain.data import prompt_ids
 from lorachain.data.chat import chat_template, generation_ids, selector_text
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
-from lorachain.routing.select import Selection, decide, match_labels
+from lorachain.routing.select import Selection, calibrated_msp, decide, match_labels
 from lorachain.routing.selectors import get_kind, label_ids, score_labels
 from lorachain.serve.adapter_file import WEIGHTS
 from lorachain.serve.slots import AdapterSlots
@@ -114,6 +114,7 @@ class Router:
         self.label_ids = label_ids(tokenizer, self.labels)
         self.adapters = {a["task"]: name for name, a in manifest.adapters.items() if a["kind"] == "task"}
         self.selector_fn = None  # set by from_store for selector kinds other than `lora`
+        self.second_fn, self.min_second = None, None  # the store's second opinion, if it has one
         self.score_batch = score_batch  # instructions per selector forward pass in `score` mode
 
     @classmethod
@@ -139,6 +140,14 @@ class Router:
         if kind.load is not None:
             router.slots.adopt(MIXED, folder)
             router.selector_fn = kind.load(router, verify_selector(path, manifest), manifest.selector)
+        second = manifest.selector.get("second_opinion")
+        if second:  # another kind, fitted beside the selector (routing.second_opinion)
+            other = get_kind(
+                second.get("kind"), f"{Path(path) / 'manifest.json'}: selector.second_opinion.kind"
+            )
+            folder = verify_selector(path, replace(manifest, selector=second))
+            router.second_fn = other.load(router, folder, second)
+            router.min_second = (second.get("calibration") or {}).get("threshold")
         return router
 
     # -- adapters ----------------------------------------------------------------------------
@@ -197,13 +206,27 @@ class Router:
             ]
             texts = self._generate(prompts, longest)
             sels = [Selection(match_labels(t, self.labels), [], t) for t in texts]
+        if self.second_fn is not None:
+            self._second_opinions(sels, instructions)
+        floors = (self.min_confidence, self.min_in_distribution, self.min_second)
         for sel in sels:
-            decide(sel, set(self.adapters), self.fallback, self.min_confidence, self.min_in_distribution)
+            decide(sel, set(self.adapters), self.fallback, *floors)
             if sel.adapter in self.adapters:
                 sel.adapter = self.adapters[sel.adapter]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the selector's activations are not kept
         return sels
+
+    def _second_opinions(self, sels: list[Selection], instructions: list[str]) -> None:
+        """Attach the second opinion to each selection; kinds that score no confidence of their own
+        get their calibrated msp."""
+        entry = self.manifest.selector
+        for sel, other in zip(sels, self.second_fn(instructions), strict=True):
+            if sel.in_distribution is None:
+                sel.in_distribution = calibrated_msp(sel, entry.get("calibration"))
+            if other.in_distribution is None:
+                other.in_distribution = calibrated_msp(other, entry["second_opinion"].get("calibration"))
+            sel.second = other
 
     # -- generation --------------------------------------------------------------------------
     @torch.no_grad()
