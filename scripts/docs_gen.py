@@ -535,6 +535,23 @@ def nested(runs: dict) -> str:
     return table(head, rows)
 
 
+def agreement(runs: dict) -> str:
+    """Two kinds as each other's second opinion, per nested run that scored two kinds."""
+    rows = []
+    for path, d in runs.items():
+        shown: set[frozenset] = set()  # both rules are symmetric: one row per pair, embedding second
+        for pair, a in sorted(d.get("agreement", {}).items(), key=lambda x: x[0].startswith("embedding")):
+            if frozenset(pair.split(" / ")) in shown:
+                continue
+            shown.add(frozenset(pair.split(" / ")))
+            rows.append(
+                [f"`{Path(path).parent.name}`", f"`{pair}`", d.get("outer_folds", "-"), a["rows"]]
+                + [f"{f(a[r]['coverage'], 2)} / {f(a[r]['precision'], 2)}" for r in ("agree", "agree_either")]
+            )
+    head = ["run", "first / second", "outer folds", "rows", "both agree: routed / right"]
+    return table(head + ["agree, either above its threshold: routed / right"], rows)
+
+
 def variants(d: dict) -> str:
     rows = [[r["truncation"], r["scoring"], f(r["top1"])] for r in d["results"]]
     return table(["truncation", "scoring", "held-out top-1"], rows)
@@ -737,6 +754,12 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "lorachain route eval configs/route/t0_smollm2.yaml --holdout-by dataset --nested "
         "(each run's command: results/routing_holdout/README.md)",
         nested,
+    ),
+    "agreement": (
+        "results/routing_holdout/nested_agreement*/nested.json",
+        "lorachain route eval configs/route/t0_smollm2.yaml --holdout-by dataset --nested --kinds "
+        "encoder,embedding (the command: results/routing_holdout/README.md)",
+        agreement,
     ),
     "routing-unseen": (
         "results/routing_unseen/*/route_eval.json",

@@ -56,3 +56,27 @@ def test_folds_of_different_rows_are_refused():
         agreement([a], [fold(["h"], ["a"], ["a"], [0.9])], 0.9)
     with pytest.raises(ValueError, match="different rows"):
         agreement([a], [fold(["g"], ["b"], ["a"], [0.9])], 0.9)
+
+
+def test_agreement_folds_script_judges_a_range_of_outer_folds(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "folds").mkdir()
+    for i, top in enumerate(["a", "b", "a"]):  # fold 1 disagrees
+        for kind, t in (("encoder", "a"), ("embedding", top)):
+            f = fold([f"g{i}"], ["a"] * 10, [t] * 10, [0.9] * 10, threshold=0.5)
+            (tmp_path / "folds" / f"nested_{kind}_{i}.json").write_text(json.dumps(f))
+    script = Path(__file__).parents[1] / "scripts" / "agreement_folds.py"
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--from", "1"], check=True, capture_output=True
+    )
+    got = json.loads((tmp_path / "agreement_folds_1-3.json").read_text())
+    assert got["groups"] == [["g1"], ["g2"]] and got["folds"] == [1, 3]
+    assert got["encoder / embedding"]["agree"] == {"coverage": 0.5, "precision": 1.0}
+    bad = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--from", "5"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "0 encoder and 0 embedding folds in range" in bad.stderr
