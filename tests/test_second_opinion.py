@@ -123,3 +123,14 @@ def test_a_changed_second_opinion_file_and_bad_settings_fail_in_one_line(store, 
             route_cfg(tmp_path, tmp_path / "x.jsonl", kind, tmp_path, second_opinion=second)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["selector"]["second_opinion"]["labels"] == ["alpha", "beta", "gamma"]
+
+
+def test_route_eval_reports_the_second_opinion_and_routes_by_it(store, tmp_path):
+    from lorachain.routing.evaluate import route_eval
+
+    root, _ = store
+    r = Router.from_store(root, model=tiny_model("llama"), tokenizer=make_tokenizer())
+    result = route_eval(r, root, tmp_path / "eval", max_per_task=2, modes=("score",), max_new_tokens=3)
+    assert result["second_opinion"] == "embedding" and result["min_second"] == r.min_second
+    assert "Second opinion: `embedding`" in (tmp_path / "eval" / "route_eval.md").read_text()
+    assert json.loads((tmp_path / "eval" / "route_eval.json").read_text())["second_opinion"] == "embedding"

@@ -187,6 +187,8 @@ def route_eval(
         "calibration": router.manifest.selector.get("calibration"),  # fitted on held-out data sets
         "min_confidence": router.min_confidence,
         "min_in_distribution": router.min_in_distribution,
+        "second_opinion": (router.manifest.selector.get("second_opinion") or {}).get("kind"),
+        "min_second": router.min_second,
     }
     routed, top1 = None, None
     for mode in modes:
@@ -273,6 +275,12 @@ def report_markdown(result: dict) -> str:
             f"Calibration (fitted on {cal['held_out_groups']} held-out data sets of the store's rows): "
             f"temperature {cal['temperature']:.3f}, `{cal['score']}` threshold {cal['threshold']} for "
             f"precision {cal['target_precision']}; applied here: min_in_distribution {floor}.",
+            "",
+        ]
+    if result.get("second_opinion"):
+        lines += [
+            f"Second opinion: `{result['second_opinion']}` (threshold {result['min_second']}): routed only "
+            "when both kinds name the same task and either clears its threshold.",
             "",
         ]
     for m in modes:
