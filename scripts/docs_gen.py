@@ -596,6 +596,31 @@ def gap_pilot(results: list) -> str:
     return table(["task", *heads, gap_head, "test rows"], rows)
 
 
+def gap_grid(results) -> str:
+    """The gap grid's finished cells so far, one row each, in the grid's order of methods."""
+    import yaml
+
+    results = list(results.values()) if isinstance(results, dict) else results
+    methods = list(yaml.safe_load(Path("configs/experiments/cola_gap_smollm2.yaml").read_text())["methods"])
+    rows = []
+    for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"], -r["lr"])):
+        forgot = r.get("forgetting", {})
+        rows.append(
+            [
+                f"`{r['method']}`",
+                r["seed"],
+                f"{r['lr']:g}",
+                f"{r['val']['score'] * 100:.1f}",
+                f"{r['test']['score'] * 100:.1f}",
+                f"{forgot['general_nll_increase']:+.2f}" if "general_nll_increase" in forgot else "-",
+                signed(-forgot["task_score_drop"] * 100) if "task_score_drop" in forgot else "-",
+                f"{r['cost']['cell_seconds']:,.0f}",
+            ]
+        )
+    head = ["method", "seed", "lr", "val", "test", "general NLL change", "COPA change (points)"]
+    return table(head + ["cell seconds"], rows)
+
+
 def headline(paths: dict) -> str:
     """The README's one small table: each line's figure from its own JSON."""
     from lorachain.experiment.choose import select
@@ -705,6 +730,11 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "results/cola_gap_pilot_gsm8k/cells/*/*/*/*/result.json",
         "lorachain experiment configs/experiments/cola_gap_pilot_gsm8k_smollm2.yaml",
         gap_pilot,
+    ),
+    "gap-grid": (
+        "results/cola_gap_smollm2/cells/*/*/*/*/result.json",
+        "lorachain experiment configs/experiments/cola_gap_smollm2.yaml (make gap-grid)",
+        gap_grid,
     ),
     "precision": (
         "benchmarks/results/precision.json",
