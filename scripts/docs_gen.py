@@ -639,6 +639,9 @@ def headline(paths: dict) -> str:
     big = paths["benchmarks/results/scale.json"]
     demo_total = paths["benchmarks/results/demo.json"]["total"]
     cola_time = next(r["time_ratio"] for r in cost["rows"] if r["config"].startswith("cola 3"))
+    nested_run = "results/routing_holdout/nested_agreement_rounds_9/nested.json"
+    agree = paths[nested_run]["agreement"]["encoder / embedding"]["agree_either"]
+    enc = paths[nested_run]["kinds"]["encoder"]["routing"]["msp"]
     rows = [
         [
             "`lorachain demo`, wall / CPU time (one reading on the shared machine)",
@@ -667,6 +670,13 @@ def headline(paths: dict) -> str:
             "`benchmarks/results/serve_load.json`",
         ],
         [
+            "routing on 27 data sets no selector saw (nested): routed / right, encoder with an "
+            "embedding second opinion",
+            f"{agree['coverage'] * 100:.1f}% / {agree['precision'] * 100:.1f}% (encoder alone: "
+            f"{enc['coverage'] * 100:.1f}% / {enc['precision'] * 100:.1f}%)",
+            f"`{nested_run}`",
+        ],
+        [
             "COLA with a knot on a Llama-2-7B-shaped NF4 base, checkpointing, 1×128 tokens: peak RSS",
             f"{big['peak_rss_gib_7b_nf4_cola']:.2f} GiB (fp32 weights alone: ~25 GiB)",
             "`benchmarks/results/scale.json`",
@@ -691,6 +701,7 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
             "benchmarks/results/parallel.json",
             "benchmarks/results/scale.json",
             "benchmarks/results/demo.json",
+            "results/routing_holdout/nested_agreement_rounds_9/nested.json",
         ],
         "the commands in docs/measured.md",
         headline,
