@@ -58,9 +58,9 @@ def test_grid_settings_and_overrides(tmp_path):
     assert with_overrides(cfg, ["selector.truncation=head"]).selector.truncation == "head"
 
 
-def grouped_rows() -> list[dict]:
+def grouped_rows(n_per_task: int = 12) -> list[dict]:
     rows, seen = [], {}
-    for r in route_rows(12):  # each task in three data sets of 4 rows that share its words
+    for r in route_rows(n_per_task):  # each task in three data sets of n/3 rows that share its words
         k = seen[r["task"]] = seen.get(r["task"], -1) + 1
         rows.append({**r, "dataset": f"{r['task']}_{k % 3}"})
     return rows

@@ -8,7 +8,8 @@ import math
 import shutil
 
 import pytest
-from conftest import make_tokenizer, route_rows, tiny_model, write_jsonl
+from conftest import make_tokenizer, tiny_model, write_jsonl
+from test_nested import grouped_rows as nested_rows
 from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.config import ConfigError
@@ -58,11 +59,7 @@ def test_calibrated_msp_rescales_the_scores_by_the_temperature():
 
 
 def grouped_rows() -> list[dict]:
-    rows, seen = [], {}
-    for r in route_rows(18):  # each task in three data sets
-        k = seen[r["task"]] = seen.get(r["task"], -1) + 1
-        rows.append({**r, "dataset": f"{r['task']}_{k % 3}"})
-    return rows
+    return nested_rows(18)  # each task in three data sets of 6 rows
 
 
 @pytest.fixture(scope="module")
