@@ -601,7 +601,9 @@ def gap_grid(results) -> str:
     import yaml
 
     results = list(results.values()) if isinstance(results, dict) else results
-    methods = list(yaml.safe_load(Path("configs/experiments/cola_gap_smollm2.yaml").read_text())["methods"])
+    methods = list(
+        yaml.safe_load((ROOT / "configs/experiments/cola_gap_smollm2.yaml").read_text())["methods"]
+    )
     rows = []
     for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"], -r["lr"])):
         forgot = r.get("forgetting", {})

@@ -14,7 +14,8 @@ from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.config import ConfigError
 from lorachain.routing.add import add_task
-from lorachain.routing.select import Selection, calibrated_msp, decide
+from lorachain.routing.confidence import calibrated_msp
+from lorachain.routing.select import Selection, decide
 from lorachain.routing.train import route_train
 from lorachain.serve.router import Router
 from lorachain.store import StoreError, read_manifest

@@ -81,13 +81,30 @@ def fit_calibration(
     scored = {"logits": logits_t, score: torch.cat(extra)} if score in ("cosine", "mahalanobis") else {}
     values = confidence(score, scored | {"logits": logits_t}, t).tolist()
     correct = (logits_t.argmax(-1) == gold_t).tolist()
+    return calibration_entry(score, t, values, correct, target, len(held), n_labels)
+
+
+def calibration_entry(
+    score: str, t: float, values: list[float], correct: list[bool], target: float, held: int, n_labels: int
+) -> dict:
+    """A manifest's `calibration`: the lowest threshold of `score` keeping `target` of the held-out
+    routes right, with the temperature it was scored at and how the held-out rows fared."""
     threshold = cal.threshold_for_precision(values, correct, target)
     return {
         "score": score,
         "temperature": t,
         "threshold": threshold,
         "target_precision": target,
-        "held_out_groups": len(held),
+        "held_out_groups": held,
         "labels": n_labels,
         "held_out": cal.routed(values, correct, threshold) | {"top1": sum(correct) / len(correct)},
     }
+
+
+def calibrated_msp(sel, calibration: dict | None) -> float | None:
+    """A Selection's top probability at its calibration's temperature (its scores over the labels),
+    for kinds that score no confidence of their own; None without an msp calibration."""
+    if not calibration or not sel.scores or calibration.get("score") != "msp":
+        return None
+    logp = torch.tensor(sel.scores, dtype=torch.float64).clamp_min(1e-12).log()[None]  # (1, L)
+    return float(cal.msp(logp, calibration["temperature"]))

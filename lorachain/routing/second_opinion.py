@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lorachain.routing import calibrate as cal
+from lorachain.routing.confidence import calibration_entry
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.holdout import Fitter, Row, make_folds, selection_logits
 from lorachain.routing.selectors import get_kind, read_split
@@ -71,14 +72,6 @@ def refit_calibration(cfg: RouteConfig, root: Path, kind: str, labels: list[str]
     t = cal.fit_temperature(logits, gold)
     values = cal.msp(logits, t).tolist()
     correct = (logits.argmax(-1) == gold).tolist()
-    threshold = cal.threshold_for_precision(values, correct, cfg.selector.target_precision)
     shutil.rmtree(work, ignore_errors=True)
-    return {
-        "score": "msp",
-        "temperature": t,
-        "threshold": threshold,
-        "target_precision": cfg.selector.target_precision,
-        "held_out_groups": len(held),
-        "labels": len(labels),
-        "held_out": cal.routed(values, correct, threshold) | {"top1": sum(correct) / len(correct)},
-    }
+    target = cfg.selector.target_precision
+    return calibration_entry("msp", t, values, correct, target, len(held), len(labels))

@@ -137,12 +137,3 @@ def _decide_two(
     else:
         sel.adapter = sel.ranked[0]
     return sel
-
-
-def calibrated_msp(sel: Selection, calibration: dict | None) -> float | None:
-    """A selection's top probability at the calibration's temperature (its scores over labels)."""
-    if not calibration or not sel.scores or calibration.get("score") != "msp":
-        return None
-    t = calibration["temperature"]
-    w = [math.exp(math.log(max(p, 1e-12)) / t) for p in sel.scores]
-    return max(w) / sum(w)

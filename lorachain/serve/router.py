@@ -19,7 +19,8 @@ from lorachain.config import ConfigError, DataConfig, ModelConfig
 from lorachain.data import prompt_ids
 from lorachain.data.chat import chat_template, generation_ids, selector_text
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
-from lorachain.routing.select import Selection, calibrated_msp, decide, match_labels
+from lorachain.routing.confidence import calibrated_msp
+from lorachain.routing.select import Selection, decide, match_labels
 from lorachain.routing.selectors import get_kind, label_ids, score_labels
 from lorachain.serve.adapter_file import WEIGHTS
 from lorachain.serve.slots import AdapterSlots
