@@ -69,17 +69,44 @@ def test_roles_read_the_specs():
     assert chains == {"cola_r8x2": 8, "cola_r1x4": 1}
 
 
-def test_closed_fraction_per_seed_with_interval():
+def test_closed_fraction_with_its_interval():
     chosen = select(results())
     g = gap.closed_fraction(chosen, "wic", "full", "lora_r8", "cola_r8x2")
     assert g["n"] == 3 and g["has_gap"] and g["gap"] == pytest.approx(0.10)
     assert g["fractions"] == pytest.approx([0.5, 0.4, 0.5])
     assert g["mean"] == pytest.approx(1.4 / 3)
+    # a gap equal on every seed: Fieller's interval is the gain's t-interval divided by the gap
     lo, hi = g["ci"]
     assert lo < g["mean"] < hi and hi - lo == pytest.approx(2 * 4.303 * 0.057735 / 3**0.5, rel=1e-3)
+    assert g["gap_ci"] == pytest.approx((0.10, 0.10))
     # LoRA r=1 already matches full: no gap, no fraction
     none = gap.closed_fraction(chosen, "wic", "full", "lora_r1", "cola_r1x4")
     assert none["has_gap"] is False and "mean" not in none
+
+
+def test_fieller_endpoints_solve_the_ratio_test():
+    gains, gaps = [0.02, 0.05, 0.03, 0.06], [0.05, 0.09, 0.06, 0.10]
+    lo, hi = gap.fieller(gains, gaps)
+    n, t = 4, 3.182
+
+    def excess(theta):  # |mean(gain − θ·gap)| over t times its standard error: 0 at the endpoints
+        d = [a - theta * b for a, b in zip(gains, gaps, strict=True)]
+        m = sum(d) / n
+        se = (sum((x - m) ** 2 for x in d) / (n - 1) / n) ** 0.5
+        return abs(m) - t * se
+
+    ratio = sum(gains) / sum(gaps)
+    assert lo < ratio < hi
+    assert excess(lo) == pytest.approx(0, abs=1e-9) and excess(hi) == pytest.approx(0, abs=1e-9)
+    assert excess(ratio) < 0 and excess(lo - 0.05) > 0 and excess(hi + 0.05) > 0
+
+
+def test_a_gap_not_clearly_above_zero_gives_an_unbounded_fraction():
+    # mean gap 2 points, but one seed has none: the ratio's interval is unbounded, and said so
+    assert gap.fieller([0.01, 0.0, 0.02], [0.05, -0.03, 0.04]) is None
+    assert gap.fieller([0.01], [0.05]) is None
+    g = {"n": 3, "has_gap": True, "mean": 0.6, "ci": None}
+    assert "unbounded" in gap._closed(g)
 
 
 def test_report_has_the_gap_section_and_figures(tmp_path):
@@ -87,10 +114,20 @@ def test_report_has_the_gap_section_and_figures(tmp_path):
     text = path.read_text()
     assert "## The LoRA → full fine-tuning gap" in text
     assert "| `cola_r8x2` vs `lora_r8` | +4.7 [" in text and "| 0.47 [" in text
+    # forgetting paired against LoRA at its rank and against full: +0.03 and −0.19 NLL
+    assert "| +0.030 [" in text and "| -0.190 [" in text
+    assert "- `cola_r8x2` scores above `lora_r8`; it forgets more than `lora_r8` and less than full" in text
+    assert "\n\n## The LoRA → full fine-tuning gap" in text  # its own section, not a table row
     assert "| `cola_r1x4` vs `lora_r1` |" in text and "no gap to close" in text
     assert "| `full` (lr 0.001) | 82.0 ± 2.0 | 0.320 ± 0.020 |" in text
     for name in ("gap.png", "links.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_seed_is_not_put_into_words(tmp_path):
+    text = write_report([r for r in results() if r["seed"] == 0], tmp_path).read_text()
+    assert "- `cola_r8x2` against `lora_r8`: fewer than two paired seeds, no interval yet." in text
+    assert "scores above" not in text
 
 
 def test_no_gap_section_without_full_fine_tuning(tmp_path):

@@ -3,9 +3,11 @@
 From a grid with a full fine-tuning method and LoRA methods at one or more ranks (a method's
 `spec.ranks`: one rank is LoRA, several a chain): per task, each method's mean ± std at its chosen lr,
 each chain against LoRA at its rank (paired over seeds, 95% interval), the fraction of the gap closed
-(chain − LoRA) / (full − LoRA) per seed with a t-interval over seeds, and forgetting (the general
-set's NLL increase, an unrelated task's score drop). Figures: gap.png (forgetting vs score, one point
-per method, seeds as error bars) and links.png (score vs number of links per rank).
+mean(chain − LoRA) / mean(full − LoRA) with Fieller's interval over the paired seeds (a ratio of two
+noisy means: unbounded when the gap itself is not clearly above zero), and forgetting (the general
+set's NLL increase, an unrelated task's score drop; each chain's paired against LoRA and full).
+Figures: gap.png (forgetting vs score, one point per method, seeds as error bars) and links.png
+(score vs number of links per rank).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from lorachain.experiment.choose import select
-from lorachain.experiment.paired import per_task, summarize, t975
+from lorachain.experiment.paired import pair_diffs, per_task, summarize, t975
 from lorachain.io import atomic_write
 
 MIN_GAP = 0.01  # full − LoRA below one point (of a 0–1 score): no gap to close
@@ -45,29 +47,96 @@ def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str
     return f"{m:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
+def fieller(num: list[float], den: list[float]) -> tuple[float, float] | None:
+    """95% interval of mean(num) / mean(den) for paired samples (Fieller's theorem, t quantile);
+    None when the denominator's mean is not clearly non-zero (the interval is then unbounded)."""
+    n = len(num)
+    if n < 2:
+        return None
+    a, b = statistics.fmean(num), statistics.fmean(den)
+    vaa = statistics.variance(num) / n
+    vbb = statistics.variance(den) / n
+    vab = statistics.covariance(num, den) / n
+    t2 = t975(n - 1) ** 2
+    qa, qb, qc = b * b - t2 * vbb, -2 * (a * b - t2 * vab), a * a - t2 * vaa
+    if qa <= 0:
+        return None
+    root = math.sqrt(max(0.0, qb * qb - 4 * qa * qc))
+    return ((-qb - root) / (2 * qa), (-qb + root) / (2 * qa))
+
+
 def closed_fraction(chosen: dict, task: str, full: str, lora: str, chain: str) -> dict:
-    """Per-seed (chain − LoRA) / (full − LoRA) on the seeds all three ran: mean, 95% t-interval,
-    and the mean gap itself; `gap: False` when full is not at least MIN_GAP above LoRA."""
+    """The gap closed, mean(chain − LoRA) / mean(full − LoRA) over the seeds all three ran, with
+    Fieller's 95% interval (None: unbounded, the gap itself is not clearly above zero), the gap's own
+    paired interval, and the per-seed fractions; `has_gap: False` when the mean gap is below MIN_GAP."""
     f, lo, c = (chosen.get((task, m)) for m in (full, lora, chain))
     if not (f and lo and c):
         return {"n": 0}
     seeds = sorted(set(f["test"]) & set(lo["test"]) & set(c["test"]))
     gaps = [f["test"][s] - lo["test"][s] for s in seeds]
-    mean_gap = statistics.fmean(gaps) if gaps else math.nan
-    out = {"n": len(seeds), "gap": mean_gap, "has_gap": bool(gaps) and mean_gap >= MIN_GAP}
+    gains = [c["test"][s] - lo["test"][s] for s in seeds]
+    out = {"n": len(seeds), "gap": statistics.fmean(gaps) if gaps else math.nan}
+    out["gap_ci"] = summarize(gaps)["ci"]
+    out["has_gap"] = bool(gaps) and out["gap"] >= MIN_GAP
     if not out["has_gap"]:
         return out
-    fr = [(c["test"][s] - lo["test"][s]) / g for s, g in zip(seeds, gaps, strict=True) if abs(g) > 1e-9]
-    out["fractions"] = fr
-    out["mean"] = statistics.fmean(fr) if fr else math.nan
-    half = t975(len(fr) - 1) * statistics.stdev(fr) / math.sqrt(len(fr)) if len(fr) > 1 else math.nan
-    out["ci"] = (out["mean"] - half, out["mean"] + half)
+    out["fractions"] = [x / g for x, g in zip(gains, gaps, strict=True) if abs(g) > 1e-9]
+    out["mean"] = statistics.fmean(gains) / out["gap"]
+    out["ci"] = fieller(gains, gaps)
     return out
 
 
-def forgetting_values(chosen: dict, task: str, method: str, key: str) -> list[float]:
+def forgetting_by_seed(chosen: dict, task: str, method: str, key: str) -> dict[int, float]:
     c = chosen.get((task, method))
-    return [r["forgetting"][key] for r in (c or {}).get("rows", []) if key in r.get("forgetting", {})]
+    rows = (c or {}).get("rows", [])
+    return {r["seed"]: r["forgetting"][key] for r in rows if key in r.get("forgetting", {})}
+
+
+def forgetting_diff(chosen: dict, task: str, ref: str, other: str, key: str) -> dict:
+    """Paired forgetting other − ref (mean, 95% interval) on the seeds both scored."""
+    a, b = (forgetting_by_seed(chosen, task, m, key) for m in (ref, other))
+    return summarize([b[s] - a[s] for s in sorted(set(a) & set(b))])
+
+
+def forgetting_values(chosen: dict, task: str, method: str, key: str) -> list[float]:
+    return list(forgetting_by_seed(chosen, task, method, key).values())
+
+
+def _ci(s: dict, scale: float = 100.0, digits: int = 1) -> str:
+    """A paired summary as `mean [lo, hi]` (the mean alone for one pair, – for none)."""
+    if not s["n"]:
+        return "–"
+    m = f"{scale * s['mean']:+.{digits}f}"
+    if s["n"] < 2:
+        return m
+    lo, hi = (scale * x for x in s["ci"])
+    return f"{m} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _sign(s: dict, above: str, below: str, same: str) -> str:
+    """Which way a paired difference points, in words, only where its 95% interval says so."""
+    lo, hi = s["ci"]
+    return above if lo > 0 else below if hi < 0 else same
+
+
+def in_words(chain: str, ref: str, score: dict, nll_lora: dict, nll_full: dict) -> str:
+    """One sentence per chain: its score against LoRA at its rank, its forgetting against both."""
+    if min(score["n"], nll_lora["n"], nll_full["n"]) < 2:
+        return f"- `{chain}` against `{ref}`: fewer than two paired seeds, no interval yet."
+    learn = _sign(score, "scores above", "scores below", "is not shown to differ from")
+    forget = _sign(nll_lora, "more than", "less than", "not shown to differ from")
+    forget_full = _sign(nll_full, "more than", "less than", "not shown to differ from")
+    return f"- `{chain}` {learn} `{ref}`; it forgets {forget} `{ref}` and {forget_full} full fine-tuning."
+
+
+def _closed(g: dict) -> str:
+    if not g["has_gap"]:
+        return "no gap to close"
+    if g["n"] < 2:
+        return f"{g['mean']:.2f}"
+    if g["ci"] is None:
+        return f"{g['mean']:.2f} [unbounded: the gap is not clearly above 0]"
+    return f"{g['mean']:.2f} [{g['ci'][0]:.2f}, {g['ci'][1]:.2f}]"
 
 
 def render(results: list[dict], tasks: list[str] | None = None, methods: list[str] | None = None) -> str:
@@ -91,26 +160,24 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             lines.append(
                 f"| `{m}` (lr {c['lr']:g}) | {_mean_std(list(c['test'].values()))} | {nll} | {drop} |"
             )
-        lines += ["", "| chain | vs LoRA at its rank [95% CI] | gap full − LoRA ×100 | gap closed [95% CI] |"]
-        lines.append("|---|---|---|---|")
+        cols = ["chain", "vs LoRA at its rank ×100 [95% CI]", "gap full − LoRA ×100 [95% CI]"]
+        cols += ["gap closed [95% CI]", "general NLL vs LoRA [95% CI]", "general NLL vs full [95% CI]"]
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        nll, words = "general_nll_increase", []
         for chain, rank in chains.items():
             ref = lora.get(rank)
-            if not ref:
-                continue
-            by_task, _ = per_task(chosen, [task], ref, chain)
-            s = by_task.get(task)
-            diff = f"{s['mean']:+.1f} [{s['ci'][0]:+.1f}, {s['ci'][1]:+.1f}]" if s and s["n"] > 1 else "–"
-            g = closed_fraction(chosen, task, full, ref, chain)
+            g = closed_fraction(chosen, task, full, ref, chain) if ref else {"n": 0}
             if not g["n"]:
                 continue
-            if not g["has_gap"]:
-                closed = "no gap to close"
-            elif g["n"] > 1:
-                closed = f"{g['mean']:.2f} [{g['ci'][0]:.2f}, {g['ci'][1]:.2f}]"
-            else:
-                closed = f"{g['mean']:.2f}"
-            lines.append(f"| `{chain}` vs `{ref}` | {diff} | {100 * g['gap']:+.1f} | {closed} |")
-        lines.append("")
+            s = summarize(pair_diffs(chosen, task, ref, chain))
+            gap_s = {"n": g["n"], "mean": g["gap"], "ci": g["gap_ci"]}
+            f_lora = forgetting_diff(chosen, task, ref, chain, nll)
+            f_full = forgetting_diff(chosen, task, full, chain, nll)
+            row = [f"`{chain}` vs `{ref}`", _ci(s, 1.0), _ci(gap_s), _closed(g)]
+            lines.append("| " + " | ".join(row + [_ci(f_lora, 1.0, 3), _ci(f_full, 1.0, 3)]) + " |")
+            words.append(in_words(chain, ref, s, f_lora, f_full))
+        lines += ["", "In words (a direction is named only where the 95% interval excludes zero):", ""]
+        lines += words + [""]
     return "\n".join(lines) + "\n"
 
 

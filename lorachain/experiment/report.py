@@ -258,7 +258,8 @@ def write_report(
     """report.md and the PNG figures next to results.json."""
     if not results:
         return out
-    write_text(out / "report.md", render(results, tasks, methods) + gap.render(results, tasks, methods))
+    sections = [render(results, tasks, methods), gap.render(results, tasks, methods)]
+    write_text(out / "report.md", "\n".join(x.rstrip("\n") + "\n" for x in sections if x))
     plot(results, out)
     gap.plot(results, out, tasks)
     plot_comparisons(results, out / "paired.png", tasks)
