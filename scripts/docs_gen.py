@@ -646,7 +646,7 @@ def headline(paths: dict) -> str:
     enc = paths[nested_run]["kinds"]["encoder"]["routing"]["msp"]
     rows = [
         [
-            "`lorachain demo`, wall / CPU time (one reading on the shared machine)",
+            "`lorachain demo`, wall / CPU time (one reading: fresh clone, idle 2-core machine)",
             f"{demo_total['wall_seconds'] / 60:.1f} min / {demo_total['cpu_seconds']:.0f} s",
             "`benchmarks/results/demo.json`",
         ],
