@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from lorachain.data import (
     load_examples,
     steps_per_epoch,
 )
-from lorachain.io import atomic_write, write_json, write_text
+from lorachain.io import write_json
 from lorachain.models import (
     best_device,
     check_packing,
@@ -51,27 +50,16 @@ from lorachain.models import (
     resolve_target_modules,
     uses_conv1d,
 )
+from lorachain.training import resume
 from lorachain.training.checkpointing import check_checkpointing, enable_checkpointing
 from lorachain.training.evaluate import evaluate
 from lorachain.training.memory import check_before_load
 from lorachain.training.parallel import check_parallel, init_dist, shard_base
 from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
 from lorachain.training.quantization import is_quantized, quantized_base
+from lorachain.training.resume import CHECKPOINT, State
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
 from lorachain.training.step import lr_factor, make_optimizer, run_steps, trainable
-
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class State:
-    """Everything a checkpoint holds besides the model and optimizer."""
-
-    step: int = 0
-    link: int = 0
-    link_start: int = 0
-    knots: list[Knot] = field(default_factory=list)
-    links: list[dict] = field(default_factory=list)  # per-link summary rows
 
 
 @dataclass
@@ -219,48 +207,28 @@ class Trainer:
             )
         return lambda s: o.lr * lr_factor(s, self.total, o.warmup_steps, o.schedule)
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints (format: training/resume.py) -------------------------------------------
     def save_checkpoint(self, st: State) -> None:
-        if not self.dist.main:
-            return
-        state = {
-            "step": st.step,
-            "link": st.link,
-            "link_start": st.link_start,
-            "knots": [k.to_state() for k in st.knots],
-            "links": json.dumps(st.links),
-            "trainable": trainable_state(self.peft),
-            "optimizer": self.opt.state_dict(),
-            "policy": json.dumps(self.policy.state_dict()),
-            "rng": torch.get_rng_state(),
-            "scaler": self.scaler.state_dict() if self.scaler else {},
-        }
-        atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        if self.dist.main:
+            resume.save(self.out, st, trainable_state(self.peft), self.opt, self.policy, self.scaler)
 
     def restore(self) -> State:
         """The state of the last checkpoint, with the model rebuilt to match; a new State if none."""
-        path = self.out / CHECKPOINT
-        st = State()
-        if not path.is_file():  # a fresh start: drop what a run killed before its first checkpoint wrote
+        loaded = resume.load(self.out)
+        if loaded is None:
             if self.dist.main:
-                self._trim_metrics(0)
-                shutil.rmtree(self.out / "tb", ignore_errors=True)
+                resume.clear(self.out)
+            st = State()
             self.extend(st)
             return st
-        ck = torch.load(path, weights_only=True)
-        st = State(
-            ck["step"],
-            ck["link"],
-            ck["link_start"],
-            [Knot.from_state(k) for k in ck["knots"]],
-            json.loads(ck["links"]),
-        )
+        st, ck = loaded
         for knot in st.knots:
             if self.dist.sharded:
                 apply_on_shards(self.model, knot.factors)
             else:
                 self.merge(self.model, knot.factors, self.masters)
         self.extend(st)
+        path = self.out / CHECKPOINT
         missing = set(trainable_state(self.peft)) - set(ck["trainable"])
         if missing:
             raise RuntimeError(f"{path}: checkpoint lacks {sorted(missing)[0]}; delete it to restart")
@@ -271,15 +239,9 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"])
         if self.dist.main:
-            self._trim_metrics(st.step)
+            resume.trim_metrics(self.out, st.step)
         self.log(f"resumed from {path} at step {st.step}, link {st.link}")
         return st
-
-    def _trim_metrics(self, step: int) -> None:
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            write_text(path, "".join(ln + "\n" for ln in keep))
 
     # -- logging -----------------------------------------------------------------------------
     def log(self, msg: str, extra: dict | None = None) -> None:
