@@ -598,12 +598,8 @@ def gap_pilot(results: list) -> str:
 
 def gap_grid(results) -> str:
     """The gap grid's finished cells so far, one row each, in the grid's order of methods."""
-    import yaml
-
     results = list(results.values()) if isinstance(results, dict) else results
-    methods = list(
-        yaml.safe_load((ROOT / "configs/experiments/cola_gap_smollm2.yaml").read_text())["methods"]
-    )
+    methods = _gap_methods()
     rows = []
     for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"], -r["lr"])):
         forgot = r.get("forgetting", {})
@@ -621,6 +617,46 @@ def gap_grid(results) -> str:
         )
     head = ["method", "seed", "lr", "val", "test", "general NLL change", "COPA change (points)"]
     return table(head + ["cell seconds"], rows)
+
+
+def _gap_methods() -> list[str]:
+    import yaml
+
+    path = ROOT / "configs/experiments/cola_gap_smollm2.yaml"
+    return list(yaml.safe_load(path.read_text())["methods"])
+
+
+def gap_report(results) -> str:
+    """The gap report's tables (`lorachain report`'s gap section) from the grid's finished cells."""
+    from lorachain.experiment import gap
+
+    results = list(results.values()) if isinstance(results, dict) else results
+    methods = [m for m in _gap_methods() if any(r["method"] == m for r in results)]
+    text = gap.render(results, methods=methods)
+    return text.split("\n", 2)[2].strip()  # without the section's own heading
+
+
+def gap_summary(results) -> str:
+    """The README's short gap table: each method's score and forgetting, each chain's gap closed."""
+    from lorachain.experiment import gap
+    from lorachain.experiment.choose import select
+
+    results = list(results.values()) if isinstance(results, dict) else results
+    chosen = select(results)
+    methods = [m for m in _gap_methods() if ("wic", m) in chosen]
+    full, lora, chains = gap.roles(chosen, methods)
+    rows = []
+    for m in methods:
+        c = chosen[("wic", m)]
+        nll = gap.forgetting_values(chosen, "wic", m, "general_nll_increase")
+        closed = "–"
+        if m in chains and lora.get(chains[m]) and full:
+            g = gap.closed_fraction(chosen, "wic", full, lora[chains[m]], m)
+            closed = gap._closed(g) if g["n"] else "–"
+        scores = list(c["test"].values())
+        rows.append([f"`{m}`", len(scores), gap._mean_std(scores), gap._mean_std(nll, 1.0, 2), closed])
+    head = ["method (WiC)", "seeds", "test ×100", "general NLL increase", "gap closed [95% CI]"]
+    return table(head, rows)
 
 
 def headline(paths: dict) -> str:
@@ -748,6 +784,16 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "results/cola_gap_smollm2/cells/*/*/*/*/result.json",
         "lorachain experiment configs/experiments/cola_gap_smollm2.yaml (make gap-grid)",
         gap_grid,
+    ),
+    "gap-report": (
+        "results/cola_gap_smollm2/cells/*/*/*/*/result.json",
+        "lorachain report results/cola_gap_smollm2",
+        gap_report,
+    ),
+    "gap-summary": (
+        "results/cola_gap_smollm2/cells/*/*/*/*/result.json",
+        "lorachain report results/cola_gap_smollm2",
+        gap_summary,
     ),
     "precision": (
         "benchmarks/results/precision.json",
@@ -934,9 +980,25 @@ def cli_reference() -> str:
 
 
 # -- the whole set --------------------------------------------------------------------------------
-def outputs() -> dict[Path, str]:
+# figures the docs show, copied from the run folder that wrote them (mkdocs serves only docs/)
+FIGURES = {
+    "docs/img/gap.png": "results/cola_gap_smollm2/gap.png",
+    "docs/img/links.png": "results/cola_gap_smollm2/links.png",
+}
+
+
+def _same(path: Path, content: str | bytes) -> bool:
+    if not path.is_file():
+        return False
+    return (path.read_bytes() if isinstance(content, bytes) else path.read_text()) == content
+
+
+def outputs() -> dict[Path, str | bytes]:
     """Every generated file and its content."""
-    out = {
+    out: dict[Path, str | bytes] = {
+        ROOT / dst: (ROOT / src).read_bytes() for dst, src in FIGURES.items() if (ROOT / src).is_file()
+    }
+    out |= {
         ROOT / "docs" / "reference" / "config.md": config_reference(),
         ROOT / "docs" / "reference" / "cli.md": cli_reference(),
     }
@@ -950,9 +1012,7 @@ def outputs() -> dict[Path, str]:
 
 def drift() -> list[str]:
     """The generated files whose committed text differs from what the code and JSON render."""
-    return [
-        str(p.relative_to(ROOT)) for p, text in outputs().items() if not p.is_file() or p.read_text() != text
-    ]
+    return [str(p.relative_to(ROOT)) for p, content in outputs().items() if not _same(p, content)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -964,10 +1024,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in stale:
             print(f"{p}: differs from what scripts/docs_gen.py renders; run it", file=sys.stderr)
         return 1 if stale else 0
-    for path, text in outputs().items():
-        if not path.is_file() or path.read_text() != text:
+    for path, content in outputs().items():
+        if not _same(path, content):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
             print(f"wrote {path.relative_to(ROOT)}")
     return 0
 

@@ -214,11 +214,13 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
                 statistics.fmean(ys),
                 xerr=spread[0],
                 yerr=spread[1],
-                fmt="o",
+                fmt="*" if m == full else "s" if m in lora.values() else "o",
+                markersize=10 if m == full else 6,
                 capsize=3,
                 label=m,
             )
-        _label(ax, task, "forgetting: general-set NLL increase", "target-task test score ×100")
+        xlabel = "forgetting: general-set NLL increase (left forgets less)"
+        _label(ax, task, xlabel, "target-task test score ×100 (up learns more)")
     written.append(_save(plt, fig, out / "gap.png"))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
