@@ -244,13 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # dependencies' deprecation notices are not the user's business (children inherit this)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-    import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # bitsandbytes, on a CPU with AVX-512 BF16, tries to fetch a gemm kernel from the hub at import
-    # and logs a warning when it cannot (offline); its own CPU gemm is used instead
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     from lorachain.chain.knot import KnotError
     from lorachain.config import ConfigError

@@ -145,3 +145,23 @@ def test_the_demo_workers_leave_no_semaphore_behind(tmp_path):
     assert proc.stdout.strip() == "[0, 1, 2]"
     assert "leaked semaphore" not in proc.stderr
     assert "resource_tracker" not in proc.stderr
+
+
+def test_importing_lorachain_mutes_the_bitsandbytes_kernel_fetch_warning():
+    """On a CPU with AVX-512 BF16, importing bitsandbytes (every `import peft` does) tries to fetch
+    a gemm kernel from the hub and warns when it cannot; lorachain's import mutes that, in every
+    process (the demo's spawned workers import lorachain before peft)."""
+    pytest.importorskip("bitsandbytes")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def stderr(code: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stderr
+
+    if "gemm_4bit_forward" not in stderr("import peft, bitsandbytes"):
+        pytest.skip("this CPU's bitsandbytes does not try the hub kernel (no AVX-512 BF16)")
+    quiet = stderr("import lorachain, peft, bitsandbytes")
+    assert "gemm_4bit_forward" not in quiet and "publisher trust" not in quiet
