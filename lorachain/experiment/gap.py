@@ -123,10 +123,12 @@ def in_words(chain: str, ref: str, score: dict, nll_lora: dict, nll_full: dict) 
     """One sentence per chain: its score against LoRA at its rank, its forgetting against both."""
     if min(score["n"], nll_lora["n"], nll_full["n"]) < 2:
         return f"- `{chain}` against `{ref}`: fewer than two paired seeds, no interval yet."
-    learn = _sign(score, "scores above", "scores below", "is not shown to differ from")
-    forget = _sign(nll_lora, "more than", "less than", "not shown to differ from")
-    forget_full = _sign(nll_full, "more than", "less than", "not shown to differ from")
-    return f"- `{chain}` {learn} `{ref}`; it forgets {forget} `{ref}` and {forget_full} full fine-tuning."
+    learn = _sign(score, "scores above", "scores below", "is not shown to score differently from")
+    forget, forget_full = (
+        _sign(d, "forgets more than", "forgets less than", "is not shown to forget differently from")
+        for d in (nll_lora, nll_full)
+    )
+    return f"- `{chain}` {learn} `{ref}`; it {forget} `{ref}`, and {forget_full} full fine-tuning."
 
 
 def _closed(g: dict) -> str:
