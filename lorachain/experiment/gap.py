@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from lorachain.experiment.choose import select
-from lorachain.experiment.paired import pair_diffs, per_task, summarize, t975
+from lorachain.experiment.paired import fmt_ci, pair_diffs, per_task, summarize, t975
 from lorachain.io import atomic_write
 
 MIN_GAP = 0.01  # full − LoRA below one point (of a 0–1 score): no gap to close
@@ -75,8 +75,8 @@ def closed_fraction(chosen: dict, task: str, full: str, lora: str, chain: str) -
     seeds = sorted(set(f["test"]) & set(lo["test"]) & set(c["test"]))
     gaps = [f["test"][s] - lo["test"][s] for s in seeds]
     gains = [c["test"][s] - lo["test"][s] for s in seeds]
-    out = {"n": len(seeds), "gap": statistics.fmean(gaps) if gaps else math.nan}
-    out["gap_ci"] = summarize(gaps)["ci"]
+    gap = summarize(gaps)
+    out = {"n": gap["n"], "gap": gap["mean"], "gap_ci": gap["ci"]}
     out["has_gap"] = bool(gaps) and out["gap"] >= MIN_GAP
     if not out["has_gap"]:
         return out
@@ -100,17 +100,6 @@ def forgetting_diff(chosen: dict, task: str, ref: str, other: str, key: str) -> 
 
 def forgetting_values(chosen: dict, task: str, method: str, key: str) -> list[float]:
     return list(forgetting_by_seed(chosen, task, method, key).values())
-
-
-def _ci(s: dict, scale: float = 100.0, digits: int = 1) -> str:
-    """A paired summary as `mean [lo, hi]` (the mean alone for one pair, – for none)."""
-    if not s["n"]:
-        return "–"
-    m = f"{scale * s['mean']:+.{digits}f}"
-    if s["n"] < 2:
-        return m
-    lo, hi = (scale * x for x in s["ci"])
-    return f"{m} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def _sign(s: dict, above: str, below: str, same: str) -> str:
@@ -175,8 +164,9 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             gap_s = {"n": g["n"], "mean": g["gap"], "ci": g["gap_ci"]}
             f_lora = forgetting_diff(chosen, task, ref, chain, nll)
             f_full = forgetting_diff(chosen, task, full, chain, nll)
-            row = [f"`{chain}` vs `{ref}`", _ci(s, 1.0), _ci(gap_s), _closed(g)]
-            lines.append("| " + " | ".join(row + [_ci(f_lora, 1.0, 3), _ci(f_full, 1.0, 3)]) + " |")
+            row = [f"`{chain}` vs `{ref}`", fmt_ci(s, empty="–"), fmt_ci(gap_s, 100.0, empty="–"), _closed(g)]
+            row += [fmt_ci(f, 1.0, 3, empty="–") for f in (f_lora, f_full)]
+            lines.append("| " + " | ".join(row) + " |")
             words.append(in_words(chain, ref, s, f_lora, f_full))
         lines += ["", "In words (a direction is named only where the 95% interval excludes zero):", ""]
         lines += words + [""]

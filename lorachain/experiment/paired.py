@@ -59,12 +59,15 @@ def pair_diffs(chosen: dict, task: str, ref: str, other: str) -> list[float]:
     return [100 * (b["test"][s] - a["test"][s]) for s in sorted(set(a["test"]) & set(b["test"]))]
 
 
-def _fmt(s: dict) -> str:
+def fmt_ci(s: dict, scale: float = 1.0, digits: int = 1, empty: str = "-") -> str:
+    """A summary as `mean [lo, hi]` (signed, ×scale): the mean alone for one pair, `empty` for none."""
     if not s["n"]:
-        return "-"
-    lo, hi = s["ci"]
-    ci = f" [{lo:+.1f}, {hi:+.1f}]" if s["n"] > 1 else ""
-    return f"{s['mean']:+.1f}{ci}"
+        return empty
+    m = f"{scale * s['mean']:+.{digits}f}"
+    if s["n"] < 2:
+        return m
+    lo, hi = (scale * x for x in s["ci"])
+    return f"{m} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def _signs(s: dict) -> str:
@@ -105,6 +108,6 @@ def paired_table(chosen: dict, tasks: list[str], ref: str, other: str) -> tuple[
     for task, s in rows.items():
         a, b = chosen[(task, ref)], chosen[(task, other)]
         cols = [f"{mean_std(list(v['test'].values()))} ({v['lr']:g})" for v in (a, b)]
-        lines.append(f"| {task} | {cols[0]} | {cols[1]} | {_fmt(s)} | {_signs(s)} |")
-    lines.append(f"| **all tasks, pooled** | | | **{_fmt(total)}** | {_signs(total)} |")
+        lines.append(f"| {task} | {cols[0]} | {cols[1]} | {fmt_ci(s)} | {_signs(s)} |")
+    lines.append(f"| **all tasks, pooled** | | | **{fmt_ci(total)}** | {_signs(total)} |")
     return "\n".join(lines) + "\n", total
