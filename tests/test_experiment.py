@@ -334,3 +334,34 @@ def test_order_seeds_runs_the_first_seed_of_every_method_first(tmp_path, tiny_di
     assert [m for m, _ in by_seed[:5]] == ["zero_shot", "lora", "lora", "cola", "cola"]
     with pytest.raises(ConfigError, match="order: expected methods or seeds"):
         grid(tmp_path, tiny_dir, order="lrs")
+
+
+def test_a_grid_whose_auto_precision_resolves_otherwise_on_a_new_machine_is_refused(
+    tmp_path, tiny_dir, monkeypatch
+):
+    """`auto` is bf16 only on a CPU with native bf16: a grid moved to another machine must not mix
+    precisions silently. Pinning what its finished cells ran in keeps the grid; another pin is refused."""
+    import lorachain.training.precision as p
+
+    def cfg(precision: str, seeds: list[int]) -> ExperimentConfig:
+        train = {"max_steps": 2, "batch_size": 8, "save_every": 1, "precision": precision}
+        methods = {"lora": {"chain": {"links": [{"rank": 4, "alpha": 8}]}}}
+        return grid(tmp_path, tiny_dir, base={"train": train}, methods=methods, seeds=seeds, lrs=[0.01])
+
+    monkeypatch.setattr(p, "cpu_flags", lambda: {"avx2"})  # no native bf16: auto is fp32
+    run_experiment(cfg("auto", [0]), progress=False)
+    (path,) = Path(tmp_path / "exp").glob("cells/**/result.json")
+    assert json.loads(path.read_text())["spec"]["precision"] == "fp32"
+
+    monkeypatch.setattr(p, "cpu_flags", lambda: {"avx2", "avx512_bf16"})  # here auto is bf16
+    with pytest.raises(ConfigError) as e:
+        run_experiment(cfg("auto", [0, 1]), progress=False)
+    assert str(e.value) == (
+        f"{tmp_path / 'exp'}: the finished cells of methods.lora trained in fp32, but train.precision: "
+        "auto is bf16 on this machine; set base.train.precision: fp32 to go on with the same protocol"
+    )
+    assert not (tmp_path / "exp/cells/toy_review/lora/seed1/lr0.01/run").exists()  # nothing trained
+
+    assert run_experiment(cfg("fp32", [0]), progress=False) == {"cells": 1, "computed": 0, "cached": 1}
+    with pytest.raises(ConfigError, match="holds an experiment with another base"):
+        run_experiment(cfg("bf16", [0]), progress=False)

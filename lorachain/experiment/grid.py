@@ -53,6 +53,7 @@ def prepare(cfg: ExperimentConfig) -> None:
         old = json.loads(path.read_text())
         old = as_current(ExperimentConfig, old)  # fields added since: their defaults
         old.pop("lorachain_version", None)
+        old = _pin_auto(old, new, finished_precisions(out))
         # the grid may grow (tasks, methods, seeds, lrs); what a finished cell means may not change
         fixed = ("model", "base", "n_train", "n_val", "n_test", "max_length", "icl_k", "max_new_tokens")
         fixed += ("forgetting",)
@@ -67,6 +68,27 @@ def prepare(cfg: ExperimentConfig) -> None:
                 f"{out}: holds an experiment with another {', '.join(changed)}; choose another output_dir"
             )
     write_text(path, cfg.to_json() + "\n")
+
+
+def _pin_auto(old: dict, new: dict, ran: dict[str, set[str]]) -> dict:
+    """`old` with its base `train.precision: auto` read as the precision the new definition pins,
+    when every finished cell ran in that one: pinning what `auto` resolved to changes no cell."""
+    before = old.get("base", {}).get("train", {}).get("precision")
+    after = new.get("base", {}).get("train", {}).get("precision")
+    if before != "auto" or after in (None, "auto") or set().union(*ran.values(), {after}) != {after}:
+        return old
+    pinned = json.loads(json.dumps(old))
+    pinned["base"]["train"]["precision"] = after
+    return pinned
+
+
+def finished_precisions(output_dir: str | Path) -> dict[str, set[str]]:
+    """Each method's precisions (resolved: fp32, bf16 or fp16) that its finished cells trained in."""
+    ran: dict[str, set[str]] = {}
+    for r in collect(output_dir):
+        if r.get("spec", {}).get("precision"):
+            ran.setdefault(r["method"], set()).add(r["spec"]["precision"])
+    return ran
 
 
 def _meaning(method: dict) -> dict:

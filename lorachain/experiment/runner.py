@@ -20,11 +20,13 @@ from pathlib import Path
 from lorachain.config import ConfigError, RunConfig, from_dict
 from lorachain.experiment import forgetting
 from lorachain.experiment.config import ExperimentConfig
-from lorachain.experiment.grid import cell_lock, collect, prepare
+from lorachain.experiment.grid import cell_lock, collect, finished_precisions, prepare
 from lorachain.io import write_json, write_text
+from lorachain.models import best_device
 from lorachain.tasks import Task, TaskExample, get_task
 from lorachain.tasks.protocol import PATHS, Splits, sample_splits
 from lorachain.training.evaluate import score_task
+from lorachain.training.precision import resolve
 from lorachain.training.runfolder import peak_memory_mb, reset_peak_memory
 
 RESERVED = (
@@ -311,6 +313,20 @@ class Runner:
         return model
 
 
+def same_precision(out: str | Path, method: str, requested: str, ran: set[str]) -> None:
+    """Refuse to train a method's new cells in another precision than its finished cells: `auto`
+    resolves per machine (bf16 only where the CPU or GPU runs it fast), so a grid moved to another
+    machine would silently mix protocols."""
+    here = resolve(requested, best_device()).name
+    other = sorted(ran - {here})
+    if other:
+        raise ConfigError(
+            f"{out}: the finished cells of methods.{method} trained in {other[0]}, but train.precision: "
+            f"{requested} is {here} on this machine; set base.train.precision: {other[0]} to go on "
+            "with the same protocol"
+        )
+
+
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     """Run every cell not yet done; write results.json and the report. Returns counts."""
     from tqdm import tqdm
@@ -330,9 +346,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         get_task(cfg.forgetting["task"])
     runner = Runner(cfg, progress)
     cells = plan(cfg)
+    ran = finished_precisions(cfg.output_dir)
     for cell in cells:  # every method's RunConfig must build before the first cell runs
         if not cfg.methods[cell.method].get("baseline"):
-            run_config(cfg, cell, get_task(cell.task), Path(cfg.output_dir))
+            rc = run_config(cfg, cell, get_task(cell.task), Path(cfg.output_dir))
+            same_precision(cfg.output_dir, cell.method, rc.train.precision, ran.get(cell.method, set()))
     computed = cached = busy = 0
     bar = tqdm(cells, desc="experiment", unit="cell", disable=not progress)
     for cell in bar:

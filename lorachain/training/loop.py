@@ -55,7 +55,7 @@ from lorachain.training.checkpointing import check_checkpointing, enable_checkpo
 from lorachain.training.evaluate import evaluate
 from lorachain.training.memory import check_before_load
 from lorachain.training.parallel import check_parallel, init_dist, shard_base
-from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
+from lorachain.training.precision import attention, compute_copies, resolve, restore_masters, slow_warning
 from lorachain.training.quantization import is_quantized, quantized_base
 from lorachain.training.resume import CHECKPOINT, State
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
@@ -106,6 +106,8 @@ class Trainer:
         if not is_quantized(self.model):  # (bitsandbytes layers are placed as they load)
             self.model.to(best_device())
         self.prec = resolve(cfg.train.precision, best_device())
+        if slow := slow_warning(self.prec):  # said once, on the main rank (log)
+            self.log(slow)
         self.scaler = self.prec.scaler()
         self.attn = attention(cfg.model.attn_implementation, self.prec, cfg.data.max_length)
         if self.attn and hasattr(self.model, "set_attn_implementation"):
