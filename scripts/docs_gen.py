@@ -619,6 +619,46 @@ def gap_grid(results) -> str:
     return table(head + ["cell seconds"], rows)
 
 
+def gap_fp32_check(results) -> str:
+    """Each fp32 cell beside the gap grid's bf16 cell of the same method, seed and lr, with the bf16
+    cells' seed-to-seed difference at that lr for scale."""
+    results = list(results.values()) if isinstance(results, dict) else results
+    grid = list(load("results/cola_gap_smollm2/cells/*/*/*/*/result.json").values())
+    bf16 = {(r["method"], r["seed"], r["lr"]): r for r in grid}
+    methods = _gap_methods()
+    rows, moved, spread = [], [], []
+    for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"])):
+        b = bf16[(r["method"], r["seed"], r["lr"])]
+        other = [
+            g for g in grid if (g["method"], g["lr"]) == (r["method"], r["lr"]) and g["seed"] != r["seed"]
+        ]
+        moved.append(abs(r["test"]["score"] - b["test"]["score"]) * 100)
+        seeds = [abs(g["test"]["score"] - b["test"]["score"]) * 100 for g in other]
+        spread += seeds[:1]
+        nll = [x["forgetting"]["general_nll_increase"] for x in (b, r)]
+        rows.append(
+            [
+                f"`{r['method']}`",
+                f"{r['lr']:g}",
+                f"{b['test']['score'] * 100:.1f}",
+                f"{r['test']['score'] * 100:.1f}",
+                signed((r["test"]["score"] - b["test"]["score"]) * 100),
+                f"{seeds[0]:.1f}" if seeds else "-",
+                f"{nll[0]:+.2f} / {nll[1]:+.2f}",
+            ]
+        )
+    head = ["method (seed 0)", "lr", "bf16 test", "fp32 test", "fp32 − bf16", "bf16 |seed 1 − seed 0|"]
+    text = table(head + ["general NLL change bf16 / fp32"], rows)
+    from statistics import mean
+
+    return text + (
+        f"\n\nMean |fp32 − bf16| {mean(moved):.1f} points over {len(moved)} cells; mean |seed 1 − seed 0| "
+        f"of the same bf16 cells {mean(spread):.1f} points."
+        if moved and spread
+        else ""
+    )
+
+
 def _gap_methods() -> list[str]:
     import yaml
 
@@ -789,6 +829,11 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "results/cola_gap_smollm2/cells/*/*/*/*/result.json",
         "lorachain report results/cola_gap_smollm2",
         gap_report,
+    ),
+    "gap-fp32-check": (
+        "results/cola_gap_fp32_check/cells/*/*/*/*/result.json",
+        "lorachain experiment configs/experiments/cola_gap_fp32_check.yaml",
+        gap_fp32_check,
     ),
     "gap-summary": (
         "results/cola_gap_smollm2/cells/*/*/*/*/result.json",

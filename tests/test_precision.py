@@ -188,17 +188,3 @@ def test_unknown_attention_kernel_names_the_field(tmp_path, toy_data, tokenizer)
     cfg.model.attn_implementation = "no_such_kernel"
     with pytest.raises(ConfigError, match="model.attn_implementation"):
         train(cfg, tiny_model("llama"), tokenizer, progress=False)
-
-
-def test_mixed_precision_without_native_cpu_support_is_said_up_front(monkeypatch):
-    import lorachain.training.precision as p
-
-    monkeypatch.setattr(p, "cpu_flags", lambda: {"avx2", "avx512f"})
-    msg = p.slow_warning(resolve("bf16", torch.device("cpu")))
-    assert msg.startswith("train.precision: bf16 on a CPU without amx_bf16 or avx512_bf16:")
-    assert "fp16" in p.slow_warning(resolve("fp16", torch.device("cpu")))
-    assert p.slow_warning(resolve("fp32", torch.device("cpu"))) is None
-    assert p.slow_warning(resolve("auto", torch.device("cpu"))) is None  # auto is fp32 here
-    monkeypatch.setattr(p, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
-    assert p.slow_warning(resolve("bf16", torch.device("cpu"))) is None
-    assert p.slow_warning(Precision("bf16", "cuda")) is None

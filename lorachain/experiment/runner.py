@@ -234,6 +234,7 @@ class Runner:
                 "n_train": n_train,
                 "steps": summary["total_steps"],
                 "precision": summary.get("precision", "fp32"),
+                "matmul": summary.get("matmul", "native"),
                 "attention": summary.get("attention"),
             }
             row["knots"] = [

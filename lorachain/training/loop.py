@@ -55,7 +55,7 @@ from lorachain.training.checkpointing import check_checkpointing, enable_checkpo
 from lorachain.training.evaluate import evaluate
 from lorachain.training.memory import check_before_load
 from lorachain.training.parallel import check_parallel, init_dist, shard_base
-from lorachain.training.precision import attention, compute_copies, resolve, restore_masters, slow_warning
+from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
 from lorachain.training.quantization import is_quantized, quantized_base
 from lorachain.training.resume import CHECKPOINT, State
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
@@ -106,8 +106,9 @@ class Trainer:
         if not is_quantized(self.model):  # (bitsandbytes layers are placed as they load)
             self.model.to(best_device())
         self.prec = resolve(cfg.train.precision, best_device())
-        if slow := slow_warning(self.prec):  # said once, on the main rank (log)
-            self.log(slow)
+        if self.prec.emulate:
+            name = self.prec.name
+            self.log(f"{name} matmuls emulated in fp32 (same numbers): this CPU has no native {name} matmul")
         self.scaler = self.prec.scaler()
         self.attn = attention(cfg.model.attn_implementation, self.prec, cfg.data.max_length)
         if self.attn and hasattr(self.model, "set_attn_implementation"):
@@ -356,6 +357,7 @@ class Trainer:
             "links": st.links,
             "chain_rank": sum(k.rank for k in st.knots),
             "precision": self.prec.name,
+            "matmul": "emulated" if self.prec.emulate else "native",
             "base_dtype": self.cfg.model.dtype,
             "quantization": self.cfg.model.quantization,
             "attention": self.attn or getattr(self.model.config, "_attn_implementation", None),

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorachain.training.emulated_matmul import Fp32Matmuls
+
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEADS = ("classifier", "score")  # classification heads: trained in full, kept in fp32
@@ -35,7 +37,7 @@ def fast_bf16(device: torch.device) -> bool:
     """Whether `device` runs bf16 matmuls natively: CUDA with bf16, a CPU with AMX or AVX-512 BF16."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    return bool(cpu_flags() & NATIVE["bf16"])
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Precision:
 
     name: str
     device_type: str = "cpu"
+    emulate: bool = False  # low-precision matmuls as fp32 ones rounded once (emulated_matmul)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,36 +59,36 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.mixed:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return _together(torch.autocast(self.device_type, dtype=self.dtype), self.matmuls())
+
+    def matmuls(self) -> contextlib.AbstractContextManager:
+        """Around a backward: the emulated matmuls where the device has no native ones."""
+        return Fp32Matmuls(self.dtype) if self.emulate else contextlib.nullcontext()
 
     def scaler(self) -> torch.amp.GradScaler | None:
         """A loss scaler for fp16 (its gradients underflow without one); None otherwise."""
         return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
 
 
+@contextlib.contextmanager
+def _together(*contexts: contextlib.AbstractContextManager):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
 FP32 = Precision("fp32")
 NATIVE = {"bf16": {"amx_bf16", "avx512_bf16"}, "fp16": {"amx_fp16", "avx512_fp16"}}  # CPU flags
 
 
-def slow_warning(prec: Precision) -> str | None:
-    """One line when `prec` has no native matmul on this CPU, else None. Without AMX or AVX-512
-    BF16/FP16, PyTorch's CPU matmuls in that dtype take a generic path: bf16 ran at 0.7 GFLOP/s
-    against fp32's 43 (1280x576 by 576x1536, one thread, an AVX2-only AMD EPYC), and a SmolLM2 LoRA
-    step took 55 s instead of 3 s."""
-    if prec.device_type != "cpu" or not prec.mixed or cpu_flags() & NATIVE[prec.name]:
-        return None
-    return (
-        f"train.precision: {prec.name} on a CPU without {' or '.join(sorted(NATIVE[prec.name]))}: its "
-        "matmuls take a slow generic path (measured ~60x slower than fp32 on an AVX2-only CPU); "
-        "fp32 or auto is faster here"
-    )
-
-
 def resolve(name: str, device: torch.device) -> Precision:
-    """`auto` is bf16 where the device runs it fast, else fp32."""
+    """`auto` is bf16 where the device runs it fast, else fp32. bf16 or fp16 asked for on a CPU
+    without their native matmuls is emulated: the same numbers at fp32 speed (emulated_matmul)."""
     if name == "auto":
         name = "bf16" if fast_bf16(device) else "fp32"
-    return Precision(name, device.type)
+    emulate = device.type == "cpu" and name in NATIVE and not cpu_flags() & NATIVE[name]
+    return Precision(name, device.type, emulate)
 
 
 EAGER_MAX_LENGTH = 256  # bf16 on CPU: eager attention beats SDPA's kernels up to about this length

@@ -117,7 +117,8 @@ def run_steps(
             with dist.accumulate(model, sync=i == len(batches) - 1):  # reduce on the last micro-batch
                 with prec.autocast():
                     loss = summed_loss(model, batch, classifier) / units
-                (scaler.scale(loss * weight) if scaler else loss * weight).backward()
+                with prec.matmuls():
+                    (scaler.scale(loss * weight) if scaler else loss * weight).backward()
             if mine:
                 loss_sum += loss.item()
                 tokens += sum(len(e.input_ids) for e in mine)
