@@ -150,6 +150,31 @@ def precision_speed(d: dict) -> str:
     )
 
 
+def emulated_bf16(d: dict) -> str:
+    rows = [
+        [
+            r["shape"],
+            f(r["fp32_gflops"], 1),
+            f(r["emulated_gflops"], 1),
+            f(r["native_gflops"], 1),
+            f(r["emulated_gflops"] / r["native_gflops"], 1),
+        ]
+        for r in d["matmuls"]
+    ]
+    head = ["linear (640 rows), fwd + bwd", "fp32 GFLOP/s", "bf16 emulated", "bf16 native"]
+    head.append("emulated / native")
+    text = table(head, rows)
+    if "steps" in d:
+        s = d["steps"]
+        text += (
+            f"\n\nA LoRA step of the one loop, CPU seconds: fp32 {s['fp32']['cpu_step_s']:.2f}, "
+            f"bf16 emulated {s['emulated']['cpu_step_s']:.2f} ({s['emulated']['vs_fp32']:.2f}x fp32), "
+            f"bf16 native {s['native']['cpu_step_s']:.2f} ({s['native']['vs_fp32']:.1f}x fp32)."
+        )
+    native = "with" if d["native_bf16_cpu"] else "without"
+    return text + f"\n\nCPU: {d['cpu']} {native} native bf16, {d['threads']} thread."
+
+
 def cola_cost(d: dict) -> str:
     rows = [
         [
@@ -844,6 +869,11 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "benchmarks/results/precision.json",
         "python benchmarks/precision.py --accuracy",
         precision_speed,
+    ),
+    "emulated-bf16": (
+        "benchmarks/results/emulated_bf16.json",
+        "python benchmarks/emulated_bf16.py --steps",
+        emulated_bf16,
     ),
     "cola-cost": ("benchmarks/results/cola_cost.json", "python benchmarks/cola_cost.py", cola_cost),
     "lm-eval": (

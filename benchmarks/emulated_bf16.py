@@ -1,0 +1,119 @@
+"""bf16 on a CPU without native bf16 matmuls: PyTorch's own kernel against lorachain's emulation.
+
+One command: `python benchmarks/emulated_bf16.py [--repeats 5 --threads 1 --steps]`. Matmuls:
+SmolLM2-135M's linear shapes at 640 rows (a batch of 8 x 80 tokens), a linear layer's three matmuls
+(forward and backward) on bf16 operands, natively (PyTorch's CPU kernel) and inside `Fp32Matmuls`
+(the operands upcast, an fp32 matmul, one rounding), beside the same matmuls in fp32: GFLOP/s per
+CPU second, medians of `--repeats`. `--steps` also times the one loop's LoRA step
+(benchmarks/precision.py's `time_steps`, the demo's SST-2 rows, batch 8) in fp32, bf16 emulated and
+bf16 native, each in a fresh process, interleaved, medians (the native kernel once: a step takes
+about a minute). On a CPU with AMX or AVX-512 BF16 the native kernel is the fast one and lorachain
+does not emulate; there this measures what emulation would cost. Writes
+`benchmarks/results/emulated_bf16.json` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHAPES = {"q/o_proj 576x576": (576, 576), "k/v_proj 576x192": (576, 192), "up/gate 576x1536": (576, 1536)}
+SHAPES["down 1536x576"] = (1536, 576)
+ROWS = 640
+
+
+def time_matmul(kind: str, k: int, n: int, repeats: int) -> float:
+    """GFLOP/s per CPU second of a linear layer's three matmuls, forward (x W^T) and backward (dy W,
+    dy^T x), at ROWS x k to n; median of `repeats` after a warm-up."""
+    import torch
+
+    from lorachain.training.emulated_matmul import Fp32Matmuls
+
+    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    x, w, dy = torch.randn(ROWS, k).to(dtype), torch.randn(n, k).to(dtype), torch.randn(ROWS, n).to(dtype)
+    mode = Fp32Matmuls(torch.bfloat16) if kind == "emulated" else contextlib.nullcontext()
+    times = []
+    for i in range(repeats + 1):
+        t = time.process_time()
+        with mode:
+            x @ w.T, dy @ w, dy.T @ x
+        if i:
+            times.append(time.process_time() - t)
+    return 3 * 2 * ROWS * k * n / statistics.median(times) / 1e9
+
+
+def step(kind: str, steps: int, threads: int) -> dict:
+    """One loop's LoRA step in a fresh process: fp32, bf16 (emulated here) or bf16 forced native."""
+    sys.path.insert(0, str(HERE))
+    import precision as bench  # benchmarks/precision.py
+
+    import lorachain.training.precision as p
+
+    # the precision policy is told which kernel to use: the CPU's own bf16 one, or the emulation
+    p.cpu_flags = {"native": lambda: {"avx512_bf16"}, "emulated": lambda: {"avx2"}}.get(kind, p.cpu_flags)
+    with tempfile.TemporaryDirectory() as out:
+        r = bench.time_steps("fp32" if kind == "fp32" else "bf16", steps, threads, out)
+    return r | {"kind": kind}
+
+
+def _child(args: tuple) -> dict:
+    return step(*args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", action="store_true", help="also time a training step per precision")
+    args = ap.parse_args()
+    import torch
+
+    from lorachain.training.precision import NATIVE, cpu_flags
+
+    torch.set_num_threads(args.threads)
+    native_bf16 = bool(cpu_flags() & NATIVE["bf16"])
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        g = {kind: time_matmul(kind, k, n, args.repeats) for kind in ("fp32", "emulated", "native")}
+        rows.append({"shape": name, "rows": ROWS, **{f"{k_}_gflops": v for k_, v in g.items()}})
+        gf = "  ".join(f"{kind} {v:6.2f}" for kind, v in g.items())
+        print(f"{name:18s} {gf} GFLOP/s")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    result = {"cpu": cpu, "threads": args.threads, "native_bf16_cpu": native_bf16, "matmuls": rows}
+    if args.steps:
+        ctx = mp.get_context("spawn")
+        runs: dict[str, list[dict]] = {"fp32": [], "emulated": [], "native": []}
+        for rep in range(3):
+            for kind in runs:
+                if kind == "native" and rep:
+                    continue
+                with ctx.Pool(1) as pool:
+                    r = pool.map(_child, [(kind, 2 if kind != "native" else 1, args.threads)])[0]
+                runs[kind].append(r)
+                print(f"round {rep}: {kind:8s} {r['cpu_step_s']:.2f} CPU s/step", flush=True)
+        med = {k: statistics.median(r["cpu_step_s"] for r in v) for k, v in runs.items()}
+        result["steps"] = {
+            k: {"cpu_step_s": med[k], "runs": len(runs[k]), "vs_fp32": med[k] / med["fp32"]} for k in runs
+        }
+    out = HERE / "results" / "emulated_bf16.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
