@@ -644,44 +644,37 @@ def gap_grid(results) -> str:
     return table(head + ["cell seconds"], rows)
 
 
-def gap_fp32_check(results) -> str:
-    """Each fp32 cell beside the gap grid's bf16 cell of the same method, seed and lr, with the bf16
-    cells' seed-to-seed difference at that lr for scale."""
+def gap_precision_check(results) -> str:
+    """One grid cell (LoRA r=1, seed 0) as the grid ran it (native bf16) and again on an AVX2-only CPU
+    in emulated bf16 and in fp32; the grid's other seed at the same lr shows how far a seed moves it."""
     results = list(results.values()) if isinstance(results, dict) else results
+    fp32 = list(load("results/cola_gap_fp32_check/cells/*/*/*/*/result.json").values())
     grid = list(load("results/cola_gap_smollm2/cells/*/*/*/*/result.json").values())
-    bf16 = {(r["method"], r["seed"], r["lr"]): r for r in grid}
-    methods = _gap_methods()
-    rows, moved, spread = [], [], []
-    for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"])):
-        b = bf16[(r["method"], r["seed"], r["lr"])]
-        other = [
-            g for g in grid if (g["method"], g["lr"]) == (r["method"], r["lr"]) and g["seed"] != r["seed"]
-        ]
-        moved.append(abs(r["test"]["score"] - b["test"]["score"]) * 100)
-        seeds = [abs(g["test"]["score"] - b["test"]["score"]) * 100 for g in other]
-        spread += seeds[:1]
-        nll = [x["forgetting"]["general_nll_increase"] for x in (b, r)]
-        rows.append(
-            [
-                f"`{r['method']}`",
-                f"{r['lr']:g}",
-                f"{b['test']['score'] * 100:.1f}",
-                f"{r['test']['score'] * 100:.1f}",
-                signed((r["test"]["score"] - b["test"]["score"]) * 100),
-                f"{seeds[0]:.1f}" if seeds else "-",
-                f"{nll[0]:+.2f} / {nll[1]:+.2f}",
-            ]
-        )
-    head = ["method (seed 0)", "lr", "bf16 test", "fp32 test", "fp32 − bf16", "bf16 |seed 1 − seed 0|"]
-    text = table(head + ["general NLL change bf16 / fp32"], rows)
-    from statistics import mean
-
-    return text + (
-        f"\n\nMean |fp32 − bf16| {mean(moved):.1f} points over {len(moved)} cells; mean |seed 1 − seed 0| "
-        f"of the same bf16 cells {mean(spread):.1f} points."
-        if moved and spread
-        else ""
-    )
+    rows = []
+    for r in results:
+        key = (r["method"], r["lr"])
+        same = [g for g in grid if (g["method"], g["lr"]) == key]
+        runs = [("grid, native bf16", g) for g in same if g["seed"] == r["seed"]]
+        runs += [("this CPU, emulated bf16", r)]
+        twin = [x for x in fp32 if (x["method"], x["lr"]) == key and x["seed"] == r["seed"]]
+        runs += [("this CPU, fp32", x) for x in twin]
+        runs += [(f"grid, native bf16, seed {g['seed']}", g) for g in same if g["seed"] != r["seed"]]
+        for label, x in runs:
+            forgot = x["forgetting"]
+            rows.append(
+                [
+                    f"`{x['method']}` lr {x['lr']:g} seed {x['seed']}",
+                    label,
+                    f"{x['knots'][-1]['final_loss']:.4f}",
+                    f"{x['val']['score'] * 100:.1f}",
+                    f"{x['test']['score'] * 100:.1f}",
+                    f"{forgot['general_nll_increase']:+.3f}",
+                    signed(-forgot["task_score_drop"] * 100),
+                    f"{x['cost']['train_seconds'] / x['spec']['steps']:.2f}",
+                ]
+            )
+    head = ["cell", "run", "final train loss", "val", "test", "general NLL change", "COPA change"]
+    return table(head + ["train s/step"], rows)
 
 
 def _gap_methods() -> list[str]:
@@ -855,10 +848,10 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "lorachain report results/cola_gap_smollm2",
         gap_report,
     ),
-    "gap-fp32-check": (
-        "results/cola_gap_fp32_check/cells/*/*/*/*/result.json",
-        "lorachain experiment configs/experiments/cola_gap_fp32_check.yaml",
-        gap_fp32_check,
+    "gap-precision-check": (
+        "results/cola_gap_emulated_check/cells/*/*/*/*/result.json",
+        "lorachain experiment configs/experiments/cola_gap_{emulated,fp32}_check.yaml",
+        gap_precision_check,
     ),
     "gap-summary": (
         "results/cola_gap_smollm2/cells/*/*/*/*/result.json",
