@@ -628,9 +628,10 @@ def gap_grid(results) -> str:
     rows = []
     for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"], -r["lr"])):
         forgot = r.get("forgetting", {})
+        emulated = r["spec"].get("matmul") == "emulated"  # bf16 emulated on a CPU without native bf16
         rows.append(
             [
-                f"`{r['method']}`",
+                f"`{r['method']}`" + (" (e)" if emulated else ""),
                 r["seed"],
                 f"{r['lr']:g}",
                 f"{r['val']['score'] * 100:.1f}",

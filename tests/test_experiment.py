@@ -230,6 +230,11 @@ def test_report_tables_match_expected_text():
     assert "| COLA (8,4) `cola84` | 10.0 | 1.00 | 80 | 100 |" in text  # cost: time vs LoRA, FLOPs, RSS
     main = text.split("## Main results")[1].split("##")[0]
     assert "lora_sgd" not in main and "lora_n50" not in main
+    assert "emulated" not in text
+    marked = [r | {"spec": r["spec"] | {"matmul": "emulated"}} if r["seed"] == 1 else r for r in FIXED]
+    text = report.render(marked, tasks=["rte"], methods=["zero", "lora"])
+    n = sum(r["seed"] == 1 for r in FIXED)
+    assert f"{n} of {len(FIXED)} cells trained with their low-precision matmuls emulated in fp32" in text
 
 
 def test_report_selects_lr_on_validation_and_writes_plots(tmp_path):

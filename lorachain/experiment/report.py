@@ -166,6 +166,12 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         "\n## Cost per cell (mean over the tasks each method ran, and seeds)\n",
         _cost_table(chosen, methods, ref),
     ]
+    emulated = sum(r.get("spec", {}).get("matmul") == "emulated" for r in results)
+    if emulated:
+        out.append(
+            f"\n{emulated} of {len(results)} cells trained with their low-precision matmuls emulated in fp32 "
+            "on a CPU without native ones: the same numbers up to accumulation order, that CPU's seconds.\n"
+        )
     return "\n".join(out)
 
 
