@@ -1,14 +1,16 @@
 """bf16 on a CPU without native bf16 matmuls: PyTorch's own kernel against lorachain's emulation.
 
-One command: `python benchmarks/emulated_bf16.py [--repeats 5 --threads 1 --steps]`. Matmuls:
-SmolLM2-135M's linear shapes at 640 rows (a batch of 8 x 80 tokens), a linear layer's three matmuls
-(forward and backward) on bf16 operands, natively (PyTorch's CPU kernel) and inside `Fp32Matmuls`
-(the operands upcast, an fp32 matmul, one rounding), beside the same matmuls in fp32: GFLOP/s per
-CPU second, medians of `--repeats`. `--steps` also times the one loop's LoRA step
-(benchmarks/precision.py's `time_steps`, the demo's SST-2 rows, batch 8) in fp32, bf16 emulated and
-bf16 native, each in a fresh process, interleaved, medians (the native kernel once: a step takes
-about a minute). On a CPU with AMX or AVX-512 BF16 the native kernel is the fast one and lorachain
-does not emulate; there this measures what emulation would cost. Writes
+One command: `python benchmarks/emulated_bf16.py [--repeats 5 --threads 1 --steps --accuracy]`.
+Matmuls: SmolLM2-135M's linear shapes at 640 rows (a batch of 8 x 80 tokens), a linear layer's three
+matmuls (forward and backward) on bf16 operands, natively (PyTorch's CPU kernel) and inside
+`Fp32Matmuls` (the operands upcast, an fp32 matmul, one rounding), beside the same matmuls in fp32:
+GFLOP/s per CPU second, medians of `--repeats`; and how often each bf16 result equals the exactly
+rounded one (fp64 accumulation, one rounding). `--accuracy`: the first batch's loss of the demo's
+LoRA run in bf16 with exact, emulated and native matmuls, and in fp32. `--steps` also times the one
+loop's LoRA step (benchmarks/precision.py's `time_steps`, the demo's SST-2 rows, batch 8) in fp32,
+bf16 emulated and bf16 native, each in a fresh process, interleaved, medians (the native kernel
+once: a step takes about a minute). On a CPU with AMX or AVX-512 BF16 the native kernel is the fast
+one and lorachain does not emulate; there this measures what emulation would cost. Writes
 `benchmarks/results/emulated_bf16.json` and prints a table.
 """
 
@@ -50,6 +52,59 @@ def time_matmul(kind: str, k: int, n: int, repeats: int) -> float:
     return 3 * 2 * ROWS * k * n / statistics.median(times) / 1e9
 
 
+def exactness(k: int, n: int) -> dict:
+    """Share of a ROWS x k by k x n bf16 matmul's outputs equal to the exactly rounded result (fp64
+    accumulation, one rounding), natively and emulated, and each one's largest relative error."""
+    import torch
+
+    from lorachain.training.emulated_matmul import Fp32Matmuls
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(ROWS, k, generator=g).bfloat16(), torch.randn(k, n, generator=g).bfloat16()
+    exact64 = x.double() @ w.double()
+    exact = exact64.bfloat16()
+    with Fp32Matmuls(torch.bfloat16):
+        emulated = x @ w
+    out = {}
+    for kind, y in (("native", x @ w), ("emulated", emulated)):
+        rel = ((y.double() - exact64).abs() / exact64.abs().clamp_min(1e-3)).max().item()
+        out[kind] = {"equal_share": (y == exact).double().mean().item(), "max_rel_err": rel}
+    return out
+
+
+def first_loss(threads: int) -> dict:
+    """The loss of the first batch of the demo's LoRA run (SmolLM2, bf16 autocast, eval mode) with
+    bf16 matmuls exact (fp64 accumulation), emulated (fp32 accumulation), native, and in fp32."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import precision as bench  # benchmarks/precision.py
+
+    from lorachain.data.batching import collate
+    from lorachain.training.emulated_matmul import Fp32Matmuls
+    from lorachain.training.loop import Trainer
+    from lorachain.training.step import loss_units, micro_batches, summed_loss
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = bench.config("lora", "fp32", 1, out, evaluate=False)
+        tr = Trainer(cfg, None, None, progress=False)
+        tr.restore()
+        chunk = next(iter(micro_batches(tr.train_ex, 0, cfg.train.batch_size, 1, cfg.train.seed)))
+        batch, units = collate(chunk, tr.pad_id, False), sum(loss_units(e, False) for e in chunk)
+        tr.peft.eval()
+        bf16 = torch.bfloat16
+        ways = {"exact": Fp32Matmuls(bf16, up=torch.float64), "emulated": Fp32Matmuls(bf16)}
+        ways["native"] = contextlib.nullcontext()
+        losses = {}
+        with torch.no_grad():
+            losses["fp32"] = (summed_loss(tr.peft, batch, False) / units).item()
+            for kind, mode in ways.items():
+                with torch.autocast("cpu", dtype=bf16), mode:
+                    losses[kind] = (summed_loss(tr.peft, batch, False) / units).item()
+    return losses
+
+
 def step(kind: str, steps: int, threads: int) -> dict:
     """One loop's LoRA step in a fresh process: fp32, bf16 (emulated here) or bf16 forced native."""
     sys.path.insert(0, str(HERE))
@@ -73,6 +128,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", action="store_true", help="also time a training step per precision")
+    ap.add_argument("--accuracy", action="store_true", help="also the first batch's loss in each arithmetic")
     args = ap.parse_args()
     import torch
 
@@ -83,7 +139,10 @@ def main() -> None:
     rows = []
     for name, (k, n) in SHAPES.items():
         g = {kind: time_matmul(kind, k, n, args.repeats) for kind in ("fp32", "emulated", "native")}
-        rows.append({"shape": name, "rows": ROWS, **{f"{k_}_gflops": v for k_, v in g.items()}})
+        exact = exactness(k, n)
+        rows.append(
+            {"shape": name, "rows": ROWS, **{f"{k_}_gflops": v for k_, v in g.items()}, "exactness": exact}
+        )
         gf = "  ".join(f"{kind} {v:6.2f}" for kind, v in g.items())
         print(f"{name:18s} {gf} GFLOP/s")
     cpu = next(
@@ -95,6 +154,9 @@ def main() -> None:
         "unknown",
     )
     result = {"cpu": cpu, "threads": args.threads, "native_bf16_cpu": native_bf16, "matmuls": rows}
+    if args.accuracy:
+        result["first_loss"] = first_loss(args.threads)
+        print("first-batch loss:", result["first_loss"], flush=True)
     if args.steps:
         ctx = mp.get_context("spawn")
         runs: dict[str, list[dict]] = {"fp32": [], "emulated": [], "native": []}

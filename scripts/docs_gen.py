@@ -158,12 +158,21 @@ def emulated_bf16(d: dict) -> str:
             f(r["emulated_gflops"], 1),
             f(r["native_gflops"], 1),
             f(r["emulated_gflops"] / r["native_gflops"], 1),
+            *(f"{r['exactness'][k]['equal_share']:.1%}" for k in ("emulated", "native") if "exactness" in r),
         ]
         for r in d["matmuls"]
     ]
     head = ["linear (640 rows), fwd + bwd", "fp32 GFLOP/s", "bf16 emulated", "bf16 native"]
     head.append("emulated / native")
+    if "exactness" in d["matmuls"][0]:
+        head += ["exactly rounded: emulated", "native"]
     text = table(head, rows)
+    if "first_loss" in d:
+        fl = d["first_loss"]
+        text += (
+            f"\n\nFirst batch's loss (SmolLM2 LoRA, bf16 autocast): exact bf16 matmuls {fl['exact']:.4f}, "
+            f"emulated {fl['emulated']:.4f}, native {fl['native']:.4f}; fp32 {fl['fp32']:.4f}."
+        )
     if "steps" in d:
         s = d["steps"]
         text += (

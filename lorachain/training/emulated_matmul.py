@@ -20,15 +20,16 @@ MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.d
 
 
 class Fp32Matmuls(TorchDispatchMode):
-    """Within it, every mm/addmm/bmm/baddbmm on `dtype` tensors runs in fp32 and rounds once."""
+    """Within it, every mm/addmm/bmm/baddbmm on `dtype` tensors runs in fp32 (or `up`: float64 gives
+    the exactly rounded result, a reference) and rounds once."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, up: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.dtype = dtype
+        self.dtype, self.up = dtype, up
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in MATMULS and "out" not in kwargs and args[0].dtype == self.dtype:
-            up = [a.float() if isinstance(a, torch.Tensor) and a.dtype == self.dtype else a for a in args]
+            up = [a.to(self.up) if isinstance(a, torch.Tensor) and a.dtype == self.dtype else a for a in args]
             return func(*up, **kwargs).to(self.dtype)
         return func(*args, **kwargs)
