@@ -370,3 +370,16 @@ def test_a_grid_whose_auto_precision_resolves_otherwise_on_a_new_machine_is_refu
     assert run_experiment(cfg("fp32", [0]), progress=False) == {"cells": 1, "computed": 0, "cached": 1}
     with pytest.raises(ConfigError, match="holds an experiment with another base"):
         run_experiment(cfg("bf16", [0]), progress=False)
+
+
+def test_each_chain_is_paired_with_plain_lora_at_its_first_links_rank():
+    from lorachain.experiment.choose import comparisons
+
+    def cell(ranks):
+        return {"spec": {"method": "lora", "ranks": ranks, "optimizer": "adamw", "n_train": 100,
+                         "knot_policy": "fixed"}}  # fmt: skip
+
+    chosen = {("t", m): cell(r) for m, r in [("r1", [1]), ("r8", [8]), ("c1", [1, 1]), ("c8", [8, 8])]}
+    chosen[("t", "c4")] = cell([4, 4])  # no LoRA at rank 4: the first plain LoRA
+    methods = ["r1", "r8", "c1", "c8", "c4"]
+    assert comparisons(chosen, methods) == [("c1", "r1", 100), ("c8", "r8", 100), ("c4", "r1", 100)]

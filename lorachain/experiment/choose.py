@@ -52,8 +52,10 @@ def trained(spec: dict) -> bool:
     return "ranks" in spec and spec.get("method") != "full"
 
 
-def reference_method(chosen: dict, methods: list[str], n_train: int | None) -> str | None:
-    """Plain LoRA: one link, AdamW, the full training set."""
+def reference_method(
+    chosen: dict, methods: list[str], n_train: int | None, rank: int | None = None
+) -> str | None:
+    """Plain LoRA: one link, AdamW, the full training set; of rank `rank` where there is one."""
     found = methods_where(
         chosen,
         methods,
@@ -61,7 +63,8 @@ def reference_method(chosen: dict, methods: list[str], n_train: int | None) -> s
             trained(s) and len(s["ranks"]) == 1 and s["optimizer"] == "adamw" and s["n_train"] == n_train
         ),
     )
-    return found[0] if found else None
+    same = [m for m in found if chosen_spec(chosen, m)["ranks"] == [rank]]
+    return (same or found or [None])[0]
 
 
 def chosen_spec(chosen: dict, method: str | None) -> dict:
@@ -70,14 +73,14 @@ def chosen_spec(chosen: dict, method: str | None) -> dict:
 
 def comparisons(chosen: dict, methods: list[str]) -> list[tuple[str, str, int]]:
     """(chain, its plain-LoRA reference, n_train) for every fixed-knot AdamW chain with a
-    reference of the same data size."""
+    reference of the same data size, at the chain's first link's rank where there is one."""
     out = []
     chains = methods_where(
         chosen, methods, lambda s: trained(s) and len(s["ranks"]) > 1 and s["knot_policy"] == "fixed"
     )
     for m in chains:
         spec = chosen_spec(chosen, m)
-        ref = reference_method(chosen, methods, spec["n_train"])
+        ref = reference_method(chosen, methods, spec["n_train"], rank=spec["ranks"][0])
         if ref is not None and spec["optimizer"] == "adamw":
             out.append((m, ref, spec["n_train"]))
     return out
