@@ -221,7 +221,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     # fp32 | bf16 | fp16 (autocast; LoRA weights, gradients, optimizer state in fp32) | auto (bf16
     # where the device runs it fast: CUDA with bf16, a CPU with AMX or AVX-512 BF16; else fp32).
-    # bf16/fp16 on a CPU without native matmuls: emulated in fp32, the same numbers at fp32 speed
+    # bf16/fp16 on a CPU without native matmuls: emulated in fp32: the same numbers, ~1.2x fp32 time
     precision: str = "fp32"
     # recompute each decoder layer's activations in the backward (non-reentrant): less memory
     gradient_checkpointing: bool = False

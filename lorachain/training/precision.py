@@ -84,7 +84,7 @@ NATIVE = {"bf16": {"amx_bf16", "avx512_bf16"}, "fp16": {"amx_fp16", "avx512_fp16
 
 def resolve(name: str, device: torch.device) -> Precision:
     """`auto` is bf16 where the device runs it fast, else fp32. bf16 or fp16 asked for on a CPU
-    without their native matmuls is emulated: the same numbers at fp32 speed (emulated_matmul)."""
+    without their native matmuls is emulated: the same numbers near fp32 speed (emulated_matmul)."""
     if name == "auto":
         name = "bf16" if fast_bf16(device) else "fp32"
     emulate = device.type == "cpu" and name in NATIVE and not cpu_flags() & NATIVE[name]
