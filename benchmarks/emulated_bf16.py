@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import precision as bench  # noqa: E402  benchmarks/precision.py: its config, step timing, CPU name
+
 SHAPES = {"q/o_proj 576x576": (576, 576), "k/v_proj 576x192": (576, 192), "up/gate 576x1536": (576, 1536)}
 SHAPES["down 1536x576"] = (1536, 576)
 ROWS = 640
@@ -77,9 +80,6 @@ def first_loss(threads: int) -> dict:
     bf16 matmuls exact (fp64 accumulation), emulated (fp32 accumulation), native, and in fp32."""
     import torch
 
-    sys.path.insert(0, str(HERE))
-    import precision as bench  # benchmarks/precision.py
-
     from lorachain.data.batching import collate
     from lorachain.training.emulated_matmul import Fp32Matmuls
     from lorachain.training.loop import Trainer
@@ -107,9 +107,6 @@ def first_loss(threads: int) -> dict:
 
 def step(kind: str, steps: int, threads: int) -> dict:
     """One loop's LoRA step in a fresh process: fp32, bf16 (emulated here) or bf16 forced native."""
-    sys.path.insert(0, str(HERE))
-    import precision as bench  # benchmarks/precision.py
-
     import lorachain.training.precision as p
 
     # the precision policy is told which kernel to use: the CPU's own bf16 one, or the emulation
@@ -145,15 +142,8 @@ def main() -> None:
         )
         gf = "  ".join(f"{kind} {v:6.2f}" for kind, v in g.items())
         print(f"{name:18s} {gf} GFLOP/s")
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
-    )
-    result = {"cpu": cpu, "threads": args.threads, "native_bf16_cpu": native_bf16, "matmuls": rows}
+    result = {"cpu": bench._cpu_name(), "threads": args.threads, "native_bf16_cpu": native_bf16}
+    result["matmuls"] = rows
     if args.accuracy:
         result["first_loss"] = first_loss(args.threads)
         print("first-batch loss:", result["first_loss"], flush=True)

@@ -43,8 +43,9 @@ def cell_lock(folder: Path):
     yield False
 
 
-def prepare(cfg: ExperimentConfig) -> None:
-    """Write experiment.json, or check that the folder holds the same grid definition."""
+def prepare(cfg: ExperimentConfig, ran: dict[str, set[str]]) -> None:
+    """Write experiment.json, or check that the folder holds the same grid definition; `ran` is
+    `finished_precisions` of the folder."""
     out = Path(cfg.output_dir)
     path = out / "experiment.json"
     new = json.loads(cfg.to_json())
@@ -53,7 +54,7 @@ def prepare(cfg: ExperimentConfig) -> None:
         old = json.loads(path.read_text())
         old = as_current(ExperimentConfig, old)  # fields added since: their defaults
         old.pop("lorachain_version", None)
-        old = _pin_auto(old, new, finished_precisions(out))
+        old = _pin_auto(old, new, ran)
         # the grid may grow (tasks, methods, seeds, lrs); what a finished cell means may not change
         fixed = ("model", "base", "n_train", "n_val", "n_test", "max_length", "icl_k", "max_new_tokens")
         fixed += ("forgetting",)

@@ -334,7 +334,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
 
     from lorachain.experiment.report import write_report
 
-    prepare(cfg)
+    ran = finished_precisions(cfg.output_dir)
+    prepare(cfg, ran)
     for task in cfg.tasks:  # fail on an unknown task or missing file before any training
         get_task(task)
         for p in task_paths(cfg, task):
@@ -347,7 +348,6 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         get_task(cfg.forgetting["task"])
     runner = Runner(cfg, progress)
     cells = plan(cfg)
-    ran = finished_precisions(cfg.output_dir)
     for cell in cells:  # every method's RunConfig must build before the first cell runs
         if not cfg.methods[cell.method].get("baseline"):
             rc = run_config(cfg, cell, get_task(cell.task), Path(cfg.output_dir))

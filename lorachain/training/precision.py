@@ -56,10 +56,13 @@ class Precision:
     def mixed(self) -> bool:
         return self.name != "fp32"
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def autocast(self):
         if not self.mixed:
-            return contextlib.nullcontext()
-        return _together(torch.autocast(self.device_type, dtype=self.dtype), self.matmuls())
+            yield
+            return
+        with torch.autocast(self.device_type, dtype=self.dtype), self.matmuls():
+            yield
 
     def matmuls(self) -> contextlib.AbstractContextManager:
         """Around a backward: the emulated matmuls where the device has no native ones."""
@@ -68,14 +71,6 @@ class Precision:
     def scaler(self) -> torch.amp.GradScaler | None:
         """A loss scaler for fp16 (its gradients underflow without one); None otherwise."""
         return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
-
-
-@contextlib.contextmanager
-def _together(*contexts: contextlib.AbstractContextManager):
-    with contextlib.ExitStack() as stack:
-        for c in contexts:
-            stack.enter_context(c)
-        yield
 
 
 FP32 = Precision("fp32")
