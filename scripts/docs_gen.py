@@ -52,7 +52,8 @@ def f(x: float | None, digits: int = 3) -> str:
 
 
 def signed(x: float) -> str:
-    return f"{x:+.1f}".replace("-", "−")
+    """+1.2 / −1.2; a value that rounds to zero is +0.0, never −0.0."""
+    return f"{round(x, 1) + 0.0:+.1f}".replace("-", "−")
 
 
 # -- renderers: (json path, command, render(data) -> markdown table) ------------------------------

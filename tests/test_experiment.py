@@ -14,7 +14,7 @@ from lorachain.data import read_rows
 from lorachain.experiment import report
 from lorachain.experiment.config import ExperimentConfig
 from lorachain.experiment.grid import collect
-from lorachain.experiment.runner import plan, run_experiment
+from lorachain.experiment.runner import cell_cost, plan, run_experiment
 from lorachain.tasks import TASKS, TaskExample, register
 
 if "toy_review" not in TASKS:  # a user task: a loader + template + verbalizer, nothing else
@@ -103,6 +103,18 @@ def test_interrupted_cell_resumes_to_the_same_result(tmp_path, tiny_dir, monkeyp
     assert run_experiment(cut, progress=False)["computed"] == 1
     (a,), (b,) = collect(whole.output_dir), collect(cut.output_dir)
     assert a["test"] == b["test"] and a["val"] == b["val"]
+    cost = b["cost"]
+    assert cost["cell_seconds"] >= cost["train_seconds"] + cost["eval_seconds"] > 0
+
+
+def test_a_resumed_cell_costs_every_sitting_that_trained_it():
+    # the last sitting trained 30 s of a run whose checkpoints carry 100 s of training in all
+    summary = {"wall_seconds": 100.0, "links": [{"trainable_params": 5}]}
+    cost = cell_cost(summary, t0=0.0, t1=30.0, t2=40.0)
+    assert (cost["train_seconds"], cost["eval_seconds"], cost["cell_seconds"]) == (100.0, 10.0, 110.0)
+    # trained in one sitting: the set-up counts too
+    cost = cell_cost({"wall_seconds": 25.0, "links": []}, t0=0.0, t1=30.0, t2=40.0)
+    assert cost["cell_seconds"] == 40.0 and cost["trainable_params"] == 0
 
 
 def test_icl_baseline_prepends_demonstrations(tmp_path, tiny_dir):

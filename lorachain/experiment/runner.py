@@ -52,6 +52,21 @@ class Cell:
         return f"{self.task}/{self.method}/seed{self.seed}/lr{lr}"
 
 
+def cell_cost(summary: dict, t0: float, t1: float, t2: float) -> dict:
+    """A cell's cost. `t0`..`t1` is this sitting's set-up and training, `t1`..`t2` its evaluation;
+    the training seconds come from the run's summary, summed over every sitting that trained it, so
+    a cell resumed from a checkpoint costs all of its sittings, not only the last one."""
+    train = summary.get("wall_seconds", 0.0)
+    return {
+        "train_seconds": train,
+        "eval_seconds": t2 - t1,
+        "cell_seconds": max(t2 - t0, train + t2 - t1),
+        "est_train_flops": summary.get("est_train_flops", 0.0),
+        "peak_rss_mb": peak_memory_mb(),
+        "trainable_params": sum(link["trainable_params"] for link in summary.get("links", [])),
+    }
+
+
 def plan(cfg: ExperimentConfig) -> list[Cell]:
     """Every cell of the grid, tasks outermost, so a task's results complete early; within a task,
     by method or (`order: seeds`) by seed first."""
@@ -248,14 +263,7 @@ class Runner:
             after = forgetting.measure(self, model, precision)
             row["forgetting"] = after | forgetting.change(after, forgetting.base_figures(self, precision))
         t2 = time.perf_counter()
-        row["cost"] = {
-            "train_seconds": summary.get("wall_seconds", 0.0),
-            "eval_seconds": t2 - t1,
-            "cell_seconds": t2 - t0,
-            "est_train_flops": summary.get("est_train_flops", 0.0),
-            "peak_rss_mb": peak_memory_mb(),
-            "trainable_params": sum(link["trainable_params"] for link in summary.get("links", [])),
-        }
+        row["cost"] = cell_cost(summary, t0, t1, t2)
         if not c.keep_models:
             shutil.rmtree(folder / "run" / "merged", ignore_errors=True)
         return row
