@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,35 @@ def test_two_processes_tie_at_the_same_steps_as_one(tmp_path, toy_data):
     for ka, kb in zip(a, b, strict=True):
         for name, fa in ka.factors.items():  # equal up to the order of floating-point sums across ranks
             torch.testing.assert_close(kb.factors[name].B, fa.B, rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_bf16_on_a_cpu_without_native_bf16_says_so_and_emulates_when_asked(
+    tmp_path, examples, monkeypatch, capfd
+):
+    """Trainer's own bf16 autocast does not go through lorachain's loop: ChainCallback names the slow
+    kernel in one line, and `Precision.matmuls()` around trainer.train() emulates every step."""
+    import lorachain.training.precision as precision
+    from lorachain.training import emulated_matmul
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(emulated_matmul.active(torch.bfloat16))
+
+    def run(flags: set[str], emulate: bool) -> str:
+        monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+        seen.clear()
+        cb = ChainCallback(chain_cfg())
+        trainer = _trainer(tmp_path / "out", examples, [cb, Watch()], bf16=True, max_steps=2)
+        with precision.resolve("bf16", torch.device("cpu")).matmuls() if emulate else nullcontext():
+            trainer.train()
+        return capfd.readouterr().err
+
+    err = run(set(), emulate=False)
+    assert "bf16 on a CPU without native bf16 matmuls" in err and ".matmuls()" in err
+    assert seen == [False, False]
+    err = run(set(), emulate=True)
+    assert "without native" not in err and seen == [True, True]
+    err = run({"avx512_bf16"}, emulate=False)  # native kernels: nothing to say, nothing emulated
+    assert "without native" not in err and seen == [False, False]

@@ -43,6 +43,7 @@ from lorachain.chain.sidepath import merge_quantized
 from lorachain.config import ChainConfig, ConfigError, from_dict
 from lorachain.integrations.link import peft_rank, restart_schedule, start_link
 from lorachain.store import fingerprint
+from lorachain.training.precision import slow_kernel_warning
 
 STATE_FILE = "lorachain_chain.safetensors"
 
@@ -92,6 +93,9 @@ class ChainCallback(TrainerCallback):
             )
         if args.fsdp and int((args.fsdp_config or {}).get("version", 2)) != 2:
             raise ConfigError("ChainCallback: FSDP1 flattens the weights a knot merges into; use version 2")
+        mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+        if mixed and (note := slow_kernel_warning(mixed, args.device)):
+            print(f"[lorachain] {note}", file=sys.stderr)
         if self.seed is None:
             self.seed = args.seed
         self._total = state.max_steps

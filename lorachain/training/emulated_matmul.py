@@ -14,7 +14,7 @@ keep the low-precision semantics.
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 aten = torch.ops.aten
 MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
@@ -34,3 +34,8 @@ class Fp32Matmuls(TorchDispatchMode):
             up = [a.to(self.up) if isinstance(a, torch.Tensor) and a.dtype == self.dtype else a for a in args]
             return func(*up, **kwargs).to(self.dtype)
         return func(*args, **kwargs)
+
+
+def active(dtype: torch.dtype) -> bool:
+    """Whether matmuls on `dtype` are being emulated here (an `Fp32Matmuls` for it is entered)."""
+    return any(isinstance(m, Fp32Matmuls) and m.dtype == dtype for m in _get_current_dispatch_mode_stack())

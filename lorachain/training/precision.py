@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorachain.training import emulated_matmul
 from lorachain.training.emulated_matmul import Fp32Matmuls
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -84,6 +85,20 @@ def resolve(name: str, device: torch.device) -> Precision:
         name = "bf16" if fast_bf16(device) else "fp32"
     emulate = device.type == "cpu" and name in NATIVE and not cpu_flags() & NATIVE[name]
     return Precision(name, device.type, emulate)
+
+
+def slow_kernel_warning(name: str, device: torch.device) -> str | None:
+    """For a loop lorachain does not drive (`transformers.Trainer` with bf16/fp16 on a CPU without
+    their native matmuls, outside an emulation): one line saying so and what to do; else None."""
+    prec = resolve(name, device)
+    if not prec.emulate or emulated_matmul.active(prec.dtype):
+        return None
+    return (
+        f"{name} on a CPU without native {name} matmuls: PyTorch's kernels are many times slower than "
+        f"fp32 there (a bf16 LoRA step: 21.7x, benchmarks/emulated_bf16.py); run trainer.train() inside "
+        f"lorachain.training.precision.resolve({name!r}, torch.device('cpu')).matmuls() for the same "
+        f"numbers near fp32 speed, or train in fp32"
+    )
 
 
 EAGER_MAX_LENGTH = 256  # bf16 on CPU: eager attention beats SDPA's kernels up to about this length
