@@ -16,6 +16,7 @@ import pytest
 from lorachain.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # the docgen package beside docs_gen.py
 spec = importlib.util.spec_from_file_location("docs_gen", ROOT / "scripts" / "docs_gen.py")
 docs_gen = importlib.util.module_from_spec(spec)
 sys.modules["docs_gen"] = docs_gen
