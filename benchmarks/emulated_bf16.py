@@ -1,6 +1,6 @@
 """bf16 on a CPU without native bf16 matmuls: PyTorch's own kernel against lorachain's emulation.
 
-One command: `python benchmarks/emulated_bf16.py [--repeats 5 --threads 1 --steps --accuracy]`.
+One command: `python benchmarks/emulated_bf16.py [--repeats 5 --threads 1 --steps --accuracy --attention]`.
 Matmuls: SmolLM2-135M's linear shapes at 640 rows (a batch of 8 x 80 tokens), a linear layer's three
 matmuls (forward and backward) on bf16 operands, natively (PyTorch's CPU kernel) and inside
 `Fp32Matmuls` (the operands upcast, an fp32 matmul, one rounding), beside the same matmuls in fp32:
@@ -9,8 +9,11 @@ rounded one (fp64 accumulation, one rounding). `--accuracy`: the first batch's l
 LoRA run in bf16 with exact, emulated and native matmuls, and in fp32. `--steps` also times the one
 loop's LoRA step (benchmarks/precision.py's `time_steps`, the demo's SST-2 rows, batch 8) in fp32,
 bf16 emulated and bf16 native, each in a fresh process, interleaved, medians (the native kernel
-once: a step takes about a minute). On a CPU with AMX or AVX-512 BF16 the native kernel is the fast
-one and lorachain does not emulate; there this measures what emulation would cost. Writes
+once: a step takes about a minute). `--attention`: SmolLM2's fused attention (SDPA, 9 heads of 64,
+causal; lorachain uses it past 256 tokens) forward and backward at 512 and 1024 tokens, CPU seconds
+(medians) in fp32, bf16 emulated and bf16 native, and the largest relative error of the output and
+of dQ against the exact result on the same bf16 inputs. On a CPU with AMX or AVX-512 BF16 the native
+kernel is the fast one and lorachain does not emulate; there this measures what emulation would cost. Writes
 `benchmarks/results/emulated_bf16.json` and prints a table.
 """
 
@@ -116,6 +119,39 @@ def step(kind: str, steps: int, threads: int) -> dict:
     return r | {"kind": kind}
 
 
+def attention(tokens: int, repeats: int) -> dict:
+    """SDPA forward + backward at `tokens`: CPU seconds (median) per arithmetic, and the largest
+    error of the output and dQ relative to the largest exact value (fp64 on the bf16 inputs)."""
+    import torch
+
+    from lorachain.training.emulated_matmul import Fp32Matmuls
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dy = (torch.randn(1, 9, tokens, 64, generator=g).bfloat16() for _ in range(4))
+
+    def run(kind: str) -> tuple[float, list]:
+        dtype = {"fp32": torch.float32, "exact": torch.float64}.get(kind, torch.bfloat16)
+        mode = Fp32Matmuls(torch.bfloat16) if kind == "emulated" else contextlib.nullcontext()
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        t = time.process_time()
+        with mode:
+            out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
+            out.backward(dy.to(dtype))
+        return time.process_time() - t, [out.detach().double(), leaves[0].grad.double()]
+
+    _, exact = run("exact")
+    row: dict = {"tokens": tokens}
+    for kind in ("fp32", "emulated", "native"):
+        times = [run(kind)[0] for _ in range(repeats)]
+        got = run(kind)[1]
+        row[kind] = {
+            "cpu_s": statistics.median(times),
+            "rel_err_out": ((got[0] - exact[0]).abs().max() / exact[0].abs().max()).item(),
+            "rel_err_dq": ((got[1] - exact[1]).abs().max() / exact[1].abs().max()).item(),
+        }
+    return row
+
+
 def _child(args: tuple) -> dict:
     return step(*args)
 
@@ -126,6 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", action="store_true", help="also time a training step per precision")
     ap.add_argument("--accuracy", action="store_true", help="also the first batch's loss in each arithmetic")
+    ap.add_argument("--attention", action="store_true", help="also the fused attention (SDPA) per arithmetic")
     args = ap.parse_args()
     import torch
 
@@ -147,6 +184,11 @@ def main() -> None:
     if args.accuracy:
         result["first_loss"] = first_loss(args.threads)
         print("first-batch loss:", result["first_loss"], flush=True)
+    if args.attention:
+        result["attention"] = [attention(tokens, args.repeats) for tokens in (512, 1024)]
+        for r in result["attention"]:
+            secs = {k: round(r[k]["cpu_s"], 3) for k in ("fp32", "emulated", "native")}
+            print(f"SDPA {r['tokens']} tokens: CPU s {secs}", flush=True)
     if args.steps:
         ctx = mp.get_context("spawn")
         runs: dict[str, list[dict]] = {"fp32": [], "emulated": [], "native": []}

@@ -125,3 +125,38 @@ def test_training_in_emulated_bf16_matches_the_native_kernels(tmp_path, toy_data
     pairs = zip(native.model.named_parameters(), emulated.model.named_parameters(), strict=True)
     for (n, a), (_, b) in pairs:
         torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_attention_runs_in_fp32_rounded_once(dtype):
+    """SDPA's fused CPU kernel (forward and backward) is emulated too: the output and dV are the fp32
+    kernel's, rounded once (dQ and dK also depend on the rounded output autograd saved, as natively),
+    and nothing is further from the exact result than the native kernel's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 3, 300, 32, generator=g) for _ in range(4))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run(dt, ctx=None):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        with ctx or contextlib.nullcontext():
+            out = sdpa(*leaves, is_causal=True)
+            out.backward(grad.to(dt))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    emulated = run(dtype, Fp32Matmuls(dtype))
+    rounded = [t.to(dtype) for t in run_rounded(q, k, v, grad, dtype, sdpa)]
+    native = run(dtype)
+    exact = run_rounded(q, k, v, grad, dtype, sdpa, torch.float64)
+    assert torch.equal(emulated[0], rounded[0]) and torch.equal(emulated[3], rounded[3])  # out, dV
+    for e, n, x in zip(emulated, native, exact, strict=True):
+        assert e.dtype == dtype and e.shape == x.shape
+        scale = x.abs().max()
+        assert (e.double() - x).abs().max() <= (n.double() - x).abs().max() + 1e-6 * scale
+
+
+def run_rounded(q, k, v, grad, dtype, sdpa, up=torch.float32):
+    """SDPA in `up` on operands first rounded to `dtype`: output and input gradients."""
+    leaves = [t.to(dtype).to(up).requires_grad_() for t in (q, k, v)]
+    out = sdpa(*leaves, is_causal=True)
+    out.backward(grad.to(dtype).to(up))
+    return [out.detach()] + [t.grad for t in leaves]

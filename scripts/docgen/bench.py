@@ -47,6 +47,19 @@ def emulated_bf16(d: dict) -> str:
             f"bf16 emulated {s['emulated']['cpu_step_s']:.2f} ({s['emulated']['vs_fp32']:.2f}x fp32), "
             f"bf16 native {s['native']['cpu_step_s']:.2f} ({s['native']['vs_fp32']:.1f}x fp32)."
         )
+    if "attention" in d:
+        rows = [
+            [
+                r["tokens"],
+                *(f(r[k]["cpu_s"], 3) for k in ("fp32", "emulated", "native")),
+                f(r["native"]["cpu_s"] / r["emulated"]["cpu_s"], 1),
+                *(f"{r[k]['rel_err_out']:.1e} / {r[k]['rel_err_dq']:.1e}" for k in ("emulated", "native")),
+            ]
+            for r in d["attention"]
+        ]
+        head = ["SDPA fwd + bwd, tokens", "fp32 CPU s", "bf16 emulated", "bf16 native", "native / emulated"]
+        head += ["error out / dQ: emulated", "native"]
+        text += "\n\n" + table(head, rows)
     native = "with" if d["native_bf16_cpu"] else "without"
     return text + f"\n\nCPU: {d['cpu']} {native} native bf16, {d['threads']} thread."
 
