@@ -1,19 +1,20 @@
 """bf16 on a CPU without native bf16 matmuls: PyTorch's own kernel against lorachain's emulation.
 
-One command: `python benchmarks/emulated_bf16.py [--repeats 5 --threads 1 --steps --accuracy --attention]`.
-Matmuls: SmolLM2-135M's linear shapes at 640 rows (a batch of 8 x 80 tokens), a linear layer's three
-matmuls (forward and backward) on bf16 operands, natively (PyTorch's CPU kernel) and inside
-`Fp32Matmuls` (the operands upcast, an fp32 matmul, one rounding), beside the same matmuls in fp32:
-GFLOP/s per CPU second, medians of `--repeats`; and how often each bf16 result equals the exactly
-rounded one (fp64 accumulation, one rounding). `--accuracy`: the first batch's loss of the demo's
-LoRA run in bf16 with exact, emulated and native matmuls, and in fp32. `--steps` also times the one
-loop's LoRA step (benchmarks/precision.py's `time_steps`, the demo's SST-2 rows, batch 8) in fp32,
-bf16 emulated and bf16 native, each in a fresh process, interleaved, medians (the native kernel
-once: a step takes about a minute). `--attention`: SmolLM2's fused attention (SDPA, 9 heads of 64,
-causal; lorachain uses it past 256 tokens) forward and backward at 512 and 1024 tokens, CPU seconds
-(medians) in fp32, bf16 emulated and bf16 native, and the largest relative error of the output and
-of dQ against the exact result on the same bf16 inputs. On a CPU with AMX or AVX-512 BF16 the native
-kernel is the fast one and lorachain does not emulate; there this measures what emulation would cost. Writes
+One command: `python benchmarks/emulated_bf16.py [--repeats 5 --threads 1 --steps --accuracy
+--attention]`. Matmuls: SmolLM2-135M's linear shapes at 640 rows (a batch of 8 x 80 tokens), a
+linear layer's three matmuls (forward and backward) on bf16 operands, natively (PyTorch's CPU
+kernel) and inside `Fp32Matmuls` (the operands upcast, an fp32 matmul, one rounding), beside the
+same matmuls in fp32: GFLOP/s per CPU second, medians of `--repeats`; and how often each bf16 result
+equals the exactly rounded one (fp64 accumulation, one rounding). `--accuracy`: the first batch's
+loss of the demo's LoRA run in bf16 with exact (fp64 matmuls and attention), emulated and native
+kernels, and in fp32. `--steps` also times the one loop's LoRA step (benchmarks/precision.py's
+`time_steps`, the demo's SST-2 rows, batch 8) in fp32, bf16 emulated and bf16 native, each in a
+fresh process, interleaved, medians (the native kernel once: a step takes about a minute).
+`--attention`: SmolLM2's fused attention (SDPA, 9 heads of 64, causal; lorachain uses it past 256
+tokens) forward and backward at 512 and 1024 tokens, CPU seconds (medians) in fp32, bf16 emulated
+and bf16 native, and the largest relative error of the output and of dQ against the exact result on
+the same bf16 inputs. On a CPU with AMX or AVX-512 BF16 the native kernel is the fast one and
+lorachain does not emulate; there this measures what emulation would cost. Writes
 `benchmarks/results/emulated_bf16.json` and prints a table.
 """
 
@@ -80,7 +81,7 @@ def exactness(k: int, n: int) -> dict:
 
 def first_loss(threads: int) -> dict:
     """The loss of the first batch of the demo's LoRA run (SmolLM2, bf16 autocast, eval mode) with
-    bf16 matmuls exact (fp64 accumulation), emulated (fp32 accumulation), native, and in fp32."""
+    bf16 matmuls and attention exact (in fp64), emulated (in fp32), native, and all in fp32."""
     import torch
 
     from lorachain.data.batching import collate

@@ -2,7 +2,7 @@
 
 Without AMX or AVX-512 BF16/FP16, PyTorch's CPU matmuls in those dtypes take a generic path: on an
 AVX2-only AMD EPYC a linear layer's bf16 matmuls ran at 3-5 GFLOP/s against 70-83 in fp32 and a
-SmolLM2 LoRA step took 21.7x the fp32 one; emulated, 1.23x (`benchmarks/emulated_bf16.py`). A native
+SmolLM2 LoRA step took 21.9x the fp32 one; emulated, 1.32x (`benchmarks/emulated_bf16.py`). A native
 low-precision matmul multiplies the low-precision operands, accumulates in fp32 and rounds the
 result once to the low dtype. The product of two bf16 (or fp16) numbers is exact in fp32, so the
 same result comes from upcasting the operands, an fp32 matmul and one rounding: equal up to the

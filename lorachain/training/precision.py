@@ -95,7 +95,7 @@ def slow_kernel_warning(name: str, device: torch.device) -> str | None:
         return None
     return (
         f"{name} on a CPU without native {name} matmuls: PyTorch's kernels are many times slower than "
-        f"fp32 there (a bf16 LoRA step: 21.7x, benchmarks/emulated_bf16.py); run trainer.train() inside "
+        f"fp32 there (a bf16 LoRA step: 21.9x, benchmarks/emulated_bf16.py); run trainer.train() inside "
         f"lorachain.training.precision.resolve({name!r}, torch.device('cpu')).matmuls() for the same "
         f"numbers near fp32 speed, or train in fp32"
     )

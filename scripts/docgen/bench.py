@@ -37,7 +37,8 @@ def emulated_bf16(d: dict) -> str:
     if "first_loss" in d:
         fl = d["first_loss"]
         text += (
-            f"\n\nFirst batch's loss (SmolLM2 LoRA, bf16 autocast): exact bf16 matmuls {fl['exact']:.4f}, "
+            "\n\nFirst batch's loss (SmolLM2 LoRA, bf16 autocast): exact bf16 matmuls and attention "
+            f"{fl['exact']:.4f}, "
             f"emulated {fl['emulated']:.4f}, native {fl['native']:.4f}; fp32 {fl['fp32']:.4f}."
         )
     if "steps" in d:
