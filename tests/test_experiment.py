@@ -249,6 +249,23 @@ def test_report_tables_match_expected_text():
     assert f"{n} of {len(FIXED)} cells trained with their low-precision matmuls emulated in fp32" in text
 
 
+def test_cost_ratio_compares_cells_of_the_same_seed_and_matmul_kind():
+    """A chain whose seed 1 ran emulated (3x the seconds on that CPU) against LoRA whose seeds both ran
+    natively: the time ratio comes from seed 0 alone, not from a mean over two CPUs."""
+
+    def cell(method, seed, seconds, matmul):
+        r = _row("rte", method, seed, 1e-3, 0.7, 0.6, [8, 8] if method == "cola" else [8])
+        return r | {"spec": r["spec"] | {"matmul": matmul}, "cost": r["cost"] | {"cell_seconds": seconds}}
+
+    rows = [cell("lora", 0, 100.0, "native"), cell("lora", 1, 100.0, "native")]
+    rows += [cell("cola", 0, 110.0, "native"), cell("cola", 1, 330.0, "emulated")]
+    text = report.render(rows, tasks=["rte"], methods=["lora", "cola"])
+    assert "| COLA (8,8) `cola` | 220.0 | 1.10 |" in text  # mean seconds 220; ratio 110 / 100
+    rows[3] = cell("cola", 1, 120.0, "native")
+    text = report.render(rows, tasks=["rte"], methods=["lora", "cola"])
+    assert "| COLA (8,8) `cola` | 115.0 | 1.15 |" in text
+
+
 def test_report_selects_lr_on_validation_and_writes_plots(tmp_path):
     chosen = report.select(FIXED)
     assert chosen[("rte", "lora")]["lr"] == 1e-3 and chosen[("rte", "lora")]["test"] == {0: 0.60, 1: 0.62}

@@ -196,6 +196,22 @@ def _ratio(chosen: dict, m: str, ref: str | None, key: str) -> float | None:
     return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs and ref else None
 
 
+def _time_ratio(chosen: dict, m: str, ref: str | None) -> float | None:
+    """m's cell seconds over ref's, summed over the cells both ran with the same task, seed and
+    matmul kind, so a grid whose cells ran on CPUs with and without native bf16 compares like with
+    like; None without such a pair."""
+    pairs = []
+    for (t, mm), v in chosen.items():
+        if not ref or mm != m or (t, ref) not in chosen:
+            continue
+        theirs = {(r["seed"], r.get("spec", {}).get("matmul")): r for r in chosen[(t, ref)]["rows"]}
+        for r in v["rows"]:
+            other = theirs.get((r["seed"], r.get("spec", {}).get("matmul")))
+            if other:
+                pairs.append((r["cost"]["cell_seconds"], other["cost"]["cell_seconds"]))
+    return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs else None
+
+
 def _saved(chosen: dict, ref: str) -> Callable[[str], str]:
     def saved(m: str) -> str:
         ratio = _ratio(chosen, m, ref, "flops")
@@ -237,7 +253,7 @@ def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
         vals = [v for (t, mm), v in chosen.items() if mm == m]
         if not vals:
             continue
-        time_ratio = _ratio(chosen, m, ref, "seconds")
+        time_ratio = _time_ratio(chosen, m, ref)
         ratio = "–" if time_ratio is None else f"{time_ratio:.2f}"
         rows.append(
             [
@@ -251,7 +267,7 @@ def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
     header = [
         "method",
         "seconds (train + eval)",
-        f"time vs `{ref}`, same tasks",
+        f"time vs `{ref}`, same tasks, seeds and matmuls",
         "est. train FLOPs",
         "peak RSS MB",
     ]
