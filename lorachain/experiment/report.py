@@ -200,15 +200,15 @@ def _time_ratio(chosen: dict, m: str, ref: str | None) -> float | None:
     """m's cell seconds over ref's, summed over the cells both ran with the same task, seed and
     matmul kind, so a grid whose cells ran on CPUs with and without native bf16 compares like with
     like; None without such a pair."""
+
+    def key(r: dict) -> tuple:
+        return r["seed"], r.get("spec", {}).get("matmul")
+
     pairs = []
     for (t, mm), v in chosen.items():
-        if not ref or mm != m or (t, ref) not in chosen:
-            continue
-        theirs = {(r["seed"], r.get("spec", {}).get("matmul")): r for r in chosen[(t, ref)]["rows"]}
-        for r in v["rows"]:
-            other = theirs.get((r["seed"], r.get("spec", {}).get("matmul")))
-            if other:
-                pairs.append((r["cost"]["cell_seconds"], other["cost"]["cell_seconds"]))
+        if ref and mm == m and (t, ref) in chosen:
+            theirs = {key(r): r["cost"]["cell_seconds"] for r in chosen[(t, ref)]["rows"]}
+            pairs += [(r["cost"]["cell_seconds"], theirs[key(r)]) for r in v["rows"] if key(r) in theirs]
     return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs else None
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorachain.training import emulated_matmul
-from lorachain.training.emulated_matmul import Fp32Matmuls
+from lorachain.training.emulated_matmul import Fp32Matmuls, active
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,7 +90,7 @@ def slow_kernel_warning(name: str, device: torch.device) -> str | None:
     """For a loop lorachain does not drive (`transformers.Trainer` with bf16/fp16 on a CPU without
     their native matmuls, outside an emulation): one line saying so and what to do; else None."""
     prec = resolve(name, device)
-    if not prec.emulate or emulated_matmul.active(prec.dtype):
+    if not prec.emulate or active(prec.dtype):
         return None
     return (
         f"{name} on a CPU without native {name} matmuls: PyTorch's kernels are many times slower than "

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from docgen.common import ROOT, f, load, paired_ci, signed, table
+from docgen.common import ROOT, f, load, signed, table
+
+
+def paired_ci(s: dict) -> str:
+    """A paired difference: mean [95% CI] (seeds above / tied / below)."""
+    lo, hi = s["ci"]
+    return f"{signed(s['mean'])} [{signed(lo)}, {signed(hi)}] ({s['above']} / {s['tied']} / {s['below']})"
+
+
+def _cells(results: dict | list) -> list:
+    """Result rows from a {path: result.json} glob or a results.json list."""
+    return list(results.values()) if isinstance(results, dict) else results
 
 
 def demo(d: dict) -> str:
@@ -98,7 +109,7 @@ def gap_pilot(results: list) -> str:
     """One seed: each method's test score (GSM8K: and reference NLL) per lr, and full − LoRA r=8."""
     from lorachain.experiment.choose import select
 
-    results = list(results.values()) if isinstance(results, dict) else results
+    results = _cells(results)
     by = {(r["task"], r["method"], r["lr"]): r for r in results}
     tasks = list(dict.fromkeys(r["task"] for r in results))
     full_lrs = sorted({r["lr"] for r in results if r["method"] == "full"}, reverse=True)
@@ -125,7 +136,7 @@ def gap_pilot(results: list) -> str:
 
 def gap_grid(results) -> str:
     """The gap grid's finished cells so far, one row each, in the grid's order of methods."""
-    results = list(results.values()) if isinstance(results, dict) else results
+    results = _cells(results)
     methods = _gap_methods()
     rows = []
     for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"], -r["lr"])):
@@ -150,7 +161,7 @@ def gap_grid(results) -> str:
 def gap_precision_check(results) -> str:
     """One grid cell (LoRA r=1, seed 0) as the grid ran it (native bf16) and again on an AVX2-only CPU
     in emulated bf16 and in fp32; the grid's other seed at the same lr shows how far a seed moves it."""
-    results = list(results.values()) if isinstance(results, dict) else results
+    results = _cells(results)
     fp32 = list(load("results/cola_gap_fp32_check/cells/*/*/*/*/result.json").values())
     grid = list(load("results/cola_gap_smollm2/cells/*/*/*/*/result.json").values())
     rows = []
@@ -191,7 +202,7 @@ def gap_report(results) -> str:
     """The gap report's tables (`lorachain report`'s gap section) from the grid's finished cells."""
     from lorachain.experiment import gap
 
-    results = list(results.values()) if isinstance(results, dict) else results
+    results = _cells(results)
     methods = [m for m in _gap_methods() if any(r["method"] == m for r in results)]
     text = gap.render(results, methods=methods)
     return text.split("\n", 2)[2].strip()  # without the section's own heading
@@ -202,7 +213,7 @@ def gap_summary(results) -> str:
     from lorachain.experiment import gap
     from lorachain.experiment.choose import select
 
-    results = list(results.values()) if isinstance(results, dict) else results
+    results = _cells(results)
     chosen = select(results)
     methods = [m for m in _gap_methods() if ("wic", m) in chosen]
     full, lora, chains = gap.roles(chosen, methods)

@@ -36,9 +36,3 @@ def f(x: float | None, digits: int = 3) -> str:
 def signed(x: float) -> str:
     """+1.2 / −1.2; a value that rounds to zero is +0.0, never −0.0."""
     return f"{round(x, 1) + 0.0:+.1f}".replace("-", "−")
-
-
-def paired_ci(s: dict) -> str:
-    """A paired difference: mean [95% CI] (seeds above / tied / below)."""
-    lo, hi = s["ci"]
-    return f"{signed(s['mean'])} [{signed(lo)}, {signed(hi)}] ({s['above']} / {s['tied']} / {s['below']})"
