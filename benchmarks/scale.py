@@ -10,7 +10,8 @@ fresh subprocess, one at a time, on one thread; peak RSS is the child's `getrusa
 The peer, `transformers.Trainer` + PEFT (QLoRA via `prepare_model_for_kbit_training`), trains the
 same model, rows and LoRA in its own subprocess. Packing: SmolLM2-135M-Instruct (real weights) on
 the GSM8K chat set, packed vs padded. Step time is wall time per optimizer step (first step included
-on both sides). Writes `benchmarks/results/scale.json` and prints a table.
+on both sides). Writes `benchmarks/results/scale.json` and prints a table. The models and rows are in
+scale_models.py, the headline figures in scale_summary.py.
 """
 
 from __future__ import annotations
@@ -19,88 +20,14 @@ import argparse
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
-    "135m": (576, 1536, 30, 9, 3, 49152),
-    "1b": (2048, 5632, 22, 32, 4, 32000),
-    "7b": (4096, 11008, 32, 32, 32, 32000),
-}
-GIB = 1024**3
-
-
-def llama_config(size: str):
-    from transformers import LlamaConfig
-
-    h, i, n, a, kv, v = SHAPES[size]
-    return LlamaConfig(
-        hidden_size=h,
-        intermediate_size=i,
-        num_hidden_layers=n,
-        num_attention_heads=a,
-        num_key_value_heads=kv,
-        vocab_size=v,
-        max_position_embeddings=2048,
-        tie_word_embeddings=size == "135m",
-    )
-
-
-def build(size: str, base: str):
-    """A random-weight Llama of `size`: fp32, bf16, or NF4 quantized Linear by Linear from meta."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    config = llama_config(size)
-    if base in ("fp32", "bf16"):
-        return LlamaForCausalLM._from_config(
-            config, dtype=torch.float32 if base == "fp32" else torch.bfloat16
-        ).eval()
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    from lorachain.config import ModelConfig
-    from lorachain.training.quantization import quantize_model
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    mcfg = ModelConfig(name_or_path="random", quantization="nf4", compute_dtype="bfloat16")
-    quantize_model(model, mcfg, init=lambda lin: torch.randn(lin.out_features, lin.in_features) * 0.02)
-    for module in model.modules():  # the rest (embeddings, norms, head) materialised in place
-        if any(p.is_meta for p in module.parameters(recurse=False)):
-            module.to_empty(device="cpu", recurse=False)
-            for p in module.parameters(recurse=False):
-                with torch.no_grad():
-                    p.copy_(
-                        torch.ones_like(p) if "norm" in type(module).__name__.lower() else p.normal_(0, 0.02)
-                    )
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
-
-
-def word_tokenizer(vocab: int):
-    """A word-level tokenizer whose ids cover the whole vocabulary: [PAD], [EOS], [UNK], w3, w4, ..."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[PAD]", "[EOS]", "[UNK]"] + [f"w{i}" for i in range(3, vocab)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
-    )
-
-
-def random_rows(path: Path, n: int, length: int, vocab: int) -> Path:
-    rng = random.Random(0)
-    rows = [{"text": " ".join(f"w{rng.randrange(3, vocab)}" for _ in range(length))} for _ in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from scale_models import GIB, SHAPES, build, llama_config, random_rows, word_tokenizer
+from scale_summary import spec_of, summarise
 
 
 class StepClock:
@@ -371,79 +298,6 @@ def cells(quick: bool, only: set[str]) -> list[dict]:
     if "7b" in only and not quick:
         out.append({**big, "size": "7b", "base": "nf4", "method": "cola"})
     return [{"steps": steps, **c} for c in out]
-
-
-SPEC_KEYS = (
-    "kind",
-    "size",
-    "base",
-    "ckpt",
-    "method",
-    "seq",
-    "batch",
-    "steps",
-    "knot",
-    "packing",
-    "max_steps",
-)
-
-
-def spec_of(cell: dict) -> dict:
-    return {k: cell.get(k) for k in SPEC_KEYS}
-
-
-def pick(results: list[dict], **match) -> dict | None:
-    found = [r for r in results if all(r.get(k) == v for k, v in match.items()) and "error" not in r]
-    return found[0] if found else None
-
-
-def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
-    return a[key] / b[key] if a and b else None
-
-
-def summarise(results: list[dict]) -> dict:
-    def lc(**m):
-        return pick(results, kind="lorachain", **m)
-
-    seven = lc(size="7b", base="nf4", method="cola")
-    pairs = []
-    for size, base, ckpt, seq in (
-        ("135m", "bf16", False, 128),
-        ("135m", "nf4", True, 128),
-        ("1b", "nf4", True, 128),
-    ):
-        ours = lc(size=size, base=base, ckpt=ckpt, method="lora", seq=seq)
-        peer = pick(results, kind="trainer", size=size, base=base, ckpt=ckpt)
-        if ours and peer:
-            pairs.append(
-                {
-                    "size": size,
-                    "base": base,
-                    "step_time_ratio": ratio(ours, peer, "cpu_seconds_per_step"),
-                    "rss_ratio": ratio(ours, peer, "peak_rss_gib"),
-                }
-            )
-    packed, padded = pick(results, kind="packing", packing=True), pick(results, kind="packing", packing=False)
-    return {
-        "peak_rss_gib_7b_nf4_cola": seven and seven["peak_rss_gib"],
-        "knot_seconds_7b": seven and seven["knot_seconds"],
-        "rss_ratio_nf4_vs_bf16_1b": ratio(
-            lc(size="1b", base="nf4"), lc(size="1b", base="bf16"), "peak_rss_gib"
-        ),
-        "grad_ckpt_rss_ratio_1024": ratio(lc(seq=1024, ckpt=True), lc(seq=1024, ckpt=False), "peak_rss_gib"),
-        "grad_ckpt_step_time_ratio_1024": ratio(
-            lc(seq=1024, ckpt=True), lc(seq=1024, ckpt=False), "seconds_per_step"
-        ),
-        "packing_tokens_per_s_ratio": ratio(packed, padded, "tokens_per_s"),
-        "knot_rel_fro_nf4_side_135m": (lc(size="135m", method="cola", knot=None) or {}).get("knot_rel_fro"),
-        "knot_rel_fro_nf4_requantize_135m": (lc(size="135m", knot="requantize") or {}).get("knot_rel_fro"),
-        "sst2_accuracy": {
-            b: (pick(results, kind="accuracy", base=b) or {}).get("accuracy") for b in ("fp32", "bf16", "nf4")
-        },
-        "packing_first_step_loss": packed and padded and [padded["first_loss"], packed["first_loss"]],
-        "lorachain_vs_trainer_step_time_ratio": max((p["step_time_ratio"] for p in pairs), default=None),
-        "lorachain_vs_trainer": pairs,
-    }
 
 
 def main() -> None:
