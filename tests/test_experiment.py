@@ -412,3 +412,23 @@ def test_each_chain_is_paired_with_plain_lora_at_its_first_links_rank():
     chosen[("t", "c4")] = cell([4, 4])  # no LoRA at rank 4: the first plain LoRA
     methods = ["r1", "r8", "c1", "c8", "c4"]
     assert comparisons(chosen, methods) == [("c1", "r1", 100), ("c8", "r8", 100), ("c4", "r1", 100)]
+
+
+def test_a_chain_with_lr_restarts_is_recorded_and_reported_as_its_own_schedule(tmp_path, tiny_dir):
+    cola = {"links": [{"rank": 4, "alpha": 8}, {"rank": 4, "alpha": 8}]}
+    methods = {
+        "lora": {"chain": {"links": [{"rank": 4, "alpha": 8}]}},
+        "cola": {"chain": cola},
+        "cola_restart": {"chain": cola, "optim": {"restart_per_link": True, "warmup_steps": 1}},
+    }
+    cfg = grid(tmp_path, tiny_dir, seeds=[0], lrs=[0.01], methods=methods)
+    run_experiment(cfg, progress=False)
+    specs = {r["method"]: r["spec"] for r in collect(cfg.output_dir)}
+    assert specs["cola_restart"]["restart_per_link"] is True
+    assert "restart_per_link" not in specs["cola"]  # older cells stay comparable
+    text = report.write_report(collect(cfg.output_dir), tmp_path / "report").read_text()
+    assert "| COLA (4,4) [lr restarts] `cola_restart` |" in text
+    lengths = text.split("## Chain length (Table 3)")[1].split("\n## ")[0]
+    assert "`cola`" in lengths and "`cola_restart`" not in lengths  # one schedule per line of Table 3
+    restarts = text.split("## Learning-rate restarts per link")[1].split("\n## ")[0]
+    assert "`cola` |" in restarts and "`cola_restart` |" in restarts

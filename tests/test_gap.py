@@ -135,3 +135,11 @@ def test_no_gap_section_without_full_fine_tuning(tmp_path):
     rows = [r for r in results() if r["method"] != "full"]
     assert gap.render(rows) == ""
     assert gap.plot(rows, tmp_path) == []
+
+
+def test_links_line_runs_through_plain_chains_only():
+    plain = spec("lora", [1, 1, 1, 1])
+    assert gap.plain(plain)
+    assert not gap.plain(plain | {"restart_per_link": True})
+    assert not gap.plain(plain | {"knot_policy": "auto"})
+    assert not gap.plain(plain | {"optimizer": "sgd"})

@@ -59,6 +59,7 @@ def _fixed_adamw(spec: dict, n_full: int) -> bool:
         trained(spec)
         and spec["optimizer"] == "adamw"
         and spec["knot_policy"] == "fixed"
+        and not spec.get("restart_per_link")
         and spec["n_train"] == n_full
     )
 

@@ -7,7 +7,8 @@ mean(chain − LoRA) / mean(full − LoRA) with Fieller's interval over the pair
 noisy means: unbounded when the gap itself is not clearly above zero), and forgetting (the general
 set's NLL increase, an unrelated task's score drop; each chain's paired against LoRA and full).
 Figures: gap.png (forgetting vs score, one point per method, seeds as error bars) and links.png
-(score vs number of links per rank).
+(score vs number of links per rank: a line through the plain chains, the other schedules
+of a chain as markers beside it).
 """
 
 from __future__ import annotations
@@ -173,6 +174,23 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
     return "\n".join(lines) + "\n"
 
 
+def plain(spec: dict) -> bool:
+    """A chain with fixed knots, one schedule and AdamW: the line of score against links."""
+    return (
+        spec.get("knot_policy", "fixed") == "fixed"
+        and not spec.get("restart_per_link")
+        and spec.get("optimizer", "adamw") == "adamw"
+    )
+
+
+def _links(chosen: dict, task: str, method: str) -> int:
+    return len(chosen[(task, method)]["spec"]["ranks"])
+
+
+def _test(chosen: dict, task: str, method: str) -> float:
+    return 100 * statistics.fmean(chosen[(task, method)]["test"].values())
+
+
 def pooled_gap(chosen: dict, tasks: list[str], full: str, lora: str) -> dict:
     """full − LoRA paired over every task's seeds (×100), for the pilot's verdict."""
     return per_task(chosen, tasks, lora, full)[1] if tasks else summarize([])
@@ -217,20 +235,23 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for rank, ref in sorted(lora.items()):
+            mine = [m for m, r in chains.items() if r == rank and (task, m) in chosen]
             pts = [(1, ref)] + sorted(
-                (len(chosen[(task, m)]["spec"]["ranks"]), m)
-                for m, r in chains.items()
-                if r == rank and (task, m) in chosen
+                (_links(chosen, task, m), m) for m in mine if plain(chosen[(task, m)]["spec"])
             )
             pts = [(n, m) for n, m in pts if (task, m) in chosen]
             if len(pts) < 2:
                 continue
-            means = [100 * statistics.fmean(chosen[(task, m)]["test"].values()) for _, m in pts]
-            ax.plot([n for n, _ in pts], means, marker="o", label=f"r={rank}")
-        if (task, full) in chosen:
-            ax.axhline(
-                100 * statistics.fmean(chosen[(task, full)]["test"].values()), ls="--", c="k", label="full"
+            line = ax.plot(
+                [n for n, _ in pts], [_test(chosen, task, m) for _, m in pts], marker="o", label=f"r={rank}"
             )
+            variants = [m for m in mine if not plain(chosen[(task, m)]["spec"])]
+            for m, marker in zip(variants, "^vD<>ph", strict=False):  # the same chain, another schedule
+                ax.plot(
+                    _links(chosen, task, m), _test(chosen, task, m), marker, c=line[0].get_color(), label=m
+                )
+        if (task, full) in chosen:
+            ax.axhline(_test(chosen, task, full), ls="--", c="k", label="full")
         _label(ax, task, "links in the chain", "test score ×100")
     written.append(_save(plt, fig, out / "links.png"))
     return written

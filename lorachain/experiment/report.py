@@ -40,6 +40,8 @@ def label(spec: dict) -> str:
         extras.append(spec["optimizer"])
     if spec.get("knot_policy", "fixed") != "fixed":
         extras.append(f"{spec['knot_policy']} knots")
+    if spec.get("restart_per_link"):
+        extras.append("lr restarts")
     return text + (f" [{', '.join(extras)}]" if extras else "")
 
 
@@ -127,6 +129,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             and s["optimizer"] == "adamw"
             and s["n_train"] == n_full
             and s["knot_policy"] == "fixed"
+            and not s.get("restart_per_link")
         )
 
     lengths = methods_where(chosen, methods, lambda s: adamw_full(s) and set(s["ranks"]) == {base_rank})
@@ -160,6 +163,13 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         out += [
             "\n## Knot placement: auto (loss plateau) against fixed\n",
             score_table(chosen, tasks, fixed + auto),
+        ]
+    restarts = methods_where(chosen, methods, lambda s: trained(s) and bool(s.get("restart_per_link")))
+    if restarts:
+        fixed = [m for m in lengths if len(chosen_spec(chosen, m)["ranks"]) > 1]
+        out += [
+            "\n## Learning-rate restarts per link (ReLoRA's schedule) against one schedule\n",
+            score_table(chosen, tasks, fixed + restarts),
         ]
     out += _paired_sections(chosen, tasks, methods)
     out += [

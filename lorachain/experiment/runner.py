@@ -252,6 +252,8 @@ class Runner:
                 "matmul": summary.get("matmul", "native"),
                 "attention": summary.get("attention"),
             }
+            if run_cfg.optim.restart_per_link:  # ReLoRA's jagged schedule: a different method
+                row["spec"]["restart_per_link"] = True
             row["knots"] = [
                 {k: link.get(k) for k in ("link", "rank", "end_step", "knot_reason", "final_loss")}
                 for link in summary["links"]
