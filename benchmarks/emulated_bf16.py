@@ -13,9 +13,12 @@ fresh process, interleaved, medians (the native kernel once: a step takes about 
 `--attention`: SmolLM2's fused attention (SDPA, 9 heads of 64, causal; lorachain uses it past 256
 tokens) forward and backward at 512 and 1024 tokens, CPU seconds (medians) in fp32, bf16 emulated
 and bf16 native, and the largest relative error of the output and of dQ against the exact result on
-the same bf16 inputs. On a CPU with AMX or AVX-512 BF16 the native kernel is the fast one and
-lorachain does not emulate; there this measures what emulation would cost. Writes
-`benchmarks/results/emulated_bf16.json` and prints a table.
+the same bf16 inputs. `--attention-choice`: eager against SDPA attention in a whole SmolLM2 forward
+and backward (8 rows of 64-512 tokens) with bf16 emulated, what the precision policy's `auto`
+attention should pick on such a CPU. On a CPU with AMX or AVX-512 BF16 the native kernel is the
+fast one and lorachain does not emulate; there this measures what emulation would cost. Writes
+`benchmarks/results/emulated_bf16.json` (the parts not measured keep their last figures) and prints
+a table.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import precision as bench  # noqa: E402  benchmarks/precision.py: its config, st
 SHAPES = {"q/o_proj 576x576": (576, 576), "k/v_proj 576x192": (576, 192), "up/gate 576x1536": (576, 1536)}
 SHAPES["down 1536x576"] = (1536, 576)
 ROWS = 640
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def time_matmul(kind: str, k: int, n: int, repeats: int) -> float:
@@ -153,6 +157,47 @@ def attention(tokens: int, repeats: int) -> dict:
     return row
 
 
+def attention_choice(lengths: list[int], repeats: int, threads: int) -> list[dict]:
+    """Eager against SDPA attention in a whole SmolLM2 forward + backward (8 rows of each length, frozen
+    weights held in bf16, gradients to the inputs as in a LoRA step), bf16 emulated: CPU seconds,
+    medians, the two kernels interleaved. What `precision.attention("auto")` should pick here."""
+    import torch
+
+    from lorachain.config import ModelConfig
+    from lorachain.models import load_model
+    from lorachain.training.precision import Precision, compute_copies
+
+    torch.set_num_threads(threads)
+    prec = Precision("bf16", "cpu", emulate=True)
+    models = {}
+    for kind in ("eager", "sdpa"):
+        m = load_model(ModelConfig(name_or_path=MODEL, attn_implementation=kind))
+        m.requires_grad_(False)
+        compute_copies(m, prec)
+        models[kind] = m
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, 49152, (8, n), generator=torch.Generator().manual_seed(n))
+        times: dict[str, list[float]] = {"eager": [], "sdpa": []}
+        for rep in range(repeats + 1):  # the first round warms up
+            for kind in ("eager", "sdpa") if rep % 2 else ("sdpa", "eager"):
+                m = models[kind]
+                x = m.get_input_embeddings()(ids).detach().requires_grad_()
+                t = time.process_time()
+                with prec.autocast():
+                    loss = m(inputs_embeds=x, labels=ids).loss
+                with prec.matmuls():
+                    loss.backward()
+                if rep:
+                    times[kind].append(time.process_time() - t)
+        row = {"tokens": n, **{k: statistics.median(v) for k, v in times.items()}}
+        row["sdpa_vs_eager"] = row["sdpa"] / row["eager"]
+        rows.append(row)
+        secs = f"eager {row['eager']:.2f} CPU s, sdpa {row['sdpa']:.2f} ({row['sdpa_vs_eager']:.2f}x)"
+        print(f"{n:5d} tokens x 8: {secs}", flush=True)
+    return rows
+
+
 def _child(args: tuple) -> dict:
     return step(*args)
 
@@ -164,6 +209,7 @@ def main() -> None:
     ap.add_argument("--steps", action="store_true", help="also time a training step per precision")
     ap.add_argument("--accuracy", action="store_true", help="also the first batch's loss in each arithmetic")
     ap.add_argument("--attention", action="store_true", help="also the fused attention (SDPA) per arithmetic")
+    ap.add_argument("--attention-choice", action="store_true", help="also eager vs SDPA in a step, emulated")
     args = ap.parse_args()
     import torch
 
@@ -190,6 +236,8 @@ def main() -> None:
         for r in result["attention"]:
             secs = {k: round(r[k]["cpu_s"], 3) for k in ("fp32", "emulated", "native")}
             print(f"SDPA {r['tokens']} tokens: CPU s {secs}", flush=True)
+    if args.attention_choice:
+        result["attention_choice"] = attention_choice([64, 160, 256, 512], args.repeats, args.threads)
     if args.steps:
         ctx = mp.get_context("spawn")
         runs: dict[str, list[dict]] = {"fp32": [], "emulated": [], "native": []}
@@ -206,6 +254,8 @@ def main() -> None:
             k: {"cpu_step_s": med[k], "runs": len(runs[k]), "vs_fp32": med[k] / med["fp32"]} for k in runs
         }
     out = HERE / "results" / "emulated_bf16.json"
+    if out.is_file():  # the parts not measured this time keep their last figures
+        result = {**json.loads(out.read_text()), **result}
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
