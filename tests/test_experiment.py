@@ -275,6 +275,21 @@ def test_report_selects_lr_on_validation_and_writes_plots(tmp_path):
     assert (tmp_path / "chain_length.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_lrs_compete_on_the_seeds_they_all_finished():
+    rows = [
+        _row("wic", "lora", 0, 1e-3, 0.70, 0.60, [8]),
+        _row("wic", "lora", 1, 1e-3, 0.50, 0.50, [8]),  # diverged on seed 1
+        _row("wic", "lora", 0, 5e-4, 0.65, 0.64, [8]),  # seed 1 at 5e-4 still running
+    ]
+    # on seed 0, the only seed both rates finished, 1e-3 is ahead (0.70 > 0.65), though its mean over
+    # the two seeds it has (0.60) is below 5e-4's one seed
+    chosen = report.select(rows)[("wic", "lora")]
+    assert chosen["lr"] == 1e-3 and chosen["test"] == {0: 0.60, 1: 0.50}
+    rows.append(_row("wic", "lora", 1, 5e-4, 0.64, 0.63, [8]))  # it lands: 0.645 > 0.60 over both seeds
+    chosen = report.select(rows)[("wic", "lora")]
+    assert chosen["lr"] == 5e-4 and chosen["test"] == {0: 0.64, 1: 0.63}
+
+
 def test_report_cli_writes_tables_from_a_folder(tmp_path, capsys):
     from lorachain.cli import main
     from lorachain.io import write_json

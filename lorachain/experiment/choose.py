@@ -1,7 +1,7 @@
 """Which run of an experiment stands for each (task, method), and which methods pair up.
 
 The learning rate of each (task, method) is the one with the best mean validation score over
-seeds (never test). A method is described by what it ran (`spec`): ranks, optimizer, knot policy
+the seeds every one of its rates has finished (never test). A method is described by what it ran (`spec`): ranks, optimizer, knot policy
 and training-set size, so tables and figures find their rows without naming conventions.
 """
 
@@ -19,10 +19,12 @@ def select(results: list[dict]) -> dict[tuple[str, str], dict]:
         groups[(r["task"], r["method"])][r["lr"]].append(r)
     chosen = {}
     for key, by_lr in groups.items():
+        # lrs compete on the seeds they all finished, so a grid in progress compares like with like
+        common = set.intersection(*({r["seed"] for r in rows} for rows in by_lr.values()))
 
-        def val_mean(lr, by_lr=by_lr):
-            vals = [r["val"].get("score", float("-inf")) for r in by_lr[lr]]  # never test
-            return statistics.fmean(vals)
+        def val_mean(lr, by_lr=by_lr, common=common):
+            rows = [r for r in by_lr[lr] if r["seed"] in common] or by_lr[lr]
+            return statistics.fmean(r["val"].get("score", float("-inf")) for r in rows)  # never test
 
         lr = max(by_lr, key=lambda x: (val_mean(x), -(x or 0)))
         rows = sorted(by_lr[lr], key=lambda r: r["seed"])
