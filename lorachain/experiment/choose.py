@@ -1,8 +1,9 @@
 """Which run of an experiment stands for each (task, method), and which methods pair up.
 
 The learning rate of each (task, method) is the one with the best mean validation score over
-the seeds every one of its rates has finished (never test). A method is described by what it ran (`spec`): ranks, optimizer, knot policy
-and training-set size, so tables and figures find their rows without naming conventions.
+the seeds every one of its rates has finished (never test). A method is described by what it ran
+(`spec`): ranks, optimizer, knot policy and training-set size, so tables and figures find their rows
+without naming conventions.
 """
 
 from __future__ import annotations
