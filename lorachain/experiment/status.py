@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lorachain.experiment.config import ExperimentConfig
 from lorachain.experiment.grid import collect
-from lorachain.experiment.runner import Cell, plan
+from lorachain.experiment.runner import Cell, plan, run_config
 
 
 @dataclass
@@ -51,26 +51,24 @@ def _last_step(metrics: Path) -> int:
     return 0
 
 
-def planned_steps(cfg: ExperimentConfig, method: str) -> int:
-    """The optimizer steps a training cell of `method` is planned for (0 for a baseline)."""
+def planned_steps(cfg: ExperimentConfig, cell: Cell) -> int:
+    """The optimizer steps a training cell is planned for, as the loop counts them (0: a baseline)."""
     from lorachain.data.batching import steps_per_epoch
+    from lorachain.tasks import get_task
 
-    m = cfg.methods[method]
+    m = cfg.methods[cell.method]
     if m.get("baseline"):
         return 0
-    train = {**cfg.base.get("train", {}), **m.get("train", {})}
-    if train.get("max_steps"):
-        return int(train["max_steps"])
-    n = m.get("n_train", cfg.n_train)
-    spe = steps_per_epoch(n, train.get("batch_size", 8), train.get("grad_accum", 1))
-    return max(1, round(train.get("epochs", 1) * spe))
+    t = run_config(cfg, cell, get_task(cell.task), Path(cfg.output_dir)).train
+    spe = steps_per_epoch(m.get("n_train", cfg.n_train), t.batch_size, t.grad_accum)
+    return t.max_steps or max(1, round((t.epochs or 1) * spe))
 
 
 def cell_states(cfg: ExperimentConfig) -> list[CellState]:
     out = []
     for cell in plan(cfg):
         folder = Path(cfg.output_dir) / "cells" / cell.id
-        steps = planned_steps(cfg, cell.method)
+        steps = planned_steps(cfg, cell)
         if (folder / "result.json").is_file():
             out.append(CellState(cell, "done", steps, steps))
             continue
