@@ -194,7 +194,7 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
     ),
     "emulated-bf16": (
         "benchmarks/results/emulated_bf16.json",
-        "python benchmarks/emulated_bf16.py --steps --accuracy --attention",
+        "python benchmarks/emulated_bf16.py --steps --accuracy --attention --attention-choice",
         emulated_bf16,
     ),
     "cola-cost": ("benchmarks/results/cola_cost.json", "python benchmarks/cola_cost.py", cola_cost),

@@ -109,7 +109,9 @@ def attention(requested: str, prec: Precision, max_length: int) -> str | None:
     `auto` picks `eager` for bf16/fp16 on CPU with sequences up to `EAGER_MAX_LENGTH` tokens: there
     PyTorch's fused CPU attention backward runs at a fraction of the matmul speed (measured on
     SmolLM2, 8 x 64 tokens, one thread: a bf16 LoRA step 0.86 s with SDPA, 0.62 s eager; at 320
-    tokens SDPA is ahead again). Everything else keeps the model's default."""
+    tokens SDPA is ahead again). Where bf16 is emulated, the two cost the same within 2% from 64 to
+    512 tokens (`benchmarks/emulated_bf16.py --attention-choice`). Everything else keeps the model's
+    default."""
     if requested != "auto":
         return requested
     if prec.mixed and prec.device_type == "cpu" and max_length <= EAGER_MAX_LENGTH:

@@ -61,6 +61,13 @@ def emulated_bf16(d: dict) -> str:
         head = ["SDPA fwd + bwd, tokens", "fp32 CPU s", "bf16 emulated", "bf16 native", "native / emulated"]
         head += ["error out / dQ: emulated", "native"]
         text += "\n\n" + table(head, rows)
+    if "attention_choice" in d:
+        rows = [
+            [r["tokens"], f(r["eager"], 2), f(r["sdpa"], 2), f(r["sdpa_vs_eager"])]
+            for r in d["attention_choice"]
+        ]
+        head = ["SmolLM2 fwd + bwd, bf16 emulated: 8 rows of", "eager CPU s", "SDPA CPU s", "SDPA / eager"]
+        text += "\n\n" + table(head, rows)
     native = "with" if d["native_bf16_cpu"] else "without"
     return text + f"\n\nCPU: {d['cpu']} {native} native bf16, {d['threads']} thread."
 
