@@ -157,16 +157,15 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             _n_note(chosen, low),
             score_table(chosen, tasks, low),
         ]
+    fixed = [m for m in lengths if len(chosen_spec(chosen, m)["ranks"]) > 1]  # plain chains
     auto = methods_where(chosen, methods, lambda s: trained(s) and s["knot_policy"] != "fixed")
     if auto:
-        fixed = [m for m in lengths if len(chosen_spec(chosen, m)["ranks"]) > 1]
         out += [
             "\n## Knot placement: auto (loss plateau) against fixed\n",
             score_table(chosen, tasks, fixed + auto),
         ]
     restarts = methods_where(chosen, methods, lambda s: trained(s) and bool(s.get("restart_per_link")))
     if restarts:
-        fixed = [m for m in lengths if len(chosen_spec(chosen, m)["ranks"]) > 1]
         out += [
             "\n## Learning-rate restarts per link (ReLoRA's schedule) against one schedule\n",
             score_table(chosen, tasks, fixed + restarts),
