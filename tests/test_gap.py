@@ -143,3 +143,18 @@ def test_links_line_runs_through_plain_chains_only():
     assert not gap.plain(plain | {"restart_per_link": True})
     assert not gap.plain(plain | {"knot_policy": "auto"})
     assert not gap.plain(plain | {"optimizer": "sgd"})
+
+
+def test_the_gap_itself_is_put_into_words(tmp_path):
+    text = write_report(results(), tmp_path).read_text()
+    # full − lora_r8: +10 points on every seed, and +0.22 NLL: a gap, bought with forgetting
+    assert (
+        "- full fine-tuning scores above `lora_r8` (+10.0 [+10.0, +10.0] points) and forgets more than it "
+        "(+0.22 [+0.17, +0.27] general NLL)." in text  # 0.22 ± t(2) 4.30 x 0.02 / sqrt(3)
+    )
+    assert (
+        "- full fine-tuning is not shown to score differently from `lora_r1` (+0.0 [+0.0, +0.0] points)"
+        in text
+    )
+    one = write_report([r for r in results() if r["seed"] == 0], tmp_path / "one").read_text()
+    assert "- full fine-tuning against `lora_r8`: fewer than two paired seeds, no interval yet." in one

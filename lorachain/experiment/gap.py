@@ -121,6 +121,20 @@ def in_words(chain: str, ref: str, score: dict, nll_lora: dict, nll_full: dict) 
     return f"- `{chain}` {learn} `{ref}`; it {forget} `{ref}`, and {forget_full} full fine-tuning."
 
 
+def gap_in_words(chosen: dict, task: str, full: str, ref: str) -> str:
+    """One sentence per LoRA rank: was there a gap, full fine-tuning against it, in score and forgetting."""
+    score = summarize(pair_diffs(chosen, task, ref, full))
+    nll = forgetting_diff(chosen, task, ref, full, "general_nll_increase")
+    if min(score["n"], nll["n"]) < 2:
+        return f"- full fine-tuning against `{ref}`: fewer than two paired seeds, no interval yet."
+    learn = _sign(score, "scores above", "scores below", "is not shown to score differently from")
+    forget = _sign(nll, "forgets more than", "forgets less than", "is not shown to forget differently from")
+    return (
+        f"- full fine-tuning {learn} `{ref}` ({fmt_ci(score)} points) and {forget} it "
+        f"({fmt_ci(nll, 1.0, 2)} general NLL)."
+    )
+
+
 def _closed(g: dict) -> str:
     if not g["has_gap"]:
         return "no gap to close"
@@ -155,7 +169,10 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         cols = ["chain", "vs LoRA at its rank ×100 [95% CI]", "gap full − LoRA ×100 [95% CI]"]
         cols += ["gap closed [95% CI]", "general NLL vs LoRA [95% CI]", "general NLL vs full [95% CI]"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        nll, words = "general_nll_increase", []
+        nll = "general_nll_increase"
+        words = [
+            gap_in_words(chosen, task, full, ref) for _, ref in sorted(lora.items()) if (task, ref) in chosen
+        ]
         for chain, rank in chains.items():
             ref = lora.get(rank)
             g = closed_fraction(chosen, task, full, ref, chain) if ref else {"n": 0}

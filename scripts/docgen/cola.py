@@ -228,4 +228,5 @@ def gap_summary(results) -> str:
         scores = list(c["test"].values())
         rows.append([f"`{m}`", len(scores), gap._mean_std(scores), gap._mean_std(nll, 1.0, 2), closed])
     head = ["method (WiC)", "seeds", "test ×100", "general NLL increase", "gap closed [95% CI]"]
-    return table(head, rows)
+    report = gap.render(results, methods=methods)  # its sentences, so the README's words match the intervals
+    return table(head, rows) + "\n\n" + report[report.index("In words") :].strip()
