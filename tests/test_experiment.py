@@ -290,6 +290,19 @@ def test_lrs_compete_on_the_seeds_they_all_finished():
     assert chosen["lr"] == 5e-4 and chosen["test"] == {0: 0.64, 1: 0.63}
 
 
+def test_the_report_says_where_auto_knots_fell():
+    def auto(seed, ends):
+        r = _row("wic", "auto", seed, 1e-3, 0.7, 0.6, [4, 4, 4])
+        r["spec"] |= {"knot_policy": "auto", "steps": 100}
+        r["knots"] = [{"link": i, "end_step": e} for i, e in enumerate(ends)]
+        return r
+
+    rows = [_row("wic", "lora", 0, 1e-3, 0.7, 0.6, [4]), _row("wic", "cola", 0, 1e-3, 0.7, 0.6, [4, 4, 4])]
+    text = report.render(rows + [auto(0, [20, 50, 100]), auto(1, [30, 70, 100])])
+    assert "`auto` tied 2 knots, at steps 25, 60 of 100 (medians over its 2 cells)." in text
+    assert "`auto` tied no knot" in report.render(rows + [auto(0, [100])])
+
+
 def test_report_cli_writes_tables_from_a_folder(tmp_path, capsys):
     from lorachain.cli import main
     from lorachain.io import write_json

@@ -163,6 +163,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         out += [
             "\n## Knot placement: auto (loss plateau) against fixed\n",
             score_table(chosen, tasks, fixed + auto),
+            *(_knot_steps(chosen, m) for m in auto),
         ]
     restarts = methods_where(chosen, methods, lambda s: trained(s) and bool(s.get("restart_per_link")))
     if restarts:
@@ -254,6 +255,20 @@ def _counts(chosen: dict, tasks: list[str]) -> str:
         "Examples per split (train/val from the train split, test from the official validation split):\n\n"
         + _table(["task", "train", "val", "test", "borrowed from validation", "seeds"], rows)
     )
+
+
+def _knot_steps(chosen: dict, m: str) -> str:
+    """Where an auto policy tied its knots: the median step of each knot over the chosen cells."""
+    rows = [r for (t, mm), v in chosen.items() if mm == m for r in v["rows"]]
+    ends = [[k["end_step"] for k in r.get("knots", [])[:-1]] for r in rows]  # the last link ends the run
+    n = min((len(e) for e in ends), default=0)
+    if not n:
+        return f"\n`{m}` tied no knot: one link ran the whole budget.\n"
+    steps = ", ".join(f"{statistics.median(e[i] for e in ends):g}" for i in range(n))
+    total = rows[0].get("spec", {}).get("steps", "?")
+    tied = sorted({len(e) for e in ends})
+    where = f"at steps {steps} of {total} (medians over its {len(rows)} cells)"
+    return f"\n`{m}` tied {'/'.join(map(str, tied))} knots, {where}.\n"
 
 
 def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
