@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lorachain.experiment import gap
-from lorachain.experiment.choose import select
+from lorachain.experiment.choose import one_schedule, select
 from lorachain.experiment.report import write_report
 
 
@@ -139,10 +139,10 @@ def test_no_gap_section_without_full_fine_tuning(tmp_path):
 
 def test_links_line_runs_through_plain_chains_only():
     plain = spec("lora", [1, 1, 1, 1])
-    assert gap.plain(plain)
-    assert not gap.plain(plain | {"restart_per_link": True})
-    assert not gap.plain(plain | {"knot_policy": "auto"})
-    assert not gap.plain(plain | {"optimizer": "sgd"})
+    assert one_schedule(plain)
+    assert not one_schedule(plain | {"restart_per_link": True})
+    assert not one_schedule(plain | {"knot_policy": "auto"})
+    assert not one_schedule(plain | {"optimizer": "sgd"})
 
 
 def test_the_gap_itself_is_put_into_words(tmp_path):

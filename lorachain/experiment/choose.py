@@ -51,6 +51,15 @@ def methods_where(chosen: dict, methods: list[str], pred: Callable[[dict], bool]
     return out
 
 
+def one_schedule(spec: dict) -> bool:
+    """AdamW, fixed knots and one learning-rate schedule (no per-link restarts): a plain chain."""
+    return (
+        spec.get("optimizer", "adamw") == "adamw"
+        and spec.get("knot_policy", "fixed") == "fixed"
+        and not spec.get("restart_per_link")
+    )
+
+
 def trained(spec: dict) -> bool:
     return "ranks" in spec and spec.get("method") != "full"
 

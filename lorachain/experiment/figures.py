@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from lorachain.experiment.choose import comparisons, select, trained
+from lorachain.experiment.choose import comparisons, one_schedule, select, trained
 from lorachain.experiment.paired import per_task
 from lorachain.io import atomic_write
 
@@ -55,13 +55,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 
 def _fixed_adamw(spec: dict, n_full: int) -> bool:
-    return (
-        trained(spec)
-        and spec["optimizer"] == "adamw"
-        and spec["knot_policy"] == "fixed"
-        and not spec.get("restart_per_link")
-        and spec["n_train"] == n_full
-    )
+    return trained(spec) and one_schedule(spec) and spec["n_train"] == n_full
 
 
 def _by_length(chosen: dict) -> dict[str, dict[int, list[float]]]:

@@ -17,7 +17,7 @@ import math
 import statistics
 from pathlib import Path
 
-from lorachain.experiment.choose import select
+from lorachain.experiment.choose import one_schedule, select
 from lorachain.experiment.paired import fmt_ci, pair_diffs, per_task, summarize, t975
 from lorachain.io import atomic_write
 
@@ -191,15 +191,6 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
     return "\n".join(lines) + "\n"
 
 
-def plain(spec: dict) -> bool:
-    """A chain with fixed knots, one schedule and AdamW: the line of score against links."""
-    return (
-        spec.get("knot_policy", "fixed") == "fixed"
-        and not spec.get("restart_per_link")
-        and spec.get("optimizer", "adamw") == "adamw"
-    )
-
-
 def _links(chosen: dict, task: str, method: str) -> int:
     return len(chosen[(task, method)]["spec"]["ranks"])
 
@@ -254,7 +245,7 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
         for rank, ref in sorted(lora.items()):
             mine = [m for m, r in chains.items() if r == rank and (task, m) in chosen]
             pts = [(1, ref)] + sorted(
-                (_links(chosen, task, m), m) for m in mine if plain(chosen[(task, m)]["spec"])
+                (_links(chosen, task, m), m) for m in mine if one_schedule(chosen[(task, m)]["spec"])
             )
             pts = [(n, m) for n, m in pts if (task, m) in chosen]
             if len(pts) < 2:
@@ -262,7 +253,7 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
             line = ax.plot(
                 [n for n, _ in pts], [_test(chosen, task, m) for _, m in pts], marker="o", label=f"r={rank}"
             )
-            variants = [m for m in mine if not plain(chosen[(task, m)]["spec"])]
+            variants = [m for m in mine if not one_schedule(chosen[(task, m)]["spec"])]
             for m, marker in zip(variants, "^vD<>ph", strict=False):  # the same chain, another schedule
                 ax.plot(
                     _links(chosen, task, m), _test(chosen, task, m), marker, c=line[0].get_color(), label=m

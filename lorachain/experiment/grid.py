@@ -13,6 +13,17 @@ from lorachain.experiment.config import ExperimentConfig
 from lorachain.io import write_text
 
 
+def lock_holder(lock: Path) -> int | None:
+    """The pid in a cell's lock while that process is alive (0: the lock is still being written);
+    None when there is no lock or its process is gone."""
+    try:
+        pid = int(lock.read_text() or 0)
+        os.kill(pid, 0)
+        return pid
+    except (ValueError, ProcessLookupError, FileNotFoundError):
+        return None
+
+
 @contextlib.contextmanager
 def cell_lock(folder: Path):
     """Yield True if this process holds the cell's lock (workers on one grid share the cells).
@@ -23,14 +34,10 @@ def cell_lock(folder: Path):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)
-                if pid != os.getpid():
-                    yield False
-                    return
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                pass
+            pid = lock_holder(lock)
+            if pid is not None and pid != os.getpid():
+                yield False
+                return
             lock.unlink(missing_ok=True)  # stale: its process is gone
             continue
         os.write(fd, str(os.getpid()).encode())

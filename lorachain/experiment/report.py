@@ -14,6 +14,7 @@ from lorachain.experiment.choose import (
     chosen_spec,
     comparisons,
     methods_where,
+    one_schedule,
     reference_method,
     select,
     trained,
@@ -124,13 +125,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
     base_rank = chosen_spec(chosen, ref)["ranks"][0] if ref else None
 
     def adamw_full(s: dict) -> bool:
-        return (
-            trained(s)
-            and s["optimizer"] == "adamw"
-            and s["n_train"] == n_full
-            and s["knot_policy"] == "fixed"
-            and not s.get("restart_per_link")
-        )
+        return trained(s) and s["n_train"] == n_full and one_schedule(s)
 
     lengths = methods_where(chosen, methods, lambda s: adamw_full(s) and set(s["ranks"]) == {base_rank})
     if len({len(chosen_spec(chosen, m)["ranks"]) for m in lengths}) > 1:

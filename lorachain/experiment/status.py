@@ -12,13 +12,12 @@ grid's median step it ran with the other kind. Read-only: nothing is written.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorachain.experiment.config import ExperimentConfig
-from lorachain.experiment.grid import collect
+from lorachain.experiment.grid import collect, lock_holder
 from lorachain.experiment.runner import Cell, plan, run_config
 
 
@@ -28,15 +27,6 @@ class CellState:
     state: str  # done | running | paused | todo
     step: int = 0  # last logged training step of a started cell
     steps: int = 0  # its planned steps (0 when unknown)
-
-
-def _alive(lock: Path) -> bool:
-    try:
-        pid = int(lock.read_text() or 0)
-        os.kill(pid, 0)
-        return pid > 0
-    except (ValueError, OSError):
-        return False
 
 
 def _last_step(metrics: Path) -> int:
@@ -65,15 +55,17 @@ def planned_steps(cfg: ExperimentConfig, cell: Cell) -> int:
 
 
 def cell_states(cfg: ExperimentConfig) -> list[CellState]:
-    out = []
+    out, planned = [], {}
     for cell in plan(cfg):
         folder = Path(cfg.output_dir) / "cells" / cell.id
-        steps = planned_steps(cfg, cell)
+        if cell.method not in planned:  # the same for every cell of a method
+            planned[cell.method] = planned_steps(cfg, cell)
+        steps = planned[cell.method]
         if (folder / "result.json").is_file():
             out.append(CellState(cell, "done", steps, steps))
             continue
         step = _last_step(folder / "run" / "metrics.jsonl")
-        if _alive(folder / "cell.lock"):
+        if lock_holder(folder / "cell.lock") is not None:
             out.append(CellState(cell, "running", step, steps))
         elif (folder / "run").is_dir():
             out.append(CellState(cell, "paused", step, steps))
