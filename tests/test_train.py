@@ -153,6 +153,8 @@ def test_resume_from_older_checkpoint_after_kill(tmp_path, toy_data, tokenizer):
     shutil.copy(tmp_path / "killed" / "checkpoint.pt", tmp_path / "ck3.pt")
     train(cfg, tiny_model("llama"), tokenizer, stop_after=8, progress=False)
     shutil.copy(tmp_path / "ck3.pt", tmp_path / "killed" / "checkpoint.pt")  # as if killed at step 8
+    with (tmp_path / "killed" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "loss": 0.')  # and mid-way through writing step 9's row
     train(cfg, tiny_model("llama"), tokenizer, progress=False)
     a, b = final_weights(tmp_path, "ref"), final_weights(tmp_path, "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -61,11 +61,22 @@ def load(out: Path) -> tuple[State, dict] | None:
 
 
 def trim_metrics(out: Path, step: int) -> None:
-    """Drop metrics.jsonl rows past `step` (written after the checkpoint a resume starts from)."""
+    """Drop metrics.jsonl rows past `step` (written after the checkpoint a resume starts from).
+
+    A row cut short by a kill mid-write is dropped too: it was written after the checkpoint.
+    """
     path = out / "metrics.jsonl"
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        keep = [ln for ln in path.read_text().splitlines() if (row := _row(ln)) and row["step"] <= step]
         write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 def clear(out: Path) -> None:
