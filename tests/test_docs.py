@@ -44,6 +44,21 @@ def test_a_changed_json_figure_shows_as_drift(tmp_path):
         docs_gen.fill_tables("<!-- table: nope -->\n<!-- /table -->", "t.md")
 
 
+def test_the_gap_summary_says_how_far_the_grid_is():
+    from docgen.cola import GAP_CONFIG, gap_progress
+
+    from lorachain.config import load_config
+    from lorachain.experiment.config import ExperimentConfig
+    from lorachain.experiment.runner import plan
+
+    cells = plan(load_config(GAP_CONFIG, cls=ExperimentConfig))
+    rows = [{"task": c.task, "method": c.method, "seed": c.seed, "lr": c.lr} for c in cells]
+    assert gap_progress(rows) == f"All {len(cells)} planned cells are in: every method has 3 seeds."
+    left = gap_progress(rows[:-1] + [dict(rows[-1], lr=9.0)])  # an unplanned cell does not count
+    assert left.startswith(f"**Interim: {len(cells) - 1} of {len(cells)} planned cells are in**")
+    assert f"`{cells[-1].method}`." in left and f"`{cells[0].method}`" not in left
+
+
 def test_every_table_of_figures_is_rendered_not_typed():
     """Outside the generated reference pages, a Markdown table sits between table markers, except
     tables of words (options, parts) listed here."""

@@ -191,11 +191,32 @@ def gap_precision_check(results) -> str:
     return table(head + ["train s/step"], rows)
 
 
+GAP_CONFIG = ROOT / "configs/experiments/cola_gap_smollm2.yaml"
+
+
 def _gap_methods() -> list[str]:
     import yaml
 
-    path = ROOT / "configs/experiments/cola_gap_smollm2.yaml"
-    return list(yaml.safe_load(path.read_text())["methods"])
+    return list(yaml.safe_load(GAP_CONFIG.read_text())["methods"])
+
+
+def gap_progress(results: list) -> str:
+    """How far the grid is: finished cells of those planned, and whether every method has all seeds."""
+    from lorachain.config import load_config
+    from lorachain.experiment.config import ExperimentConfig
+    from lorachain.experiment.runner import Cell, plan
+
+    cfg = load_config(GAP_CONFIG, cls=ExperimentConfig)
+    planned = {c.id for c in plan(cfg)}
+    done = {Cell(r["task"], r["method"], r["seed"], r["lr"]).id for r in results} & planned
+    if done == planned:
+        return f"All {len(planned)} planned cells are in: every method has {len(cfg.seeds)} seeds."
+    short = sorted({i.split("/")[1] for i in planned - done}, key=list(cfg.methods).index)
+    return (
+        f"**Interim: {len(done)} of {len(planned)} planned cells are in**; still to land for "
+        f"{', '.join(f'`{m}`' for m in short)}. Nothing here is a conclusion until every method has "
+        f"{len(cfg.seeds)} seeds."
+    )
 
 
 def gap_report(results) -> str:
@@ -229,4 +250,5 @@ def gap_summary(results) -> str:
         rows.append([f"`{m}`", len(scores), gap._mean_std(scores), gap._mean_std(nll, 1.0, 2), closed])
     head = ["method (WiC)", "seeds", "test ×100", "general NLL increase", "gap closed [95% CI]"]
     report = gap.render(results, methods=methods)  # its sentences, so the README's words match the intervals
-    return table(head, rows) + "\n\n" + report[report.index("In words") :].strip()
+    words = report[report.index("In words") :].strip()
+    return gap_progress(results) + "\n\n" + table(head, rows) + "\n\n" + words
