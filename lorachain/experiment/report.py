@@ -171,7 +171,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         "\n## Cost per cell (mean over the tasks each method ran, and seeds)\n",
         _cost_table(chosen, methods, ref),
     ]
-    emulated = sum(r.get("spec", {}).get("matmul") == "emulated" for r in results)
+    emulated = sum(map(_emulated, results))
     if emulated:
         out.append(
             f"\n{emulated} of {len(results)} cells trained with their low-precision matmuls emulated in fp32 "
@@ -266,7 +266,20 @@ def _knot_steps(chosen: dict, m: str) -> str:
     return f"\n`{m}` tied {'/'.join(map(str, tied))} knots, {where}.\n"
 
 
+def _emulated(r: dict) -> bool:
+    return r.get("spec", {}).get("matmul") == "emulated"
+
+
+def _seconds(vals: list[dict], emulated: bool | None) -> str:
+    """Mean cell seconds over the rows (only those with `emulated` matmuls, unless None)."""
+    secs = [r["cost"]["cell_seconds"] for v in vals for r in v["rows"] if emulated in (None, _emulated(r))]
+    return f"{statistics.fmean(secs):.1f}" if secs else "–"
+
+
 def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
+    """Seconds are averaged per matmul kind when a grid ran on CPUs with and without native ones."""
+    mixed = len({_emulated(r) for v in chosen.values() for r in v["rows"]}) == 2
+    kinds = [False, True] if mixed else [None]
     rows = []
     for m in methods:
         vals = [v for (t, mm), v in chosen.items() if mm == m]
@@ -277,15 +290,18 @@ def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
         rows.append(
             [
                 f"{label(vals[0]['spec'])} `{m}`",
-                f"{statistics.fmean(v['seconds'] for v in vals):.1f}",
+                *(_seconds(vals, k) for k in kinds),
                 ratio,
                 f"{statistics.fmean(v['flops'] for v in vals):.3g}",
                 f"{max(v['peak_rss_mb'] for v in vals):.0f}",
             ]
         )
+    seconds = ["seconds, native matmuls", "seconds, emulated matmuls"]
+    if not mixed:
+        seconds = ["seconds (train + eval)"]
     header = [
         "method",
-        "seconds (train + eval)",
+        *seconds,
         f"time vs `{ref}`, same tasks, seeds and matmuls",
         "est. train FLOPs",
         "peak RSS MB",
