@@ -158,3 +158,16 @@ def test_the_gap_itself_is_put_into_words(tmp_path):
     )
     one = write_report([r for r in results() if r["seed"] == 0], tmp_path / "one").read_text()
     assert "- full fine-tuning against `lora_r8`: fewer than two paired seeds, no interval yet." in one
+
+
+def test_unrelated_task_drop_is_paired_with_intervals(tmp_path):
+    drops = {"full": [0.00, 0.02, 0.04], "lora_r8": [0.10, 0.10, 0.10], "cola_r8x2": [0.12, 0.14, 0.16]}
+    rows = results()
+    for r in rows:
+        r["forgetting"] = r["forgetting"] | {"task_score_drop": drops.get(r["method"], [0.0] * 3)[r["seed"]]}
+    text = write_report(rows, tmp_path).read_text()
+    assert "| unrelated task drop vs LoRA at its rank ×100 [95% CI] | vs full ×100 [95% CI] |" in text
+    # cola − lora: 2, 4, 6 points (mean 4, sd 2, t(2) 4.303: ±5.0); cola − full: 12 on every seed
+    assert "| `cola_r8x2` | +4.0 [-1.0, +9.0] | +12.0 [+12.0, +12.0] |" in text
+    assert "| `lora_r8` | – | +8.0 [+3.0, +13.0] |" in text  # LoRA itself: only against full
+    assert "| `full` |" not in text

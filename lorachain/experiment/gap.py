@@ -5,7 +5,8 @@ From a grid with a full fine-tuning method and LoRA methods at one or more ranks
 each chain against LoRA at its rank (paired over seeds, 95% interval), the fraction of the gap closed
 mean(chain − LoRA) / mean(full − LoRA) with Fieller's interval over the paired seeds (a ratio of two
 noisy means: unbounded when the gap itself is not clearly above zero), and forgetting (the general
-set's NLL increase, an unrelated task's score drop; each chain's paired against LoRA and full).
+set's NLL increase, each chain's paired against LoRA and full; an unrelated task's score drop, each
+method's paired against full and each chain's against LoRA).
 Figures: gap.png (forgetting vs score, one point per method, seeds as error bars) and links.png
 (score vs number of links per rank: a line through the plain chains, the other schedules
 of a chain as markers beside it).
@@ -186,9 +187,29 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             row += [fmt_ci(f, 1.0, 3, empty="–") for f in (f_lora, f_full)]
             lines.append("| " + " | ".join(row) + " |")
             words.append(in_words(chain, ref, s, f_lora, f_full))
+        lines += unrelated_table(chosen, task, methods, full, lora, chains)
         lines += ["", "In words (a direction is named only where the 95% interval excludes zero):", ""]
         lines += words + [""]
     return "\n".join(lines) + "\n"
+
+
+def unrelated_table(
+    chosen: dict, task: str, methods: list[str], full: str, lora: dict, chains: dict
+) -> list[str]:
+    """The unrelated task's score drop paired over seeds: every method against full fine-tuning,
+    each chain also against LoRA at its rank (×100; positive: it lost more of the base's score)."""
+    key, rows = "task_score_drop", []
+    for m in methods:
+        if m == full or not forgetting_by_seed(chosen, task, m, key):
+            continue
+        ref = lora.get(chains[m]) if m in chains else None
+        vs_lora = fmt_ci(forgetting_diff(chosen, task, ref, m, key), 100.0, empty="–") if ref else "–"
+        vs_full = fmt_ci(forgetting_diff(chosen, task, full, m, key), 100.0, empty="–")
+        rows.append(f"| `{m}` | {vs_lora} | {vs_full} |")
+    if not rows:
+        return []
+    head = "| method | unrelated task drop vs LoRA at its rank ×100 [95% CI] | vs full ×100 [95% CI] |"
+    return ["", head, "|---|---|---|", *rows]
 
 
 def _links(chosen: dict, task: str, method: str) -> int:
