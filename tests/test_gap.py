@@ -171,3 +171,11 @@ def test_unrelated_task_drop_is_paired_with_intervals(tmp_path):
     assert "| `cola_r8x2` | +4.0 [-1.0, +9.0] | +12.0 [+12.0, +12.0] |" in text
     assert "| `lora_r8` | – | +8.0 [+3.0, +13.0] |" in text  # LoRA itself: only against full
     assert "| `full` |" not in text
+
+
+def test_eleven_methods_get_eleven_colours():
+    import matplotlib
+
+    colours = [gap.method_color(i) for i in range(20)]
+    assert len(set(colours)) == 20
+    assert colours[:10] == [matplotlib.colormaps["tab10"](i) for i in range(10)]  # the default cycle's

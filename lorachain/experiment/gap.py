@@ -225,6 +225,14 @@ def pooled_gap(chosen: dict, tasks: list[str], full: str, lora: str) -> dict:
     return per_task(chosen, tasks, lora, full)[1] if tasks else summarize([])
 
 
+def method_color(i: int) -> tuple:
+    """The i-th method's colour: tab20's 10 strong colours (tab10's), then their light shades, so up
+    to 20 methods never share one (matplotlib's default cycle repeats after 10)."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"]((2 * i) % 20 + (i // 10) % 2)
+
+
 def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list[Path]:
     """gap.png and links.png next to the report (nothing without full and LoRA methods)."""
     import matplotlib
@@ -241,7 +249,7 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
     written = []
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for m in methods:
+        for i, m in enumerate(methods):
             c = chosen.get((task, m))
             xs = forgetting_values(chosen, task, m, "general_nll_increase")
             if not c or not xs:
@@ -256,6 +264,7 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
                 fmt="*" if m == full else "s" if m in lora.values() else "o",
                 markersize=10 if m == full else 6,
                 capsize=3,
+                color=method_color(i),
                 label=m,
             )
         xlabel = "forgetting: general-set NLL increase (left forgets less)"
