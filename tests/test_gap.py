@@ -33,9 +33,9 @@ COST = {
 }
 
 
-def results(task: str = "wic") -> list[dict]:
+def results(task: str = "wic", methods: dict = SCORES) -> list[dict]:
     out = []
-    for m, (spec, scores, nll) in SCORES.items():
+    for m, (spec, scores, nll) in methods.items():
         for seed, (s, n) in enumerate(zip(scores, nll, strict=True)):
             out.append(
                 {
@@ -123,6 +123,8 @@ def test_report_has_the_gap_section_and_figures(tmp_path):
     assert "| `full` (lr 0.001) | 82.0 ± 2.0 | 0.320 ± 0.020 |" in text
     for name in ("gap.png", "links.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    no_chains = {m: v for m, v in SCORES.items() if len(v[0]["ranks"]) == 1}  # a pilot: LoRA and full
+    assert [p.name for p in gap.plot(results(methods=no_chains), tmp_path / "pilot")] == ["gap.png"]
 
 
 def test_one_seed_is_not_put_into_words(tmp_path):
@@ -179,3 +181,21 @@ def test_eleven_methods_get_eleven_colours():
     colours = [gap.method_color(i) for i in range(20)]
     assert len(set(colours)) == 20
     assert colours[:10] == [matplotlib.colormaps["tab10"](i) for i in range(10)]  # the default cycle's
+
+
+def test_links_figure_shows_a_lora_rank_without_chains_as_a_point(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real = Axes.plot
+
+    def plot(self, *args, **kw):
+        drawn.append((kw.get("label"), args[:2]))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    r64 = {"lora_r64": (spec("lora", [64]), [0.90, 0.91, 0.92], [0.2, 0.2, 0.2])}
+    gap.plot(results(methods=SCORES | r64), tmp_path)
+    lines = {label: xy for label, xy in drawn}
+    assert lines["r=64 (LoRA only)"] == (1, pytest.approx(91.0))
+    assert lines["r=1"] == ([1, 4], [pytest.approx(82.0), pytest.approx(82.33, abs=0.01)])

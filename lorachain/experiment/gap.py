@@ -234,7 +234,8 @@ def method_color(i: int) -> tuple:
 
 
 def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list[Path]:
-    """gap.png and links.png next to the report (nothing without full and LoRA methods)."""
+    """gap.png and links.png next to the report (nothing without full and LoRA methods; no
+    links.png without a chain)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,6 +271,8 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
         xlabel = "forgetting: general-set NLL increase (left forgets less)"
         _label(ax, task, xlabel, "target-task test score ×100 (up learns more)")
     written.append(_save(plt, fig, out / "gap.png"))
+    if not chains:  # score against links needs a chain
+        return written
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for rank, ref in sorted(lora.items()):
@@ -278,6 +281,8 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
                 (_links(chosen, task, m), m) for m in mine if one_schedule(chosen[(task, m)]["spec"])
             )
             pts = [(n, m) for n, m in pts if (task, m) in chosen]
+            if len(pts) == 1:  # a LoRA rank no chain runs at: a reference point at one link
+                ax.plot(1, _test(chosen, task, ref), "s", label=f"r={rank} (LoRA only)")
             if len(pts) < 2:
                 continue
             line = ax.plot(
