@@ -158,8 +158,11 @@ def test_the_gap_itself_is_put_into_words(tmp_path):
         "- full fine-tuning is not shown to score differently from `lora_r1` (+0.0 [+0.0, +0.0] points)"
         in text
     )
+    # the capacity gap a rank-1 chain is meant to close: here LoRA r=8 is 10 points below r=1
+    assert "- `lora_r8` scores below `lora_r1` (-10.0 [-10.0, -10.0] points)." in text
     one = write_report([r for r in results() if r["seed"] == 0], tmp_path / "one").read_text()
     assert "- full fine-tuning against `lora_r8`: fewer than two paired seeds, no interval yet." in one
+    assert "- `lora_r8` against `lora_r1`: fewer than two paired seeds, no interval yet." in one
 
 
 def test_unrelated_task_drop_is_paired_with_intervals(tmp_path):

@@ -136,6 +136,15 @@ def gap_in_words(chosen: dict, task: str, full: str, ref: str) -> str:
     )
 
 
+def rank_in_words(chosen: dict, task: str, low: str, high: str) -> str:
+    """The capacity gap a low-rank chain is meant to close: LoRA at a higher rank against the lowest."""
+    score = summarize(pair_diffs(chosen, task, low, high))
+    if score["n"] < 2:
+        return f"- `{high}` against `{low}`: fewer than two paired seeds, no interval yet."
+    learn = _sign(score, "scores above", "scores below", "is not shown to score differently from")
+    return f"- `{high}` {learn} `{low}` ({fmt_ci(score)} points)."
+
+
 def _closed(g: dict) -> str:
     if not g["has_gap"]:
         return "no gap to close"
@@ -171,9 +180,9 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         cols += ["gap closed [95% CI]", "general NLL vs LoRA [95% CI]", "general NLL vs full [95% CI]"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         nll = "general_nll_increase"
-        words = [
-            gap_in_words(chosen, task, full, ref) for _, ref in sorted(lora.items()) if (task, ref) in chosen
-        ]
+        refs = [ref for _, ref in sorted(lora.items()) if (task, ref) in chosen]
+        words = [gap_in_words(chosen, task, full, ref) for ref in refs]
+        words += [rank_in_words(chosen, task, refs[0], ref) for ref in refs[1:]]
         for chain, rank in chains.items():
             ref = lora.get(rank)
             g = closed_fraction(chosen, task, full, ref, chain) if ref else {"n": 0}
