@@ -35,7 +35,6 @@ def select(results: list[dict]) -> dict[tuple[str, str], dict]:
             "test": {r["seed"]: r["test"]["score"] for r in rows},
             "spec": rows[0].get("spec", {}),
             "flops": statistics.fmean(r["cost"]["est_train_flops"] for r in rows),
-            "seconds": statistics.fmean(r["cost"]["cell_seconds"] for r in rows),
             "peak_rss_mb": max(r["cost"]["peak_rss_mb"] for r in rows),
             "counts": rows[0].get("counts", {}),
         }
