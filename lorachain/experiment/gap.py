@@ -104,6 +104,10 @@ def forgetting_values(chosen: dict, task: str, method: str, key: str) -> list[fl
     return list(forgetting_by_seed(chosen, task, method, key).values())
 
 
+LEARNS = ("scores above", "scores below", "is not shown to score differently from")
+FORGETS = ("forgets more than", "forgets less than", "is not shown to forget differently from")
+
+
 def _sign(s: dict, above: str, below: str, same: str) -> str:
     """Which way a paired difference points, in words, only where its 95% interval says so."""
     lo, hi = s["ci"]
@@ -114,11 +118,8 @@ def in_words(chain: str, ref: str, score: dict, nll_lora: dict, nll_full: dict) 
     """One sentence per chain: its score against LoRA at its rank, its forgetting against both."""
     if min(score["n"], nll_lora["n"], nll_full["n"]) < 2:
         return f"- `{chain}` against `{ref}`: fewer than two paired seeds, no interval yet."
-    learn = _sign(score, "scores above", "scores below", "is not shown to score differently from")
-    forget, forget_full = (
-        _sign(d, "forgets more than", "forgets less than", "is not shown to forget differently from")
-        for d in (nll_lora, nll_full)
-    )
+    learn = _sign(score, *LEARNS)
+    forget, forget_full = (_sign(d, *FORGETS) for d in (nll_lora, nll_full))
     return f"- `{chain}` {learn} `{ref}`; it {forget} `{ref}`, and {forget_full} full fine-tuning."
 
 
@@ -128,8 +129,8 @@ def gap_in_words(chosen: dict, task: str, full: str, ref: str) -> str:
     nll = forgetting_diff(chosen, task, ref, full, "general_nll_increase")
     if min(score["n"], nll["n"]) < 2:
         return f"- full fine-tuning against `{ref}`: fewer than two paired seeds, no interval yet."
-    learn = _sign(score, "scores above", "scores below", "is not shown to score differently from")
-    forget = _sign(nll, "forgets more than", "forgets less than", "is not shown to forget differently from")
+    learn = _sign(score, *LEARNS)
+    forget = _sign(nll, *FORGETS)
     return (
         f"- full fine-tuning {learn} `{ref}` ({fmt_ci(score)} points) and {forget} it "
         f"({fmt_ci(nll, 1.0, 2)} general NLL)."
@@ -141,7 +142,7 @@ def rank_in_words(chosen: dict, task: str, low: str, high: str) -> str:
     score = summarize(pair_diffs(chosen, task, low, high))
     if score["n"] < 2:
         return f"- `{high}` against `{low}`: fewer than two paired seeds, no interval yet."
-    learn = _sign(score, "scores above", "scores below", "is not shown to score differently from")
+    learn = _sign(score, *LEARNS)
     return f"- `{high}` {learn} `{low}` ({fmt_ci(score)} points)."
 
 

@@ -11,7 +11,6 @@ grid's median step it ran with the other kind. Read-only: nothing is written.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from lorachain.experiment.config import ExperimentConfig
 from lorachain.experiment.grid import collect, lock_holder
 from lorachain.experiment.runner import Cell, plan, run_config
+from lorachain.training.resume import metrics_row
 
 
 @dataclass
@@ -32,13 +32,8 @@ class CellState:
 def _last_step(metrics: Path) -> int:
     if not metrics.is_file():
         return 0
-    lines = metrics.read_text().splitlines()
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a kill
-    return 0
+    rows = (metrics_row(line) for line in reversed(metrics.read_text().splitlines()))
+    return next((int(row["step"]) for row in rows if row), 0)  # past a line cut by a kill
 
 
 def planned_steps(cfg: ExperimentConfig, cell: Cell) -> int:

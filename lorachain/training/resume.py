@@ -67,11 +67,14 @@ def trim_metrics(out: Path, step: int) -> None:
     """
     path = out / "metrics.jsonl"
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if (row := _row(ln)) and row["step"] <= step]
+        keep = [
+            ln for ln in path.read_text().splitlines() if (row := metrics_row(ln)) and row["step"] <= step
+        ]
         write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-def _row(line: str) -> dict | None:
+def metrics_row(line: str) -> dict | None:
+    """One metrics.jsonl row, or None for a line that is not one (empty, or cut by a kill mid-write)."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:

@@ -207,13 +207,14 @@ def gap_progress(results: list) -> str:
     from lorachain.experiment.runner import Cell, plan
 
     cfg = load_config(GAP_CONFIG, cls=ExperimentConfig)
-    planned = {c.id for c in plan(cfg)}
-    done = {Cell(r["task"], r["method"], r["seed"], r["lr"]).id for r in results} & planned
-    if done == planned:
-        return f"All {len(planned)} planned cells are in: every method has {len(cfg.seeds)} seeds."
-    short = sorted({i.split("/")[1] for i in planned - done}, key=list(cfg.methods).index)
+    cells = plan(cfg)
+    done = {Cell(r["task"], r["method"], r["seed"], r["lr"]).id for r in results}
+    missing = [c for c in cells if c.id not in done]
+    if not missing:
+        return f"All {len(cells)} planned cells are in: every method has {len(cfg.seeds)} seeds."
+    short = sorted({c.method for c in missing}, key=list(cfg.methods).index)
     return (
-        f"**Interim: {len(done)} of {len(planned)} planned cells are in**; still to land for "
+        f"**Interim: {len(cells) - len(missing)} of {len(cells)} planned cells are in**; still to land for "
         f"{', '.join(f'`{m}`' for m in short)}. Nothing here is a conclusion until every method has "
         f"{len(cfg.seeds)} seeds."
     )
