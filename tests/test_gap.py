@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorachain.experiment import gap
+from lorachain.experiment import gap, gap_plot
 from lorachain.experiment.choose import one_schedule, select
 from lorachain.experiment.report import write_report
 
@@ -124,7 +124,7 @@ def test_report_has_the_gap_section_and_figures(tmp_path):
     for name in ("gap.png", "links.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     no_chains = {m: v for m, v in SCORES.items() if len(v[0]["ranks"]) == 1}  # a pilot: LoRA and full
-    assert [p.name for p in gap.plot(results(methods=no_chains), tmp_path / "pilot")] == ["gap.png"]
+    assert [p.name for p in gap_plot.plot(results(methods=no_chains), tmp_path / "pilot")] == ["gap.png"]
 
 
 def test_one_seed_is_not_put_into_words(tmp_path):
@@ -136,7 +136,7 @@ def test_one_seed_is_not_put_into_words(tmp_path):
 def test_no_gap_section_without_full_fine_tuning(tmp_path):
     rows = [r for r in results() if r["method"] != "full"]
     assert gap.render(rows) == ""
-    assert gap.plot(rows, tmp_path) == []
+    assert gap_plot.plot(rows, tmp_path) == []
 
 
 def test_links_line_runs_through_plain_chains_only():
@@ -181,7 +181,7 @@ def test_unrelated_task_drop_is_paired_with_intervals(tmp_path):
 def test_eleven_methods_get_eleven_colours():
     import matplotlib
 
-    colours = [gap.method_color(i) for i in range(20)]
+    colours = [gap_plot.method_color(i) for i in range(20)]
     assert len(set(colours)) == 20
     assert colours[:10] == [matplotlib.colormaps["tab10"](i) for i in range(10)]  # the default cycle's
 
@@ -198,7 +198,40 @@ def test_links_figure_shows_a_lora_rank_without_chains_as_a_point(tmp_path, monk
 
     monkeypatch.setattr(Axes, "plot", plot)
     r64 = {"lora_r64": (spec("lora", [64]), [0.90, 0.91, 0.92], [0.2, 0.2, 0.2])}
-    gap.plot(results(methods=SCORES | r64), tmp_path)
+    gap_plot.plot(results(methods=SCORES | r64), tmp_path)
     lines = {label: xy for label, xy in drawn}
     assert lines["r=64 (LoRA only)"] == (1, pytest.approx(91.0))
     assert lines["r=1"] == ([1, 4], [pytest.approx(82.0), pytest.approx(82.33, abs=0.01)])
+
+
+def test_what_it_adds_up_to_follows_the_intervals(tmp_path):
+    rows = results()
+    for r in rows:
+        r["cost"]["trainable_params"] = 134_515_008
+    text = write_report(rows, tmp_path).read_text()
+    summary = text[text.index("**What it adds up to.**") :].split("\n")[0]
+    # full − lora_r8 +10 on every seed, full − lora_r1 0; cola_r8x2 − lora_r8 +5, +4, +5 points
+    assert "Full fine-tuning scored above `lora_r8`, not clearly above the other LoRA ranks." in summary
+    assert "`cola_r8x2` scored above LoRA at the same rank." in summary
+    assert "`cola_r1x4` scored" not in summary  # +0.3 [-1.1, +1.8]: not shown either way
+    # both chains' general NLL sits above LoRA's on every seed, below full fine-tuning's
+    assert "`cola_r8x2`, `cola_r1x4` forgot more than LoRA at the same rank" in summary
+    assert "forgot more than full fine-tuning" not in summary
+    assert "Here a chain bought score over LoRA at its own rank, at a cost in forgetting." in summary
+    assert "one task on a 135M-parameter model with 10 training examples and 3 seeds" in summary
+
+
+def test_no_gap_and_no_gain_are_said_as_such(tmp_path):
+    same = {  # full and the chains within a point of LoRA, in both directions across seeds
+        "full": (spec("full", [8]), [0.70, 0.73, 0.72], [0.30, 0.32, 0.34]),
+        "lora_r1": (spec("lora", [1]), [0.71, 0.72, 0.72], [0.05, 0.06, 0.05]),
+        "cola_r1x4": (spec("lora", [1, 1, 1, 1]), [0.70, 0.73, 0.71], [0.06, 0.05, 0.05]),
+    }
+    text = write_report(results(methods=same), tmp_path).read_text()
+    summary = text[text.index("**What it adds up to.**") :].split("\n")[0]
+    assert "not shown to score above LoRA at any rank tried (r=1), so on this task there was no" in summary
+    assert "No chain (1 tried) was shown to score differently from LoRA at its rank" in summary
+    assert "No chain was shown to forget differently from LoRA at its rank." in summary
+    assert "Here a chain bought nothing measurable over LoRA at its own rank." in summary
+    one = write_report([r for r in results(methods=same) if r["seed"] == 0], tmp_path / "one")
+    assert "What it adds up to" not in one.read_text()  # one seed: no interval, no summary

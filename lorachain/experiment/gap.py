@@ -7,20 +7,16 @@ mean(chain − LoRA) / mean(full − LoRA) with Fieller's interval over the pair
 noisy means: unbounded when the gap itself is not clearly above zero), and forgetting (the general
 set's NLL increase, each chain's paired against LoRA and full; an unrelated task's score drop, each
 method's paired against full and each chain's against LoRA).
-Figures: gap.png (forgetting vs score, one point per method, seeds as error bars) and links.png
-(score vs number of links per rank: a line through the plain chains, the other schedules
-of a chain as markers beside it).
+Its figures are drawn by gap_plot.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 
-from lorachain.experiment.choose import one_schedule, select
-from lorachain.experiment.paired import fmt_ci, pair_diffs, per_task, summarize, t975
-from lorachain.io import atomic_write
+from lorachain.experiment.choose import select
+from lorachain.experiment.paired import fmt_ci, pair_diffs, summarize, t975
 
 MIN_GAP = 0.01  # full − LoRA below one point (of a 0–1 score): no gap to close
 
@@ -146,6 +142,91 @@ def rank_in_words(chosen: dict, task: str, low: str, high: str) -> str:
     return f"- `{high}` {learn} `{low}` ({fmt_ci(score)} points)."
 
 
+def _names(methods: list[str]) -> str:
+    return ", ".join(f"`{m}`" for m in methods)
+
+
+def _half_widths(stats: list[dict]) -> str:
+    hw = sorted((s["ci"][1] - s["ci"][0]) / 2 for s in stats)
+    return f"±{hw[0]:.1f}" if hw[0] == hw[-1] else f"±{hw[0]:.1f} to ±{hw[-1]:.1f}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n:,}"
+
+
+def takeaway(chosen: dict, task: str, full: str, lora: dict[int, str], chains: dict[str, int]) -> str:
+    """What one task's intervals add up to, in a paragraph: was there a gap, did a chain score or
+    forget differently from LoRA at its rank, and what that leaves a user with ('' before every
+    comparison has two paired seeds). Directions are named only where a 95% interval excludes zero."""
+    refs = [ref for _, ref in sorted(lora.items()) if (task, ref) in chosen]
+    mine = {c: lora[r] for c, r in chains.items() if (task, c) in chosen and (task, lora.get(r)) in chosen}
+    gaps = {ref: summarize(pair_diffs(chosen, task, ref, full)) for ref in refs}
+    score = {c: summarize(pair_diffs(chosen, task, ref, c)) for c, ref in mine.items()}
+    nll = "general_nll_increase"
+    forget = {c: forgetting_diff(chosen, task, ref, c, nll) for c, ref in mine.items()}
+    forget_full = {c: forgetting_diff(chosen, task, full, c, nll) for c in mine}
+    stats = [*gaps.values(), *score.values(), *forget.values(), *forget_full.values()]
+    if (task, full) not in chosen or not refs or not mine or min(s["n"] for s in stats) < 2:
+        return ""
+
+    def where(d: dict, above: bool) -> list[str]:
+        return [m for m, s in d.items() if (s["ci"][0] > 0 if above else s["ci"][1] < 0)]
+
+    lo, hi = min(s["n"] for s in stats), max(s["n"] for s in stats)
+    seeds = f"{lo}" if lo == hi else f"{lo}–{hi}"
+    ranks = ", ".join(f"r={r}" for r, ref in sorted(lora.items()) if ref in refs)
+    gap_up, gap_down = where(gaps, True), where(gaps, False)
+    if not gap_up:
+        out = [f"Full fine-tuning was not shown to score above LoRA at any rank tried ({ranks}), so on this "
+               "task there was no measurable gap for a chain to close"]  # fmt: skip
+        out[-1] += f"; it scored below {_names(gap_down)}." if gap_down else "."
+    elif len(gap_up) == len(refs):
+        out = [f"Full fine-tuning scored above LoRA at every rank tried ({ranks}): there was a gap to close."]
+    else:
+        out = [f"Full fine-tuning scored above {_names(gap_up)}, not clearly above the other LoRA ranks."]
+    up, down = where(score, True), where(score, False)
+    if up:
+        out.append(f"{_names(up)} scored above LoRA at the same rank.")
+    if down:
+        out.append(f"{_names(down)} scored below LoRA at the same rank.")
+    if not up and not down:
+        out.append(
+            f"No chain ({len(score)} tried) was shown to score differently from LoRA at its rank; their "
+            f"intervals are {_half_widths(list(score.values()))} points, so a gain of that size cannot be "
+            f"told from none with {seeds} seeds."
+        )
+    more, less = where(forget, True), where(forget, False)
+    if more:
+        out.append(f"{_names(more)} forgot more than LoRA at the same rank (the general set's NLL)")
+        out[-1] += f", {_names(less)} less." if less else "; none forgot less."
+    elif less:
+        out.append(f"{_names(less)} forgot less than LoRA at the same rank (the general set's NLL).")
+    else:
+        out.append("No chain was shown to forget differently from LoRA at its rank.")
+    more_full = where(forget_full, True)
+    if more_full:
+        out.append(f"{len(more_full)} of {len(forget_full)} chains forgot more than full fine-tuning.")
+    if up:
+        verdict = "Here a chain bought score over LoRA at its own rank"
+        verdict += ", at a cost in forgetting." if set(up) & set(more) else "."
+    else:
+        verdict = "Here a chain bought nothing measurable over LoRA at its own rank"
+        verdict += ", and some cost more forgetting." if more else "."
+    out.append(verdict)
+    params = chosen[(task, full)]["rows"][0]["cost"].get("trainable_params")
+    size = f"a {_count(params)}-parameter model" if params else "one model"
+    n_train = chosen[(task, full)]["counts"].get("train")
+    out.append(
+        f"This is one task on {size}"
+        + (f" with {n_train:,} training examples" if n_train else "")
+        + f" and {seeds} seeds: measure the gap on your own model and data first (full fine-tuning "
+        "beside LoRA at two ranks, as the pilot does), since a chain can only close a gap that exists, "
+        "and count forgetting as part of its cost."
+    )
+    return " ".join(out)
+
+
 def _closed(g: dict) -> str:
     if not g["has_gap"]:
         return "no gap to close"
@@ -200,6 +281,8 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         lines += unrelated_table(chosen, task, methods, full, lora, chains)
         lines += ["", "In words (a direction is named only where the 95% interval excludes zero):", ""]
         lines += words + [""]
+        summary = takeaway(chosen, task, full, lora, chains)
+        lines += [f"**What it adds up to.** {summary}", ""] if summary else []
     return "\n".join(lines) + "\n"
 
 
@@ -220,105 +303,3 @@ def unrelated_table(
         return []
     head = "| method | unrelated task drop vs LoRA at its rank ×100 [95% CI] | vs full ×100 [95% CI] |"
     return ["", head, "|---|---|---|", *rows]
-
-
-def _links(chosen: dict, task: str, method: str) -> int:
-    return len(chosen[(task, method)]["spec"]["ranks"])
-
-
-def _test(chosen: dict, task: str, method: str) -> float:
-    return 100 * statistics.fmean(chosen[(task, method)]["test"].values())
-
-
-def pooled_gap(chosen: dict, tasks: list[str], full: str, lora: str) -> dict:
-    """full − LoRA paired over every task's seeds (×100), for the pilot's verdict."""
-    return per_task(chosen, tasks, lora, full)[1] if tasks else summarize([])
-
-
-def method_color(i: int) -> tuple:
-    """The i-th method's colour: tab20's 10 strong colours (tab10's), then their light shades, so up
-    to 20 methods never share one (matplotlib's default cycle repeats after 10)."""
-    import matplotlib
-
-    return matplotlib.colormaps["tab20"]((2 * i) % 20 + (i // 10) % 2)
-
-
-def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list[Path]:
-    """gap.png and links.png next to the report (nothing without full and LoRA methods; no
-    links.png without a chain)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chosen = select(results)
-    tasks = tasks or list(dict.fromkeys(r["task"] for r in results))
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    full, lora, chains = roles(chosen, methods)
-    if not full or not lora:
-        return []
-    written = []
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for i, m in enumerate(methods):
-            c = chosen.get((task, m))
-            xs = forgetting_values(chosen, task, m, "general_nll_increase")
-            if not c or not xs:
-                continue
-            ys = [100 * v for v in c["test"].values()]
-            spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (xs, ys)]
-            ax.errorbar(
-                statistics.fmean(xs),
-                statistics.fmean(ys),
-                xerr=spread[0],
-                yerr=spread[1],
-                fmt="*" if m == full else "s" if m in lora.values() else "o",
-                markersize=10 if m == full else 6,
-                capsize=3,
-                color=method_color(i),
-                label=m,
-            )
-        xlabel = "forgetting: general-set NLL increase (left forgets less)"
-        _label(ax, task, xlabel, "target-task test score ×100 (up learns more)")
-    written.append(_save(plt, fig, out / "gap.png"))
-    if not chains:  # score against links needs a chain
-        return written
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for rank, ref in sorted(lora.items()):
-            mine = [m for m, r in chains.items() if r == rank and (task, m) in chosen]
-            pts = [(1, ref)] + sorted(
-                (_links(chosen, task, m), m) for m in mine if one_schedule(chosen[(task, m)]["spec"])
-            )
-            pts = [(n, m) for n, m in pts if (task, m) in chosen]
-            if len(pts) == 1:  # a LoRA rank no chain runs at: a reference point at one link
-                ax.plot(1, _test(chosen, task, ref), "s", label=f"r={rank} (LoRA only)")
-            if len(pts) < 2:
-                continue
-            line = ax.plot(
-                [n for n, _ in pts], [_test(chosen, task, m) for _, m in pts], marker="o", label=f"r={rank}"
-            )
-            variants = [m for m in mine if not one_schedule(chosen[(task, m)]["spec"])]
-            for m, marker in zip(variants, "^vD<>ph", strict=False):  # the same chain, another schedule
-                ax.plot(
-                    _links(chosen, task, m), _test(chosen, task, m), marker, c=line[0].get_color(), label=m
-                )
-        if (task, full) in chosen:
-            ax.axhline(_test(chosen, task, full), ls="--", c="k", label="full")
-        _label(ax, task, "links in the chain", "test score ×100")
-    written.append(_save(plt, fig, out / "links.png"))
-    return written
-
-
-def _label(ax, title: str, xlabel: str, ylabel: str) -> None:
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
-
-
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    written = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return written

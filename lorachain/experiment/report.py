@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from lorachain.experiment import gap
+from lorachain.experiment import gap, gap_plot
 from lorachain.experiment.choose import (
     chosen_spec,
     comparisons,
@@ -318,6 +318,6 @@ def write_report(
     sections = [render(results, tasks, methods), gap.render(results, tasks, methods)]
     write_text(out / "report.md", "\n".join(x.rstrip("\n") + "\n" for x in sections if x))
     plot(results, out)
-    gap.plot(results, out, tasks)
+    gap_plot.plot(results, out, tasks)
     plot_comparisons(results, out / "paired.png", tasks)
     return out / "report.md"
