@@ -227,7 +227,7 @@ def gap_report(results) -> str:
     results = _cells(results)
     methods = [m for m in _gap_methods() if any(r["method"] == m for r in results)]
     text = gap.render(results, methods=methods)
-    return text.split("\n", 2)[2].strip()  # without the section's own heading
+    return gap_progress(results) + "\n\n" + text.split("\n", 2)[2].strip()  # without its own heading
 
 
 def gap_summary(results) -> str:
