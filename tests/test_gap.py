@@ -125,6 +125,10 @@ def test_report_has_the_gap_section_and_figures(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     no_chains = {m: v for m, v in SCORES.items() if len(v[0]["ranks"]) == 1}  # a pilot: LoRA and full
     assert [p.name for p in gap_plot.plot(results(methods=no_chains), tmp_path / "pilot")] == ["gap.png"]
+    unscored = results(methods=no_chains)
+    for r in unscored:
+        r["forgetting"] = {}  # the pilot scored no forgetting: no empty gap.png
+    assert gap_plot.plot(unscored, tmp_path / "unscored") == []
 
 
 def test_one_seed_is_not_put_into_words(tmp_path):
@@ -204,6 +208,22 @@ def test_links_figure_shows_a_lora_rank_without_chains_as_a_point(tmp_path, monk
     assert lines["r=1"] == ([1, 4], [pytest.approx(82.0), pytest.approx(82.33, abs=0.01)])
 
 
+def test_links_figure_bars_are_the_seeds_spread(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    bars = []
+    real = Axes.errorbar
+
+    def errorbar(self, x, y, **kw):
+        bars.append((list(x) if isinstance(x, list) else x, kw.get("yerr")))
+        return real(self, x, y, **kw)
+
+    monkeypatch.setattr(Axes, "errorbar", errorbar)
+    gap_plot.plot(results(), tmp_path)
+    # r=1: lora_r1 80, 82, 84 (std 2.0) at one link, cola_r1x4 81, 82, 84 (std 1.53) at four
+    assert ([1, 4], [pytest.approx(2.0), pytest.approx(1.528, abs=1e-3)]) in bars
+
+
 def test_what_it_adds_up_to_follows_the_intervals(tmp_path):
     rows = results()
     for r in rows:
@@ -235,3 +255,10 @@ def test_no_gap_and_no_gain_are_said_as_such(tmp_path):
     assert "Here a chain bought nothing measurable over LoRA at its own rank." in summary
     one = write_report([r for r in results(methods=same) if r["seed"] == 0], tmp_path / "one")
     assert "What it adds up to" not in one.read_text()  # one seed: no interval, no summary
+
+
+def test_legend_order_does_not_depend_on_the_reading_order():
+    rows = results()
+    want = ["lora_r1", "lora_r8", "full", "cola_r1x4", "cola_r8x2"]
+    assert gap_plot.legend_order(select(rows), list(SCORES)) == want
+    assert gap_plot.legend_order(select(rows[::-1]), list(SCORES)[::-1]) == want

@@ -11,6 +11,8 @@ from lorachain.experiment.choose import one_schedule, select
 from lorachain.experiment.gap import forgetting_values, roles
 from lorachain.io import atomic_write
 
+NLL = "general_nll_increase"
+
 
 def _links(chosen: dict, task: str, method: str) -> int:
     return len(chosen[(task, method)]["spec"]["ranks"])
@@ -18,6 +20,19 @@ def _links(chosen: dict, task: str, method: str) -> int:
 
 def _test(chosen: dict, task: str, method: str) -> float:
     return 100 * statistics.fmean(chosen[(task, method)]["test"].values())
+
+
+def _spread(chosen: dict, task: str, method: str) -> float:
+    """The test score's standard deviation over seeds ×100 (0 with one seed)."""
+    scores = list(chosen[(task, method)]["test"].values())
+    return 100 * statistics.stdev(scores) if len(scores) > 1 else 0.0
+
+
+def _seed_bars(ax, chosen: dict, task: str, methods: list[str], xs: list[float], color) -> None:
+    """Each point's spread over seeds as a vertical bar, in its line's colour."""
+    ys = [_test(chosen, task, m) for m in methods]
+    yerr = [_spread(chosen, task, m) for m in methods]
+    ax.errorbar(xs, ys, yerr=yerr, fmt="none", ecolor=color, capsize=3, alpha=0.5)
 
 
 def method_color(i: int) -> tuple:
@@ -28,9 +43,22 @@ def method_color(i: int) -> tuple:
     return matplotlib.colormaps["tab20"]((2 * i) % 20 + (i // 10) % 2)
 
 
+def legend_order(chosen: dict, methods: list[str]) -> list[str]:
+    """LoRA by rank, full fine-tuning, then the chains by rank, links and name: the same order (and
+    so the same colours) whatever order the results were read in."""
+    full, lora, chains = roles(chosen, methods)
+    by_chain = sorted(chains, key=lambda m: (chains[m], len(_spec(chosen, m)["ranks"]), m))
+    rest = sorted(set(methods) - {full, *lora.values(), *chains})
+    return [lora[r] for r in sorted(lora)] + [full] * bool(full) + by_chain + rest
+
+
+def _spec(chosen: dict, method: str) -> dict:
+    return next(c["spec"] for (_, m), c in chosen.items() if m == method)
+
+
 def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list[Path]:
-    """gap.png and links.png next to the report (nothing without full and LoRA methods; no
-    links.png without a chain)."""
+    """gap.png and links.png next to the report (nothing without full and LoRA methods; no gap.png
+    without forgetting scores, no links.png without a chain)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,11 +71,47 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
     if not full or not lora:
         return []
     written = []
+    scored = [t for t in tasks if any(forgetting_values(chosen, t, m, NLL) for m in methods)]
+    if scored:  # forgetting against score needs forgetting
+        written.append(_forgetting_figure(plt, chosen, scored, methods, full, lora, out / "gap.png"))
+    if not chains:  # score against links needs a chain
+        return written
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for i, m in enumerate(methods):
+        for rank, ref in sorted(lora.items()):
+            mine = [m for m, r in chains.items() if r == rank and (task, m) in chosen]
+            pts = [(1, ref)] + sorted(
+                (_links(chosen, task, m), m) for m in mine if one_schedule(chosen[(task, m)]["spec"])
+            )
+            pts = [(n, m) for n, m in pts if (task, m) in chosen]
+            if len(pts) == 1:  # a LoRA rank no chain runs at: a reference point at one link
+                point = ax.plot(1, _test(chosen, task, ref), "s", label=f"r={rank} (LoRA only)")
+                _seed_bars(ax, chosen, task, [ref], [1], point[0].get_color())
+            if len(pts) < 2:
+                continue
+            line = ax.plot(
+                [n for n, _ in pts], [_test(chosen, task, m) for _, m in pts], marker="o", label=f"r={rank}"
+            )
+            color = line[0].get_color()
+            _seed_bars(ax, chosen, task, [m for _, m in pts], [n for n, _ in pts], color)
+            variants = [m for m in mine if not one_schedule(chosen[(task, m)]["spec"])]
+            for m, marker in zip(variants, "^vD<>ph", strict=False):  # the same chain, another schedule
+                ax.plot(_links(chosen, task, m), _test(chosen, task, m), marker, c=color, label=m)
+                _seed_bars(ax, chosen, task, [m], [_links(chosen, task, m)], color)
+        if (task, full) in chosen:
+            ax.axhline(_test(chosen, task, full), ls="--", c="k", label="full")
+        _label(ax, task, "links in the chain", "test score ×100 (bars: std over seeds)")
+    written.append(_save(plt, fig, out / "links.png"))
+    return written
+
+
+def _forgetting_figure(plt, chosen, tasks, methods, full, lora, path: Path) -> Path:
+    """gap.png: one point per method, forgetting against score, seeds' spread as error bars."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for i, m in enumerate(legend_order(chosen, methods)):
             c = chosen.get((task, m))
-            xs = forgetting_values(chosen, task, m, "general_nll_increase")
+            xs = forgetting_values(chosen, task, m, NLL)
             if not c or not xs:
                 continue
             ys = [100 * v for v in c["test"].values()]
@@ -65,45 +129,17 @@ def plot(results: list[dict], out: Path, tasks: list[str] | None = None) -> list
             )
         xlabel = "forgetting: general-set NLL increase (left forgets less)"
         _label(ax, task, xlabel, "target-task test score ×100 (up learns more)")
-    written.append(_save(plt, fig, out / "gap.png"))
-    if not chains:  # score against links needs a chain
-        return written
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for rank, ref in sorted(lora.items()):
-            mine = [m for m, r in chains.items() if r == rank and (task, m) in chosen]
-            pts = [(1, ref)] + sorted(
-                (_links(chosen, task, m), m) for m in mine if one_schedule(chosen[(task, m)]["spec"])
-            )
-            pts = [(n, m) for n, m in pts if (task, m) in chosen]
-            if len(pts) == 1:  # a LoRA rank no chain runs at: a reference point at one link
-                ax.plot(1, _test(chosen, task, ref), "s", label=f"r={rank} (LoRA only)")
-            if len(pts) < 2:
-                continue
-            line = ax.plot(
-                [n for n, _ in pts], [_test(chosen, task, m) for _, m in pts], marker="o", label=f"r={rank}"
-            )
-            variants = [m for m in mine if not one_schedule(chosen[(task, m)]["spec"])]
-            for m, marker in zip(variants, "^vD<>ph", strict=False):  # the same chain, another schedule
-                ax.plot(
-                    _links(chosen, task, m), _test(chosen, task, m), marker, c=line[0].get_color(), label=m
-                )
-        if (task, full) in chosen:
-            ax.axhline(_test(chosen, task, full), ls="--", c="k", label="full")
-        _label(ax, task, "links in the chain", "test score ×100")
-    written.append(_save(plt, fig, out / "links.png"))
-    return written
+    return _save(plt, fig, path)
 
 
 def _label(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the points
 
 
 def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    written = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    written = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
     return written
