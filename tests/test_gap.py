@@ -226,8 +226,10 @@ def test_links_figure_bars_are_the_seeds_spread(tmp_path, monkeypatch):
 
 def test_what_it_adds_up_to_follows_the_intervals(tmp_path):
     rows = results()
+    drops = {"lora_r8": [0.10, 0.10, 0.10], "cola_r8x2": [0.13, 0.14, 0.15]}  # COPA: +4.0 [+1.5, +6.5]
     for r in rows:
         r["cost"]["trainable_params"] = 134_515_008
+        r["forgetting"] |= {"task": "copa", "task_score_drop": drops.get(r["method"], [0.0] * 3)[r["seed"]]}
     text = write_report(rows, tmp_path).read_text()
     summary = text[text.index("**What it adds up to.**") :].split("\n")[0]
     # full − lora_r8 +10 on every seed, full − lora_r1 0; cola_r8x2 − lora_r8 +5, +4, +5 points
@@ -237,6 +239,7 @@ def test_what_it_adds_up_to_follows_the_intervals(tmp_path):
     # both chains' general NLL sits above LoRA's on every seed, below full fine-tuning's
     assert "`cola_r8x2`, `cola_r1x4` forgot more than LoRA at the same rank" in summary
     assert "forgot more than full fine-tuning" not in summary
+    assert "`cola_r8x2` lost more of the base's score on `copa` than LoRA at the same rank." in summary
     assert "Here a chain bought score over LoRA at its own rank, at a cost in forgetting." in summary
     assert "one task on a 135M-parameter model with 10 training examples and 3 seeds" in summary
 
@@ -251,7 +254,11 @@ def test_no_gap_and_no_gain_are_said_as_such(tmp_path):
     summary = text[text.index("**What it adds up to.**") :].split("\n")[0]
     assert "not shown to score above LoRA at any rank tried (r=1), so on this task there was no" in summary
     assert "No chain (1 tried) was shown to score differently from LoRA at its rank" in summary
-    assert "No chain was shown to forget differently from LoRA at its rank." in summary
+    assert (
+        "No chain was shown to forget differently from LoRA at its rank (the general set's NLL)." in summary
+    )
+    # every drop is 0 here: scored, and the same for chain and LoRA
+    assert "No chain was shown to lose more or less of the base's score on the unrelated task" in summary
     assert "Here a chain bought nothing measurable over LoRA at its own rank." in summary
     one = write_report([r for r in results(methods=same) if r["seed"] == 0], tmp_path / "one")
     assert "What it adds up to" not in one.read_text()  # one seed: no interval, no summary

@@ -155,70 +155,77 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n:,}"
 
 
+def _where(d: dict[str, dict], above: bool) -> list[str]:
+    return [m for m, s in d.items() if (s["ci"][0] > 0 if above else s["ci"][1] < 0)]
+
+
+def _either_way(d: dict[str, dict], more: str, less: str, neither: str) -> str:
+    """The methods whose interval lies above zero and those below, in words; `neither` if none."""
+    said = [f"{_names(ms)} {w}" for ms, w in ((_where(d, True), more), (_where(d, False), less)) if ms]
+    return "; ".join(said) + "." if said else neither
+
+
+def _gap_sentence(gaps: dict[str, dict], ranks: str) -> str:
+    up, down = _where(gaps, True), _where(gaps, False)
+    if len(up) == len(gaps):
+        return f"Full fine-tuning scored above LoRA at every rank tried ({ranks}): there was a gap to close."
+    if up:
+        return f"Full fine-tuning scored above {_names(up)}, not clearly above the other LoRA ranks."
+    below = f"; it scored below {_names(down)}" if down else ""
+    return (
+        f"Full fine-tuning was not shown to score above LoRA at any rank tried ({ranks}), so on this task "
+        f"there was no measurable gap for a chain to close{below}."
+    )
+
+
 def takeaway(chosen: dict, task: str, full: str, lora: dict[int, str], chains: dict[str, int]) -> str:
     """What one task's intervals add up to, in a paragraph: was there a gap, did a chain score or
     forget differently from LoRA at its rank, and what that leaves a user with ('' before every
     comparison has two paired seeds). Directions are named only where a 95% interval excludes zero."""
-    refs = [ref for _, ref in sorted(lora.items()) if (task, ref) in chosen]
+    refs = {r: ref for r, ref in sorted(lora.items()) if (task, ref) in chosen}
     mine = {c: lora[r] for c, r in chains.items() if (task, c) in chosen and (task, lora.get(r)) in chosen}
-    gaps = {ref: summarize(pair_diffs(chosen, task, ref, full)) for ref in refs}
+    gaps = {ref: summarize(pair_diffs(chosen, task, ref, full)) for ref in refs.values()}
     score = {c: summarize(pair_diffs(chosen, task, ref, c)) for c, ref in mine.items()}
-    nll = "general_nll_increase"
-    forget = {c: forgetting_diff(chosen, task, ref, c, nll) for c, ref in mine.items()}
-    forget_full = {c: forgetting_diff(chosen, task, full, c, nll) for c in mine}
+    forget = {c: forgetting_diff(chosen, task, ref, c, "general_nll_increase") for c, ref in mine.items()}
+    forget_full = {c: forgetting_diff(chosen, task, full, c, "general_nll_increase") for c in mine}
     stats = [*gaps.values(), *score.values(), *forget.values(), *forget_full.values()]
     if (task, full) not in chosen or not refs or not mine or min(s["n"] for s in stats) < 2:
         return ""
-
-    def where(d: dict, above: bool) -> list[str]:
-        return [m for m, s in d.items() if (s["ci"][0] > 0 if above else s["ci"][1] < 0)]
-
     lo, hi = min(s["n"] for s in stats), max(s["n"] for s in stats)
     seeds = f"{lo}" if lo == hi else f"{lo}–{hi}"
-    ranks = ", ".join(f"r={r}" for r, ref in sorted(lora.items()) if ref in refs)
-    gap_up, gap_down = where(gaps, True), where(gaps, False)
-    if not gap_up:
-        out = [f"Full fine-tuning was not shown to score above LoRA at any rank tried ({ranks}), so on this "
-               "task there was no measurable gap for a chain to close"]  # fmt: skip
-        out[-1] += f"; it scored below {_names(gap_down)}." if gap_down else "."
-    elif len(gap_up) == len(refs):
-        out = [f"Full fine-tuning scored above LoRA at every rank tried ({ranks}): there was a gap to close."]
-    else:
-        out = [f"Full fine-tuning scored above {_names(gap_up)}, not clearly above the other LoRA ranks."]
-    up, down = where(score, True), where(score, False)
+    out = [_gap_sentence(gaps, ", ".join(f"r={r}" for r in refs))]
+    same_rank = "LoRA at the same rank"
+    no_gain = (
+        f"No chain ({len(score)} tried) was shown to score differently from LoRA at its rank; their "
+        f"intervals are {_half_widths(list(score.values()))} points, so a gain of that size cannot be "
+        f"told from none with {seeds} seeds."
+    )
+    out.append(_either_way(score, f"scored above {same_rank}", f"scored below {same_rank}", no_gain))
+    nll = "(the general set's NLL)"
+    no_diff = f"No chain was shown to forget differently from LoRA at its rank {nll}."
+    out.append(
+        _either_way(forget, f"forgot more than {same_rank} {nll}", f"forgot less than {same_rank}", no_diff)
+    )
+    if more_full := _where(forget_full, True):
+        out.append(f"{len(more_full)} of {len(mine)} chains forgot more than full fine-tuning.")
+    drop = {c: forgetting_diff(chosen, task, ref, c, "task_score_drop") for c, ref in mine.items()}
+    if any(s["n"] >= 2 for s in drop.values()):
+        name = chosen[(task, full)]["rows"][0]["forgetting"].get("task")
+        name = f"`{name}`" if name else "the unrelated task"
+        lost = f"lost more of the base's score on {name} than {same_rank}"
+        none = f"No chain was shown to lose more or less of the base's score on {name} than {same_rank}."
+        out.append(_either_way(drop, lost, "lost less of it", none))
+    up, more = _where(score, True), _where(forget, True)
     if up:
-        out.append(f"{_names(up)} scored above LoRA at the same rank.")
-    if down:
-        out.append(f"{_names(down)} scored below LoRA at the same rank.")
-    if not up and not down:
-        out.append(
-            f"No chain ({len(score)} tried) was shown to score differently from LoRA at its rank; their "
-            f"intervals are {_half_widths(list(score.values()))} points, so a gain of that size cannot be "
-            f"told from none with {seeds} seeds."
-        )
-    more, less = where(forget, True), where(forget, False)
-    if more:
-        out.append(f"{_names(more)} forgot more than LoRA at the same rank (the general set's NLL)")
-        out[-1] += f", {_names(less)} less." if less else "; none forgot less."
-    elif less:
-        out.append(f"{_names(less)} forgot less than LoRA at the same rank (the general set's NLL).")
+        cost = ", at a cost in forgetting." if set(up) & set(more) else "."
+        out.append("Here a chain bought score over LoRA at its own rank" + cost)
     else:
-        out.append("No chain was shown to forget differently from LoRA at its rank.")
-    more_full = where(forget_full, True)
-    if more_full:
-        out.append(f"{len(more_full)} of {len(forget_full)} chains forgot more than full fine-tuning.")
-    if up:
-        verdict = "Here a chain bought score over LoRA at its own rank"
-        verdict += ", at a cost in forgetting." if set(up) & set(more) else "."
-    else:
-        verdict = "Here a chain bought nothing measurable over LoRA at its own rank"
-        verdict += ", and some cost more forgetting." if more else "."
-    out.append(verdict)
+        cost = ", and some cost more forgetting." if more else "."
+        out.append("Here a chain bought nothing measurable over LoRA at its own rank" + cost)
     params = chosen[(task, full)]["rows"][0]["cost"].get("trainable_params")
-    size = f"a {_count(params)}-parameter model" if params else "one model"
     n_train = chosen[(task, full)]["counts"].get("train")
     out.append(
-        f"This is one task on {size}"
+        f"This is one task on {f'a {_count(params)}-parameter model' if params else 'one model'}"
         + (f" with {n_train:,} training examples" if n_train else "")
         + f" and {seeds} seeds: measure the gap on your own model and data first (full fine-tuning "
         "beside LoRA at two ranks, as the pilot does), since a chain can only close a gap that exists, "
