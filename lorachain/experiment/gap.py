@@ -214,7 +214,7 @@ def takeaway(chosen: dict, task: str, full: str, lora: dict[int, str], chains: d
         name = f"`{name}`" if name else "the unrelated task"
         lost = f"lost more of the base's score on {name} than {same_rank}"
         none = f"No chain was shown to lose more or less of the base's score on {name} than {same_rank}."
-        out.append(_either_way(drop, lost, "lost less of it", none))
+        out.append(_either_way(drop, lost, lost.replace("lost more", "lost less"), none))
     up, more = _where(score, True), _where(forget, True)
     if up:
         cost = ", at a cost in forgetting." if set(up) & set(more) else "."
