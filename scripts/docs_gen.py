@@ -43,6 +43,7 @@ from docgen.common import ROOT, exists, load, signed, table
 from docgen.reference import cli_reference, config_reference
 from docgen.routing import agreement, holdout, nested, route_eval, unseen_answers, variants
 
+GAP_CELLS = "results/cola_gap_smollm2/cells/*/*/*/*/result.json"
 MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 
@@ -57,6 +58,11 @@ def headline(paths: dict) -> str:
         s = per_task(chosen, tasks, ref, other)[1]
         return f"{signed(s['mean'])} points [{signed(s['ci'][0])}, {signed(s['ci'][1])}], {len(tasks)} tasks"
 
+    def pooled_gap(chosen: dict, ref: str, other: str) -> str:
+        s = per_task(chosen, ["wic"], ref, other)[1]
+        ci = f"[{signed(s['ci'][0])}, {signed(s['ci'][1])}]"
+        return f"{signed(s['mean'])} points {ci}, {s['n']} paired seeds"
+
     t1, t6 = "results/cola_smollm2_table1/results.json", "results/cola_smollm2_table6/results.json"
     prec, cost = paths["benchmarks/results/precision.json"], paths["benchmarks/results/cola_cost.json"]
     serve = paths["benchmarks/results/serve_load.json"]
@@ -67,6 +73,8 @@ def headline(paths: dict) -> str:
     nested_run = "results/routing_holdout/nested_agreement_rounds_9/nested.json"
     agree = paths[nested_run]["agreement"]["encoder / embedding"]["agree_either"]
     enc = paths[nested_run]["kinds"]["encoder"]["routing"]["msp"]
+    gap_cells = list(paths[GAP_CELLS].values())
+    gap = select(gap_cells)
     rows = [
         [
             "`lorachain demo`, wall / CPU time (one reading: fresh clone, idle 2-core machine)",
@@ -82,6 +90,16 @@ def headline(paths: dict) -> str:
             "COLA − LoRA, Table 6 protocol (100 examples, 5 seeds)",
             pooled(t6, "lora_n100", "cola_n100"),
             f"`{t6}`",
+        ],
+        [
+            "full fine-tuning − LoRA r=8, WiC gap grid (625 steps, each lr chosen on validation)",
+            pooled_gap(gap, "lora_r8", "full"),
+            f"`{GAP_CELLS}`",
+        ],
+        [
+            "rank-1 chain of 4 links − LoRA r=1, WiC gap grid",
+            pooled_gap(gap, "lora_r1", "cola_r1x4"),
+            f"`{GAP_CELLS}`",
         ],
         ["COLA (3 links) / LoRA training time", f"{cola_time:.3f}", "`benchmarks/results/cola_cost.json`"],
         [
@@ -127,6 +145,7 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
             "benchmarks/results/scale.json",
             "benchmarks/results/demo.json",
             "results/routing_holdout/nested_agreement_rounds_9/nested.json",
+            GAP_CELLS,
         ],
         "the commands in docs/measured.md",
         headline,

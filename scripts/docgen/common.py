@@ -9,9 +9,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load(rel: str | list[str]) -> dict | list:
-    """The JSON at `rel`, or with a `*` in it (or a list of paths), {path: JSON} of every match."""
+    """The JSON at `rel`, or with a `*` in it, {path: JSON} of every match; of a list, {entry: its load}."""
     if isinstance(rel, list):
-        return {r: json.loads((ROOT / r).read_text()) for r in rel}
+        return {r: load(r) for r in rel}
     if "*" in rel:
         return {str(p.relative_to(ROOT)): json.loads(p.read_text()) for p in sorted(ROOT.glob(rel))}
     return json.loads((ROOT / rel).read_text())
@@ -19,7 +19,7 @@ def load(rel: str | list[str]) -> dict | list:
 
 def exists(rel: str | list[str]) -> bool:
     if isinstance(rel, list):
-        return all((ROOT / r).is_file() for r in rel)
+        return all(exists(r) for r in rel)
     return any(ROOT.glob(rel)) if "*" in rel else (ROOT / rel).is_file()
 
 
