@@ -47,6 +47,11 @@ GAP_CELLS = "results/cola_gap_smollm2/cells/*/*/*/*/result.json"
 MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
 
+def interval(s: dict) -> str:
+    """A paired difference in points: mean [95% CI]."""
+    return f"{signed(s['mean'])} points [{signed(s['ci'][0])}, {signed(s['ci'][1])}]"
+
+
 def headline(paths: dict) -> str:
     """The README's one small table: each line's figure from its own JSON."""
     from lorachain.experiment.choose import select
@@ -55,13 +60,11 @@ def headline(paths: dict) -> str:
     def pooled(rel: str, ref: str, other: str) -> str:
         chosen = select(paths[rel])
         tasks = list(dict.fromkeys(r["task"] for r in paths[rel]))
-        s = per_task(chosen, tasks, ref, other)[1]
-        return f"{signed(s['mean'])} points [{signed(s['ci'][0])}, {signed(s['ci'][1])}], {len(tasks)} tasks"
+        return f"{interval(per_task(chosen, tasks, ref, other)[1])}, {len(tasks)} tasks"
 
     def pooled_gap(chosen: dict, ref: str, other: str) -> str:
         s = per_task(chosen, ["wic"], ref, other)[1]
-        ci = f"[{signed(s['ci'][0])}, {signed(s['ci'][1])}]"
-        return f"{signed(s['mean'])} points {ci}, {s['n']} paired seeds"
+        return f"{interval(s)}, {s['n']} paired seeds"
 
     t1, t6 = "results/cola_smollm2_table1/results.json", "results/cola_smollm2_table6/results.json"
     prec, cost = paths["benchmarks/results/precision.json"], paths["benchmarks/results/cola_cost.json"]

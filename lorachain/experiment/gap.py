@@ -104,10 +104,15 @@ LEARNS = ("scores above", "scores below", "is not shown to score differently fro
 FORGETS = ("forgets more than", "forgets less than", "is not shown to forget differently from")
 
 
+def _direction(s: dict) -> int:
+    """+1 / -1 where a paired difference's 95% interval lies above / below zero, else 0."""
+    lo, hi = s["ci"]
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
 def _sign(s: dict, above: str, below: str, same: str) -> str:
     """Which way a paired difference points, in words, only where its 95% interval says so."""
-    lo, hi = s["ci"]
-    return above if lo > 0 else below if hi < 0 else same
+    return {1: above, -1: below, 0: same}[_direction(s)]
 
 
 def in_words(chain: str, ref: str, score: dict, nll_lora: dict, nll_full: dict) -> str:
@@ -156,7 +161,7 @@ def _count(n: int) -> str:
 
 
 def _where(d: dict[str, dict], above: bool) -> list[str]:
-    return [m for m, s in d.items() if (s["ci"][0] > 0 if above else s["ci"][1] < 0)]
+    return [m for m, s in d.items() if _direction(s) == (1 if above else -1)]
 
 
 def _either_way(d: dict[str, dict], more: str, less: str, neither: str) -> str:

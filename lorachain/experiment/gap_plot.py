@@ -22,10 +22,15 @@ def _test(chosen: dict, task: str, method: str) -> float:
     return 100 * statistics.fmean(chosen[(task, method)]["test"].values())
 
 
+def _std(values: list[float]) -> float:
+    """The standard deviation over seeds (0 with one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _spread(chosen: dict, task: str, method: str) -> float:
     """The test score's standard deviation over seeds ×100 (0 with one seed)."""
     scores = list(chosen[(task, method)]["test"].values())
-    return 100 * statistics.stdev(scores) if len(scores) > 1 else 0.0
+    return 100 * _std(scores)
 
 
 def _seed_bars(ax, chosen: dict, task: str, methods: list[str], xs: list[float], color) -> None:
@@ -115,7 +120,7 @@ def _forgetting_figure(plt, chosen, tasks, methods, full, lora, path: Path) -> P
             if not c or not xs:
                 continue
             ys = [100 * v for v in c["test"].values()]
-            spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (xs, ys)]
+            spread = [_std(xs), _std(ys)]
             ax.errorbar(
                 statistics.fmean(xs),
                 statistics.fmean(ys),
