@@ -294,16 +294,31 @@ def test_lrs_compete_on_the_seeds_they_all_finished():
 
 
 def test_the_report_says_where_auto_knots_fell():
-    def auto(seed, ends):
+    def auto(seed, ends, losses=None):
         r = _row("wic", "auto", seed, 1e-3, 0.7, 0.6, [4, 4, 4])
         r["spec"] |= {"knot_policy": "auto", "steps": 100}
         r["knots"] = [{"link": i, "end_step": e} for i, e in enumerate(ends)]
+        for k, loss in zip(r["knots"], losses or []):
+            k["final_loss"] = loss
         return r
 
     rows = [_row("wic", "lora", 0, 1e-3, 0.7, 0.6, [4]), _row("wic", "cola", 0, 1e-3, 0.7, 0.6, [4, 4, 4])]
     text = report.render(rows + [auto(0, [20, 50, 100]), auto(1, [30, 70, 100])])
     assert "`auto` tied 2 knots, at steps 25, 60 of 100 (medians over its 2 cells)." in text
     assert "`auto` tied no knot" in report.render(rows + [auto(0, [100])])
+    # with each link's last loss recorded, the line says how far training had got at each knot
+    text = report.render(
+        rows + [auto(0, [20, 50, 100], [0.7, 0.68, 0.01]), auto(1, [30, 70, 100], [0.72, 0.6, 0.03])]
+    )
+    assert (
+        "at steps 25, 60 of 100 (medians over its 2 cells); the last batch's training loss there 0.71, 0.64, "
+        in text
+    )
+    assert "and 0.02 when the next link ended (medians)." in text
+    # beside them, the fixed chain of as many links, once its knots are recorded
+    assert "`cola` tied" not in text
+    rows[1]["knots"] = [{"link": i, "end_step": e, "final_loss": 0.5} for i, e in enumerate([33, 66, 100])]
+    assert "`cola` tied 2 knots, at steps 33, 66 of ?" in report.render(rows + [auto(0, [20, 50, 100])])
 
 
 def test_report_cli_writes_tables_from_a_folder(tmp_path, capsys):

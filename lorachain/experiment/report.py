@@ -154,11 +154,13 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         ]
     fixed = [m for m in lengths if len(chosen_spec(chosen, m)["ranks"]) > 1]  # plain chains
     auto = methods_where(chosen, methods, lambda s: trained(s) and s["knot_policy"] != "fixed")
-    if auto:
+    if auto:  # where knots fell, beside the fixed chains of as many links
+        links = {len(chosen_spec(chosen, m)["ranks"]) for m in auto}
+        same = [m for m in fixed if len(chosen_spec(chosen, m)["ranks"]) in links]
         out += [
             "\n## Knot placement: auto (loss plateau) against fixed\n",
             score_table(chosen, tasks, fixed + auto),
-            *(_knot_steps(chosen, m) for m in auto),
+            *(_knot_steps(chosen, m) for m in [*same, *auto]),
         ]
     restarts = methods_where(chosen, methods, lambda s: trained(s) and bool(s.get("restart_per_link")))
     if restarts:
@@ -255,6 +257,8 @@ def _counts(chosen: dict, tasks: list[str]) -> str:
 def _knot_steps(chosen: dict, m: str) -> str:
     """Where an auto policy tied its knots: the median step of each knot over the chosen cells."""
     rows = [r for (t, mm), v in chosen.items() if mm == m for r in v["rows"]]
+    if not any(r.get("knots") for r in rows):
+        return ""  # cells from before knots were recorded
     ends = [[k["end_step"] for k in r.get("knots", [])[:-1]] for r in rows]  # the last link ends the run
     n = min((len(e) for e in ends), default=0)
     if not n:
@@ -263,6 +267,13 @@ def _knot_steps(chosen: dict, m: str) -> str:
     total = rows[0].get("spec", {}).get("steps", "?")
     tied = sorted({len(e) for e in ends})
     where = f"at steps {steps} of {total} (medians over its {len(rows)} cells)"
+    losses = [[k.get("final_loss") for k in r.get("knots", [])[: n + 1]] for r in rows]
+    if all(len(x) == n + 1 and None not in x for x in losses):
+        at = ", ".join(f"{statistics.median(x[i] for x in losses):.3g}" for i in range(n))
+        where += (
+            f"; the last batch's training loss there {at}, and {statistics.median(x[n] for x in losses):.3g} "
+        )
+        where += "when the next link ended (medians)"
     return f"\n`{m}` tied {'/'.join(map(str, tied))} knots, {where}.\n"
 
 
