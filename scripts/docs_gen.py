@@ -32,6 +32,7 @@ from docgen.bench import (
 from docgen.cola import (
     demo,
     gap_grid,
+    gap_knots,
     gap_pilot,
     gap_precision_check,
     gap_report,
@@ -198,6 +199,11 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "results/cola_gap_smollm2/cells/*/*/*/*/result.json",
         "lorachain report results/cola_gap_smollm2",
         gap_report,
+    ),
+    "gap-knots": (
+        "results/cola_gap_smollm2/cells/*/*/*/*/result.json",
+        "lorachain report results/cola_gap_smollm2",
+        gap_knots,
     ),
     "gap-precision-check": (
         "results/cola_gap_emulated_check/cells/*/*/*/*/result.json",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from docgen.common import ROOT, f, load, signed, table
@@ -228,6 +229,17 @@ def gap_report(results) -> str:
     methods = [m for m in _gap_methods() if any(r["method"] == m for r in results)]
     text = gap.render(results, methods=methods)
     return gap_progress(results) + "\n\n" + text.split("\n", 2)[2].strip()  # without its own heading
+
+
+def gap_knots(results) -> str:
+    """The gap report's knot-placement section: auto knots against the fixed chains, and where they fell."""
+    from lorachain.experiment import report
+
+    text = report.render(_cells(results))
+    head = "## Knot placement: auto (loss plateau) against fixed\n"
+    if head not in text:
+        return "No auto-knot cell yet."
+    return re.sub(r"\n{3,}", "\n\n", text.split(head, 1)[1].split("\n## ", 1)[0].strip())
 
 
 def gap_summary(results) -> str:
