@@ -23,6 +23,8 @@ from lorachain.experiment.figures import plot, plot_comparisons
 from lorachain.experiment.paired import mean_std, paired_table, verdict
 from lorachain.io import write_text
 
+KNOTS_HEADING = "## Knot placement: auto (loss plateau) against fixed\n"
+
 
 def label(spec: dict) -> str:
     """A method's name in the paper's terms, from what it ran."""
@@ -158,7 +160,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         links = {len(chosen_spec(chosen, m)["ranks"]) for m in auto}
         same = [m for m in fixed if len(chosen_spec(chosen, m)["ranks"]) in links]
         out += [
-            "\n## Knot placement: auto (loss plateau) against fixed\n",
+            f"\n{KNOTS_HEADING}",
             score_table(chosen, tasks, fixed + auto),
             *(_knot_steps(chosen, m) for m in [*same, *auto]),
         ]
@@ -255,25 +257,26 @@ def _counts(chosen: dict, tasks: list[str]) -> str:
 
 
 def _knot_steps(chosen: dict, m: str) -> str:
-    """Where an auto policy tied its knots: the median step of each knot over the chosen cells."""
+    """Where a chain tied its knots: the median step of each knot over the chosen cells, and the last
+    batch's training loss there when the cells recorded it."""
     rows = [r for (t, mm), v in chosen.items() if mm == m for r in v["rows"]]
-    if not any(r.get("knots") for r in rows):
+    knots = [r.get("knots", []) for r in rows]
+    if not any(knots):
         return ""  # cells from before knots were recorded
-    ends = [[k["end_step"] for k in r.get("knots", [])[:-1]] for r in rows]  # the last link ends the run
-    n = min((len(e) for e in ends), default=0)
+    ends = [[k["end_step"] for k in ks[:-1]] for ks in knots]  # the last link ends the run
+    n = min(len(e) for e in ends)
     if not n:
         return f"\n`{m}` tied no knot: one link ran the whole budget.\n"
     steps = ", ".join(f"{statistics.median(e[i] for e in ends):g}" for i in range(n))
     total = rows[0].get("spec", {}).get("steps", "?")
     tied = sorted({len(e) for e in ends})
     where = f"at steps {steps} of {total} (medians over its {len(rows)} cells)"
-    losses = [[k.get("final_loss") for k in r.get("knots", [])[: n + 1]] for r in rows]
+    losses = [[k.get("final_loss") for k in ks[: n + 1]] for ks in knots]
     if all(len(x) == n + 1 and None not in x for x in losses):
-        at = ", ".join(f"{statistics.median(x[i] for x in losses):.3g}" for i in range(n))
-        where += (
-            f"; the last batch's training loss there {at}, and {statistics.median(x[n] for x in losses):.3g} "
-        )
-        where += "when the next link ended (medians)"
+        med = [statistics.median(x[i] for x in losses) for i in range(n + 1)]
+        at = ", ".join(f"{v:.3g}" for v in med[:-1])
+        where += f"; the last batch's training loss there {at}, "
+        where += f"and {med[-1]:.3g} when the next link ended (medians)"
     return f"\n`{m}` tied {'/'.join(map(str, tied))} knots, {where}.\n"
 
 

@@ -236,10 +236,10 @@ def gap_knots(results) -> str:
     from lorachain.experiment import report
 
     text = report.render(_cells(results))
-    head = "## Knot placement: auto (loss plateau) against fixed\n"
-    if head not in text:
+    if report.KNOTS_HEADING not in text:
         return "No auto-knot cell yet."
-    return re.sub(r"\n{3,}", "\n\n", text.split(head, 1)[1].split("\n## ", 1)[0].strip())
+    section = text.split(report.KNOTS_HEADING, 1)[1].split("\n## ", 1)[0]
+    return re.sub(r"\n{3,}", "\n\n", section.strip())
 
 
 def gap_summary(results) -> str:
