@@ -62,3 +62,15 @@ def test_paired_png_has_one_panel_per_comparison_and_the_per_task_summaries(tmp_
         assert img.format == "PNG" and img.width == round(4.2 * 110)
     assert plot_comparisons([r for r in rows if r["method"] == "lora"], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_differences_without_spread_name_no_direction():
+    from lorachain.experiment.paired import direction, fmt_ci
+
+    # two seeds of a 100-row task, both 3 points below: a t-interval of zero width, not evidence
+    same = summarize([-3.0, -3.0 + 1e-13])
+    assert direction(same) == 0 and verdict(same).startswith("no difference shown (every pair the same")
+    assert fmt_ci(same) == "-3.0 [every seed the same: no interval]"
+    spread = summarize([-3.0, -4.0, -3.5])
+    assert direction(spread) == -1 and fmt_ci(spread) == "-3.5 [-4.7, -2.3]"
+    assert direction(summarize([-3.0])) == 0 and fmt_ci(summarize([-3.0])) == "-3.0"

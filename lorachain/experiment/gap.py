@@ -16,7 +16,7 @@ import math
 import statistics
 
 from lorachain.experiment.choose import select
-from lorachain.experiment.paired import fmt_ci, pair_diffs, summarize, t975
+from lorachain.experiment.paired import direction, fmt_ci, pair_diffs, summarize, t975
 
 MIN_GAP = 0.01  # full − LoRA below one point (of a 0–1 score): no gap to close
 
@@ -104,15 +104,9 @@ LEARNS = ("scores above", "scores below", "is not shown to score differently fro
 FORGETS = ("forgets more than", "forgets less than", "is not shown to forget differently from")
 
 
-def _direction(s: dict) -> int:
-    """+1 / -1 where a paired difference's 95% interval lies above / below zero, else 0."""
-    lo, hi = s["ci"]
-    return 1 if lo > 0 else -1 if hi < 0 else 0
-
-
 def _sign(s: dict, above: str, below: str, same: str) -> str:
     """Which way a paired difference points, in words, only where its 95% interval says so."""
-    return {1: above, -1: below, 0: same}[_direction(s)]
+    return {1: above, -1: below, 0: same}[direction(s)]
 
 
 def in_words(chain: str, ref: str, score: dict, nll_lora: dict, nll_full: dict) -> str:
@@ -161,7 +155,7 @@ def _count(n: int) -> str:
 
 
 def _where(d: dict[str, dict], above: bool) -> list[str]:
-    return [m for m, s in d.items() if _direction(s) == (1 if above else -1)]
+    return [m for m, s in d.items() if direction(s) == (1 if above else -1)]
 
 
 def _either_way(d: dict[str, dict], more: str, less: str, neither: str) -> str:
@@ -291,7 +285,11 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             lines.append("| " + " | ".join(row) + " |")
             words.append(in_words(chain, ref, s, f_lora, f_full))
         lines += unrelated_table(chosen, task, methods, full, lora, chains)
-        lines += ["", "In words (a direction is named only where the 95% interval excludes zero):", ""]
+        rule = (
+            "a direction is named only where the 95% interval excludes zero; "
+            "a difference the same on every seed has no interval"
+        )
+        lines += ["", f"In words ({rule}):", ""]
         lines += words + [""]
         summary = takeaway(chosen, task, full, lora, chains)
         lines += [f"**What it adds up to.** {summary}", ""] if summary else []

@@ -41,6 +41,22 @@ def summarize(diffs: list[float]) -> dict:
     }
 
 
+def direction(s: dict) -> int:
+    """+1 / -1 where a paired difference's 95% interval lies above / below zero, else 0. An interval
+    of zero width (every pair differs by the same amount, as two seeds on a 100-row task often do)
+    names no direction: with no spread across the seeds the t-interval says nothing."""
+    lo, hi = s["ci"]
+    if s["n"] < 2 or no_spread(s):
+        return 0
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def no_spread(s: dict) -> bool:
+    """Every pair differs by the same amount (up to float rounding), so the interval has no width."""
+    lo, hi = s["ci"]
+    return s["n"] > 1 and hi - lo <= 1e-9 * max(1.0, abs(s["mean"]))
+
+
 def mean_std(values: list[float]) -> str:
     """Test scores x100 as mean ± std over seeds."""
     if not values:
@@ -66,6 +82,8 @@ def fmt_ci(s: dict, scale: float = 1.0, digits: int = 1, empty: str = "-") -> st
     m = f"{scale * s['mean']:+.{digits}f}"
     if s["n"] < 2:
         return m
+    if no_spread(s):
+        return f"{m} [every seed the same: no interval]"
     lo, hi = (scale * x for x in s["ci"])
     return f"{m} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
@@ -76,14 +94,15 @@ def _signs(s: dict) -> str:
 
 def verdict(s: dict) -> str:
     """Plain words for a pooled difference."""
-    lo, hi = s["ci"]
     if s["n"] < 2:
         return "too few pairs to say"
-    if lo > 0:
-        return "COLA above LoRA (interval above zero)"
-    if hi < 0:
-        return "COLA below LoRA (interval below zero)"
-    return "no difference shown (interval contains zero)"
+    if no_spread(s):
+        return "no difference shown (every pair the same: no interval)"
+    return {
+        1: "COLA above LoRA (interval above zero)",
+        -1: "COLA below LoRA (interval below zero)",
+        0: "no difference shown (interval contains zero)",
+    }[direction(s)]
 
 
 def per_task(chosen: dict, tasks: list[str], ref: str, other: str) -> tuple[dict[str, dict], dict]:
