@@ -159,9 +159,15 @@ def gap_grid(results) -> str:
     return table(head + ["cell seconds"], rows)
 
 
+def _grid_run(cell: dict) -> str:
+    """How a grid cell ran: bf16 natively, or emulated on a CPU without native bf16 matmuls."""
+    return "grid, emulated bf16" if cell["spec"].get("matmul") == "emulated" else "grid, native bf16"
+
+
 def gap_precision_check(results) -> str:
     """One grid cell (LoRA r=1, seed 0) as the grid ran it (native bf16) and again on an AVX2-only CPU
-    in emulated bf16 and in fp32; the grid's other seed at the same lr shows how far a seed moves it."""
+    in emulated bf16 and in fp32; the grid's other seeds at the same lr (each labelled with how it
+    ran) show how far a seed moves it."""
     results = _cells(results)
     fp32 = list(load("results/cola_gap_fp32_check/cells/*/*/*/*/result.json").values())
     grid = list(load("results/cola_gap_smollm2/cells/*/*/*/*/result.json").values())
@@ -169,11 +175,11 @@ def gap_precision_check(results) -> str:
     for r in results:
         key = (r["method"], r["lr"])
         same = [g for g in grid if (g["method"], g["lr"]) == key]
-        runs = [("grid, native bf16", g) for g in same if g["seed"] == r["seed"]]
+        runs = [(_grid_run(g), g) for g in same if g["seed"] == r["seed"]]
         runs += [("this CPU, emulated bf16", r)]
         twin = [x for x in fp32 if (x["method"], x["lr"]) == key and x["seed"] == r["seed"]]
         runs += [("this CPU, fp32", x) for x in twin]
-        runs += [(f"grid, native bf16, seed {g['seed']}", g) for g in same if g["seed"] != r["seed"]]
+        runs += [(f"{_grid_run(g)}, seed {g['seed']}", g) for g in same if g["seed"] != r["seed"]]
         for label, x in runs:
             forgot = x["forgetting"]
             rows.append(
