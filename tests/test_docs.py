@@ -59,6 +59,19 @@ def test_the_gap_summary_says_how_far_the_grid_is():
     assert f"`{cells[-1].method}`." in left and f"`{cells[0].method}`" not in left
 
 
+def test_the_precision_check_labels_grid_cells_by_how_they_ran():
+    from docgen.cola import _grid_run
+
+    assert _grid_run({"spec": {"matmul": "emulated"}}) == "grid, emulated bf16"
+    assert _grid_run({"spec": {}}) == "grid, native bf16"  # cells from before the emulation existed
+    rendered = docs_gen.gap_precision_check(
+        docs_gen.load("results/cola_gap_emulated_check/cells/*/*/*/*/result.json")
+    )
+    grid = docs_gen.load("results/cola_gap_smollm2/cells/*/*/*/*/result.json").values()
+    seed2 = next(g for g in grid if (g["method"], g["lr"], g["seed"]) == ("lora_r1", 5e-4, 2))
+    assert f"| {_grid_run(seed2)}, seed 2 |" in rendered and seed2["spec"]["matmul"] == "emulated"
+
+
 def test_every_table_of_figures_is_rendered_not_typed():
     """Outside the generated reference pages, a Markdown table sits between table markers, except
     tables of words (options, parts) listed here."""
