@@ -247,6 +247,12 @@ def test_report_tables_match_expected_text():
     text = report.render(marked, tasks=["rte"], methods=["zero", "lora"])
     n = sum(r["seed"] == 1 for r in FIXED)
     assert f"{n} of {len(FIXED)} cells trained with their low-precision matmuls emulated in fp32" in text
+    # the grid's total against its estimate: native cells 1 h each here, emulated ones 2.5 h
+    hours = [r | {"cost": r["cost"] | {"cell_seconds": 9000.0 if r["seed"] == 1 else 3600.0}} for r in marked]
+    text = report.render(hours, tasks=["rte"], methods=["zero", "lora"])
+    m = len(FIXED) - n
+    total = f"{len(FIXED)} cells in all: {m + 2.5 * n:.1f} core-hours of cell time (training,"
+    assert total in text and f", {2.5 * n:.1f} of them in the {n} cells with emulated matmuls." in text
 
 
 def test_cost_ratio_compares_cells_of_the_same_seed_and_matmul_kind():

@@ -181,7 +181,25 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
             f"\n{emulated} of {len(results)} cells trained with their low-precision matmuls emulated in fp32 "
             "on a CPU without native ones: the same numbers up to accumulation order, that CPU's seconds.\n"
         )
+    out.append(_total_cost(results))
     return "\n".join(out)
+
+
+def _total_cost(results: list[dict]) -> str:
+    """What every cell of the grid cost together, in core-hours of cell time (split by matmul kind
+    when some cells were emulated), to set against the estimate in the grid's config."""
+
+    def cells(n: int) -> str:
+        return f"{n} cell" if n == 1 else f"{n} cells"
+
+    hours = sum(r["cost"]["cell_seconds"] for r in results) / 3600
+    line = f"\n{cells(len(results))} in all: {hours:.1f} core-hours of cell time (training, evaluation"
+    line += " and forgetting; a resumed cell counts every sitting)"
+    emulated = [r for r in results if _emulated(r)]
+    if emulated:
+        part = sum(r["cost"]["cell_seconds"] for r in emulated) / 3600
+        line += f", {part:.1f} of them in the {cells(len(emulated))} with emulated matmuls"
+    return line + ".\n"
 
 
 def _paired_sections(chosen: dict, tasks: list[str], methods: list[str]) -> list[str]:
