@@ -106,3 +106,12 @@ def test_status_from_the_cli_runs_nothing(tmp_path, tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "0 of 5 cells done" in out and "5 cells not estimated" in out
     assert not (Path(cfg.output_dir) / "cells").exists()  # read-only
+
+
+def test_a_finished_grid_says_it_is_complete(ran, tmp_path, tiny_dir):
+    done = grid(tmp_path, tiny_dir, seeds=[0])  # the same folder, planned without seed 1: all ran
+    s = summary(done, "native")
+    assert s["done"] == s["cells"] == 5
+    text = render(s)
+    assert text.endswith("All 5 cells done: the grid is complete.") and "core-hours left" not in text
+    assert "5 of 10 cells done" in render(summary(ran, "native"))  # with seed 1 planned: not complete

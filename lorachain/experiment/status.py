@@ -143,6 +143,8 @@ def render(s: dict) -> str:
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     lines.append("")
     lines += [f"{st.state}: {st.cell.id} at step {st.step} of {st.steps or '?'}" for st in s["started"]]
+    if s["done"] == s["cells"]:
+        return "\n".join(lines) + f"\nAll {s['cells']} cells done: the grid is complete."
     hours, workers = s["left_s"] / 3600, max(1, s["running"])
     tail = f"{s['done']} of {s['cells']} cells done; about {hours:.1f} core-hours left"
     tail += f" (~{hours / workers:.1f} h with {workers} worker{'s' * (workers > 1)})"
