@@ -175,7 +175,7 @@ def render(results: list[dict], tasks: list[str] | None = None, methods: list[st
         "\n## Cost per cell (mean over the tasks each method ran, and seeds)\n",
         _cost_table(chosen, methods, ref),
     ]
-    emulated = sum(map(_emulated, results))
+    emulated = sum(map(ran_emulated, results))
     if emulated:
         out.append(
             f"\n{emulated} of {len(results)} cells trained with their low-precision matmuls emulated in fp32 "
@@ -195,7 +195,7 @@ def _total_cost(results: list[dict]) -> str:
     hours = sum(r["cost"]["cell_seconds"] for r in results) / 3600
     line = f"\n{cells(len(results))} in all: {hours:.1f} core-hours of cell time (training, evaluation"
     line += " and forgetting; a resumed cell counts every sitting)"
-    emulated = [r for r in results if _emulated(r)]
+    emulated = [r for r in results if ran_emulated(r)]
     if emulated:
         part = sum(r["cost"]["cell_seconds"] for r in emulated) / 3600
         line += f", {part:.1f} of them in the {cells(len(emulated))} with emulated matmuls"
@@ -298,19 +298,20 @@ def _knot_steps(chosen: dict, m: str) -> str:
     return f"\n`{m}` tied {'/'.join(map(str, tied))} knots, {where}.\n"
 
 
-def _emulated(r: dict) -> bool:
+def ran_emulated(r: dict) -> bool:
+    """Whether a cell trained with its low-precision matmuls emulated (a CPU without native bf16)."""
     return r.get("spec", {}).get("matmul") == "emulated"
 
 
 def _seconds(vals: list[dict], emulated: bool | None) -> str:
     """Mean cell seconds over the rows (only those with `emulated` matmuls, unless None)."""
-    secs = [r["cost"]["cell_seconds"] for v in vals for r in v["rows"] if emulated in (None, _emulated(r))]
+    secs = [r["cost"]["cell_seconds"] for v in vals for r in v["rows"] if emulated in (None, ran_emulated(r))]
     return f"{statistics.fmean(secs):.1f}" if secs else "–"
 
 
 def _cost_table(chosen: dict, methods: list[str], ref: str | None) -> str:
     """Seconds are averaged per matmul kind when a grid ran on CPUs with and without native ones."""
-    mixed = len({_emulated(r) for v in chosen.values() for r in v["rows"]}) == 2
+    mixed = len({ran_emulated(r) for v in chosen.values() for r in v["rows"]}) == 2
     kinds = [False, True] if mixed else [None]
     rows = []
     for m in methods:

@@ -137,12 +137,14 @@ def gap_pilot(results: list) -> str:
 
 def gap_grid(results) -> str:
     """The gap grid's finished cells so far, one row each, in the grid's order of methods."""
+    from lorachain.experiment.report import ran_emulated
+
     results = _cells(results)
     methods = _gap_methods()
     rows = []
     for r in sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"], -r["lr"])):
         forgot = r.get("forgetting", {})
-        emulated = r["spec"].get("matmul") == "emulated"  # bf16 emulated on a CPU without native bf16
+        emulated = ran_emulated(r)  # bf16 emulated on a CPU without native bf16
         rows.append(
             [
                 f"`{r['method']}`" + (" (e)" if emulated else ""),
@@ -161,7 +163,9 @@ def gap_grid(results) -> str:
 
 def _grid_run(cell: dict) -> str:
     """How a grid cell ran: bf16 natively, or emulated on a CPU without native bf16 matmuls."""
-    return "grid, emulated bf16" if cell["spec"].get("matmul") == "emulated" else "grid, native bf16"
+    from lorachain.experiment.report import ran_emulated
+
+    return "grid, emulated bf16" if ran_emulated(cell) else "grid, native bf16"
 
 
 def gap_precision_check(results) -> str:
