@@ -11,7 +11,7 @@ from lorachain.config import ConfigError, from_dict
 from lorachain.routing.balance import balance_rows, even_shares
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
-from lorachain.routing.holdout import Row, train_rows
+from lorachain.routing.folds import Row, train_rows
 
 # task "mc" has three data sets (10, 10, 2 rows), "senti" one (12), "topic" two (6, 6)
 SIZES = {("mc", "a"): 10, ("mc", "b"): 10, ("mc", "c"): 2, ("senti", "d"): 12, ("topic", "e"): 6}

@@ -12,7 +12,7 @@ from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.cli import main
 from lorachain.routing import calibrate as cal
-from lorachain.routing.holdout import Row
+from lorachain.routing.folds import Row
 from lorachain.routing.nested import grid_settings, outer_fold, with_overrides
 
 

@@ -215,7 +215,7 @@ def test_route_add_refuses_bad_input_in_one_line(stores, tmp_path, capsys):
 
 
 def test_holdout_folds_leave_out_groups_of_labels_that_have_others():
-    from lorachain.routing.holdout import Row, make_folds
+    from lorachain.routing.folds import Row, make_folds
 
     rows = [Row("x", lab, g) for lab, g in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("b", "b2")]]
     rows.append(Row("x", "c", "c1"))

@@ -21,7 +21,7 @@ import torch
 from lorachain.routing import calibrate as cal
 from lorachain.routing.confidence import calibration_entry
 from lorachain.routing.config import RouteConfig
-from lorachain.routing.holdout import Fitter, Row, make_folds, selection_logits
+from lorachain.routing.folds import Fitter, Row, make_folds, selection_logits
 from lorachain.routing.selectors import get_kind, read_split
 
 SECOND_DIR = "second_opinion"
