@@ -133,15 +133,13 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(cfg: ModelConfig, num_labels: int | None = None) -> PreTrainedModel:
-    """Load the model named by `cfg` (hub id, folder, or GGUF file) in eval mode."""
-    from lorachain.training.quantization import load_kwargs
-
+def load_model(cfg: ModelConfig, num_labels: int | None = None, **extra) -> PreTrainedModel:
+    """Load the model named by `cfg` (hub id, folder, or GGUF file) in eval mode. `extra` goes to
+    `from_pretrained`: a `quantization_config` quantizes each layer as it loads, on this device."""
     path = resolve_path(cfg)
     dtype = DTYPES[cfg.dtype]
-    extra = load_kwargs(cfg)  # a quantized base is quantized layer by layer as it loads
-    if extra:
-        extra["device_map"] = {"": best_device()}
+    if "quantization_config" in extra:
+        extra.setdefault("device_map", {"": best_device()})
     try:
         if cfg.task == "classification":
             model = AutoModelForSequenceClassification.from_pretrained(

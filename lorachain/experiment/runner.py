@@ -155,12 +155,13 @@ class Runner:
     def base(self):
         """(base model, tokenizer); a classifier's model is None: each cell loads it with its head."""
         if self._tokenizer is None:
-            from lorachain.models import load_model, load_tokenizer, resolve_path
+            from lorachain.models import load_tokenizer, resolve_path
+            from lorachain.training.setup import load_base
 
             self._tokenizer = load_tokenizer(resolve_path(self.cfg.model))
             if self.cfg.model.task == "classification":
                 return None, self._tokenizer
-            self._base = load_model(self.cfg.model)
+            self._base = load_base(self.cfg.model)
             if self._base.config.pad_token_id is None:
                 self._base.config.pad_token_id = self._tokenizer.pad_token_id
         return self._base, self._tokenizer

@@ -13,52 +13,24 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorachain.chain.export import head_state, save_chain, write_adapter, write_merged
-from lorachain.chain.knot import (
-    Knot,
-    apply_factors,
-    check_lora_bias,
-    extend,
-    lora_config,
-    tie_knot,
-    trainable_state,
-    unload,
-)
+from lorachain.chain.knot import Knot, extend, lora_config, tie_knot, trainable_state, unload
 from lorachain.chain.policy import KnotPolicy, make_policy
 from lorachain.chain.shards import apply_on_shards, tie_on_shards
-from lorachain.chain.sidepath import merge_quantized
-from lorachain.config import ConfigError, RunConfig
-from lorachain.data import (
-    candidate_ids,
-    check_targets,
-    load_examples,
-    steps_per_epoch,
-)
+from lorachain.config import RunConfig
 from lorachain.io import write_json
-from lorachain.models import (
-    best_device,
-    check_packing,
-    load_model,
-    load_tokenizer,
-    resolve_path,
-    resolve_target_modules,
-    uses_conv1d,
-)
 from lorachain.training import resume
-from lorachain.training.checkpointing import check_checkpointing, enable_checkpointing
+from lorachain.training.checkpointing import enable_checkpointing
 from lorachain.training.evaluate import evaluate
-from lorachain.training.memory import check_before_load
-from lorachain.training.parallel import check_parallel, init_dist, shard_base
-from lorachain.training.precision import attention, compute_copies, resolve, restore_masters
-from lorachain.training.quantization import is_quantized, quantized_base
+from lorachain.training.precision import restore_masters
 from lorachain.training.resume import CHECKPOINT, State
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
+from lorachain.training.setup import prepare
 from lorachain.training.step import lr_factor, make_optimizer, run_steps, trainable
 
 
@@ -74,64 +46,15 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, model: nn.Module | None, tokenizer, progress: bool) -> None:
         self.cfg, self.out = cfg, Path(cfg.output_dir)
-        self.dist = init_dist(cfg.train.parallel)
-        check_parallel(cfg, self.dist)
+        self.s = prepare(cfg, model, tokenizer)  # the setup pipeline (training/setup.py)
+        self.dist, self.prec, self.data = self.s.dist, self.s.prec, self.s.data
         self.progress = progress and self.dist.main
-        self.classifier = cfg.model.task == "classification"
-        torch.manual_seed(cfg.train.seed)
-        self.tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
-        d = cfg.data
-        self.train_ex = load_examples(d.train, d, self.tokenizer, self.classifier, d.max_train_rows)
-        self.eval_ex = (
-            load_examples(d.eval, d, self.tokenizer, self.classifier, d.max_eval_rows) if d.eval else []
-        )
-        check_targets(self.train_ex, d, self.tokenizer, self.classifier, d.train)
-        self.cand_ids = None if self.classifier else candidate_ids(d, self.tokenizer)
-        t = cfg.train
-        self.spe = steps_per_epoch(len(self.train_ex), t.batch_size, t.grad_accum)
-        self.total = t.max_steps or max(1, round((t.epochs or 1) * self.spe))
-        self.policy: KnotPolicy = make_policy(cfg.chain, self.total, self.spe)
-        # the model is loaded last, so that bad data or shares fail before the slow part
-        labels = len(cfg.data.label_words) if cfg.data.label_words else None
-        if model is None and cfg.train.check_memory:
-            longest = max((len(e.input_ids) for e in self.train_ex), default=None)
-            check_before_load(cfg, longest)  # one line with the estimate if it cannot fit
-        self.model = model if model is not None else load_model(cfg.model, num_labels=labels)
-        self.merge = apply_factors  # how a knot adds a link into the base
-        if cfg.model.quantization != "none":  # QLoRA: a knot keeps the chain exact (chain.sidepath)
-            self.model = quantized_base(self.model, cfg.model)
-            self.merge = partial(merge_quantized, mode=cfg.model.quantized_knot)
-        if cfg.train.gradient_checkpointing:
-            check_checkpointing(self.model)
-        if not is_quantized(self.model):  # (bitsandbytes layers are placed as they load)
-            self.model.to(best_device())
-        self.prec = resolve(cfg.train.precision, best_device())
-        if self.prec.emulate:
-            name = self.prec.name
-            self.log(f"{name} matmuls emulated in fp32 (same numbers): this CPU has no native {name} matmul")
+        self.classifier, self.full = cfg.model.task == "classification", cfg.chain.method == "full"
+        self.total, self.model = self.data.total, self.s.model  # the model changes at each knot
+        self.policy: KnotPolicy = make_policy(cfg.chain, self.total, self.data.steps_per_epoch)
         self.scaler = self.prec.scaler()
-        self.attn = attention(cfg.model.attn_implementation, self.prec, cfg.data.max_length)
-        if self.attn and hasattr(self.model, "set_attn_implementation"):
-            try:
-                self.model.set_attn_implementation(self.attn)
-            except (ValueError, ImportError) as e:
-                raise ConfigError(f"model.attn_implementation: {self.attn!r} cannot be used: {e}") from None
-        if cfg.data.packing:
-            check_packing(self.model)
-        if self.classifier and self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.full = cfg.chain.method == "full"
-        self.targets = [] if self.full else resolve_target_modules(self.model, cfg.chain.target_modules)
-        self.fan_in_fan_out = uses_conv1d(self.model, self.targets)
-        if cfg.chain.bias == "lora_only":
-            check_lora_bias(self.model, self.targets)
-        self.pad_id = self.tokenizer.pad_token_id
-        # frozen weights held in the autocast dtype, their fp32 masters kept for knots and the end
-        # (fsdp: the fp32 shards are the masters; autocast casts each matmul's copy)
-        self.masters = {} if self.full or self.dist.sharded else compute_copies(self.model, self.prec)
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        if self.dist.sharded:
-            shard_base(self.model, cfg.train.fsdp_offload)
+        for line in self.s.notes:
+            self.log(line)
 
     # -- the chain ---------------------------------------------------------------------------
     def extend(self, st: State) -> None:
@@ -143,7 +66,9 @@ class Trainer:
             self.peft, self.modules_to_save = self.model, []
             self.model.requires_grad_(True)
         else:
-            config = lora_config(link, self.cfg.chain, self.targets, self.fan_in_fan_out, self.cfg.model.task)
+            config = lora_config(
+                link, self.cfg.chain, self.s.targets, self.s.fan_in_fan_out, self.cfg.model.task
+            )
             self.peft = extend(self.model, config, gaussian=self.cfg.chain.init == "gaussian")
             self.modules_to_save = list(self.peft.peft_config["default"].modules_to_save or [])
         self.net = self.dist.wrap(self.peft)  # DDP over this link's parameters (itself on one process)
@@ -173,7 +98,7 @@ class Trainer:
                 knot = tie_on_shards(self.peft, st.link, st.step, link.rank, link.alpha, reason)
             else:
                 knot = tie_knot(
-                    self.peft, st.link, st.step, link.rank, link.alpha, reason, self.masters, self.merge
+                    self.peft, st.link, st.step, link.rank, link.alpha, reason, self.s.masters, self.s.merge
                 )
             st.knots.append(knot)
             st.links[st.link]["knot_rounding"] = knot.rounding
@@ -188,7 +113,7 @@ class Trainer:
             knot_seconds=knot_seconds,
             final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])),
         )
-        if self.eval_ex and (self.dist.main or self.dist.sharded):  # a sharded forward needs every rank
+        if self.data.eval and (self.dist.main or self.dist.sharded):  # a sharded forward needs every rank
             row["eval"] = self.evaluate(self.model)
         self.log(f"knot {st.link} at step {st.step} ({reason}); rank {link.rank}", row.get("eval"))
         if st.step < self.total:
@@ -198,7 +123,14 @@ class Trainer:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         size = self.cfg.train.eval_batch_size
         with self.prec.autocast():
-            return evaluate(model, self.eval_ex, self.pad_id, size, self.classifier, self.cand_ids)
+            return evaluate(
+                model,
+                self.data.eval,
+                self.s.tokenizer.pad_token_id,
+                size,
+                self.classifier,
+                self.data.cand_ids,
+            )
 
     def lr_at(self, st: State) -> Callable[[int], float]:
         o = self.cfg.optim
@@ -229,7 +161,7 @@ class Trainer:
             if self.dist.sharded:
                 apply_on_shards(self.model, knot.factors)
             else:
-                self.merge(self.model, knot.factors, self.masters)
+                self.s.merge(self.model, knot.factors, self.s.masters)
         self.extend(st)
         path = self.out / CHECKPOINT
         missing = set(trainable_state(self.peft)) - set(ck["trainable"])
@@ -280,7 +212,7 @@ class Trainer:
             else:
                 row["losses"].append(loss)
             row["tokens"] += tokens
-            row["est_train_flops"] += tokens * (4 * self.n_params + 6 * row["trainable_params"])
+            row["est_train_flops"] += tokens * (4 * self.s.n_params + 6 * row["trainable_params"])
             lr = self.opt.param_groups[0]["lr"]
             if not empty:
                 metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
@@ -309,12 +241,12 @@ class Trainer:
                     run_steps(
                         self.net,
                         self.opt,
-                        self.train_ex,
+                        self.data.train,
                         self.cfg,
                         st.step,
                         self.total,
                         self.lr_at(st),
-                        self.pad_id,
+                        self.s.tokenizer.pad_token_id,
                         self.classifier,
                         on_step,
                         self.dist,
@@ -327,45 +259,45 @@ class Trainer:
             writer.close()
         if interrupted:
             self.log(f"stopped at step {st.step}; run the same command again to resume")
-            return Result({"status": "interrupted", "step": st.step}, self.peft, self.tokenizer)
-        return Result(self.finish(st), self.model, self.tokenizer)
+            return Result({"status": "interrupted", "step": st.step}, self.peft, self.s.tokenizer)
+        return Result(self.finish(st), self.model, self.s.tokenizer)
 
     def finish(self, st: State) -> dict:
         """Write the chain, the single-adapter export, (merged model) and summary.json (rank 0)."""
         cfg = self.cfg
-        restore_masters(self.model, self.masters)  # the exact fp32 weights, knots included
+        restore_masters(self.model, self.s.masters)  # the exact fp32 weights, knots included
         if not self.dist.main:
             return {"status": "finished", "rank": self.dist.rank, "total_steps": self.total}
         meta = {
             "base_model": cfg.model.name_or_path,
             "gguf_file": cfg.model.gguf_file,
             "task": cfg.model.task,
-            "target_modules": self.targets,
+            "target_modules": self.s.targets,
         }
         if not self.full:
             head = head_state(self.model, self.modules_to_save)
             save_chain(self.out / "chain.safetensors", st.knots, head, meta)
             write_adapter(self.out / "adapter", st.knots, head, meta)
         if cfg.export_merged or self.full:
-            write_merged(self.out / "merged", self.model, [], {}, self.tokenizer)
+            write_merged(self.out / "merged", self.model, [], {}, self.s.tokenizer)
         summary = {
             "status": "finished",
             "total_steps": self.total,
-            "steps_per_epoch": self.spe,
-            "train_examples": len(self.train_ex),
-            "eval_examples": len(self.eval_ex),
+            "steps_per_epoch": self.data.steps_per_epoch,
+            "train_examples": len(self.data.train),
+            "eval_examples": len(self.data.eval),
             "links": st.links,
             "chain_rank": sum(k.rank for k in st.knots),
             "precision": self.prec.name,
             "matmul": "emulated" if self.prec.emulate else "native",
             "base_dtype": self.cfg.model.dtype,
             "quantization": self.cfg.model.quantization,
-            "attention": self.attn or getattr(self.model.config, "_attn_implementation", None),
+            "attention": self.s.attn or getattr(self.model.config, "_attn_implementation", None),
             "knot_rounding": _rounding_total(st.knots),
             "wall_seconds": sum(r["wall_seconds"] for r in st.links),
             "est_train_flops": sum(r["est_train_flops"] for r in st.links),
             "peak_memory_mb": peak_memory_mb(),
-            "target_modules": self.targets,
+            "target_modules": self.s.targets,
             "final_eval": st.links[-1].get("eval", {}),
         }
         write_json(self.out / "summary.json", summary)
