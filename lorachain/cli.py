@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorachain.chain.knot import KnotError
     from lorachain.config import ConfigError
     from lorachain.data import DataError
-    from lorachain.routing.judge import JudgeError
+    from lorachain.routing.eval.judge import JudgeError
     from lorachain.store import StoreError
 
     # the errors that mean bad input from the user: printed as one line

@@ -186,7 +186,7 @@ def routing_summary(router, store: Path, out: Path, max_new_tokens: int = 24) ->
     table: per task and over all rows, the selector's top-1 and, for the routed task adapters, the
     base model and the mixed adapter, perplexity of the reference and exact match / ROUGE-L of the
     greedy answer."""
-    from lorachain.routing.evaluate import route_eval
+    from lorachain.routing.eval.store import route_eval
 
     r = route_eval(router, store, out, modes=("score",), max_new_tokens=max_new_tokens)
     sel = r["selection"]["score"]

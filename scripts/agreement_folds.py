@@ -1,4 +1,4 @@
-"""The second-opinion rules (routing.agreement) on a range of a nested run's outer folds.
+"""The second-opinion rules (routing.eval.agreement) on a range of a nested run's outer folds.
 
 A rule chosen looking at some outer folds is judged on the others only:
 
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from lorachain.io import write_json
-from lorachain.routing.agreement import agreement
+from lorachain.routing.eval.agreement import agreement
 
 
 def main() -> None:

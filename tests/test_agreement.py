@@ -1,10 +1,10 @@
-"""Two selector kinds as each other's second opinion (routing.agreement), on hand-made folds."""
+"""Two selector kinds as each other's second opinion (routing.eval.agreement), on hand-made folds."""
 
 from __future__ import annotations
 
 import pytest
 
-from lorachain.routing.agreement import agreement, agreement_markdown
+from lorachain.routing.eval.agreement import agreement, agreement_markdown
 
 
 def fold(groups, gold, tops, msp, inner=None, threshold=None) -> dict:

@@ -18,7 +18,7 @@ from lorachain.data import DataError, load_examples
 from lorachain.data.chat import chat_template, generation_ids, selector_text
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import read_chat_rows
-from lorachain.routing.evaluate import route_eval
+from lorachain.routing.eval.store import route_eval
 from lorachain.routing.train import route_train
 from lorachain.serve.api import create_app
 from lorachain.serve.engine import Engine

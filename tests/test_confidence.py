@@ -13,7 +13,7 @@ from test_selectors import route_cfg, tiny_encoder
 from lorachain.config import ConfigError, from_dict
 from lorachain.routing.confidence import fit_calibration
 from lorachain.routing.config import RouteConfig
-from lorachain.routing.evaluate import report_markdown, route_eval
+from lorachain.routing.eval.store import report_markdown, route_eval
 from lorachain.routing.train import route_train
 from lorachain.serve.router import Router
 from lorachain.store import MIXED, read_manifest

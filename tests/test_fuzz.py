@@ -22,7 +22,7 @@ from lorachain.config import (
 from lorachain.data import DataError, encode_row, read_rows
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import read_instruction_rows
-from lorachain.routing.judge import human_rates
+from lorachain.routing.eval.judge import human_rates
 from lorachain.store import StoreError, read_manifest
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))

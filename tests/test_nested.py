@@ -12,8 +12,8 @@ from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.cli import main
 from lorachain.routing import calibrate as cal
+from lorachain.routing.eval.nested import grid_settings, outer_fold, with_overrides
 from lorachain.routing.folds import Row
-from lorachain.routing.nested import grid_settings, outer_fold, with_overrides
 
 
 def test_fit_temperature_recovers_the_temperature_that_made_the_labels():

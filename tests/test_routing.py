@@ -16,8 +16,8 @@ from lorachain.config import from_dict
 from lorachain.data import DataError
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import read_instruction_rows, stratified_split
-from lorachain.routing.evaluate import route_eval
-from lorachain.routing.judge import human_rates, judge_score
+from lorachain.routing.eval.judge import human_rates, judge_score
+from lorachain.routing.eval.store import route_eval
 from lorachain.routing.select import Selection, decide, kmp_find_all, match_labels, rank_scores
 from lorachain.routing.train import route_train
 from lorachain.serve.router import Router
@@ -257,7 +257,7 @@ def test_base_row_is_the_model_with_its_adapters_disabled(store, tmp_path):
     the same computation on the plain (never wrapped) base model."""
     from lorachain.data import encode_row
     from lorachain.metrics import perplexity
-    from lorachain.routing.evaluate import BASE, answers_for, load_test_rows, quality
+    from lorachain.routing.eval.store import BASE, answers_for, load_test_rows, quality
     from lorachain.training.evaluate import sequence_logprobs
 
     r = router(store)

@@ -124,7 +124,7 @@ def test_a_changed_second_opinion_file_and_bad_settings_fail_in_one_line(store, 
 
 
 def test_route_eval_reports_the_second_opinion_and_routes_by_it(store, tmp_path):
-    from lorachain.routing.evaluate import route_eval
+    from lorachain.routing.eval.store import route_eval
 
     root, _ = store
     r = Router.from_store(root, model=tiny_model("llama"), tokenizer=make_tokenizer())

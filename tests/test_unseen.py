@@ -1,4 +1,4 @@
-"""Routing on data sets a store never saw: `data.exclude_datasets`, `routing.unseen.unseen_rows`,
+"""Routing on data sets a store never saw: `data.exclude_datasets`, `routing.eval.unseen.unseen_rows`,
 `route eval --unseen` with the routed (fallback), top-1, oracle, mixed and base answers."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from test_nested import grouped_rows
 from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.data import DataError
-from lorachain.routing.evaluate import per_task_ppl, route_eval
+from lorachain.routing.eval.store import per_task_ppl, route_eval
+from lorachain.routing.eval.unseen import unseen_rows
 from lorachain.routing.train import route_train
-from lorachain.routing.unseen import unseen_rows
 from lorachain.serve.router import Router
 from lorachain.store import MIXED
 

@@ -37,7 +37,7 @@ def router_from_args(args: argparse.Namespace):
 def _route_holdout(args: argparse.Namespace) -> int:
     from lorachain.config import load_config
     from lorachain.routing.config import RouteConfig
-    from lorachain.routing.holdout import holdout_eval
+    from lorachain.routing.eval.holdout import holdout_eval
 
     store = Path(args.store)
     path = store / "route_config.json" if store.is_dir() else store
@@ -46,7 +46,7 @@ def _route_holdout(args: argparse.Namespace) -> int:
     out = args.out or str((store if store.is_dir() else Path("results")) / f"holdout_{args.holdout_by}")
     command = "lorachain " + shlex.join(sys.argv[1:])  # quoted: it can be pasted back
     if args.nested:
-        from lorachain.routing.nested import nested_eval, nested_markdown
+        from lorachain.routing.eval.nested import nested_eval, nested_markdown
 
         grids: dict[str, list[str]] = {}
         for spec in args.grid:  # KIND:KEY=V1,V2
@@ -81,21 +81,21 @@ def _route_holdout(args: argparse.Namespace) -> int:
         args.max_folds,
         not args.skip_in_distribution,
     )
-    from lorachain.routing.holdout import holdout_markdown
+    from lorachain.routing.eval.holdout import holdout_markdown
 
     print(holdout_markdown(result))
     return 0
 
 
 def _route_eval(args: argparse.Namespace) -> int:
-    from lorachain.routing.evaluate import route_eval
+    from lorachain.routing.eval.store import route_eval
 
     if args.holdout_by:
         return _route_holdout(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     rows, source = None, "the store's test split"
     if args.unseen:
-        from lorachain.routing.unseen import unseen_rows
+        from lorachain.routing.eval.unseen import unseen_rows
 
         names = [x for x in (args.datasets or "").split(",") if x] or None
         rows = unseen_rows(args.store, args.rows, names, args.max_per_task)
@@ -112,7 +112,7 @@ def _route_eval(args: argparse.Namespace) -> int:
         rows,
         source,
     )
-    from lorachain.routing.evaluate import report_markdown
+    from lorachain.routing.eval.store import report_markdown
 
     print(report_markdown(result))
     return 0
@@ -127,7 +127,7 @@ def _route_add(args: argparse.Namespace) -> int:
 
 
 def _human_rates(args: argparse.Namespace) -> int:
-    from lorachain.routing.judge import human_rates
+    from lorachain.routing.eval.judge import human_rates
 
     print(json.dumps(human_rates(args.sheet), indent=2))
     return 0
@@ -201,7 +201,7 @@ def add_route_parser(sub, add_precision: Callable[[argparse.ArgumentParser], Non
         "--grid",
         nargs="*",
         default=[],
-        help="nested: KIND:KEY=V1,V2 axes of the settings grid (default per kind: routing.nested.GRIDS)",
+        help="nested: KIND:KEY=V1,V2 axes of the settings grid (default per kind: routing.eval.nested.GRIDS)",
     )
     re_.add_argument(
         "--target-precision", type=float, default=0.9, help="nested: precision the routing threshold aims at"

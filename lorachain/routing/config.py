@@ -109,7 +109,7 @@ class SelectorConfig:
     descriptions: dict[str, str] = field(default_factory=dict)
     # another kind (embedding, encoder, full) fitted beside this one: an instruction is routed only
     # when both name the same task and either is sure by its own threshold, fitted on held-out data
-    # sets (the encoder and full kinds fit once more for it); else the fallback (routing.agreement)
+    # sets (the encoder and full kinds fit once more for it); else the fallback (routing.eval.agreement)
     second_opinion: str | None = None
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """`selector.second_opinion`: a second kind fitted beside the store's selector.
 
 An instruction is routed only when both kinds name the same task and either is sure by its own
-threshold (`agree_either` of routing.agreement, measured on unseen data sets in
+threshold (`agree_either` of routing.eval.agreement, measured on unseen data sets in
 results/routing_holdout/). The second kind is fitted in `second_opinion/` of the store on the same
 splits. A kind without a threshold of its own (encoder, full) gets one here: it is fitted once more
 without one data set of every task type that has another (the first `rounds` fold of the store's

@@ -23,11 +23,11 @@ import torch
 from lorachain.config import from_dict, set_dotted
 from lorachain.io import atomic_write, write_json, write_text
 from lorachain.routing import calibrate as cal
-from lorachain.routing.agreement import agreement, agreement_markdown
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.encoders import embed, load_encoder
+from lorachain.routing.eval.agreement import agreement, agreement_markdown
+from lorachain.routing.eval.holdout import read_grouped
 from lorachain.routing.folds import Fitter, Row, make_folds, selection_logits, train_rows
-from lorachain.routing.holdout import read_grouped
 from lorachain.routing.prototypes import description_prototypes, fit_prototypes, prototype_index, task_cosines
 
 # the default grid per kind: temperature is fitted, not searched (argmax does not depend on it)

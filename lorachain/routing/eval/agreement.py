@@ -5,7 +5,7 @@ choose), or when they agree and the first kind's temperature-scaled top probabil
 threshold chosen on the inner folds for the target precision (`agree_msp`: the per-row inner
 outputs of both kinds, on the same inner folds), or when they agree and either kind's msp clears its
 own inner threshold for the target (`agree_either`). The rest go to the fallback. Read from the
-outer folds `routing.nested` keeps per kind.
+outer folds `routing.eval.nested` keeps per kind.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from pathlib import Path
 from lorachain.data import encode_row
 from lorachain.io import write_json, write_text
 from lorachain.metrics import exact_match, perplexity, rouge_l, top_k_accuracy
-from lorachain.routing.judge import JudgeError, judge_score, write_human_sheet
-from lorachain.routing.plots import plot_answers, plot_confusion
+from lorachain.routing.eval.judge import JudgeError, judge_score, write_human_sheet
+from lorachain.routing.eval.plots import plot_answers, plot_confusion
 from lorachain.store import MIXED
 from lorachain.training.evaluate import sequence_logprobs
 
@@ -171,7 +171,7 @@ def route_eval(
     rows_from: str = "the store's test split",
 ) -> dict:
     """Evaluate a store's routed chain against its task adapters and mixed adapter on its test
-    split, or on `rows` (e.g. `routing.unseen.unseen_rows`); write route_eval.json, route_eval.md,
+    split, or on `rows` (e.g. `routing.eval.unseen.unseen_rows`); write route_eval.json, route_eval.md,
     confusion_<mode>.png, answers.png and human_eval.csv into `out`."""
     store = Path(store)
     out = Path(out or store / "eval")
