@@ -1,0 +1,52 @@
+"""`model:` which model to fine-tune and how to load it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorachain.config.base import check
+
+TASKS = ("causal_lm", "classification")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    name_or_path: str = ""  # hub id or local folder
+    task: str = "causal_lm"  # causal_lm | classification (sequence classifier with a new head)
+    gguf_file: str | None = None  # GGUF file inside name_or_path; converted once and cached
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    num_labels: int | None = None  # classification only; default: len(data.label_words)
+    # attention kernel for training: auto (the precision policy's choice) | eager | sdpa | any name
+    # transformers accepts
+    attn_implementation: str = "auto"
+    # frozen base held quantized by bitsandbytes (QLoRA): none | nf4 | fp4 (4-bit) | int8 (LLM.int8())
+    quantization: str = "none"
+    compute_dtype: str = "float32"  # 4-bit: the dtype its matmuls run in (float32 | bfloat16 | float16)
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too (~0.4 bit/param less)
+    # a knot on a quantized base: side (finished links kept as a fixed low-rank side path; exact)
+    # | requantize (dequantize, add, quantize again; drifts, measured as knot_rounding)
+    quantized_knot: str = "side"
+
+    def __post_init__(self) -> None:
+        check(bool(self.name_or_path), "model.name_or_path: expected a hub id or a local path")
+        check(
+            self.quantization in QUANTIZATIONS,
+            f"model.quantization: expected one of {QUANTIZATIONS} (the bitsandbytes types), "
+            f"got {self.quantization!r}",
+        )
+        check(
+            self.compute_dtype in ("float32", "bfloat16", "float16"),
+            f"model.compute_dtype: expected float32, bfloat16 or float16, got {self.compute_dtype!r}",
+        )
+        check(
+            self.quantized_knot in ("side", "requantize"),
+            f"model.quantized_knot: expected side or requantize, got {self.quantized_knot!r}",
+        )
+        check(self.task in TASKS, f"model.task: expected one of {TASKS}, got {self.task!r}")
+        check(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            f"model.dtype: expected float32, bfloat16 or float16, got {self.dtype!r}",
+        )
