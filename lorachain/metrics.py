@@ -33,6 +33,11 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
+def char_accuracy(prediction: str, reference: str) -> float:
+    """Share of `reference`'s characters that `prediction` (stripped) has at the same position."""
+    return sum(a == b for a, b in zip(prediction.strip(), reference, strict=False)) / max(len(reference), 1)
+
+
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

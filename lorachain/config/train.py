@@ -18,7 +18,9 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     seed: int = 0
-    eval_every: int = 0  # 0: evaluate at every knot and at the end
+    # also evaluate data.eval every this many steps (rows in metrics.jsonl: a curve); knots and the
+    # end always evaluate
+    eval_every: int = 0
     save_every: int = 50  # checkpoint period in optimizer steps
     log_every: int = 1
     eval_batch_size: int = 16

@@ -125,6 +125,14 @@ def run_config(cfg: ExperimentConfig, cell: Cell, task: Task, folder: Path, n_la
     return from_dict(RunConfig, merged, f"methods.{cell.method}")
 
 
+def curve(metrics: Path) -> list[dict]:
+    """The run's evaluations during training (`train.eval_every`), one row per step, in order."""
+    if not metrics.is_file():
+        return []
+    rows = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+    return [{"step": r["step"], **r["eval"]} for r in rows if "eval" in r]
+
+
 def _rows(examples: list[TaskExample], classifier: bool) -> list[dict]:
     if classifier:
         return [{"prompt": e.prompt, "label": str(e.gold)} for e in examples]
@@ -176,6 +184,10 @@ class Runner:
         return self._general
 
     def splits(self, task: str, seed: int, n_train: int, n_val: int, n_test: int) -> Splits:
+        if get_task(task).memorise:  # generated pairs, scored on themselves: val and test are prefixes
+            pool = get_task(task).load(self.cfg.paths.get(task, {}))[:n_train]
+            counts = {"train": len(pool), "val": min(n_val, len(pool)), "test": min(n_test, len(pool))}
+            return Splits(pool, pool[:n_val], pool[:n_test], counts | {"borrowed_from_validation": 0})
         if task not in self._loaded:
             train_path, test_path = task_paths(self.cfg, task)
             load = get_task(task).load
@@ -255,6 +267,7 @@ class Runner:
             }
             if run_cfg.optim.restart_per_link:  # ReLoRA's jagged schedule: a different method
                 row["spec"]["restart_per_link"] = True
+            row["curve"] = curve(folder / "run" / "metrics.jsonl")
             row["knots"] = [
                 {k: link.get(k) for k in ("link", "rank", "end_step", "knot_reason", "final_loss")}
                 for link in summary["links"]
@@ -285,6 +298,10 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         rows = _rows(splits.train, classifier)
         write_text(folder / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if run_cfg.train.eval_every:  # a curve: the loop evaluates validation every eval_every steps
+            val = _rows(splits.val, classifier)
+            write_text(folder / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in val))
+            run_cfg.data.eval = str(folder / "eval.jsonl")
         model = self.fresh(cell.seed, n_labels)
         result = train(run_cfg, model=model, tokenizer=self.base()[1], progress=self.progress)
         if result.summary.get("status") != "finished":
@@ -339,16 +356,12 @@ def same_precision(out: str | Path, method: str, requested: str, ran: set[str]) 
         )
 
 
-def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
-    """Run every cell not yet done; write results.json and the report. Returns counts."""
-    from tqdm import tqdm
-
-    from lorachain.experiment.report import write_report
-
-    ran = finished_precisions(cfg.output_dir)
-    prepare(cfg, ran)
-    for task in cfg.tasks:  # fail on an unknown task or missing file before any training
-        get_task(task)
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Fail on an unknown task, a bad task spec or a missing file, before any training."""
+    for task in cfg.tasks:
+        if get_task(task).memorise:
+            get_task(task).load(cfg.paths.get(task, {}))
+            continue
         for p in task_paths(cfg, task):
             if not p.is_file():
                 raise ConfigError(f"paths.{task}: {p} not found")
@@ -357,6 +370,17 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         raise ConfigError(f"forgetting.general: {general} not found")
     if cfg.forgetting.get("task"):
         get_task(cfg.forgetting["task"])
+
+
+def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    """Run every cell not yet done; write results.json and the report. Returns counts."""
+    from tqdm import tqdm
+
+    from lorachain.experiment.report import write_report
+
+    ran = finished_precisions(cfg.output_dir)
+    prepare(cfg, ran)
+    check_inputs(cfg)
     runner = Runner(cfg, progress)
     cells = plan(cfg)
     for cell in cells:  # every method's RunConfig must build before the first cell runs

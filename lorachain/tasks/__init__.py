@@ -8,7 +8,7 @@ A task is a small registered definition; a user adds one with `@register("name")
 from __future__ import annotations
 
 from lorachain.data import DataError
-from lorachain.tasks import gsm8k, qa, superglue  # noqa: F401  (registers the built-in tasks)
+from lorachain.tasks import capacity, gsm8k, qa, superglue  # noqa: F401  (registers the built-in tasks)
 from lorachain.tasks.registry import TASKS, Task, TaskExample, need, register
 
 __all__ = ["TASKS", "Task", "TaskExample", "get_task", "need", "register"]

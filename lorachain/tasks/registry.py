@@ -32,20 +32,23 @@ class TaskExample:
 class Task:
     name: str
     load: Callable[[str | Path], list[TaskExample]]
-    metric: str  # accuracy | f1 | em_f1 | number_em (final number of a solution)
+    metric: str  # accuracy | f1 | em_f1 | number_em (final number of a solution) | char_em
     kind: str  # classification | multiple_choice | generation
+    # generated, not read: `load` takes a spec mapping (the experiment's `paths.<task>`), and the
+    # model is scored on its training examples (memorisation)
+    memorise: bool = False
 
 
 TASKS: dict[str, Task] = {}
 
 
-def register(name: str, metric: str = "accuracy", kind: str = "classification"):
+def register(name: str, metric: str = "accuracy", kind: str = "classification", memorise: bool = False):
     """Register a loader `(path) -> list[TaskExample]` as task `name`; a duplicate name raises."""
 
     def deco(fn: Callable[[str | Path], list[TaskExample]]):
         if name in TASKS:
             raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = Task(name, fn, metric, kind)
+        TASKS[name] = Task(name, fn, metric, kind, memorise)
         return fn
 
     return deco

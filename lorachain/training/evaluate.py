@@ -12,12 +12,8 @@ from lorachain.data import Example, collate
 from lorachain.models import device_of, logits_at
 
 
-@torch.no_grad()
-def sequence_logprobs(
-    model: nn.Module, seqs: list[Example], pad_id: int, batch_size: int
-) -> list[tuple[float, int]]:
-    """(sum of target-token log-probs, number of target tokens) for each example."""
-    out = []
+def _target_logprobs(model: nn.Module, seqs: list[Example], pad_id: int, batch_size: int):
+    """Per batch: (row index of each target token, its log-prob, whether it is the argmax)."""
     for k in range(0, len(seqs), batch_size):
         chunk = seqs[k : k + batch_size]
         batch = {k: v.to(device_of(model)) for k, v in collate(chunk, pad_id, classifier=False).items()}
@@ -26,13 +22,37 @@ def sequence_logprobs(
         keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
         logits = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)  # (N, V)
         logp = F.log_softmax(logits.float(), dim=-1)
-        tok = logp.gather(-1, labels[:, 1:][keep[:, :-1]].unsqueeze(-1)).squeeze(-1)  # (N,)
-        counts = keep.sum(1).tolist()
-        sums = torch.zeros(len(chunk)).index_add_(
-            0, torch.repeat_interleave(torch.arange(len(chunk)), keep.sum(1).cpu()), tok.cpu()
-        )
-        out += list(zip(sums.tolist(), counts, strict=True))
+        gold = labels[:, 1:][keep[:, :-1]]  # (N,)
+        tok = logp.gather(-1, gold.unsqueeze(-1)).squeeze(-1)  # (N,)
+        rows = torch.repeat_interleave(torch.arange(len(chunk)), keep.sum(1).cpu())  # (N,)
+        yield len(chunk), rows, tok.cpu(), (logp.argmax(-1) == gold).cpu()
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: nn.Module, seqs: list[Example], pad_id: int, batch_size: int
+) -> list[tuple[float, int]]:
+    """(sum of target-token log-probs, number of target tokens) for each example."""
+    out = []
+    for n, rows, tok, _ in _target_logprobs(model, seqs, pad_id, batch_size):
+        sums = torch.zeros(n).index_add_(0, rows, tok)
+        counts = torch.zeros(n, dtype=torch.long).index_add_(0, rows, torch.ones_like(rows))
+        out += list(zip(sums.tolist(), counts.tolist(), strict=True))
     return out
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model: nn.Module, seqs: list[Example], pad_id: int, batch_size: int) -> dict:
+    """Share of target tokens that are the argmax given the gold prefix (`token_acc`), and share of
+    examples whose every target token is (`seq_acc`): exactly the examples greedy decoding
+    reproduces in full, in one forward pass instead of one per token."""
+    right = total = whole = 0
+    for n, rows, _, hit in _target_logprobs(model, seqs, pad_id, batch_size):
+        right, total = right + int(hit.sum()), total + len(hit)
+        misses = torch.zeros(n, dtype=torch.long).index_add_(0, rows, (~hit).long())
+        has = torch.zeros(n, dtype=torch.long).index_add_(0, rows, torch.ones_like(rows)) > 0
+        whole += int(((misses == 0) & has).sum())
+    return {"token_acc": right / max(total, 1), "seq_acc": whole / max(len(seqs), 1)}
 
 
 @torch.no_grad()
@@ -76,7 +96,8 @@ def evaluate(
     candidate_ids: list[list[int]] | None = None,
 ) -> dict[str, float]:
     """eval_loss (mean NLL per target token, or cross-entropy per example for classifiers) and,
-    with candidates or a classifier, accuracy."""
+    with candidates or a classifier, accuracy; without candidates, teacher-forced token_acc and
+    seq_acc."""
     was_training = model.training
     model.eval()
     try:
@@ -85,7 +106,9 @@ def evaluate(
         scored = sequence_logprobs(model, examples, pad_id, batch_size)
         nll, ntok = -sum(s for s, _ in scored), sum(n for _, n in scored)
         result = {"eval_loss": nll / max(ntok, 1), "eval_ppl": math.exp(min(nll / max(ntok, 1), 50))}
-        if candidate_ids is not None:
+        if candidate_ids is None:
+            result |= teacher_forced_accuracy(model, examples, pad_id, batch_size)
+        else:
             pairs = [with_target(e, c) for e in examples for c in candidate_ids]
             scores = sequence_logprobs(model, pairs, pad_id, batch_size)
             k = len(candidate_ids)
@@ -261,7 +284,7 @@ def score_task(
     """The task's metric on `examples` (TaskExample): accuracy by candidate scoring, MultiRC's F1a
     over answer options, ReCoRD's EM/F1 of the best-scored entity, EM/F1 of greedy generation.
     `score` is the headline number (accuracy, F1 or F1 of EM/F1)."""
-    from lorachain.metrics import best_over, binary_f1, exact_match, number_match, token_f1
+    from lorachain.metrics import best_over, binary_f1, char_accuracy, exact_match, number_match, token_f1
 
     was_training = model.training
     model.eval()
@@ -289,6 +312,11 @@ def score_task(
             choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
             preds = [e.candidates[c] for e, c in zip(examples, choice, strict=True)]
             answers = [e.answers for e in examples]
+        if task.metric == "char_em":  # the capacity task: value characters and whole values right
+            values = [a[0] for a in answers]
+            char = sum(char_accuracy(p, v) for p, v in zip(preds, values, strict=True)) / len(values)
+            em = sum(p.strip() == v for p, v in zip(preds, values, strict=True)) / len(values)
+            return {"char_acc": char, "em": em, "score": char, "n": len(examples)} | ref
         if task.metric == "number_em":  # GSM8K: the final number of the solution
             em = sum(number_match(p, a[0]) for p, a in zip(preds, answers, strict=True)) / len(preds)
             return {"em": em, "score": em, "n": len(examples)} | ref

@@ -132,6 +132,12 @@ class Trainer:
                 self.data.cand_ids,
             )
 
+    def due_eval(self, step: int) -> bool:
+        """Whether `train.eval_every` asks for an evaluation after `step` (knots and the end
+        evaluate anyway)."""
+        every = self.cfg.train.eval_every
+        return bool(every and self.data.eval and step % every == 0 and step < self.total)
+
     def lr_at(self, st: State) -> Callable[[int], float]:
         o = self.cfg.optim
         if o.restart_per_link:
@@ -221,6 +227,11 @@ class Trainer:
             writer.add_scalar("train/lr", lr, step)
             bar.update(1)
             bar.set_postfix(link=st.link, loss=f"{loss:.4f}")
+            if self.due_eval(step) and (self.dist.main or self.dist.sharded):  # a sharded forward needs all
+                ev = self.evaluate(self.peft)
+                metrics.write(json.dumps({"step": step, "link": st.link, "eval": ev}) + "\n")
+                for name, value in ev.items():
+                    writer.add_scalar(f"eval/{name}", value, step)
             reason = self.policy.should_tie(step, st.link, st.link_start, loss)
             if reason is None and step == self.total:
                 reason = "end of budget"

@@ -29,6 +29,7 @@ def plot_runs(runs: dict[str, str | Path], path: str | Path, metric: str = "accu
     for i, (label, run) in enumerate(runs.items()):
         run = Path(run)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        rows = [r for r in rows if "loss" in r]  # not the evaluations of train.eval_every
         color = f"C{i}"
         name = label.lstrip("_") or label  # matplotlib hides labels that start with "_"
         ax_loss.plot([r["step"] for r in rows], _smooth([r["loss"] for r in rows]), color=color, label=name)

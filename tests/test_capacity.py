@@ -1,0 +1,125 @@
+"""The capacity task (key -> value memorisation): generated pairs, scores, curves in the grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lorachain.config import RunConfig, from_dict
+from lorachain.data import DataError, load_examples
+from lorachain.experiment.config import ExperimentConfig
+from lorachain.experiment.runner import run_experiment
+from lorachain.metrics import char_accuracy
+from lorachain.tasks import get_task
+from lorachain.tasks.capacity import HEX, Spec, pairs
+from lorachain.training.evaluate import generate_greedy, teacher_forced_accuracy
+from lorachain.training.loop import train
+
+CHARS = ["[PAD]", "[UNK]", "[EOS]", "k", ":", "=", *HEX]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+
+
+@pytest.fixture
+def char_model_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(CHARS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=2, bos_token_id=2,
+    )  # fmt: skip
+    path = tmp_path / "char-llama"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_pairs_are_seeded_distinct_and_refuse_more_than_the_key_space():
+    a, b = pairs(Spec(n=200, key_len=2, value_len=8, seed=3)), pairs(Spec(n=200, key_len=2, seed=3))
+    assert a == b and len({k for k, _ in a}) == 200
+    assert all(len(k) == 2 and len(v) == 8 and set(k + v) <= set(HEX) for k, v in a)
+    assert pairs(Spec(n=200, key_len=2, seed=4)) != a
+    with pytest.raises(DataError, match=r"capacity\.n: 300 pairs .* only 256"):
+        Spec(n=300, key_len=2)
+    with pytest.raises(DataError, match=r"capacity\.size: unknown key"):
+        get_task("capacity").load({"size": 3})
+    ex = get_task("capacity").load({"n": 3, "key_len": 4, "value_len": 6, "seed": 0})
+    assert ex[0].prompt == f"k:{pairs(Spec(3, 4, 6, 0))[0][0]}=" and len(ex[0].answers[0]) == 6
+
+
+def test_char_accuracy_counts_positions():
+    assert char_accuracy("9c0e41bd", "9c0e41bd") == 1.0
+    assert char_accuracy(" 9c0e41bx\n", "9c0e41bd") == 7 / 8
+    assert char_accuracy("c0e41bd", "9c0e41bd") == 0.0  # shifted by one: every position wrong
+    assert char_accuracy("", "9c0e41bd") == 0.0
+
+
+def test_teacher_forced_exact_match_is_greedy_exact_match(tmp_path, char_model_dir):
+    """seq_acc (one forward) counts exactly the pairs greedy decoding writes in full, on a model that
+    has memorised some pairs but not all."""
+    rows = [{"prompt": f"k:{k}=", "target": v} for k, v in pairs(Spec(n=24, key_len=2, value_len=4, seed=1))]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "model": {"name_or_path": str(char_model_dir)},
+        "data": {"train": str(tmp_path / "pairs.jsonl"), "prompt": "{prompt}", "target": "{target}",
+                 "label_field": None, "max_length": 16},
+        "chain": {"method": "full"}, "optim": {"lr": 0.01},
+        "train": {"max_steps": 40, "batch_size": 8, "save_every": 100},
+        "output_dir": str(tmp_path / "run"),
+    }  # fmt: skip
+    cfg = from_dict(RunConfig, raw)
+    model = train(cfg, progress=False).model.eval()
+    tok = char_tokenizer()
+    examples = load_examples(cfg.data.train, cfg.data, tok, False)
+    tf = teacher_forced_accuracy(model, examples, tok.pad_token_id, 8)
+    greedy = generate_greedy(model, tok, [r["prompt"] for r in rows], max_new_tokens=6, batch_size=8)
+    em = sum(g.strip() == r["target"] for g, r in zip(greedy, rows, strict=True)) / len(rows)
+    assert 0 < tf["seq_acc"] < 1  # some memorised, some not: the comparison means something
+    assert tf["seq_acc"] == em
+    # token_acc by hand: each target token against the argmax after its gold prefix
+    hits = total = 0
+    with torch.no_grad():
+        for e in examples:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            for t in range(e.prompt_len, len(e.input_ids)):
+                hits += int(logits[t - 1].argmax() == e.input_ids[t])
+                total += 1
+    assert tf["token_acc"] == pytest.approx(hits / total)
+
+
+def test_the_grid_runs_the_capacity_task_with_a_curve(tmp_path, char_model_dir):
+    cfg = from_dict(
+        ExperimentConfig,
+        {
+            "model": {"name_or_path": str(char_model_dir)},
+            "tasks": ["capacity"],
+            "paths": {"capacity": {"n": 20, "key_len": 2, "value_len": 4, "seed": 0}},
+            "lrs": [0.01], "n_train": 20, "n_val": 8, "n_test": 20, "max_length": 16, "max_new_tokens": 6,
+            "base": {"chain": {"dropout": 0.0}, "train": {"max_steps": 6, "batch_size": 4, "eval_every": 2}},
+            "methods": {"lora": {"chain": {"links": [{"rank": 2, "alpha": 4}]}}},
+            "output_dir": str(tmp_path / "exp"),
+        },
+    )  # fmt: skip
+    assert run_experiment(cfg, progress=False)["computed"] == 1
+    row = json.loads((tmp_path / "exp/cells/capacity/lora/seed0/lr0.01/result.json").read_text())
+    assert row["test"]["n"] == 20 and row["val"]["n"] == 8  # scored on the training keys themselves
+    assert {"char_acc", "em", "score"} <= set(row["test"]) and row["test"]["score"] == row["test"]["char_acc"]
+    assert [c["step"] for c in row["curve"]] == [2, 4]  # the end is the test score, not a curve point
+    assert all(0 <= c["token_acc"] <= 1 and 0 <= c["seq_acc"] <= 1 for c in row["curve"])
+    bad = cfg.paths | {"capacity": {"n": 300, "key_len": 2}}
+    with pytest.raises(DataError, match="capacity.n"):
+        run_experiment(
+            from_dict(ExperimentConfig, {**json.loads(cfg.to_json()), "paths": bad}), progress=False
+        )
