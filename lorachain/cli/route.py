@@ -1,5 +1,5 @@
-"""The `lorachain route ...` subcommands and the store options `ask` and `serve` share: argument
-parsing and printing only; the work is in the routing modules they call."""
+"""`lorachain route train | eval | add | human-rates`: argument parsing and printing only; the work is
+in the routing modules they call (`routing`, and `routing.eval` for eval)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
 from pathlib import Path
+
+from lorachain.cli.args import add_precision
+from lorachain.cli.serve import router_args, router_from_args
 
 
 def _route_train(args: argparse.Namespace) -> int:
@@ -26,12 +28,6 @@ def _route_train(args: argparse.Namespace) -> int:
         return 130
     print(f"store: {cfg.output_dir} ({len(manifest.adapters)} adapters)")
     return 0
-
-
-def router_from_args(args: argparse.Namespace):
-    from lorachain.serve.router import Router
-
-    return Router.from_store(args.store, mode=args.mode, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
 
 
 def _route_holdout(args: argparse.Namespace) -> int:
@@ -133,14 +129,7 @@ def _human_rates(args: argparse.Namespace) -> int:
     return 0
 
 
-def router_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("store", help="adapter store folder (made by `lorachain route train`)")
-    p.add_argument("--mode", choices=["score", "generate"], default="score", help="task selection mode")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-
-
-def add_route_parser(sub, add_precision: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(sub) -> None:
     """`lorachain route train | eval | add | human-rates` under the top-level subparsers `sub`."""
     r = sub.add_parser("route", help="task routing: train a store, evaluate it, rate human sheets")
     rsub = r.add_subparsers(dest="route_cmd", required=True)
