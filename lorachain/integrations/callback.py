@@ -38,6 +38,7 @@ from lorachain.chain.knot import (
     tie_knot,
 )
 from lorachain.chain.policy import KnotPolicy, make_policy
+from lorachain.chain.reference import keep_links
 from lorachain.chain.shards import apply_on_shards, shard_factors, sharded, tie_on_shards
 from lorachain.chain.sidepath import merge_quantized
 from lorachain.config import ChainConfig, ConfigError, from_dict
@@ -46,6 +47,12 @@ from lorachain.store import fingerprint
 from lorachain.training.precision import slow_kernel_warning
 
 STATE_FILE = "lorachain_chain.safetensors"
+
+
+def uses_reference(args) -> bool:
+    """Whether the Trainer's `args` describe a trainer with a reference model: TRL's DPO and KTO
+    configs (and others with a KL weight `beta`), GRPO's only when beta > 0."""
+    return float(getattr(args, "beta", 0.0) or 0.0) != 0.0
 
 
 class ChainCallback(TrainerCallback):
@@ -60,12 +67,14 @@ class ChainCallback(TrainerCallback):
         restart_schedule: bool = False,
         seed: int | None = None,
         link_init: Callable[[int, Any], None] | None = None,
+        keep_reference: bool | None = None,
     ) -> None:
         self.chain = chain if isinstance(chain, ChainConfig) else from_dict(ChainConfig, dict(chain), "chain")
         if self.chain.method != "lora":
             raise ConfigError("chain.method: ChainCallback chains LoRA links (method: lora)")
         self.output_dir, self.restart = output_dir, restart_schedule
         self.seed, self.link_init = seed, link_init
+        self.keep_reference = keep_reference  # None: when the Trainer's args have a beta (DPO, KTO, GRPO)
         self.knots: list[Knot] = []
         self.link, self.link_start = 0, 0
         self.policy: KnotPolicy | None = None
@@ -98,6 +107,7 @@ class ChainCallback(TrainerCallback):
             print(f"[lorachain] {note}", file=sys.stderr)
         if self.seed is None:
             self.seed = args.seed
+        self._check_reference(args, model)
         self._total = state.max_steps
         spe = max(1, math.ceil(state.max_steps / max(1e-9, float(state.num_train_epochs or 1))))
         self.policy = make_policy(self.chain, self._total, spe)
@@ -154,9 +164,9 @@ class ChainCallback(TrainerCallback):
             knot = tie_on_shards(model, self.link, state.global_step, link.rank, link.alpha, reason)
         else:
             knot = tie_knot(
-                model, self.link, state.global_step, link.rank, link.alpha, reason, None, merge_quantized
+                model, self.link, state.global_step, link.rank, link.alpha, reason, None, self._merge(model)
             )
-        self.knots.append(knot)  # (merge_quantized: a side path on a quantized base, else apply_factors)
+        self.knots.append(knot)
         self.link, self.link_start = self.link + 1, state.global_step
         nxt = self.chain.links[self.link]
         start_link(model, optimizer, nxt.rank, nxt.alpha, self.chain.init, self._generator())
@@ -166,6 +176,21 @@ class ChainCallback(TrainerCallback):
             restart_schedule(lr_scheduler, self.link_start, self._link_end() - self.link_start, self._total)
         if state.is_world_process_zero:
             print(f"[lorachain] knot {self.link - 1} at step {state.global_step} ({reason})", file=sys.stderr)
+
+    def _merge(self, model) -> Callable:
+        """How a knot adds a link: beside the weights, off in the reference (`chain.reference`), or
+        into them (`merge_quantized`: a side path on a quantized base, else `apply_factors`)."""
+        return keep_links(model) if self.keep_reference else merge_quantized
+
+    def _check_reference(self, args, model) -> None:
+        """Keep the reference (the adapter-off model) the starting model when the Trainer uses one."""
+        if self.keep_reference is None:
+            self.keep_reference = uses_reference(args)
+        if self.keep_reference and sharded(model):
+            raise ConfigError(
+                "ChainCallback: keeping the reference (a preference trainer's adapter-off model) is not "
+                "supported under FSDP2; use DDP, or precompute_ref_log_probs=True and keep_reference=False"
+            )
 
     def _generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else 0
@@ -189,6 +214,7 @@ class ChainCallback(TrainerCallback):
             if getattr(config.task_type, "value", None) == "SEQ_CLS"
             else "causal_lm",
             "target_modules": sorted(config.target_modules),
+            "keep_reference": bool(self.keep_reference),
         }
 
     def on_save(self, args, state, control, model=None, **kw):
@@ -213,6 +239,8 @@ class ChainCallback(TrainerCallback):
             checkpoint = get_last_checkpoint(trainer.args.output_dir)
             if checkpoint is None:
                 raise ConfigError(f"{trainer.args.output_dir}: no checkpoint to resume from")
+        if self.keep_reference is None:
+            self.keep_reference = uses_reference(trainer.args)
         self._restore(Path(checkpoint), trainer.model)
         self._resume_from = str(checkpoint)
         return str(checkpoint)
@@ -230,8 +258,9 @@ class ChainCallback(TrainerCallback):
                 f"{path}: the model's base weights are not the ones this run started from "
                 "(already holding knots?); build the model afresh before resuming"
             )
+        merge = apply_on_shards if sharded(model) else self._merge(model)
         for knot in knots:
-            (apply_on_shards if sharded(model) else merge_quantized)(model.base_model.model, knot.factors)
+            merge(model.base_model.model, knot.factors)
         self.knots, self.link, self.link_start = knots, meta["link"], meta["link_start"]
         self.base_fingerprint, self._step, self._policy_state = (
             meta["base_fingerprint"],
