@@ -78,11 +78,13 @@ def lora_config(
     link: LinkConfig, chain: ChainConfig, targets: list[str], fan_in_fan_out: bool, task: str
 ) -> LoraConfig:
     """The PEFT LoraConfig of one link. PEFT refuses a LoRA bias with Gaussian init, so that case is
-    built with PEFT's default init and `extend(..., gaussian=True)` re-draws A."""
-    gaussian = chain.init == "gaussian" and chain.bias == "none"
+    built with PEFT's default init and `extend(..., gaussian=True)` re-draws A. Links that start away
+    from zero (`chain/init.py`) are built Gaussian and then set."""
+    gaussian = (link.init or chain.init) != "kaiming" and chain.bias == "none"
     return LoraConfig(
         r=link.rank,
         lora_alpha=link.alpha,
+        use_rslora=chain.use_rslora,
         target_modules=targets,
         lora_dropout=chain.dropout,
         lora_bias=chain.bias == "lora_only",

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from lorachain.config.base import check
 
 BIASES = ("none", "lora_only")
-INITS = ("gaussian", "kaiming")
+# how a link starts (chain/init.py): PEFT's A random, B = 0 (gaussian, kaiming), or from the weight's
+# SVD (pissa) or QR (olora), or from the SVD of the loss gradient (gradient, LoRA-GA)
+INITS = ("gaussian", "kaiming", "pissa", "olora", "gradient")
+MOVING_INITS = ("pissa", "olora", "gradient")  # start away from zero: need the full-precision weights
 
 
 @dataclass
@@ -23,9 +26,11 @@ class LinkConfig:
     steps: int | None = None
     epochs: float | None = None
     fraction: float | None = None
+    init: str | None = None  # this link's start (one of INITS); None: chain.init
 
     def __post_init__(self) -> None:
         check(self.rank > 0, f"chain.links: rank must be > 0, got {self.rank}")
+        check(self.init in (None, *INITS), f"chain.links: init must be one of {INITS}, got {self.init!r}")
         check(self.alpha > 0, f"chain.links: alpha must be > 0, got {self.alpha}")
         shares = [s for s in (self.steps, self.epochs, self.fraction) if s is not None]
         check(len(shares) <= 1, "chain.links: give at most one of steps, epochs, fraction")
@@ -56,7 +61,11 @@ class ChainConfig:
     target_modules: list[str] | None = None  # None: PEFT's default for the architecture
     dropout: float = 0.05
     bias: str = "none"  # none | lora_only (a bias on each LoRA, merged into the layer's bias)
-    init: str = "gaussian"  # init of A: gaussian (the paper, after Hu et al.) | kaiming (PEFT)
+    # how each link starts: gaussian (the paper, after Hu et al.) | kaiming (PEFT) | pissa | olora |
+    # gradient (LoRA-GA); a link's own `init` overrides it
+    init: str = "gaussian"
+    init_batches: int = 4  # gradient: training batches the loss gradient is averaged over
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (rsLoRA)
     knot: KnotConfig = field(default_factory=KnotConfig)
     method: str = "lora"  # lora (a chain of LoRA) | full (full fine-tuning baseline, one link)
 
@@ -67,3 +76,13 @@ class ChainConfig:
         check(0 <= self.dropout < 1, f"chain.dropout: expected [0, 1), got {self.dropout}")
         check(self.bias in BIASES, f"chain.bias: expected one of {BIASES}, got {self.bias!r}")
         check(self.init in INITS, f"chain.init: expected one of {INITS}, got {self.init!r}")
+        check(self.init_batches >= 1, f"chain.init_batches: expected >= 1, got {self.init_batches}")
+
+    def link_init(self, i: int) -> str:
+        """How link `i` starts: its own `init`, else `chain.init`."""
+        return self.links[i].init or self.init
+
+    def moving_inits(self) -> list[str]:
+        """The keys of links that start away from zero (they move the base, so need its weights)."""
+        keys = [f"chain.links.{i}.init" for i, link in enumerate(self.links) if link.init in MOVING_INITS]
+        return (["chain.init"] if self.init in MOVING_INITS else []) + keys

@@ -42,6 +42,12 @@ class RunConfig:
                 "into the full-precision base instead",
             )
             check(self.chain.method == "lora", "chain.method: full fine-tuning cannot train a quantized base")
+            for key in self.chain.moving_inits():
+                check(
+                    False,
+                    f"{key}: a link that starts from the weights or their gradient needs the full-"
+                    f"precision base; model.quantization {self.model.quantization} has none (use gaussian)",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {"lorachain_version": __version__, **dataclasses.asdict(self)}

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from lorachain.chain.export import head_state, save_chain, write_adapter, write_merged
+from lorachain.chain.init import learned, load_start, save_start, start_link
 from lorachain.chain.knot import Knot, extend, lora_config, tie_knot, trainable_state, unload
 from lorachain.chain.policy import KnotPolicy, make_policy
 from lorachain.chain.shards import apply_on_shards, tie_on_shards
@@ -27,6 +29,7 @@ from lorachain.io import write_json
 from lorachain.training import resume
 from lorachain.training.checkpointing import enable_checkpointing
 from lorachain.training.evaluate import evaluate
+from lorachain.training.gradients import check_fits, layer_gradients
 from lorachain.training.precision import restore_masters
 from lorachain.training.resume import CHECKPOINT, State
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
@@ -63,16 +66,14 @@ class Trainer:
         if self.cfg.train.gradient_checkpointing:
             enable_checkpointing(self.model)  # idempotent; kept through knots and unload
         if self.full:
-            self.peft, self.modules_to_save = self.model, []
+            self.peft, self.modules_to_save, self.start = self.model, [], {}
             self.model.requires_grad_(True)
         else:
-            config = lora_config(
-                link, self.cfg.chain, self.s.targets, self.s.fan_in_fan_out, self.cfg.model.task
-            )
-            self.peft = extend(self.model, config, gaussian=self.cfg.chain.init == "gaussian")
+            self.peft = self.new_link(st, link)
             self.modules_to_save = list(self.peft.peft_config["default"].modules_to_save or [])
         self.net = self.dist.wrap(self.peft)  # DDP over this link's parameters (itself on one process)
-        self.opt = make_optimizer(trainable(self.peft), self.cfg.optim)
+        fast = [p for n, p in self.peft.named_parameters() if p.requires_grad and ".lora_B." in n]
+        self.opt = make_optimizer(trainable(self.peft), self.cfg.optim, fast)
         if len(st.links) <= st.link:
             n_train = sum(p.numel() for p in trainable(self.peft))
             st.links.append(
@@ -89,6 +90,26 @@ class Trainer:
                 }
             )
 
+    def new_link(self, st: State, link) -> PeftModel:
+        """The base wrapped with link `st.link`, started as its init says (chain/init.py); a resumed
+        link gets the start factors it was first given."""
+        kind = self.cfg.chain.link_init(st.link)
+        path = self.out / f"link{st.link}_start.pt"
+        saved = load_start(path)
+        grads = None
+        if kind == "gradient" and saved is None:  # on the base, before the link wraps it
+            check_fits(self.model, self.s.targets)
+            pad = self.s.tokenizer.pad_token_id
+            grads = layer_gradients(
+                self.model, self.s.targets, self.data.train, self.cfg, st.step, self.prec, pad
+            )
+        config = lora_config(link, self.cfg.chain, self.s.targets, self.s.fan_in_fan_out, self.cfg.model.task)
+        peft = extend(self.model, config, gaussian=kind == "gaussian")
+        self.start = start_link(peft, kind, self.s.masters, self.s.merge, grads, saved)
+        if self.start and saved is None and self.dist.main:
+            save_start(path, self.start)
+        return peft
+
     def tie(self, st: State, reason: str) -> None:
         """Tie a knot: merge the link into the base, evaluate, record; extend unless finished."""
         t0 = time.perf_counter()
@@ -100,6 +121,8 @@ class Trainer:
                 knot = tie_knot(
                     self.peft, st.link, st.step, link.rank, link.alpha, reason, self.s.masters, self.s.merge
                 )
+            if self.start:  # a link that started away from zero learned s·(B·A − B₀·A₀): rank 2r
+                knot.factors, knot.rank = learned(knot.factors, self.start), 2 * link.rank
             st.knots.append(knot)
             st.links[st.link]["knot_rounding"] = knot.rounding
             self.model = unload(self.peft)
@@ -159,6 +182,8 @@ class Trainer:
         if loaded is None:
             if self.dist.main:
                 resume.clear(self.out)
+                for path in self.out.glob("link*_start.pt"):  # a previous run's
+                    path.unlink()
             st = State()
             self.extend(st)
             return st
@@ -316,6 +341,8 @@ class Trainer:
 
         plot_runs({self.out.name or "run": self.out}, self.out / "loss.png")
         (self.out / CHECKPOINT).unlink(missing_ok=True)
+        for path in self.out.glob("link*_start.pt"):
+            path.unlink()
         return summary
 
 

@@ -173,6 +173,11 @@ def check_parallel(cfg, dist: Dist) -> None:
             "model.quantization: a bitsandbytes base is not sharded by fsdp yet (FSDP2 drops Params4bit's "
             "quant state, axolotl#2992); use ddp"
         )
+    if cfg.chain.moving_inits():
+        raise ConfigError(
+            f"{cfg.chain.moving_inits()[0]}: fsdp ties knots on shards, and a link that starts away from "
+            "zero is not sharded yet; use gaussian or kaiming, or ddp"
+        )
     if cfg.export_merged:
         raise ConfigError(
             "export_merged: not written from an fsdp run yet (merge adapter/ into the base afterwards)"

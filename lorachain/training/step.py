@@ -21,8 +21,18 @@ from lorachain.training.parallel import Dist
 from lorachain.training.precision import FP32, Precision
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """A fresh base optimizer (no state): AdamW, SGD or AdaGrad."""
+def make_optimizer(
+    params: list[nn.Parameter], cfg: OptimConfig, fast: list[nn.Parameter] = ()
+) -> torch.optim.Optimizer:
+    """A fresh base optimizer (no state): AdamW, SGD or AdaGrad. With `optim.loraplus_lr_ratio`, the
+    `fast` parameters (the B factors: LoRA+) get their own group whose lr is that many times the
+    schedule's (`lr_ratio`, applied by `run_steps`)."""
+    if cfg.loraplus_lr_ratio and fast:
+        ids = {id(p) for p in fast}
+        params = [
+            {"params": [p for p in params if id(p) not in ids], "lr_ratio": 1.0},
+            {"params": [p for p in params if id(p) in ids], "lr_ratio": cfg.loraplus_lr_ratio},
+        ]
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
@@ -92,7 +102,7 @@ def run_steps(
     step = start
     while step < end:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step) * group.get("lr_ratio", 1.0)
         batches = list(micro_batches(examples, step, t.batch_size, t.grad_accum, t.seed))
         units = sum(loss_units(e, classifier) for chunk in batches for e in chunk)
         if units == 0:  # nothing to learn from: no update, and reported as such (loss NaN), never 0

@@ -1,0 +1,76 @@
+"""The loss gradient with respect to the target weights of a frozen base, for links that start
+where the gradient points (`chain.init: gradient`, chain/init.py).
+
+The gradient of a whole weight costs that weight's memory: only the target layers' weights take a
+gradient, and the run is refused in one line before it starts when those gradients cannot fit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorachain.config import ConfigError, RunConfig
+from lorachain.data import collate, micro_batches
+from lorachain.models import device_of
+from lorachain.training.memory import GIB, available_bytes
+from lorachain.training.precision import Precision
+from lorachain.training.step import loss_units, summed_loss
+
+
+def target_weights(model: nn.Module, targets: list[str]) -> dict[str, nn.Parameter]:
+    """The weights of the target layers by module name (the names LoRA layers get)."""
+    return {
+        n: m.weight
+        for n, m in model.named_modules()
+        if n.split(".")[-1] in targets and isinstance(getattr(m, "weight", None), nn.Parameter)
+    }
+
+
+def check_fits(model: nn.Module, targets: list[str], available: float | None = None) -> None:
+    """One ConfigError line when the target weights' fp32 gradients cannot fit in memory."""
+    need = sum(w.numel() * 4 for w in target_weights(model, targets).values())
+    have = available_bytes() if available is None else available
+    if need > 0.5 * have:
+        raise ConfigError(
+            f"chain.init: gradient needs {need / GIB:.1f} GiB for the target weights' gradients and "
+            f"{have / GIB:.1f} GiB is available; use fewer target_modules or pissa/gaussian"
+        )
+
+
+def layer_gradients(
+    model: nn.Module,
+    targets: list[str],
+    examples: list,
+    cfg: RunConfig,
+    step: int,
+    prec: Precision,
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """Mean loss gradient (fp32) w.r.t. each target weight over the `chain.init_batches` training
+    batches from `step` on: the batches the link will train on first, the same on every rank."""
+    t, classifier = cfg.train, cfg.model.task == "classification"
+    weights = target_weights(model, targets)
+    device = device_of(model)
+    was = {n: w.requires_grad for n, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+        w.grad = None
+    try:
+        batches = [
+            chunk
+            for k in range(cfg.chain.init_batches)
+            for chunk in micro_batches(examples, step + k, t.batch_size, t.grad_accum, t.seed)
+        ]
+        units = max(1, sum(loss_units(e, classifier) for chunk in batches for e in chunk))
+        for chunk in batches:
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id, classifier).items()}
+            with prec.autocast():
+                loss = summed_loss(model, batch, classifier) / units
+            with prec.matmuls():
+                loss.backward()
+        return {n: w.grad.detach().float().cpu() for n, w in weights.items() if w.grad is not None}
+    finally:
+        for n, w in weights.items():
+            w.grad = None
+            w.requires_grad_(was[n])

@@ -1,0 +1,156 @@
+"""Link kinds (chain/init.py): every start keeps the chain exact, the function is unchanged when a
+link starts, and a `gradient` link's first step moves along the gradient's top singular direction."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import run_config, tiny_model
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from lorachain.chain.export import load_chain
+from lorachain.chain.init import learned, start_link
+from lorachain.chain.knot import apply_factors, extend, layer_factors, lora_layers, total_delta
+from lorachain.config import ConfigError, LinkConfig, RunConfig, from_dict
+from lorachain.data import collate, load_examples, micro_batches
+from lorachain.training.gradients import check_fits, layer_gradients
+from lorachain.training.loop import train
+from lorachain.training.precision import FP32
+from lorachain.training.step import loss_units, summed_loss
+
+X = torch.tensor([[2, 5, 9, 14, 22, 7, 30, 31]])
+
+
+def _cfg(tmp_path, toy_data, name, **over) -> RunConfig:
+    over.setdefault("chain__links", [{"rank": 2, "alpha": 4}, {"rank": 2, "alpha": 4}])
+    raw = run_config(tmp_path, toy_data, "llama", output_dir=str(tmp_path / name), **over)
+    raw["train"].update(max_steps=6, batch_size=8, save_every=100)
+    return from_dict(RunConfig, raw)
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        {"init": "gaussian"},
+        {"init": "kaiming"},
+        {"init": "pissa"},
+        {"init": "olora"},
+        {"init": "gradient", "init_batches": 2},
+        {"init": "gaussian", "use_rslora": True},
+    ],
+)
+def test_every_link_kind_keeps_the_chain_exact(tmp_path, toy_data, tokenizer, chain):
+    """The trained model equals the base plus what each knot recorded, and the one-adapter export."""
+    links = [{"rank": 2, "alpha": 4}, {"rank": 2, "alpha": 4, "init": "olora"}]
+    cfg = _cfg(
+        tmp_path,
+        toy_data,
+        "run",
+        chain__links=links,
+        chain__dropout=0.0,
+        **{f"chain__{k}": v for k, v in chain.items()},
+    )
+    result = train(cfg, tiny_model("llama"), tokenizer, progress=False)
+    knots, _, _ = load_chain(tmp_path / "run" / "chain.safetensors")
+    moving = chain["init"] in ("pissa", "olora", "gradient")
+    assert [k.rank for k in knots] == [4 if moving else 2, 4]  # the olora link learned rank 2r
+    rebuilt = tiny_model("llama")
+    apply_factors(rebuilt, total_delta(knots))
+    adapter = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "run" / "adapter")).eval()
+    with torch.no_grad():
+        trained = result.model.eval()(input_ids=X).logits
+        assert (trained - rebuilt(input_ids=X).logits).abs().max() < 1e-5
+        assert (trained - adapter(input_ids=X).logits).abs().max() < 1e-5
+        assert (trained - tiny_model("llama")(input_ids=X).logits).abs().max() > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("kind", ["pissa", "olora", "gradient"])
+def test_the_function_is_unchanged_when_a_link_starts(kind):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        before = model(input_ids=X).logits
+    grads = None
+    if kind == "gradient":
+        w = {
+            n: torch.randn_like(m.weight)
+            for n, m in model.named_modules()
+            if n.endswith(("q_proj", "v_proj"))
+        }
+        grads = w
+    peft = extend(
+        model,
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"),
+    )
+    start = start_link(peft, kind, {}, apply_factors, grads)
+    assert start and all(f.B.abs().max() > 0 for f in start.values())  # away from zero
+    with torch.no_grad():
+        assert (peft(input_ids=X).logits - before).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["pissa", "olora"])
+def test_pissa_and_olora_starts_match_peft(kind):
+    ours = extend(tiny_model("llama"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    start_link(ours, kind, {}, apply_factors)
+    theirs = get_peft_model(
+        tiny_model("llama"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=kind)
+    )
+    for (name, a), (_, b) in zip(lora_layers(ours).items(), lora_layers(theirs).items(), strict=True):
+        fa, fb = layer_factors(a), layer_factors(b)
+        assert (fa.B @ fa.A - fb.B @ fb.A).abs().max() < 1e-5, name
+        assert (a.base_layer.weight - b.base_layer.weight).abs().max() < 1e-5, name
+
+
+def test_a_gradient_link_first_step_moves_along_the_top_singular_direction(tmp_path, toy_data, tokenizer):
+    cfg = _cfg(tmp_path, toy_data, "g", chain__init="gradient", chain__init_batches=1)
+    cfg.train.grad_accum = 1
+    model = tiny_model("llama")
+    examples = load_examples(cfg.data.train, cfg.data, tokenizer, False)
+    grads = layer_gradients(model, ["q_proj", "v_proj"], examples, cfg, 0, FP32, tokenizer.pad_token_id)
+    peft = extend(
+        model,
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"),
+    )
+    start = start_link(peft, "gradient", {}, apply_factors, grads)
+    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
+    (chunk,) = micro_batches(examples, 0, cfg.train.batch_size, 1, cfg.train.seed)  # the batches G came from
+    batch = collate(chunk, tokenizer.pad_token_id, False)
+    units = sum(loss_units(e, False) for e in chunk)
+    (summed_loss(peft, batch, False) / units).backward()
+    opt.step()
+    after = {n: layer_factors(layer) for n, layer in lora_layers(peft).items()}
+    for name, moved in learned(after, start).items():
+        delta = moved.scale * moved.B @ moved.A  # what the first step did to the weight
+        U, _, Vh = torch.linalg.svd(delta)
+        Ug, _, Vhg = torch.linalg.svd(-grads[name])
+        assert abs(float(U[:, 0] @ Ug[:, 0])) > 0.99 and abs(float(Vh[0] @ Vhg[0])) > 0.99, name
+        assert float(U[:, 0] @ delta @ Vh[0]) * float(Ug[:, 0] @ -grads[name] @ Vhg[0]) > 0  # downhill
+
+
+def test_link_kinds_refuse_what_they_cannot_do(tmp_path, toy_data):
+    with pytest.raises(ConfigError, match=r"^chain\.init: .*full-precision base; model.quantization nf4"):
+        _cfg(tmp_path, toy_data, "q", chain__init="pissa", model__quantization="nf4")
+    links = [{"rank": 2}, {"rank": 2, "init": "gradient"}]
+    with pytest.raises(ConfigError, match=r"^chain\.links\.1\.init: "):
+        _cfg(tmp_path, toy_data, "q", chain__links=links, model__quantization="nf4")
+    with pytest.raises(ConfigError, match="chain.links: init must be one of"):
+        LinkConfig(init="svd")
+    with pytest.raises(ConfigError, match=r"chain\.init: gradient needs .* GiB"):
+        check_fits(tiny_model("llama"), ["q_proj", "v_proj"], available=1000.0)
+    assert (
+        copy.deepcopy(_cfg(tmp_path, toy_data, "ok", chain__init="gradient")).chain.link_init(1) == "gradient"
+    )
+
+
+def test_loraplus_gives_b_factors_a_faster_lr(tmp_path, toy_data, tokenizer):
+    from lorachain.training.loop import Trainer
+
+    cfg = _cfg(tmp_path, toy_data, "lp", optim__loraplus_lr_ratio=16.0)
+    trainer = Trainer(cfg, tiny_model("llama"), tokenizer, progress=False)
+    trainer.run(stop_after=1)
+    slow, fast = trainer.opt.param_groups
+    assert fast["lr"] == pytest.approx(16 * slow["lr"]) and slow["lr"] > 0
+    names = {id(p): n for n, p in trainer.peft.named_parameters()}
+    assert all(".lora_B." in names[id(p)] for p in fast["params"])
+    assert all(".lora_A." in names[id(p)] for p in slow["params"])
