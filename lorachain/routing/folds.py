@@ -147,12 +147,12 @@ class Fitter:
         return select
 
     def _lora(self, work: Path, labels: list[str]):
-        from lorachain.models import load_model
         from lorachain.routing.runs import adapter_runs
         from lorachain.training.loop import train
+        from lorachain.training.setup import load_base
 
         if "model" not in self.cache:
-            model = load_model(self.cfg.model)
+            model = load_base(self.cfg.model)
             self.cache["model"] = model
             self.cache["pristine"] = {n: p.detach().clone() for n, p in model.state_dict().items()}
         model, tok = self.cache["model"], self._tokenizer()

@@ -15,7 +15,7 @@ import torch
 from lorachain.config import ConfigError
 from lorachain.data import DataError
 from lorachain.io import atomic_dir, write_text
-from lorachain.models import load_model, load_tokenizer, resolve_path
+from lorachain.models import load_tokenizer, resolve_path
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
 from lorachain.routing.runs import adapter_runs, chat_templates
@@ -33,6 +33,7 @@ from lorachain.store import (
 )
 from lorachain.training.loop import train
 from lorachain.training.parallel import init_dist
+from lorachain.training.setup import load_base
 
 
 def row_dict(r: InstructionRow) -> dict:
@@ -144,7 +145,7 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
         write_splits(cfg, root, split, labels, rejected)
     dist.barrier()  # the other ranks read the split files rank 0 wrote
     tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
-    model = model if model is not None else load_model(cfg.model)
+    model = model if model is not None else load_base(cfg.model)
     pristine = {n: p.detach().clone() for n, p in model.state_dict().items()}
     manifest = Manifest(
         base_model={
