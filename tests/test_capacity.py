@@ -118,8 +118,25 @@ def test_the_grid_runs_the_capacity_task_with_a_curve(tmp_path, char_model_dir):
     assert {"char_acc", "em", "score"} <= set(row["test"]) and row["test"]["score"] == row["test"]["char_acc"]
     assert [c["step"] for c in row["curve"]] == [2, 4]  # the end is the test score, not a curve point
     assert all(0 <= c["token_acc"] <= 1 and 0 <= c["seq_acc"] <= 1 for c in row["curve"])
+    report = (tmp_path / "exp" / "report.md").read_text()
+    assert "## Capacity: capacity" in report and "| `lora` | 1 |" in report
+    assert (tmp_path / "exp" / "curves_capacity.png").stat().st_size > 1000
     bad = cfg.paths | {"capacity": {"n": 300, "key_len": 2}}
     with pytest.raises(DataError, match="capacity.n"):
         run_experiment(
             from_dict(ExperimentConfig, {**json.loads(cfg.to_json()), "paths": bad}), progress=False
         )
+
+
+def test_the_gap_closed_in_pairs_memorised():
+    from lorachain.experiment.capacity import closed
+
+    def entry(em):
+        return {"rows": [{"seed": i, "test": {"em": v}} for i, v in enumerate(em)]}
+
+    chosen = {("c", "full"): entry([1.0, 0.9, 0.95]), ("c", "lora"): entry([0.1, 0.2, 0.15])}
+    chosen[("c", "chain")] = entry([0.5, 0.6, 0.55])
+    text = closed(chosen, "c", "full", "lora", "chain")
+    assert text.startswith("0.50 [") and float(text.split("[")[1].split(",")[0]) < 0.5
+    chosen[("c", "lora")] = entry([1.0, 0.9, 0.95])
+    assert closed(chosen, "c", "full", "lora", "chain") == "no gap"

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from lorachain.experiment import gap, gap_plot
+from lorachain.experiment import capacity, gap, gap_plot
 from lorachain.experiment.choose import (
     chosen_spec,
     comparisons,
@@ -45,6 +45,9 @@ def label(spec: dict) -> str:
         extras.append(f"{spec['knot_policy']} knots")
     if spec.get("restart_per_link"):
         extras.append("lr restarts")
+    extras += [x for x in (spec.get("init"), "rsLoRA" * bool(spec.get("rslora"))) if x]
+    if spec.get("loraplus"):
+        extras.append(f"LoRA+ x{spec['loraplus']:g}")
     return text + (f" [{', '.join(extras)}]" if extras else "")
 
 
@@ -349,8 +352,10 @@ def write_report(
     if not results:
         return out
     sections = [render(results, tasks, methods), gap.render(results, tasks, methods)]
+    sections.append(capacity.render(results, methods))
     write_text(out / "report.md", "\n".join(x.rstrip("\n") + "\n" for x in sections if x))
     plot(results, out)
     gap_plot.plot(results, out, tasks)
     plot_comparisons(results, out / "paired.png", tasks)
+    capacity.plot_curves(results, out)
     return out / "report.md"

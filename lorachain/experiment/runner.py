@@ -21,6 +21,7 @@ from lorachain.config import ConfigError, RunConfig, from_dict
 from lorachain.experiment import forgetting
 from lorachain.experiment.config import ExperimentConfig
 from lorachain.experiment.grid import cell_lock, collect, finished_precisions, prepare
+from lorachain.experiment.records import curve, link_kind
 from lorachain.io import write_json, write_text
 from lorachain.models import best_device
 from lorachain.tasks import Task, TaskExample, get_task
@@ -123,14 +124,6 @@ def run_config(cfg: ExperimentConfig, cell: Cell, task: Task, folder: Path, n_la
         merged["data"].update(prompt="{prompt}", target="{target}", label_field=None)
         merged["data"]["eos"] = task.kind == "generation"
     return from_dict(RunConfig, merged, f"methods.{cell.method}")
-
-
-def curve(metrics: Path) -> list[dict]:
-    """The run's evaluations during training (`train.eval_every`), one row per step, in order."""
-    if not metrics.is_file():
-        return []
-    rows = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
-    return [{"step": r["step"], **r["eval"]} for r in rows if "eval" in r]
 
 
 def _rows(examples: list[TaskExample], classifier: bool) -> list[dict]:
@@ -267,6 +260,7 @@ class Runner:
             }
             if run_cfg.optim.restart_per_link:  # ReLoRA's jagged schedule: a different method
                 row["spec"]["restart_per_link"] = True
+            row["spec"] |= link_kind(run_cfg)
             row["curve"] = curve(folder / "run" / "metrics.jsonl")
             row["knots"] = [
                 {k: link.get(k) for k in ("link", "rank", "end_step", "knot_reason", "final_loss")}

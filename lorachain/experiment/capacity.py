@@ -1,0 +1,130 @@
+"""The capacity task's report section (issue 42) and its accuracy-against-steps figure.
+
+For each memorisation task (`Task.memorise`): per method, at its validation-chosen lr, the pairs
+memorised (greedy exact match over every training key) and the value characters right, each as a
+mean with a 95% t-interval over seeds; the fraction of the full − LoRA gap in pairs memorised that
+each method closes (Fieller's interval, as `gap.py` does for the score); peak RSS and seconds per
+step against LoRA at the base rank; and `curves.png`, the teacher-forced share of whole values right
+on the fixed key subset every `train.eval_every` steps (exactly what greedy decoding would get there).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from lorachain.experiment.choose import chosen_spec, select
+from lorachain.experiment.gap import fieller
+from lorachain.experiment.paired import t975
+from lorachain.tasks import get_task
+from lorachain.tasks.capacity import CHANCE
+
+
+def _by_seed(entry: dict, key: str) -> dict[int, float]:
+    return {r["seed"]: r["test"][key] for r in entry["rows"] if key in r["test"]}
+
+
+def _interval(values: list[float]) -> str:
+    """mean [95% interval] x100, or the one value."""
+    if not values:
+        return "–"
+    m = 100 * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{m:.1f}"
+    half = 100 * t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{m:.1f} [{m - half:.1f}, {m + half:.1f}]"
+
+
+def roles(chosen: dict, task: str, methods: list[str]) -> tuple[str | None, str | None]:
+    """(full fine-tuning, LoRA at the lowest rank): the two ends of the gap."""
+    mine = [m for m in methods if (task, m) in chosen]
+    full = next((m for m in mine if chosen_spec(chosen, m).get("method") == "full"), None)
+    singles = [m for m in mine if len(chosen_spec(chosen, m).get("ranks", [])) == 1]
+    plain = [m for m in singles if not chosen_spec(chosen, m).get("init")] or singles
+    lora = min(plain, key=lambda m: chosen_spec(chosen, m)["ranks"][0], default=None)
+    return full, lora
+
+
+def closed(chosen: dict, task: str, full: str, lora: str, other: str, key: str = "em") -> str:
+    """The share of the full − LoRA gap in `key` that `other` closes, with Fieller's 95% interval."""
+    f, lo, o = (_by_seed(chosen[(task, m)], key) for m in (full, lora, other))
+    seeds = sorted(set(f) & set(lo) & set(o))
+    gaps = [f[s] - lo[s] for s in seeds]
+    gains = [o[s] - lo[s] for s in seeds]
+    if not gaps or statistics.fmean(gaps) <= 0:
+        return "no gap"
+    mean = statistics.fmean(gains) / statistics.fmean(gaps)
+    ci = fieller(gains, gaps)
+    if len(seeds) < 2:
+        return f"{mean:.2f} (1 seed)"
+    return f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{mean:.2f} (interval unbounded)"
+
+
+def _cost(chosen: dict, task: str, m: str) -> tuple[float, float]:
+    """(peak RSS MiB, seconds per training step), means over the chosen rows."""
+    rows = chosen[(task, m)]["rows"]
+    per_step = [r["cost"]["train_seconds"] / max(1, r["spec"].get("steps", 1)) for r in rows]
+    return chosen[(task, m)]["peak_rss_mb"], statistics.fmean(per_step)
+
+
+def section(chosen: dict, task: str, methods: list[str]) -> str:
+    full, lora = roles(chosen, task, methods)
+    mine = [m for m in methods if (task, m) in chosen]
+    head = "| method | seeds | pairs memorised (%) | value characters right (%) | gap closed (pairs) |"
+    head += " peak RSS vs LoRA | s/step vs LoRA |"
+    lines = [f"\n## Capacity: {task}\n", head, "|" + "---|" * 7]
+    base_rss, base_step = _cost(chosen, task, lora) if lora else (None, None)
+    for m in mine:
+        em, char = (list(_by_seed(chosen[(task, m)], k).values()) for k in ("em", "char_acc"))
+        gap = closed(chosen, task, full, lora, m) if full and lora and m not in (full, lora) else ""
+        rss, step = _cost(chosen, task, m)
+        ratio = (f"{rss / base_rss:.2f}", f"{step / base_step:.2f}") if base_rss else ("", "")
+        lines.append(
+            f"| `{m}` | {len(em)} | {_interval(em)} | {_interval(char)} | {gap} | {ratio[0]} | {ratio[1]} |"
+        )
+    lines.append(
+        f"\nChance: a model that writes values of the right form but knows no pair gets {100 * CHANCE:.2f}% "
+        "of the characters and (practically) no pair. Intervals: 95% t over seeds; the gap closed is "
+        "mean(method − LoRA) / mean(full − LoRA) in pairs memorised, with Fieller's interval. Costs are "
+        "grid cells' (two workers share the cores): the side-by-side benchmark gives the ratios to quote.\n"
+    )
+    return "\n".join(lines)
+
+
+def render(results: list[dict], methods: list[str] | None = None) -> str:
+    """The capacity sections of every memorisation task in `results` ('' when there is none)."""
+    chosen = select(results)
+    tasks = sorted({t for t, _ in chosen if get_task(t).memorise})
+    order = list(dict.fromkeys([*(methods or []), *sorted({m for _, m in chosen})]))
+    return "".join(section(chosen, t, order) for t in tasks)
+
+
+def plot_curves(results: list[dict], out: Path) -> list[Path]:
+    """`curves_<task>.png`: teacher-forced whole values right on the key subset against steps, one
+    line per method (mean over seeds at its chosen lr)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = select(results)
+    paths = []
+    for task in sorted({t for t, _ in chosen if get_task(t).memorise}):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for (t, m), entry in sorted(chosen.items()):
+            curves = [r.get("curve", []) for r in entry["rows"]]
+            if t != task or not curves[0]:
+                continue
+            steps = [c["step"] for c in curves[0]]
+            mean = [
+                statistics.fmean(c[i]["seq_acc"] for c in curves if len(c) > i) for i in range(len(steps))
+            ]
+            ax.plot(steps, [100 * v for v in mean], marker=".", label=f"{m} (lr {entry['lr']:g})")
+        ax.set(xlabel="optimizer step", ylabel="whole values right (%)", title=f"{task}: memorisation")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"curves_{task}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
