@@ -59,10 +59,32 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def estimate(cfg: RunConfig, config, model: nn.Module | None = None, seq: int | None = None) -> Estimate:
-    """Peak memory of training `cfg` on a model of transformers `config` (on one process), with
-    micro-batches `seq` tokens wide (default `data.max_length`; the loop passes its longest row)."""
+def estimate(
+    cfg: RunConfig, config, model: nn.Module | None = None, seq: int | None = None, world: int = 1
+) -> Estimate:
+    """Peak memory of training `cfg` on a model of transformers `config`, per process of `world`
+    (each takes batch_size / world rows; under fsdp it holds 1/world of the weights and gathers
+    two units, a layer and the next, at a time), with micro-batches `seq` tokens wide (default
+    `data.max_length`; the loop passes its longest row)."""
     model = model if model is not None else meta_model(config)
+    m, t = cfg.model, cfg.train
+    sharded = t.parallel == "fsdp" and world > 1
+    weights = weight_bytes(model, cfg, copies=not sharded)
+    if sharded:
+        weights = weights / world + 2 * max(unit_bytes(model, DTYPE_BYTES[m.dtype]), default=0.0)
+    rank = max(link.rank for link in cfg.chain.links)
+    targets = cfg.chain.target_modules or _default_targets(model)
+    lora = sum(
+        rank * (mod.in_features + mod.out_features)
+        for name, mod in model.named_modules()
+        if type(mod) is nn.Linear and name.split(".")[-1] in targets
+    )
+    return Estimate(weights, 16.0 * lora, activation_bytes(cfg, config, seq) / world)
+
+
+def weight_bytes(model: nn.Module, cfg: RunConfig, copies: bool = True) -> float:
+    """Bytes of the base's weights as the run holds them (4 or 8 bits a quantized Linear; `copies`:
+    with the autocast-dtype copies beside fp32 masters)."""
     m, t = cfg.model, cfg.train
     q = m.quantization
     full = DTYPE_BYTES[m.dtype]
@@ -79,16 +101,17 @@ def estimate(cfg: RunConfig, config, model: nn.Module | None = None, seq: int | 
                 weights += p.numel() * 4  # prepare_model_for_kbit_training keeps the rest in fp32
             else:
                 weights += p.numel() * full
-                if linear and t.precision in ("bf16", "fp16", "auto") and full == 4:
+                if copies and linear and t.precision in ("bf16", "fp16", "auto") and full == 4:
                     weights += p.numel() * 2  # the autocast-dtype copies beside the fp32 masters
-    rank = max(link.rank for link in cfg.chain.links)
-    targets = cfg.chain.target_modules or _default_targets(model)
-    lora = sum(
-        rank * (mod.in_features + mod.out_features)
-        for name, mod in model.named_modules()
-        if type(mod) is nn.Linear and name.split(".")[-1] in targets
-    )
-    return Estimate(weights, 16.0 * lora, activation_bytes(cfg, config, seq))
+    return weights
+
+
+def unit_bytes(model: nn.Module, elem: int) -> list[float]:
+    """Bytes of each unit fsdp gathers whole: every decoder layer, the embeddings, the head."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    units += [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return [float(sum(p.numel() for p in u.parameters()) * elem) for u in units]
 
 
 def _default_targets(model: nn.Module) -> list[str]:
@@ -136,34 +159,45 @@ FIXES = (  # cumulative settings tried, in order, for the "would fit" advice
 )
 
 
-def check_memory(cfg: RunConfig, config, available: float | None = None, seq: int | None = None) -> Estimate:
-    """The estimate for `cfg`; one ConfigError line if it exceeds the `available` memory."""
+def check_memory(
+    cfg: RunConfig, config, available: float | None = None, seq: int | None = None, world: int = 1
+) -> Estimate:
+    """The estimate for `cfg` per process of `world`; one ConfigError line if it exceeds the
+    `available` memory."""
     available = available_bytes() if available is None else available
     model = meta_model(config)
-    est = estimate(cfg, config, model, seq)
+    est = estimate(cfg, config, model, seq, world)
     if est.total <= available:
         return est
+    sharded = cfg.train.parallel == "fsdp" and world > 1
     tried, advice = cfg, "no setting tried fits (use a smaller model or a bigger machine)"
     changes = []
     for label, section, name, value in FIXES:
-        if getattr(getattr(tried, section), name) == value:
-            continue
+        if getattr(getattr(tried, section), name) == value or (sharded and name == "quantization"):
+            continue  # (fsdp does not shard a quantized base)
         part = dataclasses.replace(getattr(tried, section), **{name: value})
         tried = dataclasses.replace(tried, **{section: part})
         changes.append(f"{label}={str(value).lower()}")
-        fit = estimate(tried, config, model, seq)
+        fit = estimate(tried, config, model, seq, world)
         if fit.total <= available:
             advice = f"would fit with {' '.join(changes)} (about {fit.total / GIB:.1f} GiB)"
             break
+    if sharded and advice.startswith("no setting"):
+        sizes = (2 * world, 4 * world, 8 * world)
+        more = next((w for w in sizes if estimate(tried, config, model, seq, w).total <= available), None)
+        if more:
+            advice = f"would fit on {more} processes with {' '.join(changes) or 'these settings'}"
+    where = f" per process (fsdp: 1/{world} of the weights each)" if sharded else ""
+    where = where or (" per process" if world > 1 else "")
     raise ConfigError(
-        f"model.name_or_path: training {cfg.model.name_or_path} needs about {est.describe()}, but "
+        f"model.name_or_path: training {cfg.model.name_or_path} needs about {est.describe()}{where}, but "
         f"{available / GIB:.1f} GiB is available; {advice} (train.check_memory=false skips this check)"
     )
 
 
-def check_before_load(cfg: RunConfig, seq: int | None = None) -> Estimate | None:
-    """`check_memory` for the model `cfg` names, from its config file alone (None: no estimate for
-    this architecture)."""
+def check_before_load(cfg: RunConfig, seq: int | None = None, world: int = 1) -> Estimate | None:
+    """`check_memory` for the model `cfg` names, from its config file alone, per process of `world`
+    (None: no estimate for this architecture)."""
     from transformers import AutoConfig
 
     from lorachain.models import resolve_path
@@ -173,4 +207,4 @@ def check_before_load(cfg: RunConfig, seq: int | None = None) -> Estimate | None
         meta_model(config)
     except (OSError, ValueError, KeyError, AttributeError):
         return None  # load_model reports an unloadable model itself
-    return check_memory(cfg, config, seq=seq)
+    return check_memory(cfg, config, seq=seq, world=world)

@@ -140,15 +140,23 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_base(model: nn.Module, offload: bool = False) -> nn.Module:
-    """Shard `model` (the frozen base, before any LoRA) in place with FSDP2: each decoder layer,
-    then the root (embeddings, norms, head). Its weights become DTensors holding 1/world of the
-    rows on each rank; a forward gathers one layer at a time."""
+    """Shard `model` (the frozen base, before any LoRA) in place with FSDP2: each decoder layer, the
+    input embeddings and the head when they are not tied (each gathered only while it runs), then the
+    root. Its weights become DTensors holding 1/world of the rows on each rank; a forward gathers one
+    unit at a time. The device mesh is given explicitly (gloo on CPU, NCCL on GPUs)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
-    for layer in decoder_layers(model):
-        fully_shard(layer, offload_policy=policy)
-    fully_shard(model, offload_policy=policy)
+    units = decoder_layers(model)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is not None and out is not None and out.weight is not inp.weight:  # tied: both in the root
+        units += [inp, out]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)
     return model
 
 

@@ -34,6 +34,7 @@ from lorachain.training.memory import check_before_load
 from lorachain.training.parallel import Dist, check_parallel, init_dist, shard_base
 from lorachain.training.precision import Precision, attention, compute_copies, resolve
 from lorachain.training.quantization import is_quantized, load_kwargs, quantized_base
+from lorachain.training.sharded import is_sharded, load_sharded
 
 
 @dataclass
@@ -74,8 +75,11 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
     data = load_data(cfg, tokenizer)
     if model is None:
         if cfg.train.check_memory:
-            check_before_load(cfg, max((len(e.input_ids) for e in data.train), default=None))
-        model = load_base(cfg.model, num_labels(cfg))
+            check_before_load(cfg, max((len(e.input_ids) for e in data.train), default=None), dist.world)
+        if dist.sharded:  # built on meta, sharded, each rank reads its own rows (training/sharded.py)
+            model = load_sharded(cfg.model, dist, cfg.train.fsdp_offload)
+        else:
+            model = load_base(cfg.model, num_labels(cfg))
     model, merge = quantize(model, cfg.model)
     if cfg.train.gradient_checkpointing:
         check_checkpointing(model)
@@ -92,7 +96,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
     # (fsdp: the fp32 shards are the masters; autocast casts each matmul's copy)
     masters = {} if full or dist.sharded else compute_copies(model, prec)
     n_params = sum(p.numel() for p in model.parameters())
-    if dist.sharded:
+    if dist.sharded and not is_sharded(model):
         shard_base(model, cfg.train.fsdp_offload)
     return Setup(
         dist, tokenizer, data, model, merge, prec, attn, targets, fan, masters, n_params, notes(prec)
@@ -130,8 +134,9 @@ def quantize(model: nn.Module, mcfg: ModelConfig) -> tuple[nn.Module, Callable]:
 
 
 def place(model: nn.Module) -> None:
-    """Move the model to this process's device (bitsandbytes layers are placed as they load)."""
-    if not is_quantized(model):
+    """Move the model to this process's device (bitsandbytes layers and fsdp shards are placed as
+    they load)."""
+    if not is_quantized(model) and not is_sharded(model):
         model.to(best_device())
 
 

@@ -1,0 +1,245 @@
+"""Sharded loading for `train.parallel: fsdp`: no rank ever holds the whole model.
+
+The model is built on the meta device (parameters without memory; buffers such as RoPE's `inv_freq`
+computed on the CPU at construction), sharded with FSDP2 (`parallel.shard_base`), materialised with
+`to_empty` (only this rank's rows are allocated), its buffers put back, and then each rank fills its
+own rows from the safetensors files:
+
+- `read` (the default): each rank reads the byte ranges of its own rows straight into its shard
+  (`readinto`, no mmap, so no file-backed pages stay counted in its RSS either);
+- `broadcast`: rank 0 reads each tensor and scatters the rows (for ranks that cannot see the files).
+
+GGUF files and hub ids are converted or downloaded to a safetensors folder first (rank 0, then the
+others). A folder without safetensors is loaded whole and sharded after, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorachain.chain.shards import local_rows
+from lorachain.config import ConfigError, ModelConfig
+from lorachain.models import DTYPES, best_device, load_model, not_loadable, resolve_path
+from lorachain.training.parallel import Dist, shard_base
+
+LOADS = ("read", "broadcast")
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+BLOCK = 64 * 1024**2  # bytes read at a time when a tensor's file dtype differs from the model's
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lies in a safetensors file."""
+
+    file: Path
+    offset: int  # byte offset of its first element in the file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def read_header(file: Path) -> dict[str, Entry]:
+    """The tensors of one safetensors file, from its JSON header alone."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {
+        k: Entry(file, 8 + size + v["data_offsets"][0], ST_DTYPES[v["dtype"]], tuple(v["shape"]))
+        for k, v in header.items()
+    }
+
+
+def safetensors_index(folder: Path) -> dict[str, Entry] | None:
+    """Every tensor of the folder's safetensors checkpoint (one file or an index of shards); None if
+    the folder has no safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    entries: dict[str, Entry] = {}
+    for name in files:
+        entries.update(read_header(folder / name))
+    return entries or None
+
+
+def weights_folder(mcfg: ModelConfig, dist: Dist) -> Path:
+    """The local folder of the model `mcfg` names: GGUF converted, a hub id downloaded (rank 0 first,
+    so the others find it cached)."""
+    path = None
+    for turn in (0, 1):
+        if (dist.rank == 0) == (turn == 0):
+            path = resolve_path(mcfg)
+            if not Path(path).is_dir():
+                path = _download(path)
+        dist.barrier()
+    return Path(path)
+
+
+def _download(repo: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # offline, unknown id, no access: one line, as models.load_model says it
+        raise not_loadable(repo, "model", e) from None
+
+
+def build_on_meta(folder: Path, mcfg: ModelConfig) -> nn.Module:
+    """The causal LM of `folder`'s config with its parameters on meta (tied ones still tied) and its
+    buffers computed on the CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise not_loadable(str(folder), "model", e) from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[mcfg.dtype])
+    model.tie_weights()  # accelerate's meta parameters are new objects: tie them again
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        pass
+    return model.eval()
+
+
+def load_sharded(mcfg: ModelConfig, dist: Dist, offload: bool = False, how: str = "read") -> nn.Module:
+    """The base model `mcfg` names, sharded with FSDP2 as it loads (see the module docstring)."""
+    if how not in LOADS:
+        raise ConfigError(f"train.fsdp_load: expected one of {LOADS}, got {how!r}")
+    folder = weights_folder(mcfg, dist)
+    entries = safetensors_index(folder)
+    if entries is None:
+        warnings.warn(
+            f"{folder}: no safetensors; loading the whole model on every rank, then sharding", stacklevel=2
+        )
+        return shard_base(load_model(mcfg), offload)
+    model = build_on_meta(folder, mcfg)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    shard_base(model, offload)
+    model.to_empty(device="cpu" if offload else best_device())
+    with torch.no_grad():
+        for name, b in model.named_buffers():  # to_empty left them uninitialised (RoPE's inv_freq)
+            b.copy_(buffers[name])
+    fill_shards(model, entries, dist, how)
+    return model
+
+
+def checkpoint_key(model: nn.Module, name: str, entries: dict[str, Entry]) -> str:
+    """The checkpoint's name for parameter `name`: itself, with or without the base model prefix, or
+    a weight it is tied to."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    names = [name, name.removeprefix(prefix), prefix + name]
+    names += [s for t, s in tied.items() if t == name] + [t for t, s in tied.items() if s == name]
+    for key in names:
+        if key in entries:
+            return key
+    raise ConfigError(f"model.name_or_path: the checkpoint has no tensor for {name} (nor a tied one)")
+
+
+def fill_shards(model: nn.Module, entries: dict[str, Entry], dist: Dist, how: str = "read") -> None:
+    """Fill this rank's rows of every parameter (and checkpointed buffer) of `model` from `entries`."""
+    tensors = list(model.named_parameters()) + [
+        (n, b) for n, b in model.named_buffers() if n in entries
+    ]  # named_parameters gives tied weights once
+    for name, t in tensors:
+        entry = entries[checkpoint_key(model, name, entries)]
+        if tuple(entry.shape) != tuple(t.shape):
+            raise ConfigError(
+                f"model.name_or_path: {name} is {list(entry.shape)} in the checkpoint, {list(t.shape)} here"
+            )
+        target, start = local_rows(t)
+        with torch.no_grad():
+            if how == "broadcast" and dist.world > 1:
+                scatter_rows(entry, target, dist)
+            else:
+                read_rows(entry, start, target)
+
+
+def read_rows(entry: Entry, start: int, out: torch.Tensor) -> None:
+    """Read rows [start, start + len(out)) of `entry` into `out` (converting the dtype if needed)."""
+    if not out.numel():
+        return
+    if not (out.is_contiguous() and out.device.type == "cpu"):  # a GPU shard: through a CPU copy
+        tmp = torch.empty(out.shape, dtype=out.dtype)
+        read_rows(entry, start, tmp)
+        out.copy_(tmp)
+        return
+    rows = out.shape[0] if out.dim() else 1
+    flat = out.view(rows, -1)  # (rows, row elements), the shard's own storage
+    direct = out.dtype == entry.dtype
+    step = rows if direct else max(1, BLOCK // max(1, entry.row_bytes))
+    with open(entry.file, "rb", buffering=0) as f:
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            f.seek(entry.offset + (start + r) * entry.row_bytes)
+            if direct:
+                _read_into(f, flat[r : r + n].view(-1).view(torch.uint8))
+            else:
+                buf = torch.empty(n * entry.row_bytes, dtype=torch.uint8)
+                _read_into(f, buf)
+                flat[r : r + n].copy_(buf.view(entry.dtype).view(n, -1))
+
+
+def _read_into(f, buf: torch.Tensor) -> None:
+    view, done = memoryview(buf.numpy()), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise ConfigError(f"model.name_or_path: {f.name} ends early (a truncated download?)")
+        done += got
+
+
+def scatter_rows(entry: Entry, out: torch.Tensor, dist: Dist) -> None:
+    """Rank 0 reads the whole tensor of `entry` and sends each rank its rows (chunked like FSDP2)."""
+    import torch.distributed as tdist
+
+    n = entry.shape[0] if entry.shape else 1
+    chunk = -(-n // dist.world)
+    rest = entry.shape[1:]
+    recv = torch.empty((chunk, *rest), dtype=entry.dtype)
+    parts = None
+    if dist.rank == 0:
+        full = torch.zeros((chunk * dist.world, *rest), dtype=entry.dtype)  # (world·chunk, ...) padded
+        read_rows(entry, 0, full[:n])
+        parts = list(full.split(chunk))
+    tdist.scatter(recv, parts, src=0)
+    if out.numel():
+        out.copy_(recv[: out.shape[0]].reshape(out.shape))
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is already sharded with FSDP2 (`fully_shard`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
