@@ -13,14 +13,24 @@ import sys
 import yaml
 
 from lorachain.config import RunConfig, from_dict
-from lorachain.training import loop
+from lorachain.training import base_checkpoint, loop
 
 
 def _dying(*args, **kwargs):
     os._exit(17)  # no clean-up, no collective: as if the process were killed
 
 
+def _noted(load):
+    def noted(*args):
+        loaded = load(*args)
+        print(f"knotted base loaded: {loaded}")  # a resume that read base-K/ rather than replaying knots
+        return loaded
+
+    return noted
+
+
 if __name__ == "__main__":
+    base_checkpoint.load_base = _noted(base_checkpoint.load_base)
     cfg = from_dict(RunConfig, yaml.safe_load(open(sys.argv[1])))
     stop = int(sys.argv[2]) if len(sys.argv) > 2 and int(sys.argv[2]) > 0 else None
     if len(sys.argv) > 3 and os.environ.get("RANK") == sys.argv[3]:

@@ -35,6 +35,9 @@ class TrainConfig:
     # sharded per decoder layer, FSDP2) | none | auto (ddp when launched on several processes)
     parallel: str = "auto"
     fsdp_offload: bool = False  # fsdp: keep the base shards in CPU memory between uses (CPUOffloadPolicy)
+    # save the knotted base once per knot with torch.distributed.checkpoint, so that a resume at any
+    # world size loads it instead of replaying the knots (null: under fsdp only)
+    base_checkpoint: bool | None = None
 
     def __post_init__(self) -> None:
         check(

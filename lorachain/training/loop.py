@@ -26,7 +26,7 @@ from lorachain.chain.policy import KnotPolicy, make_policy
 from lorachain.chain.shards import apply_on_shards, tie_on_shards
 from lorachain.config import RunConfig
 from lorachain.io import write_json
-from lorachain.training import resume
+from lorachain.training import base_checkpoint, resume
 from lorachain.training.checkpointing import enable_checkpointing
 from lorachain.training.evaluate import evaluate
 from lorachain.training.gradients import check_fits, layer_gradients
@@ -173,8 +173,10 @@ class Trainer:
 
     # -- checkpoints (format: training/resume.py) -------------------------------------------
     def save_checkpoint(self, st: State) -> None:
+        base = base_checkpoint.save_base(self.out, self.model, len(st.knots), self.cfg, self.s)  # every rank
         if self.dist.main:
-            resume.save(self.out, st, trainable_state(self.peft), self.opt, self.policy, self.scaler)
+            resume.save(self.out, st, trainable_state(self.peft), self.opt, self.policy, self.scaler, base)
+            base_checkpoint.prune(self.out, base)  # older knotted bases, now that checkpoint.pt names this
 
     def restore(self) -> State:
         """The state of the last checkpoint, with the model rebuilt to match; a new State if none."""
@@ -188,11 +190,12 @@ class Trainer:
             self.extend(st)
             return st
         st, ck = loaded
-        for knot in st.knots:
-            if self.dist.sharded:
-                apply_on_shards(self.model, knot.factors)
-            else:
-                self.s.merge(self.model, knot.factors, self.s.masters)
+        if not base_checkpoint.load_base(self.out, ck, self.model, self.cfg, self.s):
+            for knot in st.knots:  # no knotted base saved with the checkpoint: rebuild it
+                if self.dist.sharded:
+                    apply_on_shards(self.model, knot.factors)
+                else:
+                    self.s.merge(self.model, knot.factors, self.s.masters)
         self.extend(st)
         path = self.out / CHECKPOINT
         missing = set(trainable_state(self.peft)) - set(ck["trainable"])
@@ -341,6 +344,7 @@ class Trainer:
 
         plot_runs({self.out.name or "run": self.out}, self.out / "loss.png")
         (self.out / CHECKPOINT).unlink(missing_ok=True)
+        base_checkpoint.prune(self.out, None)
         for path in self.out.glob("link*_start.pt"):
             path.unlink()
         return summary

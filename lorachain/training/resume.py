@@ -33,8 +33,9 @@ class State:
     links: list[dict] = field(default_factory=list)  # per-link summary rows
 
 
-def save(out: Path, st: State, trainable: dict, optimizer, policy, scaler) -> None:
-    """Write `out/checkpoint.pt` atomically (a kill mid-write leaves the previous one)."""
+def save(out: Path, st: State, trainable: dict, optimizer, policy, scaler, base: str | None = None) -> None:
+    """Write `out/checkpoint.pt` atomically (a kill mid-write leaves the previous one); `base` names
+    the folder of the knotted base saved with it (`base_checkpoint.py`), if any."""
     state = {
         "step": st.step,
         "link": st.link,
@@ -46,6 +47,7 @@ def save(out: Path, st: State, trainable: dict, optimizer, policy, scaler) -> No
         "policy": json.dumps(policy.state_dict()),
         "rng": torch.get_rng_state(),
         "scaler": scaler.state_dict() if scaler else {},
+        "base": base,
     }
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 

@@ -14,7 +14,8 @@ import torch
 from lorachain.config import ConfigError, RunConfig, as_current
 from lorachain.io import write_text
 
-HOW = ("parallel", "fsdp_offload")  # train.* keys a resumed run may change (world sizes too)
+# train.* keys a resumed run may change (world sizes too)
+HOW = ("parallel", "fsdp_offload", "base_checkpoint")
 
 
 class NoWriter:
