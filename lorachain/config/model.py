@@ -29,6 +29,9 @@ class ModelConfig:
     # a knot on a quantized base: side (finished links kept as a fixed low-rank side path; exact)
     # | requantize (dequantize, add, quantize again; drifts, measured as knot_rounding)
     quantized_knot: str = "side"
+    # a PEFT adapter folder (e.g. an SFT run's `adapter/`) merged into the base in fp32 as it loads:
+    # the run starts from (and a DPO run's reference is) base + adapter
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         check(bool(self.name_or_path), "model.name_or_path: expected a hub id or a local path")
@@ -44,6 +47,11 @@ class ModelConfig:
         check(
             self.quantized_knot in ("side", "requantize"),
             f"model.quantized_knot: expected side or requantize, got {self.quantized_knot!r}",
+        )
+        check(
+            self.adapter is None or self.quantization == "none",
+            "model.adapter: merging an adapter into a quantized base would round it; merge it into the "
+            "full-precision base first (lorachain export --merged) and quantize that",
         )
         check(self.task in TASKS, f"model.task: expected one of {TASKS}, got {self.task!r}")
         check(

@@ -11,6 +11,7 @@ from lorachain import __version__
 from lorachain.config.base import check
 from lorachain.config.chain import ChainConfig
 from lorachain.config.data import DataConfig
+from lorachain.config.dpo import DPOConfig
 from lorachain.config.model import ModelConfig
 from lorachain.config.optim import OptimConfig
 from lorachain.config.train import TrainConfig
@@ -25,10 +26,17 @@ class RunConfig:
     chain: ChainConfig = field(default_factory=ChainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # used when train.objective is dpo
     output_dir: str = "runs/default"
     export_merged: bool = False
 
     def __post_init__(self) -> None:
+        if self.train.objective == "dpo":
+            check(
+                self.model.task == "causal_lm",
+                "train.objective: dpo compares two responses' likelihoods; it needs model.task: causal_lm",
+            )
+            check(not self.data.packing, "data.packing: dpo scores whole pairs; set it to false")
         if self.model.task == "classification":
             check(
                 self.data.label_words is not None or self.model.num_labels is not None,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from lorachain.config.base import check
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")
+OBJECTIVES = ("sft", "dpo")
 
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainConfig:
     # save the knotted base once per knot with torch.distributed.checkpoint, so that a resume at any
     # world size loads it instead of replaying the knots (null: under fsdp only)
     base_checkpoint: bool | None = None
+    # sft (the LM loss on targets) | dpo (preference pairs {prompt, chosen, rejected}; see `dpo:`)
+    objective: str = "sft"
 
     def __post_init__(self) -> None:
         check(
@@ -47,6 +50,10 @@ class TrainConfig:
         check(
             self.precision in ("fp32", "bf16", "fp16", "auto"),
             f"train.precision: expected fp32, bf16, fp16 or auto, got {self.precision!r}",
+        )
+        check(
+            self.objective in OBJECTIVES,
+            f"train.objective: expected one of {OBJECTIVES}, got {self.objective!r}",
         )
         check(self.batch_size > 0, f"train.batch_size: expected > 0, got {self.batch_size}")
         check(self.grad_accum > 0, f"train.grad_accum: expected > 0, got {self.grad_accum}")

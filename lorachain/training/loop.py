@@ -28,13 +28,14 @@ from lorachain.config import RunConfig
 from lorachain.io import write_json
 from lorachain.training import base_checkpoint, resume
 from lorachain.training.checkpointing import enable_checkpointing
+from lorachain.training.dpo import DPO, evaluate_pairs
 from lorachain.training.evaluate import evaluate
 from lorachain.training.gradients import check_fits, layer_gradients
 from lorachain.training.precision import restore_masters
 from lorachain.training.resume import CHECKPOINT, State
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
 from lorachain.training.setup import prepare
-from lorachain.training.step import lr_factor, make_optimizer, run_steps, trainable
+from lorachain.training.step import LMLoss, lr_factor, make_optimizer, run_steps, trainable
 
 
 @dataclass
@@ -56,6 +57,9 @@ class Trainer:
         self.total, self.model = self.data.total, self.s.model  # the model changes at each knot
         self.policy: KnotPolicy = make_policy(cfg.chain, self.total, self.data.steps_per_epoch)
         self.scaler = self.prec.scaler()
+        self.dpo = cfg.train.objective == "dpo"
+        packing, length = cfg.data.packing, cfg.data.max_length
+        self.objective = DPO(cfg.dpo) if self.dpo else LMLoss(self.classifier, packing, length)
         for line in self.s.notes:
             self.log(line)
 
@@ -146,6 +150,10 @@ class Trainer:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         size = self.cfg.train.eval_batch_size
         with self.prec.autocast():
+            if self.dpo:  # preference accuracy, margin, log-ratio to the reference
+                return evaluate_pairs(
+                    model, self.data.eval, self.s.tokenizer.pad_token_id, size, self.cfg.dpo
+                )
             return evaluate(
                 model,
                 self.data.eval,
@@ -249,9 +257,10 @@ class Trainer:
             row["est_train_flops"] += tokens * (4 * self.s.n_params + 6 * row["trainable_params"])
             lr = self.opt.param_groups[0]["lr"]
             if not empty:
-                metrics.write(json.dumps({"step": step, "link": st.link, "loss": loss, "lr": lr}) + "\n")
+                extra = {"loss": loss, **self.objective.metrics(self.dist.sum)}  # (DPO: rewards)
+                metrics.write(json.dumps({"step": step, "link": st.link, **extra, "lr": lr}) + "\n")
                 metrics.flush()
-                writer.add_scalar("train/loss", loss, step)
+                add_scalars(writer, "train", extra, step)
             writer.add_scalar("train/lr", lr, step)
             bar.update(1)
             bar.set_postfix(link=st.link, loss=f"{loss:.4f}")
@@ -291,6 +300,7 @@ class Trainer:
                         self.dist,
                         self.prec,
                         self.scaler,
+                        self.objective,
                     )
         finally:
             bar.close()
@@ -348,6 +358,11 @@ class Trainer:
         for path in self.out.glob("link*_start.pt"):
             path.unlink()
         return summary
+
+
+def add_scalars(writer, prefix: str, values: dict[str, float], step: int) -> None:
+    for name, value in values.items():
+        writer.add_scalar(f"{prefix}/{name}", value, step)
 
 
 def _rounding_total(knots: list[Knot]) -> dict[str, float]:

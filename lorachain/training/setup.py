@@ -3,8 +3,9 @@
 The order is written once, in `prepare`, and each step is a plain function of explicit inputs:
 processes → tokenizer → data (bad rows fail before the slow part) → memory estimate → load
 (quantized as configured) → checkpointing → placement → precision → model checks (attention,
-packing, targets, bias) → frozen compute copies → sharding. A new step (sharded loading, a reference
-model, a link initialisation) is a new function and one line in `prepare`.
+packing, targets, bias) → frozen compute copies → sharding → (DPO) the reference's log-probs. A new
+step (sharded loading, a reference model, a link initialisation) is a new function and one line in
+`prepare`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from lorachain.chain.knot import apply_factors, check_lora_bias
 from lorachain.chain.sidepath import merge_quantized
 from lorachain.config import ConfigError, ModelConfig, RunConfig
 from lorachain.data import candidate_ids, check_targets, load_examples, steps_per_epoch
+from lorachain.data.preference import load_pairs
 from lorachain.models import (
     best_device,
     check_packing,
@@ -30,6 +33,7 @@ from lorachain.models import (
     uses_conv1d,
 )
 from lorachain.training.checkpointing import check_checkpointing
+from lorachain.training.dpo import reference_logps
 from lorachain.training.memory import check_before_load
 from lorachain.training.parallel import Dist, check_parallel, init_dist, shard_base
 from lorachain.training.precision import Precision, attention, compute_copies, resolve
@@ -80,6 +84,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
             model = load_sharded(cfg.model, dist, cfg.train.fsdp_offload)
         else:
             model = load_base(cfg.model, num_labels(cfg))
+    model = merge_adapter(model, cfg.model)
     model, merge = quantize(model, cfg.model)
     if cfg.train.gradient_checkpointing:
         check_checkpointing(model)
@@ -98,6 +103,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
     n_params = sum(p.numel() for p in model.parameters())
     if dist.sharded and not is_sharded(model):
         shard_base(model, cfg.train.fsdp_offload)
+    add_reference(cfg, model, data, prec, tokenizer.pad_token_id)
     return Setup(
         dist, tokenizer, data, model, merge, prec, attn, targets, fan, masters, n_params, notes(prec)
     )
@@ -110,6 +116,8 @@ def num_labels(cfg: RunConfig) -> int | None:
 def load_data(cfg: RunConfig, tokenizer) -> Data:
     """The train and eval examples (one line naming the file and row for a bad one) and the budget."""
     d, t = cfg.data, cfg.train
+    if t.objective == "dpo":
+        return preference_data(cfg, tokenizer)
     classifier = cfg.model.task == "classification"
     train = load_examples(d.train, d, tokenizer, classifier, d.max_train_rows)
     evals = load_examples(d.eval, d, tokenizer, classifier, d.max_eval_rows) if d.eval else []
@@ -118,6 +126,40 @@ def load_data(cfg: RunConfig, tokenizer) -> Data:
     spe = steps_per_epoch(len(train), t.batch_size, t.grad_accum)
     total = t.max_steps or max(1, round((t.epochs or 1) * spe))
     return Data(train, evals, cand, spe, total)
+
+
+def preference_data(cfg: RunConfig, tokenizer) -> Data:
+    """`train.objective: dpo`: the train and eval preference pairs (`data/preference.py`)."""
+    d, t = cfg.data, cfg.train
+    train = load_pairs(d.train, d, tokenizer, d.max_train_rows)
+    evals = load_pairs(d.eval, d, tokenizer, d.max_eval_rows) if d.eval else []
+    spe = steps_per_epoch(len(train), t.batch_size, t.grad_accum)
+    return Data(train, evals, None, spe, t.max_steps or max(1, round((t.epochs or 1) * spe)))
+
+
+def merge_adapter(model: nn.Module, mcfg: ModelConfig) -> nn.Module:
+    """`model.adapter`: a PEFT adapter folder (an SFT run's `adapter/`) merged into the base as
+    it loads, so the run starts from (and DPO's reference is) base + adapter."""
+    if not mcfg.adapter:
+        return model
+    from peft import PeftModel
+
+    if is_sharded(model):
+        raise ConfigError(
+            "model.adapter: cannot be merged into a sharded base (fsdp); merge it first (export --merged)"
+        )
+    if not (Path(mcfg.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"model.adapter: {mcfg.adapter} holds no adapter_config.json (a PEFT adapter folder)"
+        )
+    return PeftModel.from_pretrained(model, mcfg.adapter).merge_and_unload()
+
+
+def add_reference(cfg: RunConfig, model: nn.Module, data: Data, prec: Precision, pad_id: int) -> None:
+    """DPO: every pair's log-probs under the starting model, before any knot (`training/dpo.py`)."""
+    if cfg.train.objective == "dpo":
+        for pairs in (data.train, data.eval):
+            reference_logps(model, pairs, pad_id, cfg.train.eval_batch_size, prec.autocast)
 
 
 def load_base(mcfg: ModelConfig, labels: int | None = None) -> nn.Module:

@@ -74,6 +74,32 @@ def loss_units(e: Example, classifier: bool) -> int:
     return 1 if classifier else sum(1 for y in e.labels[1:] if y != -100)
 
 
+class LMLoss:
+    """The default objective of `run_steps`: the LM (or classifier) cross-entropy over target
+    tokens (or examples). Another objective (`training.dpo.DPO`) has the same four methods."""
+
+    def __init__(self, classifier: bool, packing: bool = False, max_length: int = 0) -> None:
+        self.classifier, self.packing, self.max_length = classifier, packing, max_length
+
+    def units(self, examples: list[Example]) -> int:
+        return sum(loss_units(e, self.classifier) for e in examples)
+
+    def tokens(self, examples: list[Example]) -> int:
+        return sum(len(e.input_ids) for e in examples)
+
+    def collate(self, examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return pack(examples, pad_id, self.max_length)
+        return collate(examples, pad_id, self.classifier)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return summed_loss(model, batch, self.classifier)
+
+    def metrics(self, reduce=None) -> dict[str, float]:
+        """What the loop logs beside the loss (nothing more for the LM loss)."""
+        return {}
+
+
 def run_steps(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -88,9 +114,11 @@ def run_steps(
     dist: Dist = Dist(),  # noqa: B008 (frozen)
     prec: Precision = FP32,
     scaler: torch.amp.GradScaler | None = None,
+    objective=None,
 ) -> int:
     """Optimizer steps `start`..`end`-1; after each, `on_step(step_count, loss, tokens)` may stop
     the loop by returning True. Returns the number of steps done so far (the global count).
+    `objective` (default `LMLoss`; `training.dpo.DPO`) gives a step's units, batches and loss.
 
     The loss of a step is the sum over its global batch divided by the batch's target tokens (or
     examples), so gradient accumulation and data parallelism (`dist`) follow the same gradient.
@@ -99,12 +127,13 @@ def run_steps(
     params = trainable(model)
     device = device_of(model)
     model.train()
+    objective = objective or LMLoss(classifier, cfg.data.packing, cfg.data.max_length)
     step = start
     while step < end:
         for group in opt.param_groups:
             group["lr"] = lr_at(step) * group.get("lr_ratio", 1.0)
         batches = list(micro_batches(examples, step, t.batch_size, t.grad_accum, t.seed))
-        units = sum(loss_units(e, classifier) for chunk in batches for e in chunk)
+        units = objective.units([e for chunk in batches for e in chunk])
         if units == 0:  # nothing to learn from: no update, and reported as such (loss NaN), never 0
             step += 1
             if on_step(step, float("nan"), 0):
@@ -117,21 +146,17 @@ def run_steps(
             if not mine and dist.mode == "none":
                 continue
             part = mine or chunk[:1]  # a rank without examples still joins the collectives (weight 0)
-            rows = (
-                pack(part, pad_id, cfg.data.max_length)
-                if cfg.data.packing
-                else collate(part, pad_id, classifier)
-            )
+            rows = objective.collate(part, pad_id)
             batch = {k: v.to(device) for k, v in rows.items()}
             weight = scale if mine else 0.0
             with dist.accumulate(model, sync=i == len(batches) - 1):  # reduce on the last micro-batch
                 with prec.autocast():
-                    loss = summed_loss(model, batch, classifier) / units
+                    loss = objective.loss(model, batch) / units
                 with prec.matmuls():
                     (scaler.scale(loss * weight) if scaler else loss * weight).backward()
             if mine:
                 loss_sum += loss.item()
-                tokens += sum(len(e.input_ids) for e in mine)
+                tokens += objective.tokens(mine)
         if scaler:
             scaler.unscale_(opt)
         if cfg.optim.max_grad_norm:

@@ -72,6 +72,7 @@ def config_reference() -> str:
         (c.KnotConfig, "`chain.knot`"),
         (c.OptimConfig, "`optim`"),
         (c.TrainConfig, "`train`"),
+        (c.DPOConfig, "`dpo`"),
         (rc.RouteConfig, "A routing store (`lorachain route train`)"),
         (rc.RouteDataConfig, "`data` of a routing store"),
         (rc.SelectorConfig, "`selector`"),
