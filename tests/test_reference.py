@@ -231,3 +231,25 @@ def test_fsdp2_is_refused_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="FSDP2") as err:
         chain(keep_reference=True)._check_reference(None, None)
     assert "\n" not in str(err.value)
+
+
+def test_two_ddp_processes_tie_at_the_same_steps_and_keep_the_reference(tmp_path):
+    """torchrun, 2 CPU processes (gloo): both ranks tie each knot at the step one process ties it,
+    keep the reference bit for bit, and log the rewards one process logs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).parent / "ddp_dpo.py")
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script]
+    for cmd in ([sys.executable, script, str(tmp_path / "one")], [*two, str(tmp_path / "two")]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for run in (one, *ranks):
+        assert run["knots"] == [2, 4, 6] and run["ref_logit_gap"] == 0.0
+        assert abs(run["margins"]["3"]) > 1e-3 and abs(run["margins"]["5"]) > 1e-3  # after each knot
+    for step, margin in one["margins"].items():
+        assert ranks[0]["margins"][step] == pytest.approx(margin, rel=1e-4, abs=1e-6)
