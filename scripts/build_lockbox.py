@@ -190,13 +190,14 @@ ITEMS = {  # data set -> (template fields, reference answer) of every usable row
 
 
 def in_mixture(text: str, mixture: str) -> bool:
-    """Whether `text` (a sentence of ours) appears verbatim in the T0 mixture's instructions."""
+    """Whether `text` (a review sentence of ours) appears verbatim in the mixture's sentiment rows."""
     return len(text) > 20 and text.lower() in mixture
 
 
 def build(data: Path, per_type: int) -> list[dict]:
     rng = random.Random(SEED)
-    mixture = (data / "instructions/t0_mixture.jsonl").read_text().lower()
+    rows_t0 = (json.loads(line) for line in (data / "instructions/t0_mixture.jsonl").open())
+    mixture = "\n".join(r["instruction"].lower() for r in rows_t0 if r["task"] == "sentiment")
     rows = []
     for task, names in SOURCES.items():
         share = -(-per_type // len(names))  # each source an equal share
