@@ -47,7 +47,7 @@ def llama(tied: bool) -> LlamaForCausalLM:
 
 @pytest.mark.parametrize(
     ("tied", "saved", "how"),
-    [(False, torch.float32, "read"), (True, torch.bfloat16, "broadcast")],
+    [(False, torch.float32, "map"), (False, torch.float32, "read"), (True, torch.bfloat16, "broadcast")],
 )
 def test_each_rank_loads_its_half_and_the_logits_are_the_whole_models(tmp_path, tied, saved, how):
     llama(tied).to(saved).save_pretrained(tmp_path / "m")
@@ -65,6 +65,15 @@ def test_each_rank_loads_its_half_and_the_logits_are_the_whole_models(tmp_path, 
         assert r["rope_diff"] == 0.0  # inv_freq recomputed, not left as to_empty's garbage
         assert r["tied"] is tied and r["ref_tied"] is tied
         assert r["logit_diff"] < 1e-5
+    full_chunks = {n for n, (rows, total) in ranks[0]["rows"].items() if rows == -(-total // 2)}
+    if how == "map":  # every full chunk of rows is a private map of the file, still after a forward
+        assert ranks[0]["file_backed"] == sorted(full_chunks) and "model.norm.weight" in full_chunks
+        assert ranks[1]["file_backed"] == sorted(
+            n for n in full_chunks if ranks[1]["rows"][n][0] == ranks[0]["rows"][n][0]
+        )
+        assert "model.embed_tokens.weight" not in ranks[1]["file_backed"]  # 33 of 67 rows: padded, copied
+    else:
+        assert ranks[0]["file_backed"] == ranks[1]["file_backed"] == []
 
 
 def test_read_rows_reads_a_row_range_and_converts_the_dtype(tmp_path):

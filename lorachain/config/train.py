@@ -39,6 +39,9 @@ class TrainConfig:
     # save the knotted base once per knot with torch.distributed.checkpoint, so that a resume at any
     # world size loads it instead of replaying the knots (null: under fsdp only)
     base_checkpoint: bool | None = None
+    # fsdp: how each rank gets its rows of the base's safetensors: map (the file's pages, shared by the
+    # ranks, copied where a knot writes) | read (into its own memory) | broadcast (rank 0 reads, sends)
+    fsdp_load: str = "map"
     # sft (the LM loss on targets) | dpo (preference pairs {prompt, chosen, rejected}; see `dpo:`)
     objective: str = "sft"
 
@@ -54,6 +57,10 @@ class TrainConfig:
         check(
             self.objective in OBJECTIVES,
             f"train.objective: expected one of {OBJECTIVES}, got {self.objective!r}",
+        )
+        check(
+            self.fsdp_load in ("map", "read", "broadcast"),
+            f"train.fsdp_load: expected map, read or broadcast, got {self.fsdp_load!r}",
         )
         check(self.batch_size > 0, f"train.batch_size: expected > 0, got {self.batch_size}")
         check(self.grad_accum > 0, f"train.grad_accum: expected > 0, got {self.grad_accum}")

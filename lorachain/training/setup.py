@@ -81,7 +81,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
         if cfg.train.check_memory:
             check_before_load(cfg, max((len(e.input_ids) for e in data.train), default=None), dist.world)
         if dist.sharded:  # built on meta, sharded, each rank reads its own rows (training/sharded.py)
-            model = load_sharded(cfg.model, dist, cfg.train.fsdp_offload)
+            model = load_sharded(cfg.model, dist, cfg.train.fsdp_offload, cfg.train.fsdp_load)
         else:
             model = load_base(cfg.model, num_labels(cfg))
     model = merge_adapter(model, cfg.model)
