@@ -154,3 +154,52 @@ def test_loraplus_gives_b_factors_a_faster_lr(tmp_path, toy_data, tokenizer):
     names = {id(p): n for n, p in trainer.peft.named_parameters()}
     assert all(".lora_B." in names[id(p)] for p in fast["params"])
     assert all(".lora_A." in names[id(p)] for p in slow["params"])
+
+
+def test_a_dora_chain_stays_exact_and_exports_merged(tmp_path, toy_data, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from lorachain.export.run import export_run
+
+    cfg = _cfg(tmp_path, toy_data, "dora", chain__use_dora=True, chain__dropout=0.0)
+    result = train(cfg, tiny_model("llama"), tokenizer, progress=False)
+    run = tmp_path / "dora"
+    knots, _, _ = load_chain(run / "chain.safetensors")
+    assert all(f.magnitude is not None for k in knots for f in k.factors.values())
+    assert not (run / "adapter").exists() and (run / "merged" / "config.json").is_file()
+    rebuilt = tiny_model("llama")
+    for knot in knots:  # DoRA knots depend on the weight they rescale: replayed in order
+        apply_factors(rebuilt, knot.factors)
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    with torch.no_grad():
+        trained = result.model.eval()(input_ids=X).logits
+        assert (trained - rebuilt(input_ids=X).logits).abs().max() < 1e-5
+        assert (trained - merged(input_ids=X).logits).abs().max() < 1e-5
+        assert (trained - tiny_model("llama")(input_ids=X).logits).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="DoRA chain exports as a merged model only"):
+        export_run(run)
+    with pytest.raises(ConfigError, match="chain.use_dora: .*quantized base"):
+        _cfg(tmp_path, toy_data, "q", chain__use_dora=True, model__quantization="nf4")
+    with pytest.raises(ConfigError, match="chain.use_dora: DoRA links start from zero"):
+        _cfg(tmp_path, toy_data, "q", chain__use_dora=True, chain__init="pissa")
+
+
+def test_a_dora_knot_gives_the_function_peft_computed():
+    from lorachain.chain.knot import tie_knot, unload
+
+    torch.manual_seed(1)
+    peft = extend(
+        tiny_model("llama"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    )
+    with torch.no_grad():
+        for layer in lora_layers(peft).values():  # a trained-looking link: B and the magnitude moved
+            layer.lora_B["default"].weight.normal_(std=0.3)
+            layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+        before = peft.eval()(input_ids=X).logits
+    knot = tie_knot(peft, 0, 5, 2, 4.0, "test")
+    with torch.no_grad():
+        after = unload(peft)(input_ids=X).logits
+    assert (after - before).abs().max() < 1e-5 and (
+        before - tiny_model("llama")(input_ids=X).logits
+    ).abs().max() > 1e-2
+    assert all(f.magnitude is not None for f in knot.factors.values())

@@ -43,6 +43,8 @@ def save_chain(path: str | Path, knots: list[Knot], head: dict[str, torch.Tensor
             tensors[f"link{knot.link}/{name}/B"] = f.B.contiguous()
             if f.bias is not None:
                 tensors[f"link{knot.link}/{name}/bias"] = f.bias.contiguous()
+            if f.magnitude is not None:
+                tensors[f"link{knot.link}/{name}/magnitude"] = f.magnitude.contiguous()
         any_f = next(iter(knot.factors.values()))
         knot_meta.append(
             {
@@ -80,6 +82,7 @@ def load_chain(path: str | Path) -> tuple[list[Knot], dict[str, torch.Tensor], d
                 scale=k["scale"],
                 bias=tensors.get(f"{pre}{name}/bias"),
                 fan_in_fan_out=k["fan_in_fan_out"],
+                magnitude=tensors.get(f"{pre}{name}/magnitude"),
             )
             for name in k["layers"]
         }
@@ -153,3 +156,8 @@ def write_merged(
             tokenizer.save_pretrained(str(tmp))
 
     return atomic_dir(out_dir, fill)
+
+
+def is_dora(knots: list[Knot]) -> bool:
+    """Whether the chain has DoRA links (then it exports merged, never as one adapter)."""
+    return any(f.magnitude is not None for k in knots for f in k.factors.values())

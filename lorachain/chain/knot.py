@@ -27,13 +27,17 @@ class KnotError(RuntimeError):
 
 @dataclass
 class Factors:
-    """One layer's merged update: delta W = scale · B @ A (transposed for Conv1D), plus scale · bias."""
+    """One layer's merged update: delta W = scale · B @ A (transposed for Conv1D), plus scale · bias;
+    with a DoRA `magnitude`, the merged weight is magnitude · (W + delta W) / ‖W + delta W‖ per output
+    row, which depends on W: such knots replay in order and have no single-adapter form."""
 
     A: torch.Tensor  # (r, in) fp32
     B: torch.Tensor  # (out, r) fp32
     scale: float
     bias: torch.Tensor | None = None  # (out,) fp32, LoRA bias before scaling
     fan_in_fan_out: bool = False
+    # DoRA: the trained magnitude (out,); the merge rescales each output row of W + delta to it
+    magnitude: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,6 +93,7 @@ def lora_config(
         lora_dropout=chain.dropout,
         lora_bias=chain.bias == "lora_only",
         init_lora_weights="gaussian" if gaussian else True,
+        use_dora=chain.use_dora,
         fan_in_fan_out=fan_in_fan_out,
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
     )
@@ -129,12 +134,15 @@ def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
 def layer_factors(layer: LoraLayer) -> Factors:
     b = layer.lora_B[ADAPTER]
     bias = b.bias.detach().float().cpu().clone() if getattr(b, "bias", None) is not None else None
+    dora = getattr(layer, "lora_magnitude_vector", {})
+    magnitude = dora[ADAPTER].weight.detach().float().cpu().clone() if ADAPTER in dora else None
     return Factors(
         A=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
         B=b.weight.detach().float().cpu().clone(),
         scale=float(layer.scaling[ADAPTER]),
         bias=bias,
         fan_in_fan_out=bool(layer.fan_in_fan_out),
+        magnitude=magnitude,
     )
 
 
@@ -149,6 +157,10 @@ def merged_params(
         delta = delta.T  # Conv1D stores (in, out)
     weight = master if master is not None else module.weight.detach().float()
     out = {"weight": weight + delta}
+    if f.magnitude is not None:  # DoRA, as PEFT merges it: each output row rescaled to its magnitude
+        rows = out["weight"].T if f.fan_in_fan_out else out["weight"]  # (out, in)
+        factor = f.magnitude.to(device) / torch.linalg.norm(rows, dim=1)  # (out,)
+        out["weight"] = out["weight"] * (factor[None, :] if f.fan_in_fan_out else factor[:, None])
     if f.bias is not None:
         out["bias"] = module.bias.detach().float() + f.scale * f.bias.to(device)
     for key, value in out.items():
@@ -220,6 +232,10 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def total_delta(knots: list[Knot]) -> dict[str, Factors]:
     """All knots' factors stacked per layer: one LoRA of rank Σrᵢ with scale 1 (exact sum)."""
     names = knots[0].factors.keys() if knots else []
+    if any(f.magnitude is not None for k in knots for f in k.factors.values()):
+        raise ValueError(
+            "a DoRA chain has no single-adapter form (its magnitudes rescale W + delta W); export it merged"
+        )
     stacked = {}
     for name in names:
         parts = [k.factors[name] for k in knots]

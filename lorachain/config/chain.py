@@ -66,6 +66,8 @@ class ChainConfig:
     init: str = "gaussian"
     init_batches: int = 4  # gradient: training batches the loss gradient is averaged over
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (rsLoRA)
+    # DoRA links (weight-decomposed LoRA): knots stay exact, but the chain exports as a merged model
+    use_dora: bool = False
     knot: KnotConfig = field(default_factory=KnotConfig)
     method: str = "lora"  # lora (a chain of LoRA) | full (full fine-tuning baseline, one link)
 
@@ -77,6 +79,10 @@ class ChainConfig:
         check(self.bias in BIASES, f"chain.bias: expected one of {BIASES}, got {self.bias!r}")
         check(self.init in INITS, f"chain.init: expected one of {INITS}, got {self.init!r}")
         check(self.init_batches >= 1, f"chain.init_batches: expected >= 1, got {self.init_batches}")
+        check(
+            not (self.use_dora and self.moving_inits()),
+            f"chain.use_dora: DoRA links start from zero here; {(self.moving_inits() or [''])[0]} moves them",
+        )
 
     def link_init(self, i: int) -> str:
         """How link `i` starts: its own `init`, else `chain.init`."""

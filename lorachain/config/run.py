@@ -50,6 +50,11 @@ class RunConfig:
                 "into the full-precision base instead",
             )
             check(self.chain.method == "lora", "chain.method: full fine-tuning cannot train a quantized base")
+            check(
+                not self.chain.use_dora,
+                "chain.use_dora: a DoRA knot rescales whole weights, which a quantized base cannot hold "
+                "exactly; use DoRA on a full-precision base",
+            )
             for key in self.chain.moving_inits():
                 check(
                     False,

@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from lorachain.chain.export import head_state, save_chain, write_adapter, write_merged
+from lorachain.chain.export import head_state, is_dora, save_chain, write_adapter, write_merged
 from lorachain.chain.init import learned, load_start, save_start, start_link
 from lorachain.chain.knot import Knot, extend, lora_config, tie_knot, trainable_state, unload
 from lorachain.chain.policy import KnotPolicy, make_policy
@@ -326,8 +326,9 @@ class Trainer:
         if not self.full:
             head = head_state(self.model, self.modules_to_save)
             save_chain(self.out / "chain.safetensors", st.knots, head, meta)
-            write_adapter(self.out / "adapter", st.knots, head, meta)
-        if cfg.export_merged or self.full:
+            if not is_dora(st.knots):  # a DoRA chain has no single-adapter form: merged/ instead
+                write_adapter(self.out / "adapter", st.knots, head, meta)
+        if cfg.export_merged or self.full or is_dora(st.knots):
             write_merged(self.out / "merged", self.model, [], {}, self.s.tokenizer)
         summary = {
             "status": "finished",

@@ -181,6 +181,10 @@ def check_parallel(cfg, dist: Dist) -> None:
             "model.quantization: a bitsandbytes base is not sharded by fsdp yet (FSDP2 drops Params4bit's "
             "quant state, axolotl#2992); use ddp"
         )
+    if cfg.chain.use_dora:
+        raise ConfigError(
+            "chain.use_dora: fsdp ties knots on shards, and a DoRA knot needs whole rows; use ddp"
+        )
     if cfg.chain.moving_inits():
         raise ConfigError(
             f"{cfg.chain.moving_inits()[0]}: fsdp ties knots on shards, and a link that starts away from "
