@@ -98,8 +98,11 @@ def first_loss(threads: int) -> dict:
         cfg = bench.config("lora", "fp32", 1, out, evaluate=False)
         tr = Trainer(cfg, None, None, progress=False)
         tr.restore()
-        chunk = next(iter(micro_batches(tr.train_ex, 0, cfg.train.batch_size, 1, cfg.train.seed)))
-        batch, units = collate(chunk, tr.pad_id, False), sum(loss_units(e, False) for e in chunk)
+        chunk = next(iter(micro_batches(tr.data.train, 0, cfg.train.batch_size, 1, cfg.train.seed)))
+        batch, units = (
+            collate(chunk, tr.s.tokenizer.pad_token_id, False),
+            sum(loss_units(e, False) for e in chunk),
+        )
         tr.peft.eval()
         bf16 = torch.bfloat16
         ways = {"exact": Fp32Matmuls(bf16, up=torch.float64), "emulated": Fp32Matmuls(bf16)}
