@@ -24,6 +24,7 @@ from docgen.bench import (
     lm_eval,
     parallel,
     precision_speed,
+    reference_cost,
     routing_cost,
     scale,
     serve_big,
@@ -279,6 +280,11 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "results/routing_unseen/*/route_eval.json",
         "lorachain route eval stores/t0_smollm2_unseen [--unseen] --max-per-task 20 (results/README.md)",
         unseen_answers,
+    ),
+    "reference-cost": (
+        "benchmarks/results/reference_cost.json",
+        "OMP_NUM_THREADS=1 python benchmarks/reference_cost.py",
+        reference_cost,
     ),
     "variants": (
         "results/routing_holdout/variants/variants.json",

@@ -290,3 +290,34 @@ def routing_cost(d: dict) -> str:
         ],
     ]
     return table(["measure", "median"], rows)
+
+
+def reference_cost(d: dict) -> str:
+    """benchmarks/reference_cost.py: keeping DPO's reference across knots inside TRL's DPOTrainer."""
+    rows = [
+        [
+            f"`{r['option']}`",
+            f(r["interleaved_step_s"], 2),
+            f(r["interleaved_ratio"], 3),
+            f(r["median_step_s"], 1),
+            f"{r['peak_rss_mb']:.0f}",
+            f(r["mem_ratio"], 3),
+            f(r["setup_s"], 1),
+            f"{r['ref_error']:.1e}",
+        ]
+        for r in d["rows"]
+    ]
+    header = [
+        "option",
+        "fwd/bwd s (interleaved)",
+        "× trl",
+        "step s (own run)",
+        "peak RSS MB",
+        "× trl",
+        "setup s",
+        "ref error",
+    ]
+    return table(header, rows) + (
+        f"\n\n{d['model']}, TRL {d['trl']}, torch {d['torch']}, {d['torch_threads']} thread, batches of "
+        f"{d['batch_pairs']} pairs; own runs of {d['steps']} steps, {d['rounds']} interleaved rounds."
+    )
