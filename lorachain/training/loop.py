@@ -31,6 +31,7 @@ from lorachain.training.checkpointing import enable_checkpointing
 from lorachain.training.dpo import DPO, evaluate_pairs
 from lorachain.training.evaluate import evaluate
 from lorachain.training.gradients import check_fits, layer_gradients
+from lorachain.training.merged_shards import write_merged_shards
 from lorachain.training.precision import restore_masters
 from lorachain.training.resume import CHECKPOINT, State
 from lorachain.training.runfolder import NoWriter, StopFlag, peak_memory_mb, prepare_run_dir
@@ -315,6 +316,8 @@ class Trainer:
         """Write the chain, the single-adapter export, (merged model) and summary.json (rank 0)."""
         cfg = self.cfg
         restore_masters(self.model, self.s.masters)  # the exact fp32 weights, knots included
+        if cfg.export_merged and self.dist.sharded:  # every rank gathers, a unit at a time; rank 0 writes
+            write_merged_shards(self.out / "merged", self.model, self.s.tokenizer, self.dist)
         if not self.dist.main:
             return {"status": "finished", "rank": self.dist.rank, "total_steps": self.total}
         meta = {
@@ -329,7 +332,8 @@ class Trainer:
             if not is_dora(st.knots):  # a DoRA chain has no single-adapter form: merged/ instead
                 write_adapter(self.out / "adapter", st.knots, head, meta)
         if cfg.export_merged or self.full or is_dora(st.knots):
-            write_merged(self.out / "merged", self.model, [], {}, self.s.tokenizer)
+            if not self.dist.sharded:  # (written above from the shards)
+                write_merged(self.out / "merged", self.model, [], {}, self.s.tokenizer)
         summary = {
             "status": "finished",
             "total_steps": self.total,

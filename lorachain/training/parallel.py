@@ -178,8 +178,9 @@ def check_parallel(cfg, dist: Dist) -> None:
         raise ConfigError("train.parallel: fsdp does not shard a classifier's new head yet; use ddp")
     if cfg.model.quantization != "none":
         raise ConfigError(
-            "model.quantization: a bitsandbytes base is not sharded by fsdp yet (FSDP2 drops Params4bit's "
-            "quant state, axolotl#2992); use ddp"
+            "model.quantization: fsdp does not shard a bitsandbytes base (FSDP2 splits Params4bit's packed "
+            "bytes without their quant state, axolotl#2992); use train.parallel: ddp (each rank holds the "
+            "whole 4-bit base), or fsdp on an unquantized base"
         )
     if cfg.chain.use_dora:
         raise ConfigError(
@@ -189,8 +190,4 @@ def check_parallel(cfg, dist: Dist) -> None:
         raise ConfigError(
             f"{cfg.chain.moving_inits()[0]}: fsdp ties knots on shards, and a link that starts away from "
             "zero is not sharded yet; use gaussian or kaiming, or ddp"
-        )
-    if cfg.export_merged:
-        raise ConfigError(
-            "export_merged: not written from an fsdp run yet (merge adapter/ into the base afterwards)"
         )
