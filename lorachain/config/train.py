@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorachain.config.base import check
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 OBJECTIVES = ("sft", "dpo")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class TrainConfig:
     fsdp_load: str = "map"
     # sft (the LM loss on targets) | dpo (preference pairs {prompt, chosen, rejected}; see `dpo:`)
     objective: str = "sft"
+    # experiment trackers rank 0 logs to: tensorboard (<run>/tb), wandb, mlflow (`pip install
+    # 'lorachain[trackers]'`); [] for none. A resumed run continues the same tracker runs
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
         check(
@@ -61,6 +65,12 @@ class TrainConfig:
         check(
             self.fsdp_load in ("map", "read", "broadcast"),
             f"train.fsdp_load: expected map, read or broadcast, got {self.fsdp_load!r}",
+        )
+        for name in self.report_to:
+            check(name in TRACKERS, f"train.report_to: expected some of {TRACKERS}, got {name!r}")
+        check(
+            len(set(self.report_to)) == len(self.report_to),
+            f"train.report_to: names a tracker twice: {self.report_to}",
         )
         check(self.batch_size > 0, f"train.batch_size: expected > 0, got {self.batch_size}")
         check(self.grad_accum > 0, f"train.grad_accum: expected > 0, got {self.grad_accum}")

@@ -232,12 +232,13 @@ class Trainer:
 
     def run(self, stop_after: int | None = None) -> Result:
         """Train to the end of the budget (or `stop_after` steps, as if interrupted)."""
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
+
+        from lorachain.training.trackers import open_trackers
 
         st = self.restore()
         main = self.dist.main
-        writer = SummaryWriter(str(self.out / "tb"), purge_step=st.step or None) if main else NoWriter()
+        writer = open_trackers(self.cfg, self.out, st.step) if main else NoWriter()  # train.report_to
         metrics = (self.out / "metrics.jsonl").open("a") if main else open(os.devnull, "w")
         bar = tqdm(total=self.total, initial=st.step, disable=not self.progress, desc="train", unit="step")
         interrupted = False

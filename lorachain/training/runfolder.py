@@ -14,8 +14,8 @@ import torch
 from lorachain.config import ConfigError, RunConfig, as_current
 from lorachain.io import write_text
 
-# train.* keys a resumed run may change (world sizes too)
-HOW = ("parallel", "fsdp_offload", "base_checkpoint")
+# train.* keys a resumed run may change (world sizes too; a tracker added starts at the resume step)
+HOW = ("parallel", "fsdp_offload", "base_checkpoint", "report_to")
 
 
 class NoWriter:

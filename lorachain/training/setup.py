@@ -39,6 +39,7 @@ from lorachain.training.parallel import Dist, check_parallel, init_dist, shard_b
 from lorachain.training.precision import Precision, attention, compute_copies, resolve
 from lorachain.training.quantization import is_quantized, load_kwargs, quantized_base
 from lorachain.training.sharded import is_sharded, load_sharded
+from lorachain.training.trackers import check_installed
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Setup:
 
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> Setup:
     """Build the run `cfg` describes; `model`/`tokenizer` may be given (modified in place)."""
+    check_installed(cfg.train.report_to)  # experiment trackers: refused before anything loads
     dist = init_dist(cfg.train.parallel)
     check_parallel(cfg, dist)
     torch.manual_seed(cfg.train.seed)
