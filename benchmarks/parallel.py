@@ -1,6 +1,8 @@
 """1 vs 2 processes: the old hand all-reduce vs `train.parallel: ddp` vs `fsdp` (step time, memory, knot).
 
 One command: `python benchmarks/parallel.py [--steps 6 --repeats 3 --model HUB_ID]` (SmolLM2-135M).
+`--size 1b` measures instead a rank's memory at the ~1B Llama shape, the load included, through
+lorachain's own `train()` (`parallel_1b.py`), and adds its `*_1b` keys to the same JSON.
 Each configuration is a fresh `torchrun --standalone` launch (gloo, CPU, one thread per rank), the
 configurations interleaved over repeats, medians reported. A rank trains LoRA r=8 on q/v with
 AdamW on its half of a global batch of 8 random 64-token rows (all tokens targets), with the same
@@ -27,6 +29,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from parallel_1b import MODES_1B, keys, run, weight_bytes
+from parallel_1b import worker as worker_1b
 
 MODES = ("single", "hand", "ddp", "fsdp")
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,9 +169,17 @@ def main() -> None:
     ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     ap.add_argument("--worker")
     ap.add_argument("--out")
+    ap.add_argument("--size", choices=("135m", "1b"), default="135m")
+    ap.add_argument("--folder", default="/tmp/lorachain-bench-1b", help="--size 1b: where the model is saved")
+    ap.add_argument("--modes", default=",".join(MODES_1B), help="--size 1b: modes to run")
+    ap.add_argument("--note", default="", help="--size 1b: what else ran on the machine")
     args = ap.parse_args()
     if args.worker:
+        if args.size == "1b":
+            return worker_1b(args.worker, args.model, args.steps, args.out)
         return worker(args.worker, args.model, args.steps, args.out)
+    if args.size == "1b":
+        return main_1b(args)
     runs: dict[str, list[list[dict]]] = {m: [] for m in MODES}
     for r in range(args.repeats):
         for mode in MODES:
@@ -223,6 +236,26 @@ def main() -> None:
         "fsdp_rank_rss_ratio_world2",
     ):
         print(f"{key}: {result[key]:.3f}")
+    print(f"wrote {path}")
+
+
+def main_1b(args) -> None:
+    """The 1b measurement; its keys are added to parallel.json beside the 135M ones."""
+    folder = Path(args.folder)
+    med = run(folder, args.steps, args.repeats, tuple(args.modes.split(",")))
+    path = ROOT / "benchmarks" / "results" / "parallel.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    result.update(keys(med, weight_bytes(folder), args.steps, args.repeats))
+    result["command_1b"] = (
+        f"python benchmarks/parallel.py --size 1b --steps {args.steps} --repeats {args.repeats}"
+    )
+    result["machine_1b"] = (
+        f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; {args.note}"
+    )
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for k, v in result.items():
+        if k.endswith("_1b") and not isinstance(v, dict | str):
+            print(f"{k}: {v}")
     print(f"wrote {path}")
 
 

@@ -134,6 +134,14 @@ def headline(paths: dict) -> str:
             f"{par['knot_comm_bytes_fsdp']}",
             "`benchmarks/results/parallel.json`",
         ],
+        [
+            "2-process FSDP2 on a ~1B fp32 Llama shape, load included: a rank's peak anonymous / total RSS",
+            f"{par['fsdp_rank_anon_rss_gib_world2_1b']:.2f} / "
+            f"{par['fsdp_rank_total_rss_gib_world2_1b']:.2f} GiB "
+            f"(weights {par['weights_gib_1b']:.2f} GiB; one process "
+            f"{par['single_anon_rss_gib_1b']:.2f} / {par['single_total_rss_gib_1b']:.2f})",
+            f"`benchmarks/results/parallel.json` (`{par['command_1b']}`)",
+        ],
     ]
     return table(["measure", "result", "from"], rows)
 

@@ -185,7 +185,39 @@ def parallel(d: dict) -> str:
         f"{d['knot_gathers_full_weight']}; "
         f"bytes a knot communicates under FSDP: {d['knot_comm_bytes_fsdp']} ({d['machine']})."
     )
-    return table(head, rows) + "\n\n" + ratios
+    return table(head, rows) + "\n\n" + ratios + parallel_1b(d)
+
+
+def parallel_1b(d: dict) -> str:
+    """The ~1B rows of parallel.json (`--size 1b`): a rank's peak memory, the load included."""
+    if "modes_1b" not in d:
+        return ""
+    names = {
+        "single": "one process",
+        "ddp": "ddp rank",
+        "fsdp": "fsdp rank, fsdp_load: map",
+        "fsdp_read": "fsdp rank, read",
+        "fsdp_broadcast": "fsdp rank, broadcast",
+    }
+    rows = [
+        [
+            names.get(mode, mode),
+            f"{m['max_rank_anon_rss_gib']:.2f}",
+            f"{m['max_rank_total_rss_gib']:.2f}",
+            f"{m['setup_s']:.1f}",
+            f"{m['step_s']:.1f}",
+        ]
+        for mode, m in d["modes_1b"].items()
+    ]
+    head = ["~1B fp32, global batch 2×32", "peak anon RSS GiB", "peak total RSS GiB", "set-up s", "step s"]
+    note = (
+        f"Weights {d['weights_gib_1b']:.2f} GiB; target for an fsdp rank's anonymous RSS: weights/2 + 1 = "
+        f"{d['fsdp_anon_target_gib_1b']:.2f} GiB (met: {d['fsdp_anon_within_target_1b']}); fsdp rank total "
+        f"RSS not above one process's: {d['fsdp_total_rss_not_above_single_1b']}; FSDP / DDP step time "
+        f"{d['fsdp_step_time_ratio_vs_ddp_1b']:.2f} ({d['setup_1b']}; {d['machine_1b']}; "
+        f"`{d['command_1b']}`)."
+    )
+    return "\n\n" + table(head, rows) + "\n\n" + note
 
 
 def scale(d: dict) -> str:
