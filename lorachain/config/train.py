@@ -45,8 +45,8 @@ class TrainConfig:
     fsdp_load: str = "map"
     # sft (the LM loss on targets) | dpo (preference pairs {prompt, chosen, rejected}; see `dpo:`)
     objective: str = "sft"
-    # experiment trackers rank 0 logs to: tensorboard (<run>/tb), wandb, mlflow (`pip install
-    # 'lorachain[trackers]'`); [] for none. A resumed run continues the same tracker runs
+    # experiment trackers rank 0 logs to: tensorboard (tb/ in the run folder), wandb, mlflow (`pip
+    # install 'lorachain[trackers]'`); [] for none. A resumed run continues the same tracker runs
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
