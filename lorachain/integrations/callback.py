@@ -42,7 +42,7 @@ from lorachain.chain.reference import keep_links
 from lorachain.chain.shards import apply_on_shards, shard_factors, sharded, tie_on_shards
 from lorachain.chain.sidepath import merge_quantized
 from lorachain.config import ChainConfig, ConfigError, from_dict
-from lorachain.integrations.link import peft_rank, restart_schedule, start_link
+from lorachain.integrations.link import check_kinds, check_peft_kind, peft_rank, restart_schedule, start_link
 from lorachain.store import fingerprint
 from lorachain.training.precision import slow_kernel_warning
 
@@ -72,6 +72,7 @@ class ChainCallback(TrainerCallback):
         self.chain = chain if isinstance(chain, ChainConfig) else from_dict(ChainConfig, dict(chain), "chain")
         if self.chain.method != "lora":
             raise ConfigError("chain.method: ChainCallback chains LoRA links (method: lora)")
+        check_kinds(self.chain)  # gaussian/kaiming links, rsLoRA; no moving starts, no DoRA
         self.output_dir, self.restart = output_dir, restart_schedule
         self.seed, self.link_init = seed, link_init
         self.keep_reference = keep_reference  # None: when the Trainer's args have a beta (DPO, KTO, GRPO)
@@ -129,6 +130,7 @@ class ChainCallback(TrainerCallback):
             self.knots, self.link, self.link_start = [], 0, 0
             self.base_fingerprint = fingerprint(model)
         rank, alpha = peft_rank(model)
+        check_peft_kind(model, self.chain)
         link = self.chain.links[self.link]
         if (rank, alpha) != (link.rank, link.alpha):
             raise ConfigError(
@@ -169,7 +171,7 @@ class ChainCallback(TrainerCallback):
         self.knots.append(knot)
         self.link, self.link_start = self.link + 1, state.global_step
         nxt = self.chain.links[self.link]
-        start_link(model, optimizer, nxt.rank, nxt.alpha, self.chain.init, self._generator())
+        start_link(model, optimizer, nxt.rank, nxt.alpha, self.chain.link_init(self.link), self._generator())
         if self.link_init is not None:
             self.link_init(self.link, model)
         if self.restart:

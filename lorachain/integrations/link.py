@@ -17,7 +17,7 @@ from torch import nn
 
 from lorachain.chain.knot import ADAPTER, lora_layers
 from lorachain.chain.shards import assign
-from lorachain.config import ConfigError
+from lorachain.config import ChainConfig, ConfigError
 
 
 def peft_rank(model: nn.Module) -> tuple[int, float]:
@@ -32,6 +32,39 @@ def peft_rank(model: nn.Module) -> tuple[int, float]:
             "ChainCallback: LoRA rank_pattern/alpha_pattern are not supported (one rank per link)"
         )
     return int(config.r), float(config.lora_alpha)
+
+
+def check_kinds(chain: ChainConfig) -> None:
+    """Refuse the link kinds a link drawn in place cannot be: links that start away from zero
+    (the base would have to move by -s·B₀·A₀) and DoRA (its magnitude would need re-deriving at
+    each knot, and its chain has no single-adapter form). rsLoRA is exact: knots record the
+    layers' own scale."""
+    if moving := chain.moving_inits():
+        raise ConfigError(
+            f"{moving[0]}: ChainCallback starts links from zero (gaussian or kaiming); a link that starts "
+            "away from zero (pissa, olora, gradient) runs in `lorachain train`"
+        )
+    if chain.use_dora:
+        raise ConfigError(
+            "chain.use_dora: ChainCallback ties LoRA links; DoRA chains run in `lorachain train`"
+        )
+
+
+def check_peft_kind(model: nn.Module, chain: ChainConfig) -> None:
+    """The PEFT model's link 0 is of the kind `chain` describes (built by `ChainCallback.lora_config`)."""
+    config = model.peft_config[ADAPTER]
+    if getattr(config, "use_dora", False):
+        raise ConfigError("ChainCallback: the PEFT model has use_dora=True; ChainCallback ties LoRA links")
+    if config.init_lora_weights not in (True, "gaussian"):
+        raise ConfigError(
+            f"ChainCallback: the PEFT model has init_lora_weights={config.init_lora_weights!r}; a chain's "
+            "links start from zero (B = 0: True or 'gaussian')"
+        )
+    if bool(config.use_rslora) != chain.use_rslora:
+        raise ConfigError(
+            f"chain.use_rslora: {str(chain.use_rslora).lower()}, but the PEFT model has "
+            f"use_rslora={config.use_rslora} (build it with ChainCallback.lora_config)"
+        )
 
 
 def lora_params(model: nn.Module) -> list[nn.Parameter]:
