@@ -176,6 +176,8 @@ def test_no_trackers_and_the_default(tmp_path, toy_data, tokenizer, tracker_env)
     assert not {"tb", "wandb", "mlruns", "trackers.json"} & {p.name for p in (tmp_path / "none").iterdir()}
     default = from_dict(RunConfig, run_config(tmp_path, toy_data))
     assert default.train.report_to == ["tensorboard"]  # as before report_to existed
+    assert cfg_for(tmp_path, toy_data, report_to="wandb").train.report_to == ["wandb"]  # as Trainer's
+    assert cfg_for(tmp_path, toy_data, report_to="none").train.report_to == []
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")

@@ -46,8 +46,9 @@ class TrainConfig:
     # sft (the LM loss on targets) | dpo (preference pairs {prompt, chosen, rejected}; see `dpo:`)
     objective: str = "sft"
     # experiment trackers rank 0 logs to: tensorboard (tb/ in the run folder), wandb, mlflow (`pip
-    # install 'lorachain[trackers]'`); [] for none. A resumed run continues the same tracker runs
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # install 'lorachain[trackers]'`); one name, or [] / none for none. A resumed run continues the
+    # same tracker runs
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
         check(
@@ -66,6 +67,8 @@ class TrainConfig:
             self.fsdp_load in ("map", "read", "broadcast"),
             f"train.fsdp_load: expected map, read or broadcast, got {self.fsdp_load!r}",
         )
+        if isinstance(self.report_to, str):  # as Trainer's report_to: "wandb", "none"
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
         for name in self.report_to:
             check(name in TRACKERS, f"train.report_to: expected some of {TRACKERS}, got {name!r}")
         check(
