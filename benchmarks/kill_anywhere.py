@@ -1,11 +1,14 @@
 """Kill-anywhere: SIGKILL `lorachain train` at random moments, rerun, compare with an unkilled run.
 
-One command: `python benchmarks/kill_anywhere.py [--kills 20 --seed 0 --quantization nf4]`. A tiny random
-Llama saved to disk (with `--quantization`, loaded quantized: knots on the side path), a 2-link chain
-with dropout (so RNG state matters), checkpoints every 3 steps; each trial
-kills the run after a random delay (in a step, in a knot, while a checkpoint or an output is being
-written), reruns the same command until it finishes, and compares every tensor of chain.safetensors
-and the metrics rows with the reference. Prints kills tried and divergent results (goal: 0), writes JSON.
+One command: `python benchmarks/kill_anywhere.py [--kills 20 --seed 0 --quantization nf4 --world 2]`.
+A tiny random Llama saved to disk (with `--quantization`, loaded quantized: knots on the side path),
+a 2-link chain with dropout (so RNG state matters), checkpoints every 3 steps; each trial kills the
+run after a random delay (in a step, in a knot, while a checkpoint or an output is being written),
+reruns the same command until it finishes, and compares every tensor of chain.safetensors and the
+metrics rows with the reference. Prints kills tried and divergent results (goal: 0), writes JSON.
+`--world 2`: both runs are `torchrun --nproc-per-node 2 ... train.parallel=fsdp`, and each kill is a
+SIGKILL to one rank, chosen at random (the launcher then stops the other); the reference is the
+unkilled 2-process run (same-world resume is bit-exact).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def setup(tmp: Path, quantization: str = "none") -> list[str]:
+def setup(tmp: Path, quantization: str = "none", world: int = 1) -> list[str]:
     import yaml
     from conftest import make_tokenizer, run_config, tiny_model, toy_rows, write_jsonl
 
@@ -47,21 +50,48 @@ def setup(tmp: Path, quantization: str = "none") -> list[str]:
         )
         cfg["model"]["name_or_path"] = str(model)
         cfg["model"]["quantization"] = quantization  # nf4 | fp4 | int8: knots on the side path
+        if world > 1:
+            cfg["train"]["parallel"] = "fsdp"
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cfgs.append(str(path))
     return cfgs
 
 
-def run(cfg: str, kill_after: float | None) -> int:
+def run(cfg: str, kill_after: float | None, world: int = 1, rank: int = 0) -> int:
+    """Train `cfg` (on `world` processes); SIGKILL it (rank `rank` of it) after `kill_after` s."""
     cmd = [sys.executable, "-m", "lorachain", "train", cfg]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if world > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
+        cmd += ["-m", "lorachain", "train", cfg]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORACHAIN_DIST_TIMEOUT": "60"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     if kill_after is not None:
         try:
             return proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
+            kill_rank(proc, rank) if world > 1 else proc.send_signal(signal.SIGKILL)
     return proc.wait()
+
+
+def kill_rank(launcher: subprocess.Popen, rank: int) -> None:
+    """SIGKILL the worker of `rank` (its RANK variable); if none has started yet, the launcher and
+    everything it started (no orphan may write to the run folder the rerun uses)."""
+    import psutil
+
+    children = psutil.Process(launcher.pid).children(recursive=True)
+    for child in children:
+        try:
+            if child.environ().get("RANK") == str(rank):
+                child.send_signal(signal.SIGKILL)
+                return
+        except psutil.Error:
+            continue
+    for p in [*children, psutil.Process(launcher.pid)]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            continue
 
 
 def compare(a: Path, b: Path) -> list[str]:
@@ -81,18 +111,22 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quantization", default="none", help="a quantized base: nf4, fp4 or int8")
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/kill_anywhere[_nf4].json")
+    ap.add_argument("--world", type=int, default=1, help="2: torchrun, fsdp, one rank killed each time")
+    ap.add_argument(
+        "--out", default=None, help="default: benchmarks/results/kill_anywhere[_nf4][_world2].json"
+    )
     args = ap.parse_args()
-    q = args.quantization
-    args.out = args.out or f"benchmarks/results/kill_anywhere{'' if q == 'none' else '_' + q}.json"
+    q, world = args.quantization, args.world
+    tail = ("" if q == "none" else "_" + q) + ("" if world == 1 else f"_world{world}")
+    args.out = args.out or f"benchmarks/results/kill_anywhere{tail}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rng = random.Random(args.seed)
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ref_cfg, cfg = setup(tmp, args.quantization)
+        ref_cfg, cfg = setup(tmp, args.quantization, world)
         t0 = time.perf_counter()
-        assert run(ref_cfg, None) == 0
+        assert run(ref_cfg, None, world) == 0
         duration = time.perf_counter() - t0
         for i in range(args.kills):
             killed_dir = tmp / "killed"
@@ -100,7 +134,7 @@ def main() -> None:
             while not (killed_dir / "summary.json").is_file():  # kill, rerun, ... until it finishes
                 delay = rng.uniform(0.5, duration) if len(delays) < 3 else None
                 delays.append(delay)
-                run(cfg, delay)
+                run(cfg, delay, world, rng.randrange(world))
             bad = compare(tmp / "ref", killed_dir)
             trials.append(
                 {
@@ -126,6 +160,11 @@ def main() -> None:
                 "divergent": divergent,
                 "reference_seconds": duration,
                 "quantization": args.quantization,
+                "world": world,
+                "command": "python benchmarks/kill_anywhere.py "
+                + f"--kills {args.kills} --seed {args.seed}"
+                + ("" if q == "none" else f" --quantization {q}")
+                + ("" if world == 1 else f" --world {world}"),
             },
             indent=2,
         )
