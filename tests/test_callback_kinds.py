@@ -33,7 +33,7 @@ def examples(toy_data):
     return load_examples(toy_data[0], data, make_tokenizer(), False)
 
 
-def trainer(tmp_path, examples, model, callbacks) -> Trainer:
+def trainer(tmp_path, examples, model, callbacks, optimizer=None) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=12,
@@ -49,7 +49,14 @@ def trainer(tmp_path, examples, model, callbacks) -> Trainer:
     )
     pad = make_tokenizer().pad_token_id
     collator = lambda b: collate(b, pad, False)  # noqa: E731
-    return Trainer(model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks)
+    return Trainer(
+        model,
+        args=args,
+        train_dataset=examples,
+        data_collator=collator,
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+    )
 
 
 def peft_model(chain: ChainConfig):
@@ -130,3 +137,25 @@ def test_a_peft_model_of_another_kind_is_refused(tmp_path, examples, over, chain
         trainer(tmp_path, examples, model, [ChainCallback(chain)]).train()
     assert str(err.value).startswith(message)
     assert not (tmp_path / "chain").exists()
+
+
+def test_loraplus_optimizer_keeps_bs_learning_rate_through_a_stepdown(tmp_path, examples):
+    """PEFT's LoRA+ optimizer (B at 16x A's lr): the new rank-2 factors take their predecessors'
+    places, so after the knot every B is in the fast group and every A in the slow one."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    chain, seen = chain_cfg(), {}
+    model = peft_model(chain)
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=0.01, loraplus_lr_ratio=16)
+
+    def probe(link: int, model) -> None:
+        rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        for name, layer in lora_layers(model).items():
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            seen[name] = (tuple(a.shape), rates[id(b)] / rates[id(a)])  # KeyError: not in the optimizer
+
+    t = trainer(tmp_path, examples, model, [ChainCallback(chain, link_init=probe)], optimizer=opt)
+    t.train()
+    assert len(seen) == 4  # q and v of 2 layers
+    assert {shape for shape, _ in seen.values()} == {(2, 32)}
+    assert [ratio for _, ratio in seen.values()] == pytest.approx([16.0] * 4)
