@@ -123,3 +123,25 @@ def test_the_estimate_holds_a_shard_and_two_gathered_units_per_rank(tmp_path, to
     assert "\n" not in msg and "per process (fsdp: 1/2 of the weights each), but 1.8 GiB is available" in msg
     assert "would fit on 8 processes" in msg and "quantization" not in msg
     assert check_memory(cfg, LLAMA_1B, available=4 * GIB, world=2).total < 4 * GIB
+
+
+def test_hub_ids_and_gguf_files_become_a_local_folder_first(tmp_path, monkeypatch):
+    """`weights_folder`: what `models.resolve_path` gives (a GGUF converted to a safetensors folder, a
+    local copy) is used as it is; a hub id is downloaded (rank 0 first, then the others)."""
+    import lorachain.training.sharded as sharded
+    from lorachain.config import ModelConfig
+    from lorachain.training.parallel import Dist
+
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    monkeypatch.setattr(sharded, "resolve_path", lambda mcfg: str(converted))
+    assert sharded.weights_folder(ModelConfig(name_or_path="x", gguf_file="m.gguf"), Dist()) == converted
+    fetched = []
+    monkeypatch.setattr(sharded, "resolve_path", lambda mcfg: mcfg.name_or_path)
+    monkeypatch.setattr(sharded, "_download", lambda repo: fetched.append(repo) or str(tmp_path / "snap"))
+    assert sharded.weights_folder(ModelConfig(name_or_path="org/model"), Dist()) == tmp_path / "snap"
+    assert fetched == ["org/model"]
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="model.name_or_path: 'no-such-org/no-such-model'"):
+        sharded._download("no-such-org/no-such-model")
