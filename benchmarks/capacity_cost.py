@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cola_cost import interleaved, print_table  # noqa: E402  the same fresh-process runner and table
 
 R = 1  # the rank of LoRA and of every link
 CONFIGS = {  # name -> chain section
@@ -74,13 +76,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/capacity_cost.json")
     args = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    runs: dict[str, list[dict]] = {n: [] for n in CONFIGS}
-    for rep in range(args.repeats):
-        for name in CONFIGS:
-            with tempfile.TemporaryDirectory() as tmp, ctx.Pool(1) as pool:
-                runs[name].append(pool.apply(run_one, (name, args.steps, tmp)))
-            print(f"repeat {rep + 1}/{args.repeats} {name}: {runs[name][-1]['total_s']:.1f}s", flush=True)
+    runs = interleaved(run_one, list(CONFIGS), args.steps, args.repeats)
     med = {
         n: {k: statistics.median(r[k] for r in rs) for k in ("total_s", "step_s", "peak_rss_mb")}
         for n, rs in runs.items()
@@ -101,11 +97,7 @@ def main() -> None:
         }
         for name, m in med.items()
     ]
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    print("\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines))
+    print_table(rows, list(rows[0]), digits=3)
     result = {
         "command": "python benchmarks/capacity_cost.py",
         "steps": args.steps,

@@ -101,19 +101,33 @@ def run_one(name: str, steps: int, out: str) -> dict:
     }
 
 
+def interleaved(run_one, names: list[str], steps: int, repeats: int) -> dict[str, list[dict]]:
+    """`run_one(name, steps, tmp_dir)` for every name, each in a fresh spawned process (a clean peak
+    RSS), the names interleaved within each repeat so drift hits them alike."""
+    ctx = mp.get_context("spawn")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(repeats):
+        for name in names:
+            with tempfile.TemporaryDirectory() as tmp, ctx.Pool(1) as pool:
+                runs[name].append(pool.apply(run_one, (name, steps, tmp)))
+            print(f"repeat {rep + 1}/{repeats} {name}: {runs[name][-1]['total_s']:.1f}s", flush=True)
+    return runs
+
+
+def print_table(rows: list[dict], cols: list[str], digits: int = 4) -> None:
+    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+    print("\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/cola_cost.json")
     args = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    runs: dict[str, list[dict]] = {n: [] for n in CONFIGS}
-    for rep in range(args.repeats):
-        for name in CONFIGS:
-            with tempfile.TemporaryDirectory() as tmp, ctx.Pool(1) as pool:
-                runs[name].append(pool.apply(run_one, (name, args.steps, tmp)))
-            print(f"repeat {rep + 1}/{args.repeats} {name}: {runs[name][-1]['total_s']:.1f}s", flush=True)
+    runs = interleaved(run_one, list(CONFIGS), args.steps, args.repeats)
     base = runs["peft-lora r8"]
     med = {
         n: {
@@ -149,10 +163,7 @@ def main() -> None:
         "flops_saved_vs_lora",
         "trainable_params",
     ]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    print("\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines))
+    print_table(rows, cols)
     import torch
 
     result = {
