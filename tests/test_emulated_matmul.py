@@ -91,8 +91,11 @@ def test_a_backward_under_matmuls_is_emulated_too():
     native = grads(contextlib.nullcontext())
     with_mode = grads(Counting(torch.bfloat16))
     assert seen.count("mm.default") >= 2 and seen.count("addmm.default") == 1  # 2 in the backward
-    for n, e in zip(native, with_mode, strict=True):
-        torch.testing.assert_close(e, n, rtol=1e-5, atol=1e-7)
+    for n, e in zip(native, with_mode, strict=True):  # up to accumulation order: native bf16 kernels
+        # (AMX, AVX-512 BF16) may round a rare output to the neighbouring bf16 value (one ulp, 2^-8)
+        off = ~torch.isclose(e, n, rtol=1e-5, atol=1e-7)
+        assert off.float().mean() <= 1e-3, f"{int(off.sum())} of {n.numel()} gradients differ"
+        torch.testing.assert_close(e, n, rtol=2**-8, atol=2**-8 * float(n.abs().max()))
 
 
 def test_training_in_emulated_bf16_matches_the_native_kernels(tmp_path, toy_data, tokenizer, monkeypatch):
