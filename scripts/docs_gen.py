@@ -42,6 +42,7 @@ from docgen.cola import (
     paired_grid,
 )
 from docgen.common import ROOT, exists, load, signed, table
+from docgen.preference import dpo_gsm8k
 from docgen.reference import cli_reference, config_reference
 from docgen.routing import agreement, holdout, nested, route_eval, unseen_answers, variants
 
@@ -294,6 +295,11 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "OMP_NUM_THREADS=1 python benchmarks/reference_cost.py",
         reference_cost,
     ),
+    "dpo-gsm8k": (
+        "benchmarks/results/dpo_gsm8k_smollm2.json",
+        "OMP_NUM_THREADS=1 python benchmarks/dpo_gsm8k.py",
+        dpo_gsm8k,
+    ),
     "variants": (
         "results/routing_holdout/variants/variants.json",
         "python benchmarks/selector_variants.py --per-dataset 60",
@@ -324,6 +330,7 @@ def fill_tables(text: str, where: str) -> str:
 FIGURES = {
     "docs/img/gap.png": "results/cola_gap_smollm2/gap.png",
     "docs/img/links.png": "results/cola_gap_smollm2/links.png",
+    "docs/img/dpo_gsm8k.png": "benchmarks/results/dpo_gsm8k_smollm2.png",
 }
 
 
