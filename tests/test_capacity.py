@@ -140,3 +140,27 @@ def test_the_gap_closed_in_pairs_memorised():
     assert text.startswith("0.50 [") and float(text.split("[")[1].split(",")[0]) < 0.5
     chosen[("c", "lora")] = entry([1.0, 0.9, 0.95])
     assert closed(chosen, "c", "full", "lora", "chain") == "no gap"
+
+
+def test_a_knot_on_an_eval_step_is_evaluated_once(tmp_path, char_model_dir, monkeypatch):
+    import lorachain.training.loop as loop
+
+    calls = []
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = [{"prompt": f"k:{k}=", "target": v} for k, v in pairs(Spec(n=16, key_len=2, value_len=4, seed=2))]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "model": {"name_or_path": str(char_model_dir)},
+        "data": {"train": str(tmp_path / "p.jsonl"), "eval": str(tmp_path / "p.jsonl"), "prompt": "{prompt}",
+                 "target": "{target}", "label_field": None, "max_length": 16},
+        "chain": {"links": [{"rank": 2, "alpha": 4}, {"rank": 2, "alpha": 4}], "dropout": 0.0},
+        "optim": {"lr": 0.01}, "train": {"max_steps": 6, "batch_size": 8, "save_every": 100, "eval_every": 3},
+        "output_dir": str(tmp_path / "run"),
+    }  # fmt: skip
+    summary = train(from_dict(RunConfig, raw), progress=False).summary
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    curve = [m for m in metrics if "eval" in m]
+    assert [m["step"] for m in curve] == [3] and summary["links"][0]["end_step"] == 3  # the knot's step
+    assert curve[0]["eval"] == summary["links"][0]["eval"]  # the knot's evaluation, not a second one
+    assert len(calls) == 2  # the two knots (steps 3 and 6), nothing else

@@ -266,17 +266,18 @@ class Trainer:
             writer.add_scalar("train/lr", lr, step)
             bar.update(1)
             bar.set_postfix(link=st.link, loss=f"{loss:.4f}")
-            if self.due_eval(step) and (self.dist.main or self.dist.sharded):  # a sharded forward needs all
-                ev = self.evaluate(self.peft)
-                metrics.write(json.dumps({"step": step, "link": st.link, "eval": ev}) + "\n")
-                for name, value in ev.items():
-                    writer.add_scalar(f"eval/{name}", value, step)
             reason = self.policy.should_tie(step, st.link, st.link_start, loss)
             if reason is None and step == self.total:
                 reason = "end of budget"
+            link = st.link
             if reason:
-                self.tie(st, reason)
+                self.tie(st, reason)  # evaluates the knotted model: the same function as the link's
                 writer.add_scalar("chain/knot", st.link, step)
+            if self.due_eval(step) and (self.dist.main or self.dist.sharded):  # a sharded forward needs all
+                ev = st.links[link].get("eval") if reason else self.evaluate(self.peft)
+                metrics.write(json.dumps({"step": step, "link": link, "eval": ev}) + "\n")
+                for name, value in ev.items():
+                    writer.add_scalar(f"eval/{name}", value, step)
             stop = flag.stop if self.dist.world == 1 else self.dist.reduce(float(flag.stop), "max") > 0
             if step < self.total and (stop or (stop_after or self.total) <= step):
                 interrupted = True
