@@ -14,25 +14,19 @@ import statistics
 from pathlib import Path
 
 from lorachain.experiment.choose import chosen_spec, select
-from lorachain.experiment.gap import fieller
-from lorachain.experiment.paired import t975
+from lorachain.experiment.gap import closed_fraction, test_by_seed
+from lorachain.experiment.paired import summarize
 from lorachain.tasks import get_task
 from lorachain.tasks.capacity import CHANCE
 
 
-def _by_seed(entry: dict, key: str) -> dict[int, float]:
-    return {r["seed"]: r["test"][key] for r in entry["rows"] if key in r["test"]}
-
-
 def _interval(values: list[float]) -> str:
-    """mean [95% interval] x100, or the one value."""
+    """mean [95% t-interval] x100, or the one value."""
     if not values:
         return "–"
-    m = 100 * statistics.fmean(values)
-    if len(values) < 2:
-        return f"{m:.1f}"
-    half = 100 * t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return f"{m:.1f} [{m - half:.1f}, {m + half:.1f}]"
+    s = summarize(values)
+    m, (lo, hi) = 100 * s["mean"], s["ci"]
+    return f"{m:.1f}" if s["n"] < 2 else f"{m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def roles(chosen: dict, task: str, methods: list[str]) -> tuple[str | None, str | None]:
@@ -46,18 +40,15 @@ def roles(chosen: dict, task: str, methods: list[str]) -> tuple[str | None, str 
 
 
 def closed(chosen: dict, task: str, full: str, lora: str, other: str, key: str = "em") -> str:
-    """The share of the full − LoRA gap in `key` that `other` closes, with Fieller's 95% interval."""
-    f, lo, o = (_by_seed(chosen[(task, m)], key) for m in (full, lora, other))
-    seeds = sorted(set(f) & set(lo) & set(o))
-    gaps = [f[s] - lo[s] for s in seeds]
-    gains = [o[s] - lo[s] for s in seeds]
-    if not gaps or statistics.fmean(gaps) <= 0:
+    """The share of the full − LoRA gap in `key` that `other` closes, with Fieller's 95% interval
+    (`gap.closed_fraction`)."""
+    g = closed_fraction(chosen, task, full, lora, other, key)
+    if not g.get("has_gap"):
         return "no gap"
-    mean = statistics.fmean(gains) / statistics.fmean(gaps)
-    ci = fieller(gains, gaps)
-    if len(seeds) < 2:
-        return f"{mean:.2f} (1 seed)"
-    return f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{mean:.2f} (interval unbounded)"
+    if g["n"] < 2:
+        return f"{g['mean']:.2f} (1 seed)"
+    ci = g["ci"]
+    return f"{g['mean']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{g['mean']:.2f} (interval unbounded)"
 
 
 def _cost(chosen: dict, task: str, m: str) -> tuple[float, float]:
@@ -75,7 +66,7 @@ def section(chosen: dict, task: str, methods: list[str]) -> str:
     lines = [f"\n## Capacity: {task}\n", head, "|" + "---|" * 7]
     base_rss, base_step = _cost(chosen, task, lora) if lora else (None, None)
     for m in mine:
-        em, char = (list(_by_seed(chosen[(task, m)], k).values()) for k in ("em", "char_acc"))
+        em, char = (list(test_by_seed(chosen[(task, m)], k).values()) for k in ("em", "char_acc"))
         gap = closed(chosen, task, full, lora, m) if full and lora and m not in (full, lora) else ""
         rss, step = _cost(chosen, task, m)
         ratio = (f"{rss / base_rss:.2f}", f"{step / base_step:.2f}") if base_rss else ("", "")

@@ -63,16 +63,27 @@ def fieller(num: list[float], den: list[float]) -> tuple[float, float] | None:
     return ((-qb - root) / (2 * qa), (-qb + root) / (2 * qa))
 
 
-def closed_fraction(chosen: dict, task: str, full: str, lora: str, chain: str) -> dict:
+def test_by_seed(entry: dict, key: str | None = None) -> dict[int, float]:
+    """A chosen entry's test figures by seed: its score, or `key` of each row's test scores."""
+    if key is None:
+        return entry["test"]
+    return {r["seed"]: r["test"][key] for r in entry["rows"] if key in r["test"]}
+
+
+def closed_fraction(
+    chosen: dict, task: str, full: str, lora: str, chain: str, key: str | None = None
+) -> dict:
     """The gap closed, mean(chain − LoRA) / mean(full − LoRA) over the seeds all three ran, with
     Fieller's 95% interval (None: unbounded, the gap itself is not clearly above zero), the gap's own
-    paired interval, and the per-seed fractions; `has_gap: False` when the mean gap is below MIN_GAP."""
-    f, lo, c = (chosen.get((task, m)) for m in (full, lora, chain))
-    if not (f and lo and c):
+    paired interval, and the per-seed fractions; `has_gap: False` when the mean gap is below MIN_GAP.
+    In the test score, or in `key` of the test scores (the capacity task's pairs memorised, `em`)."""
+    entries = [chosen.get((task, m)) for m in (full, lora, chain)]
+    if not all(entries):
         return {"n": 0}
-    seeds = sorted(set(f["test"]) & set(lo["test"]) & set(c["test"]))
-    gaps = [f["test"][s] - lo["test"][s] for s in seeds]
-    gains = [c["test"][s] - lo["test"][s] for s in seeds]
+    f, lo, c = (test_by_seed(e, key) for e in entries)
+    seeds = sorted(set(f) & set(lo) & set(c))
+    gaps = [f[s] - lo[s] for s in seeds]
+    gains = [c[s] - lo[s] for s in seeds]
     gap = summarize(gaps)
     out = {"n": gap["n"], "gap": gap["mean"], "gap_ci": gap["ci"]}
     out["has_gap"] = bool(gaps) and out["gap"] >= MIN_GAP

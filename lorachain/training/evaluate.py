@@ -13,7 +13,8 @@ from lorachain.models import device_of, logits_at
 
 
 def _target_logprobs(model: nn.Module, seqs: list[Example], pad_id: int, batch_size: int):
-    """Per batch: (row index of each target token, its log-prob, whether it is the argmax)."""
+    """Per batch: (target tokens per row, row index of each target token, its log-prob, whether it is
+    the argmax)."""
     for k in range(0, len(seqs), batch_size):
         chunk = seqs[k : k + batch_size]
         batch = {k: v.to(device_of(model)) for k, v in collate(chunk, pad_id, classifier=False).items()}
@@ -24,8 +25,9 @@ def _target_logprobs(model: nn.Module, seqs: list[Example], pad_id: int, batch_s
         logp = F.log_softmax(logits.float(), dim=-1)
         gold = labels[:, 1:][keep[:, :-1]]  # (N,)
         tok = logp.gather(-1, gold.unsqueeze(-1)).squeeze(-1)  # (N,)
-        rows = torch.repeat_interleave(torch.arange(len(chunk)), keep.sum(1).cpu())  # (N,)
-        yield len(chunk), rows, tok.cpu(), (logp.argmax(-1) == gold).cpu()
+        counts = keep.sum(1).cpu()  # (B,)
+        rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)  # (N,)
+        yield counts, rows, tok.cpu(), (logp.argmax(-1) == gold).cpu()
 
 
 @torch.no_grad()
@@ -34,9 +36,8 @@ def sequence_logprobs(
 ) -> list[tuple[float, int]]:
     """(sum of target-token log-probs, number of target tokens) for each example."""
     out = []
-    for n, rows, tok, _ in _target_logprobs(model, seqs, pad_id, batch_size):
-        sums = torch.zeros(n).index_add_(0, rows, tok)
-        counts = torch.zeros(n, dtype=torch.long).index_add_(0, rows, torch.ones_like(rows))
+    for counts, rows, tok, _ in _target_logprobs(model, seqs, pad_id, batch_size):
+        sums = torch.zeros(len(counts)).index_add_(0, rows, tok)
         out += list(zip(sums.tolist(), counts.tolist(), strict=True))
     return out
 
@@ -47,11 +48,10 @@ def teacher_forced_accuracy(model: nn.Module, seqs: list[Example], pad_id: int, 
     examples whose every target token is (`seq_acc`): exactly the examples greedy decoding
     reproduces in full, in one forward pass instead of one per token."""
     right = total = whole = 0
-    for n, rows, _, hit in _target_logprobs(model, seqs, pad_id, batch_size):
+    for counts, rows, _, hit in _target_logprobs(model, seqs, pad_id, batch_size):
         right, total = right + int(hit.sum()), total + len(hit)
-        misses = torch.zeros(n, dtype=torch.long).index_add_(0, rows, (~hit).long())
-        has = torch.zeros(n, dtype=torch.long).index_add_(0, rows, torch.ones_like(rows)) > 0
-        whole += int(((misses == 0) & has).sum())
+        misses = torch.zeros(len(counts), dtype=torch.long).index_add_(0, rows, (~hit).long())
+        whole += int(((misses == 0) & (counts > 0)).sum())
     return {"token_acc": right / max(total, 1), "seq_acc": whole / max(len(seqs), 1)}
 
 
