@@ -104,3 +104,18 @@ def binary_f1(preds: list[int], golds: list[int]) -> float:
     fp = sum(p == 1 and g == 0 for p, g in zip(preds, golds, strict=True))
     fn = sum(p == 0 and g == 1 for p, g in zip(preds, golds, strict=True))
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def paired_bootstrap(diffs: list[float], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of paired per-row differences and its percentile bootstrap interval (rows resampled
+    with replacement, seeded): {"n", "mean", "low", "high"}; low/high None for no rows."""
+    import random
+
+    n = len(diffs)
+    if not n:
+        return {"n": 0, "mean": None, "low": None, "high": None}
+    rng = random.Random(seed)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    lo, hi = means[int(tail * (resamples - 1))], means[round((1 - tail) * (resamples - 1))]
+    return {"n": n, "mean": sum(diffs) / n, "low": lo, "high": hi}

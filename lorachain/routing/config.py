@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from lorachain import __version__
@@ -111,9 +112,22 @@ class SelectorConfig:
     # when both name the same task and either is sure by its own threshold, fitted on held-out data
     # sets (the encoder and full kinds fit once more for it); else the fallback (routing.eval.agreement)
     second_opinion: str | None = None
+    # answer-side evidence (routing.gate): `likelihood` answers with the chosen task adapter only when
+    # it finds the instruction likelier than the mixed adapter does, by more than `gate_margin` nats
+    # per token (one teacher-forced pass per adapter), else with the mixed adapter; `none`: no gate.
+    # Choose the margin on the nested folds (`lorachain route folds --compare`), never on the lockbox
+    gate: str = "none"
+    gate_margin: float = 0.0
 
     def __post_init__(self) -> None:
+        from lorachain.routing.gate import GATES
         from lorachain.routing.selectors import kind_names
+
+        check(self.gate in GATES, f"selector.gate: expected one of {list(GATES)}, got {self.gate!r}")
+        check(
+            math.isfinite(self.gate_margin),
+            f"selector.gate_margin: expected a number, got {self.gate_margin}",
+        )
 
         check(self.kind in kind_names(), f"selector.kind: unknown {self.kind!r}; known: {kind_names()}")
         check(self.temperature > 0, f"selector.temperature: expected > 0, got {self.temperature}")

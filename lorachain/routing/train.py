@@ -18,6 +18,7 @@ from lorachain.io import atomic_dir, write_text
 from lorachain.models import load_tokenizer, resolve_path
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
+from lorachain.routing.gate import gate_entry
 from lorachain.routing.runs import adapter_runs, chat_templates
 from lorachain.routing.second_opinion import fit_second_opinion
 from lorachain.routing.selectors import get_kind
@@ -198,6 +199,7 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
         manifest.selector = _fit_selector(cfg, root, labels, (model, tokenizer), pristine, progress)
         if not manifest.selector:
             return None  # interrupted; a rerun resumes
+    manifest.selector = manifest.selector | gate_entry(cfg.selector.gate, cfg.selector.gate_margin)
     manifest.complete = True
     if dist.main:
         write_manifest(root, manifest)

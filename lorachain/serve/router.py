@@ -20,6 +20,7 @@ from lorachain.data import prompt_ids
 from lorachain.data.chat import chat_template, generation_ids, selector_text
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.confidence import calibrated_msp
+from lorachain.routing.gate import apply_gate
 from lorachain.routing.select import Selection, decide, match_labels
 from lorachain.routing.selectors import get_kind, label_ids, score_labels
 from lorachain.serve.adapter_file import WEIGHTS
@@ -70,6 +71,7 @@ class Router:
         min_in_distribution: float | None | str = "store",
         max_new_tokens: int = 64,
         score_batch: int = 8,
+        gate_margin: float | None | str = "store",
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -87,6 +89,9 @@ class Router:
         if min_in_distribution == "store":  # the threshold fitted with the selector, if any
             min_in_distribution = (manifest.selector.get("calibration") or {}).get("threshold")
         self.min_in_distribution = min_in_distribution
+        if gate_margin == "store":  # the store's `selector.gate` (routing.gate), if it has one
+            gate_margin = (manifest.selector.get("gate") or {}).get("margin")
+        self.gate_margin = gate_margin  # None: no answer-side gate
         self.slots = AdapterSlots(model, cache_size)  # resident task/mixed adapters (LRU), PEFT slots
         self.labels = manifest.labels
         t = manifest.templates
@@ -214,6 +219,8 @@ class Router:
             decide(sel, set(self.adapters), self.fallback, *floors)
             if sel.adapter in self.adapters:
                 sel.adapter = self.adapters[sel.adapter]
+        if self.gate_margin is not None:
+            apply_gate(self, sels, instructions, self.fallback, self.gate_margin)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the selector's activations are not kept
         return sels

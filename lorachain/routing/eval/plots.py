@@ -75,3 +75,42 @@ def plot_answers(result: dict, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
+
+
+def plot_comparison(result: dict, path: Path) -> Path:
+    """From `routing.eval.compare`'s JSON: ROUGE-L per task type and option (top; reference
+    perplexity when no answers were generated), and each option's ROUGE-L minus the mixed adapter's
+    with its 95% paired bootstrap interval and the no-harm floor (bottom)."""
+    plt = _pyplot()
+    opts = result["options"]
+    tasks = [*result["per_task_rows"], "all"]
+    kinds = list(opts)
+    answered = "rougeL" in opts["mixed"]["all"]
+    fig, axes = plt.subplots(2, 1, figsize=(2.5 + 1.2 * len(tasks), 7.5), sharex=True)
+    width = 0.8 / len(kinds)
+    for j, kind in enumerate(kinds):
+        xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(tasks))]
+        axes[0].bar(xs, [opts[kind][t]["rougeL" if answered else "ppl"] for t in tasks], width, label=kind)
+        ci = [opts[kind][t].get("vs_mixed") for t in tasks]
+        if any(c and c["mean"] is not None for c in ci):
+            mean = [c["mean"] if c and c["mean"] is not None else 0.0 for c in ci]
+            err = [
+                [m - c["low"] if c and c["low"] is not None else 0.0 for m, c in zip(mean, ci, strict=True)],
+                [
+                    c["high"] - m if c and c["high"] is not None else 0.0
+                    for m, c in zip(mean, ci, strict=True)
+                ],
+            ]
+            axes[1].errorbar(xs, mean, yerr=err, fmt="o", capsize=3, label=kind)
+    axes[0].set(ylabel="ROUGE-L (higher is better)" if answered else "reference perplexity (lower is better)")
+    axes[0].legend(fontsize=8, ncol=3)
+    axes[0].set_title(f"{result['rows']} rows from {result['rows_from']}", fontsize=9)
+    axes[1].axhline(0.0, color="grey", lw=0.8)
+    axes[1].axhline(result["floor"], color="red", lw=0.8, ls="--", label=f"floor {result['floor']}")
+    axes[1].set(ylabel="option − mixed ROUGE-L (95% CI)")
+    axes[1].legend(fontsize=8, ncol=3)
+    axes[1].set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path

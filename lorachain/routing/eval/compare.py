@@ -1,0 +1,269 @@
+"""Answer quality of every way of choosing an adapter, scored by lookup in the answer cache.
+
+For held-out rows labelled by task type (a lockbox half, a fold store's held-out data sets, a
+user's own file), each option names one adapter per row: `routed` (the store's selector with its
+fallback, no gate), `gated` (routed, then the likelihood gate at a margin), `top1` (the selector's
+top label, no fallback), `oracle` (the row's own task adapter; the mixed one for a type the store
+has no adapter for, e.g. `other`), `mixed` and `base` (adapters off). Per task type: ROUGE-L and
+exact match of greedy answers, the reference answer's perplexity, and 95% paired bootstrap
+intervals of each option's ROUGE-L minus the mixed adapter's (the target: lower bound >= -0.02).
+The margin is chosen on reference perplexity only (`choose_margin`), so no answer is generated
+to choose it. Writes compare.json, and compare.md and compare.png rendered from it (`render`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from lorachain.io import write_json, write_text
+from lorachain.metrics import exact_match, paired_bootstrap, perplexity, rouge_l
+from lorachain.routing.eval.answers import AnswerCache
+from lorachain.routing.eval.plots import plot_comparison
+from lorachain.routing.eval.store import BASE, batched
+from lorachain.routing.gate import gain
+from lorachain.store import MIXED
+
+OPTIONS = ("routed", "gated", "top1", "oracle", "mixed", "base")
+FLOOR = -0.02  # the issue's target: lower 95% bound of option - mixed ROUGE-L per covered type
+MARGINS = (-0.5, -0.2, -0.1, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)  # nats/token; inf: never route
+
+
+def select_all(router, rows: list[dict]) -> list:
+    """The selector's decisions with the store's fallback but no gate (gated is scored by lookup)."""
+    keep, router.gate_margin = router.gate_margin, None
+    try:
+        asks = [r["instruction"] for r in rows]
+        return [s for chunk in batched(asks, 8) for s in router.select(chunk)]
+    finally:
+        router.gate_margin = keep
+
+
+def gated(cache: AnswerCache, rows: list[dict], chosen: list[str], margin: float) -> list[str]:
+    """`chosen` with every task adapter that fails the likelihood gate at `margin` sent to mixed."""
+    out = []
+    for r, a in zip(rows, chosen, strict=True):
+        keep = a == MIXED or gain(cache.get("instr", a, r), cache.get("instr", MIXED, r)) > margin
+        out.append(a if keep else MIXED)
+    return out
+
+
+def options(router, rows: list[dict], sels: list, cache: AnswerCache, margin: float | None) -> dict:
+    """Option -> the adapter each row gets (BASE: none)."""
+    n, fallback = len(rows), router.fallback
+    got = {
+        "routed": [s.adapter for s in sels],
+        "top1": [router.adapters.get(s.ranked[0], fallback) if s.ranked else fallback for s in sels],
+        "oracle": [router.adapters.get(r["task"], MIXED) for r in rows],
+        "mixed": [MIXED] * n,
+        "base": [BASE] * n,
+    }
+    if margin is not None:
+        cache.fill_pairs([(r, a) for r, a in zip(rows, got["routed"], strict=True) if a != MIXED], "instr")
+        cache.fill(rows, [MIXED], "instr")
+        got["gated"] = gated(cache, rows, got["routed"], margin)
+    return {k: got[k] for k in OPTIONS if k in got}
+
+
+def ref_gains(cache: AnswerCache, rows: list[dict], chosen: list[str]) -> list[float]:
+    """Per row: nats per reference token by which the chosen adapter beats the mixed adapter."""
+    return [
+        gain(cache.get("ref", a, r), cache.get("ref", MIXED, r)) for r, a in zip(rows, chosen, strict=True)
+    ]
+
+
+def margin_sweep(folds: list[tuple[AnswerCache, list[dict], list[str]]], margins=MARGINS) -> list[dict]:
+    """For each margin, pooled over `folds` (cache, rows, routed choices): the share routed and, per
+    task type, the mean reference-likelihood gain over mixed (nats/token) with its 95% interval."""
+    out = []
+    for m in margins:
+        by: dict[str, list[float]] = defaultdict(list)
+        routed = total = 0
+        for cache, rows, chosen in folds:
+            cache.fill(rows, [MIXED, *{a for a in chosen if a != MIXED}], "instr")
+            cache.fill(rows, [MIXED, *{a for a in chosen if a != MIXED}], "ref")
+            g = gated(cache, rows, chosen, m)
+            routed, total = routed + sum(a != MIXED for a in g), total + len(g)
+            for r, d in zip(rows, ref_gains(cache, rows, g), strict=True):
+                by[r["task"]].append(d)
+        per = {t: paired_bootstrap(v) for t, v in sorted(by.items())}
+        out.append({"margin": m, "routed": routed / max(total, 1), "per_task": per})
+    return out
+
+
+def choose_margin(sweep: list[dict], tolerance: float = 0.0) -> float:
+    """The margin of highest pooled gain among those whose every task type's lower bound of the
+    reference-likelihood gain is >= -tolerance (inf, never routing, always qualifies)."""
+    ok = [s for s in sweep if all(p["low"] is None or p["low"] >= -tolerance for p in s["per_task"].values())]
+    if not ok:
+        return math.inf
+
+    def pooled(s: dict) -> float:
+        per = [p for p in s["per_task"].values() if p["n"]]
+        return sum(p["mean"] * p["n"] for p in per) / max(sum(p["n"] for p in per), 1)
+
+    return max(ok, key=lambda s: (round(pooled(s), 12), s["margin"]))["margin"]
+
+
+def label_report(rows: list[dict], chosen: list[str], adapters: dict[str, str]) -> dict:
+    """The routed label's coverage and precision; a row of a type without an adapter (`other`) is
+    right when it falls back to the mixed adapter."""
+    routed = [i for i, a in enumerate(chosen) if a != MIXED]
+    right = [i for i in routed if chosen[i] == adapters.get(rows[i]["task"])]
+    fell_right = sum(chosen[i] == MIXED and rows[i]["task"] not in adapters for i in range(len(rows)))
+    return {
+        "coverage": len(routed) / max(len(rows), 1),
+        "precision": len(right) / len(routed) if routed else None,
+        "right": (len(right) + fell_right) / max(len(rows), 1),
+    }
+
+
+def score(cache: AnswerCache, rows: list[dict], chosen: dict[str, list[str]], answers: bool) -> dict:
+    """Per option and task type (and `all`): n, ROUGE-L, exact match, reference perplexity, and the
+    paired bootstrap of the option's ROUGE-L minus mixed's."""
+    tasks = [*sorted({r["task"] for r in rows}), "all"]
+    idx = {t: [i for i, r in enumerate(rows) if t in ("all", r["task"])] for t in tasks}
+    out: dict = {}
+    rouge: dict[str, list[float]] = {}
+    for k, adapters in chosen.items():
+        ref = [cache.get("ref", a, r) for r, a in zip(rows, adapters, strict=True)]
+        per = {
+            t: {"n": len(ix), "ppl": perplexity(-sum(ref[i][0] for i in ix), sum(ref[i][1] for i in ix))}
+            for t, ix in idx.items()
+        }
+        if answers:
+            said = [cache.get("answer", a, r) for r, a in zip(rows, adapters, strict=True)]
+            rouge[k] = [rouge_l(s, r["output"]) for s, r in zip(said, rows, strict=True)]
+            em = [exact_match(s, r["output"]) for s, r in zip(said, rows, strict=True)]
+            for t, ix in idx.items():
+                per[t] |= {
+                    "rougeL": sum(rouge[k][i] for i in ix) / len(ix),
+                    "exact_match": sum(em[i] for i in ix) / len(ix),
+                }
+        out[k] = per
+    if answers and "mixed" in rouge:
+        for k in (k for k in chosen if k != "mixed"):
+            for t, ix in idx.items():
+                out[k][t]["vs_mixed"] = paired_bootstrap([rouge[k][i] - rouge["mixed"][i] for i in ix])
+    return out
+
+
+def compare(
+    router,
+    rows: list[dict],
+    cache_dir: str | Path,
+    out: str | Path,
+    margin: float | None = None,
+    answers: bool = True,
+    rows_from: str = "held-out rows",
+    max_new_tokens: int = 32,
+) -> dict:
+    """Fill the cache for `rows` (every adapter's reference and instruction likelihoods; greedy
+    answers of the adapters some option picks), score every option by lookup, write
+    `out/compare.json` and render it. `margin`: the gate's (default: the store's, if any)."""
+    bad = [
+        i for i, r in enumerate(rows) if not r.get("instruction") or "output" not in r or not r.get("task")
+    ]
+    if bad:
+        raise ValueError(f"{rows_from}: row {bad[0] + 1} needs instruction, output and task")
+    margin = router.gate_margin if margin is None else margin
+    cache = AnswerCache(cache_dir, router, max_new_tokens)
+    everyone = [*router.adapters.values(), MIXED, BASE]
+    cache.fill(rows, everyone, "ref")
+    sels = select_all(router, rows)
+    chosen = options(router, rows, sels, cache, margin)
+    if answers:
+        cache.fill_pairs(
+            [(r, a) for per in chosen.values() for r, a in zip(rows, per, strict=True)], "answer"
+        )
+    result = {
+        "rows_from": rows_from,
+        "rows": len(rows),
+        "per_task_rows": {t: sum(r["task"] == t for r in rows) for t in sorted({r["task"] for r in rows})},
+        "covered": sorted({r["task"] for r in rows} & set(router.adapters)),
+        "gate_margin": margin,
+        "floor": FLOOR,
+        "max_new_tokens": max_new_tokens,
+        "options": score(cache, rows, chosen, answers),
+        "labels": {
+            k: label_report(rows, chosen[k], router.adapters)
+            for k in chosen
+            if k in ("routed", "gated", "top1")
+        },
+        "fallback_reasons": sorted({(s.fallback or "").split(":")[0] for s in sels if s.fallback}),
+    }
+    result["no_harm"] = no_harm(result)
+    write_json(Path(out) / "compare.json", result)
+    render(Path(out) / "compare.json")
+    return result
+
+
+def no_harm(result: dict) -> dict:
+    """Option -> whether every covered type's lower bound of option - mixed ROUGE-L is >= FLOOR."""
+    got = {}
+    for k, per in result["options"].items():
+        lows = [per[t]["vs_mixed"]["low"] for t in result["covered"] if "vs_mixed" in per.get(t, {})]
+        if lows:
+            got[k] = all(x is not None and x >= result["floor"] for x in lows)
+    return got
+
+
+def _cell(d: dict) -> str:
+    if "rougeL" not in d:
+        return f"- / - / {d['ppl']:.2f}"
+    return f"{d['rougeL']:.3f} / {d['exact_match']:.3f} / {d['ppl']:.2f}"
+
+
+def _ci(s: dict | None) -> str:
+    if not s or s["mean"] is None:
+        return "-"
+    return f"{s['mean']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]"
+
+
+def markdown(result: dict) -> str:
+    """The answer-quality table: per task type, each option's ROUGE-L / EM / reference ppl, then
+    the routed (and gated) minus mixed ROUGE-L with 95% intervals; the labels' coverage/precision."""
+    opts = result["options"]
+    kinds = list(opts)
+    diffs = [k for k in ("routed", "gated", "oracle") if k in opts]
+    tasks = [*result["per_task_rows"], "all"]
+    lines = [
+        f"Rows: {result['rows']} from {result['rows_from']}; covered task types: "
+        f"{', '.join(result['covered']) or 'none'}; gate margin: {result['gate_margin']}.",
+        "",
+        "Cells: ROUGE-L / exact match / reference perplexity. Last columns: option − mixed ROUGE-L, "
+        f"mean [95% paired bootstrap]; no harm means every covered type's lower bound ≥ {result['floor']}.",
+        "",
+        "| task | n | " + " | ".join(kinds) + " | " + " | ".join(f"{k} − mixed" for k in diffs) + " |",
+        "|---|---|" + "---|" * (len(kinds) + len(diffs)),
+    ]
+    for t in tasks:
+        n = opts["mixed"][t]["n"]
+        cells = [_cell(opts[k][t]) for k in kinds] + [_ci(opts[k][t].get("vs_mixed")) for k in diffs]
+        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| option | routed (coverage) | right when routed | right (fallback right for other) |",
+        "|---|---|---|---|",
+    ]
+    for k, lab in result["labels"].items():
+        p = "-" if lab["precision"] is None else f"{lab['precision']:.3f}"
+        lines.append(f"| {k} | {lab['coverage']:.3f} | {p} | {lab['right']:.3f} |")
+    if result.get("no_harm"):
+        lines += [
+            "",
+            "No harm: "
+            + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["no_harm"].items())
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def render(path: str | Path) -> tuple[Path, Path]:
+    """compare.md and compare.png beside a compare.json, from the JSON alone."""
+    path = Path(path)
+    result = json.loads(path.read_text())
+    md = write_text(path.with_suffix(".md"), markdown(result))
+    return md, plot_comparison(result, path.with_suffix(".png"))
