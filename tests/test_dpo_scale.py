@@ -1,5 +1,6 @@
-"""`train.objective: dpo` under activation checkpointing and on 2 DDP processes (torchrun, gloo):
-the same losses, rewards, knots and chain as one plain process, within fp32 tolerance."""
+"""`train.objective: dpo` under activation checkpointing and on 2 processes (torchrun, gloo; ddp and
+fsdp): the same losses, rewards, knots and chain as one plain process, within fp32 tolerance; and on
+an NF4 base (bitsandbytes), where the knots stay exact and the reference stays the start."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import yaml
 from conftest import make_tokenizer, run_config, tiny_model, write_jsonl
 from test_dpo import pref_rows
+from test_quantization import wide_llama
 
 from lorachain.chain.export import load_chain
 from lorachain.config import RunConfig, from_dict
@@ -81,14 +83,20 @@ def test_dpo_with_gradient_checkpointing_equals_without(tmp_path, pref_data):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
-@pytest.mark.parametrize("ckpt", [False, True], ids=["ddp", "ddp-checkpointing"])
-def test_dpo_on_two_processes_equals_one(tmp_path, pref_data, tiny_dir, ckpt):
+@pytest.mark.parametrize(
+    "parallel,ckpt",
+    [("ddp", False), ("ddp", True), ("fsdp", False)],
+    ids=["ddp", "ddp-checkpointing", "fsdp"],
+)
+def test_dpo_on_two_processes_equals_one(tmp_path, pref_data, tiny_dir, parallel, ckpt):
     """The global batch of 4 pairs split 2 + 2: sums of log-probs, the loss's mean over pairs and the
-    rewards are reduced over ranks, so the run is the one-process run."""
+    rewards are reduced over ranks, so the run is the one-process run. Under fsdp each rank holds half
+    of every base weight, the reference log-probs are computed on the sharded model, and the knots
+    are added into each rank's own rows."""
     one = dpo_dict(tmp_path, pref_data, "one")
     one["model"]["name_or_path"] = str(tiny_dir)
     train(from_dict(RunConfig, one), progress=False)
-    two = dpo_dict(tmp_path, pref_data, "two", parallel="ddp", gradient_checkpointing=ckpt)
+    two = dpo_dict(tmp_path, pref_data, "two", parallel=parallel, gradient_checkpointing=ckpt)
     two["model"]["name_or_path"] = str(tiny_dir)
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", RUN]
@@ -99,3 +107,27 @@ def test_dpo_on_two_processes_equals_one(tmp_path, pref_data, tiny_dir, ckpt):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished") == 2  # one line per rank
     assert_same_dpo_run(tmp_path / "one", tmp_path / "two", TOL)
+
+
+def test_dpo_on_an_nf4_base_keeps_the_reference_and_exact_knots(tmp_path, pref_data):
+    """QLoRA-style DPO: the reference log-probs are the NF4 start's, so step 1's loss is ln 2 and the
+    rewards do not reset at the knot; the knots sit beside the 4-bit weights (no rounding), and a run
+    killed after the knot resumes to the same chain."""
+    pytest.importorskip("bitsandbytes")
+    tok = make_tokenizer()
+
+    def run(name: str, stop: int | None = None):
+        raw = dpo_dict(tmp_path, pref_data, name)
+        raw["model"] = {"name_or_path": "tiny-llama", "quantization": "nf4"}
+        return train(from_dict(RunConfig, raw), wide_llama(), tok, stop_after=stop, progress=False)
+
+    s = run("nf4").summary
+    assert s["quantization"] == "nf4" and s["knot_rounding"]["max_rel_fro"] == 0.0
+    x = steps(tmp_path / "nf4")
+    assert x[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # the policy is the reference at the start
+    assert x[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    # the step after the knot: the reference did not move with the knot, so the margin stays learned
+    assert abs(x[3]["rewards/margins"]) > 1e-3 and x[3]["loss"] != pytest.approx(0.693147, abs=1e-4)
+    assert run("resumed", stop=4).summary["step"] == 4
+    run("resumed")
+    assert_same_dpo_run(tmp_path / "nf4", tmp_path / "resumed", {"rtol": 1e-6, "atol": 1e-7})

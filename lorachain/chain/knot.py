@@ -114,12 +114,23 @@ def extend(base: nn.Module, config: LoraConfig, gaussian: bool = False) -> PeftM
 
     `gaussian` re-draws A ~ N(0, 1/r²) as PEFT's "gaussian" init does, for configs PEFT builds
     with its default init (see `lora_config`)."""
+    reshard(base)  # PEFT freezes what is registered: the sharded parameters, not gathered copies
     model = get_peft_model(base, config)
     if gaussian and config.init_lora_weights is True:
         with torch.no_grad():
             for layer in lora_layers(model).values():
                 nn.init.normal_(layer.lora_A[ADAPTER].weight, std=1 / config.r)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Put back the sharded parameters of every FSDP2 unit of `model` that a forward without a
+    backward (an evaluation, DPO's reference pass) left gathered; nothing without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorachain.chain.knot import reshard
+
 PREFIX = "base-"
 METADATA = ".metadata"  # the file DCP writes last
 
@@ -29,11 +31,7 @@ METADATA = ".metadata"  # the file DCP writes last
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base's weights by their plain names (a PEFT wrapper's `base_layer` removed, LoRA factors
     and trained heads left out, tied weights once), as DTensors under fsdp."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():  # a forward without backward leaves the root gathered
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    reshard(model)  # a forward without backward leaves the root gathered
     state = {}
     for name, p in model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:
