@@ -24,6 +24,7 @@ from lorachain.routing.eval.compare import (
     gated,
     margin_sweep,
     markdown,
+    pool,
     render,
     select_all,
 )
@@ -165,6 +166,11 @@ def test_compare_writes_json_and_renders_table_and_png_from_it(store, tmp_path):
     assert md_path.read_text() == md and png.stat().st_size > 10_000
     lab = got["labels"]["top1"]  # no fallback: every row routed, the two `other` rows wrongly
     assert lab["coverage"] == 1.0 and lab["right"] <= 0.8
+    twice = pool([saved, saved], "two folds")  # folds pool by their per-row scores
+    assert twice["rows"] == 20 and twice["options"]["routed"]["all"]["rougeL"] == pytest.approx(
+        opts["routed"]["all"]["rougeL"]
+    )
+    assert twice["labels"] == got["labels"] and twice["options"]["gated"]["alpha"]["vs_mixed"]["n"] == 8
     # scored again from a warm cache: nothing is computed, the numbers are the same
     again = compare(r, rows, tmp_path / "cache", tmp_path / "out2", max_new_tokens=3, rows_from="test rows")
     assert again["options"] == got["options"]

@@ -1,4 +1,4 @@
-"""`lorachain route train | eval | add | human-rates`: argument parsing and printing only; the work is
+"""`lorachain route train | eval | folds | add | human-rates`: argument parsing and printing only; the work is
 in the routing modules they call (`routing`, and `routing.eval` for eval)."""
 
 from __future__ import annotations
@@ -83,11 +83,44 @@ def _route_holdout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route_compare(args: argparse.Namespace) -> int:
+    """`route eval STORE --held-out FILE | --lockbox DIR --half A`: the answer-quality table."""
+    from lorachain.routing.eval.compare import compare, markdown
+
+    if args.lockbox:
+        from lorachain.routing.eval.lockbox import open_half
+
+        command = shlex.join(
+            ["lorachain", "route", "eval", args.store, "--lockbox", args.lockbox, "--half", args.half]
+        )
+        rows = open_half(args.lockbox, args.half, args.reason or "", command, args.after_a_failed)
+        source = f"lockbox half {args.half} ({args.lockbox})"
+    else:
+        from lorachain.data import read_rows
+
+        rows, source = [r for _, r in read_rows(args.held_out)], args.held_out
+    store = Path(args.store)
+    result = compare(
+        router_from_args(args),
+        rows,
+        args.cache or store / "answers",
+        args.out or store / "compare",
+        args.gate_margin,
+        not args.no_answers,
+        source,
+        args.max_new_tokens,
+    )
+    print(markdown(result))
+    return 0
+
+
 def _route_eval(args: argparse.Namespace) -> int:
     from lorachain.routing.eval.store import route_eval
 
     if args.holdout_by:
         return _route_holdout(args)
+    if args.held_out or args.lockbox:
+        return _route_compare(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     rows, source = None, "the store's test split"
     if args.unseen:
@@ -112,6 +145,63 @@ def _route_eval(args: argparse.Namespace) -> int:
 
     print(report_markdown(result))
     return 0
+
+
+def _route_folds(args: argparse.Namespace) -> int:
+    from lorachain.config import load_config
+    from lorachain.io import write_json
+    from lorachain.routing.config import RouteConfig
+    from lorachain.routing.eval import fold_stores
+
+    cfg = load_config(args.config, args.overrides, cls=RouteConfig)
+    out = Path(args.out)
+    if args.estimate:
+        got = fold_stores.estimate_store(cfg, out / "_estimate", (2, 2 + args.estimate))
+        got |= {"folds": args.folds, "core_hours_all_folds": got["core_hours_per_store"] * args.folds}
+        write_json(out / "estimate.json", got)
+        print(json.dumps(got, indent=2))
+        return 0
+    if args.compare:
+        from lorachain.routing.eval.compare import markdown
+        from lorachain.serve.router import Router
+
+        pooled = fold_stores.compare_folds(
+            out,
+            args.folds,
+            args.max_per_task,
+            not args.no_answers,
+            max_new_tokens=args.max_new_tokens,
+            make_router=lambda store: Router.from_store(store, max_new_tokens=args.max_new_tokens),
+        )
+        print(markdown(pooled))
+        print(f"gate margin chosen on reference perplexity over the folds: {pooled['gate_margin']}")
+        return 0
+    for k, held in enumerate(fold_stores.fold_plan(cfg, args.folds)):
+        print(f"fold{k}: holds out {', '.join(held)}")
+    if args.plan:
+        return 0
+    return 0 if fold_stores.build_folds(cfg, out, args.folds) is not None else 130
+
+
+def _folds_parser(rsub) -> None:
+    rf = rsub.add_parser(
+        "folds", help="fold stores blind to some data sets; --compare scores answers, --estimate times them"
+    )
+    rf.add_argument("config")
+    rf.add_argument("overrides", nargs="*")
+    rf.add_argument("--out", default="stores/folds", help="the fold stores' folder")
+    rf.add_argument("--folds", type=int, default=3)
+    rf.add_argument(
+        "--plan", action="store_true", help="print which data sets each fold holds out, train nothing"
+    )
+    rf.add_argument(
+        "--estimate", type=int, default=0, metavar="N", help="time N optimizer steps; core-hours per store"
+    )
+    rf.add_argument("--compare", action="store_true", help="score the trained fold stores (answer cache)")
+    rf.add_argument("--max-per-task", type=int, default=20, help="compare: held-out rows per task type")
+    rf.add_argument("--max-new-tokens", type=int, default=32)
+    rf.add_argument("--no-answers", action="store_true", help="compare: reference perplexity only")
+    rf.set_defaults(func=_route_folds)
 
 
 def _route_add(args: argparse.Namespace) -> int:
@@ -201,7 +291,23 @@ def add_parser(sub) -> None:
         default=None,
         help="nested: a file keeping the embedding kind's embeddings between runs",
     )
+    rc = re_.add_argument_group("answer quality on held-out rows (issue 43): every option by lookup")
+    rc.add_argument(
+        "--held-out", default=None, help="your own rows (instruction, output, task; JSONL/JSON/CSV/Parquet)"
+    )
+    rc.add_argument("--lockbox", default=None, help="a sealed lockbox folder (data/lockbox); needs --half")
+    rc.add_argument(
+        "--half", choices=["A", "B"], default="A", help="lockbox: which half (B: --after-a-failed)"
+    )
+    rc.add_argument("--reason", default=None, help="lockbox: why it is opened (logged in its seal)")
+    rc.add_argument("--after-a-failed", action="store_true", help="lockbox: allow half B (A failed once)")
+    rc.add_argument("--cache", default=None, help="the answer cache folder (default STORE/answers)")
+    rc.add_argument(
+        "--gate-margin", type=float, default=None, help="the likelihood gate's margin (default: the store's)"
+    )
+    rc.add_argument("--no-answers", action="store_true", help="reference perplexity only, no generation")
     re_.set_defaults(func=_route_eval)
+    _folds_parser(rsub)
     ra = rsub.add_parser(
         "add", help="add a task adapter to a store with an embedding selector (no retraining)"
     )

@@ -117,7 +117,7 @@ class SelectorConfig:
     # per token (one teacher-forced pass per adapter), else with the mixed adapter; `none`: no gate.
     # Choose the margin on the nested folds (`lorachain route folds --compare`), never on the lockbox
     gate: str = "none"
-    gate_margin: float = 0.0
+    gate_margin: float = 0.0  # likelihood gate: nats per instruction token the task adapter must win by
 
     def __post_init__(self) -> None:
         from lorachain.routing.gate import GATES

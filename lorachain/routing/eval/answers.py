@@ -18,7 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from lorachain.data import encode_row
+from lorachain.data import DataError, encode_row
 from lorachain.io import write_json
 from lorachain.routing.eval.store import BASE, batched, using
 from lorachain.routing.gate import instruction_logprobs
@@ -28,7 +28,7 @@ from lorachain.training.evaluate import sequence_logprobs
 FIELDS = ("ref", "instr", "answer")
 
 
-class CacheError(ValueError):
+class CacheError(DataError):
     """A cache file that does not belong to this store or these settings."""
 
 

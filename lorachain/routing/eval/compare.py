@@ -18,6 +18,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from lorachain.data import DataError
 from lorachain.io import write_json, write_text
 from lorachain.metrics import exact_match, paired_bootstrap, perplexity, rouge_l
 from lorachain.routing.eval.answers import AnswerCache
@@ -107,47 +108,93 @@ def choose_margin(sweep: list[dict], tolerance: float = 0.0) -> float:
     return max(ok, key=lambda s: (round(pooled(s), 12), s["margin"]))["margin"]
 
 
-def label_report(rows: list[dict], chosen: list[str], adapters: dict[str, str]) -> dict:
-    """The routed label's coverage and precision; a row of a type without an adapter (`other`) is
-    right when it falls back to the mixed adapter."""
+def label_report(chosen: list[str], right: list[bool]) -> dict:
+    """The routed label's coverage and precision, and the share of rows right (a row of a type
+    without an adapter, e.g. `other`, is right when it falls back to the mixed adapter)."""
     routed = [i for i, a in enumerate(chosen) if a != MIXED]
-    right = [i for i in routed if chosen[i] == adapters.get(rows[i]["task"])]
-    fell_right = sum(chosen[i] == MIXED and rows[i]["task"] not in adapters for i in range(len(rows)))
     return {
-        "coverage": len(routed) / max(len(rows), 1),
-        "precision": len(right) / len(routed) if routed else None,
-        "right": (len(right) + fell_right) / max(len(rows), 1),
+        "coverage": len(routed) / max(len(chosen), 1),
+        "precision": sum(right[i] for i in routed) / len(routed) if routed else None,
+        "right": sum(right) / max(len(chosen), 1),
     }
 
 
-def score(cache: AnswerCache, rows: list[dict], chosen: dict[str, list[str]], answers: bool) -> dict:
-    """Per option and task type (and `all`): n, ROUGE-L, exact match, reference perplexity, and the
-    paired bootstrap of the option's ROUGE-L minus mixed's."""
-    tasks = [*sorted({r["task"] for r in rows}), "all"]
-    idx = {t: [i for i, r in enumerate(rows) if t in ("all", r["task"])] for t in tasks}
-    out: dict = {}
-    rouge: dict[str, list[float]] = {}
-    for k, adapters in chosen.items():
-        ref = [cache.get("ref", a, r) for r, a in zip(rows, adapters, strict=True)]
-        per = {
-            t: {"n": len(ix), "ppl": perplexity(-sum(ref[i][0] for i in ix), sum(ref[i][1] for i in ix))}
-            for t, ix in idx.items()
+def row_scores(
+    cache: AnswerCache, rows: list[dict], chosen: dict[str, list[str]], adapters: dict, answers: bool
+) -> dict:
+    """Per option, per row: the adapter, the reference (log-prob, tokens), whether the choice is the
+    right label, and with `answers` the greedy answer's ROUGE-L and exact match. Kept in the JSON, so
+    folds pool and tables re-render without the cache."""
+    out = {}
+    for k, names in chosen.items():
+        pairs = list(zip(rows, names, strict=True))
+        got = {
+            "adapter": names,
+            "ref": [list(cache.get("ref", a, r)) for r, a in pairs],
+            "right": [a == adapters.get(r["task"], MIXED) for r, a in pairs],
         }
         if answers:
-            said = [cache.get("answer", a, r) for r, a in zip(rows, adapters, strict=True)]
-            rouge[k] = [rouge_l(s, r["output"]) for s, r in zip(said, rows, strict=True)]
-            em = [exact_match(s, r["output"]) for s, r in zip(said, rows, strict=True)]
-            for t, ix in idx.items():
-                per[t] |= {
-                    "rougeL": sum(rouge[k][i] for i in ix) / len(ix),
-                    "exact_match": sum(em[i] for i in ix) / len(ix),
-                }
-        out[k] = per
-    if answers and "mixed" in rouge:
-        for k in (k for k in chosen if k != "mixed"):
-            for t, ix in idx.items():
-                out[k][t]["vs_mixed"] = paired_bootstrap([rouge[k][i] - rouge["mixed"][i] for i in ix])
+            said = [cache.get("answer", a, r) for r, a in pairs]
+            got["rougeL"] = [rouge_l(x, r["output"]) for x, r in zip(said, rows, strict=True)]
+            got["exact_match"] = [exact_match(x, r["output"]) for x, r in zip(said, rows, strict=True)]
+        out[k] = got
     return out
+
+
+def summarise(tasks: list[str], per_row: dict) -> dict:
+    """Per option and task type (and `all`): n, reference perplexity, mean ROUGE-L and exact match,
+    and the paired bootstrap of the option's ROUGE-L minus mixed's (from `row_scores`)."""
+    idx = {t: [i for i, x in enumerate(tasks) if t in ("all", x)] for t in [*sorted(set(tasks)), "all"]}
+    out: dict = {}
+    for k, got in per_row.items():
+        out[k] = {}
+        for t, ix in idx.items():
+            ref = [got["ref"][i] for i in ix]
+            d = {"n": len(ix), "ppl": perplexity(-sum(lp for lp, _ in ref), sum(n for _, n in ref))}
+            for m in ("rougeL", "exact_match"):
+                if m in got:
+                    d[m] = sum(got[m][i] for i in ix) / len(ix)
+            if "rougeL" in got and k != "mixed" and "mixed" in per_row:
+                mixed = per_row["mixed"]["rougeL"]
+                d["vs_mixed"] = paired_bootstrap([got["rougeL"][i] - mixed[i] for i in ix])
+            out[k][t] = d
+    return out
+
+
+def tabulate(base: dict, tasks: list[str], per_row: dict) -> dict:
+    """`base` (rows_from, covered, gate_margin, ...) with the tables of `per_row`: the options, the
+    labels of routed/gated/top1, and no_harm."""
+    result = base | {
+        "rows": len(tasks),
+        "per_task_rows": {t: tasks.count(t) for t in sorted(set(tasks))},
+        "tasks": tasks,
+        "per_row": per_row,
+        "options": summarise(tasks, per_row),
+        "labels": {
+            k: label_report(per_row[k]["adapter"], per_row[k]["right"])
+            for k in ("routed", "gated", "top1")
+            if k in per_row
+        },
+    }
+    result["no_harm"] = no_harm(result)
+    return result
+
+
+def pool(results: list[dict], rows_from: str) -> dict:
+    """One table over several comparisons (the folds): their rows and per-row scores concatenated."""
+    first = results[0]
+    keys = [k for k in first["per_row"] if all(k in r["per_row"] for r in results)]
+    per_row = {
+        k: {f: [x for r in results for x in r["per_row"][k][f]] for f in first["per_row"][k]} for k in keys
+    }
+    base = {
+        "rows_from": rows_from,
+        "covered": sorted({t for r in results for t in r["covered"]}),
+        "gate_margin": first["gate_margin"],
+        "floor": first["floor"],
+        "max_new_tokens": first["max_new_tokens"],
+    }
+    return tabulate(base, [t for r in results for t in r["tasks"]], per_row)
 
 
 def compare(
@@ -167,34 +214,27 @@ def compare(
         i for i, r in enumerate(rows) if not r.get("instruction") or "output" not in r or not r.get("task")
     ]
     if bad:
-        raise ValueError(f"{rows_from}: row {bad[0] + 1} needs instruction, output and task")
+        raise DataError(f"{rows_from}: row {bad[0] + 1} needs instruction, output and task")
     margin = router.gate_margin if margin is None else margin
     cache = AnswerCache(cache_dir, router, max_new_tokens)
-    everyone = [*router.adapters.values(), MIXED, BASE]
-    cache.fill(rows, everyone, "ref")
+    cache.fill(rows, [*router.adapters.values(), MIXED, BASE], "ref")
     sels = select_all(router, rows)
     chosen = options(router, rows, sels, cache, margin)
     if answers:
         cache.fill_pairs(
             [(r, a) for per in chosen.values() for r, a in zip(rows, per, strict=True)], "answer"
         )
-    result = {
+    base = {
         "rows_from": rows_from,
-        "rows": len(rows),
-        "per_task_rows": {t: sum(r["task"] == t for r in rows) for t in sorted({r["task"] for r in rows})},
         "covered": sorted({r["task"] for r in rows} & set(router.adapters)),
         "gate_margin": margin,
         "floor": FLOOR,
         "max_new_tokens": max_new_tokens,
-        "options": score(cache, rows, chosen, answers),
-        "labels": {
-            k: label_report(rows, chosen[k], router.adapters)
-            for k in chosen
-            if k in ("routed", "gated", "top1")
-        },
         "fallback_reasons": sorted({(s.fallback or "").split(":")[0] for s in sels if s.fallback}),
     }
-    result["no_harm"] = no_harm(result)
+    result = tabulate(
+        base, [r["task"] for r in rows], row_scores(cache, rows, chosen, router.adapters, answers)
+    )
     write_json(Path(out) / "compare.json", result)
     render(Path(out) / "compare.json")
     return result

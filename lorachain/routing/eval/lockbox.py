@@ -13,13 +13,13 @@ import json
 import time
 from pathlib import Path
 
-from lorachain.data import read_rows
+from lorachain.data import DataError, read_rows
 from lorachain.io import write_text
 
 SEAL = "lockbox.json"
 
 
-class LockboxError(ValueError):
+class LockboxError(DataError):
     """A broken seal, an unknown half, or an opening the rules do not allow."""
 
 

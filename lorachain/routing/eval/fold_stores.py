@@ -1,0 +1,182 @@
+"""`lorachain route folds CONFIG`: a few stores, each blind to some data sets, for answer quality.
+
+The answer-side comparison (issue 43) needs adapters that never saw a fold's held-out data sets,
+so each fold is a store of its own: `data.exclude_datasets` gets one data set of every task type
+that has two or more (`routing.folds.make_folds`, scheme `rounds`: fold k holds out the k-th data
+set of each type), so the task adapters, the mixed adapter and the selector see none of their rows.
+`--compare` then scores every store on its held-out rows: every adapter's reference and
+instruction likelihoods cached once, the gate's margin chosen on reference perplexity pooled over
+the folds (`compare.choose_margin`), and the answers at that margin compared (`compare.pool`).
+`--estimate` times a few optimizer steps of one task adapter on the real base to extrapolate the
+core-hours of one store. Resumable: `route train` resumes a fold's store, the cache its numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lorachain.data import DataError
+from lorachain.io import write_json
+from lorachain.routing.config import RouteConfig
+from lorachain.routing.eval.compare import (
+    MARGINS,
+    choose_margin,
+    compare,
+    margin_sweep,
+    pool,
+    render,
+    select_all,
+)
+from lorachain.routing.eval.unseen import unseen_rows
+from lorachain.routing.folds import Row, make_folds
+from lorachain.routing.train import load_split, read_rows_of, route_train, write_splits
+from lorachain.store import MIXED
+
+
+def fold_plan(cfg: RouteConfig, n_folds: int) -> list[list[str]]:
+    """The data sets each fold holds out (besides the config's own `data.exclude_datasets`)."""
+    rows = [r for r in read_rows_of(cfg, []) if r.dataset not in set(cfg.data.exclude_datasets)]
+    if cfg.data.tasks:
+        rows = [r for r in rows if r.task in set(cfg.data.tasks)]
+    if any(not r.dataset for r in rows):
+        raise DataError(f"{cfg.data.path}: folds by data set need {cfg.data.dataset_field!r} on every row")
+    folds, _ = make_folds([Row("", r.task, r.dataset) for r in rows], "rounds")
+    if len(folds) < n_folds:
+        raise DataError(f"{cfg.data.path}: only {len(folds)} folds by data set, asked for {n_folds}")
+    return folds[:n_folds]
+
+
+def fold_configs(cfg: RouteConfig, out: str | Path, n_folds: int) -> list[RouteConfig]:
+    """One store config per fold: its data sets excluded, its store in `out/fold<k>`."""
+    out = Path(out)
+    got = []
+    for k, held in enumerate(fold_plan(cfg, n_folds)):
+        data = dataclasses.replace(cfg.data, exclude_datasets=[*cfg.data.exclude_datasets, *held])
+        got.append(dataclasses.replace(cfg, data=data, output_dir=str(out / f"fold{k}")))
+    return got
+
+
+def build_folds(cfg: RouteConfig, out: str | Path, n_folds: int = 3, progress: bool = True) -> dict | None:
+    """Train every fold's store (resuming any that stopped); None if interrupted."""
+    cfgs = fold_configs(cfg, out, n_folds)
+    plan = {"folds": [{"store": c.output_dir, "held_out": c.data.exclude_datasets} for c in cfgs]}
+    write_json(Path(out) / "plan.json", plan)
+    for c in cfgs:
+        if route_train(c, progress=progress) is None:
+            return None
+    return plan
+
+
+def compare_folds(
+    out: str | Path,
+    n_folds: int,
+    max_per_task: int | None = 20,
+    answers: bool = True,
+    margins=MARGINS,
+    max_new_tokens: int = 32,
+    *,
+    make_router,
+) -> dict:
+    """Score each fold store (opened by `make_router(store)`) on its held-out rows, choose the
+    gate's margin on reference perplexity pooled over the folds, compare the answers at that
+    margin; writes out/compare/fold<k>/, out/compare/pooled/ and out/compare/margins.json."""
+    from lorachain.routing.eval.answers import AnswerCache
+
+    out = Path(out)
+    stores = [out / f"fold{k}" for k in range(n_folds)]
+    parts = []
+    for store in stores:
+        router = make_router(store)
+        rows = unseen_rows(store, max_per_task=max_per_task)
+        cache = AnswerCache(store / "answers", router, max_new_tokens)
+        routed = [s.adapter for s in select_all(router, rows)]
+        parts.append((router, rows, cache, routed))
+    sweep = margin_sweep([(c, rows, routed) for _, rows, c, routed in parts], margins)
+    margin = choose_margin(sweep)
+    write_json(
+        out / "compare" / "margins.json", {"sweep": sweep, "chosen": margin, "rows_per_task": max_per_task}
+    )
+    results = [
+        compare(
+            r,
+            rows,
+            store / "answers",
+            out / "compare" / store.name,
+            margin,
+            answers,
+            f"{store.name}'s held-out data sets",
+            max_new_tokens,
+        )
+        for store, (r, rows, _, _) in zip(stores, parts, strict=True)
+    ]
+    pooled = pool(results, f"the held-out data sets of {n_folds} fold stores")
+    write_json(out / "compare" / "pooled" / "compare.json", pooled)
+    render(out / "compare" / "pooled" / "compare.json")
+    return pooled | {"margin_sweep": sweep}
+
+
+def budget_steps(cfg: RouteConfig) -> dict[str, int]:
+    """Optimizer steps of each LoRA the store trains (task adapters, mixed, a LoRA selector)."""
+    split = load_split(cfg, [])
+    train = split["train"]
+    tasks = sorted({r.task for r in train})
+
+    def steps(n: int, budget) -> int:
+        return budget.max_steps or math.ceil(budget.epochs * math.ceil(n / budget.batch_size))
+
+    got = {t: steps(sum(r.task == t for r in train), cfg.train) for t in tasks}
+    got[MIXED] = steps(len(train), cfg.mixed_train or cfg.train)
+    if cfg.selector.kind == "lora":
+        got["_selector"] = steps(len(train), cfg.selector_train or cfg.train)
+    return got
+
+
+def estimate_store(cfg: RouteConfig, work: str | Path, steps: tuple[int, int] = (2, 8)) -> dict:
+    """Seconds per optimizer step of one task adapter on the real base, from two short runs (their
+    difference cancels loading and evaluation), times the store's steps: core-hours per store (LoRA
+    training only; an encoder selector's fit is not included)."""
+    from lorachain.routing.runs import adapter_runs
+    from lorachain.training.loop import train
+    from lorachain.training.setup import load_base
+
+    work = Path(work)
+    split = load_split(cfg, [])
+    labels = sorted({r.task for r in split["train"]})
+    write_splits(cfg, work, split, labels, [])
+    model = load_base(cfg.model)
+    pristine = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    name, (_, run) = next(iter(adapter_runs(cfg, work, labels).items()))
+    wall, stepped = [], []
+    for n in steps:
+        budget = dataclasses.replace(run.train, max_steps=n, epochs=None, save_every=10**9)
+        one = dataclasses.replace(run, train=budget, output_dir=str(work / "runs" / f"{name}_{n}"))
+        shutil.rmtree(one.output_dir, ignore_errors=True)  # timed afresh, never resumed
+        t0 = time.perf_counter()
+        summary = train(one, model, None, progress=False).summary
+        wall.append(time.perf_counter() - t0)
+        stepped.append(summary["wall_seconds"])  # the optimizer steps alone
+        with torch.no_grad():
+            model.load_state_dict(pristine)
+    # the longer run's extra steps: the first steps' warm-up cancels (a noisy difference: the mean)
+    diff = (stepped[1] - stepped[0]) / (steps[1] - steps[0])
+    per_step = diff if diff > 0 else stepped[1] / steps[1]
+    plan = budget_steps(cfg)
+    threads = torch.get_num_threads()
+    total = sum(plan.values())
+    return {
+        "seconds_per_step": per_step,
+        "timed_runs": {
+            str(n): {"wall_s": w, "steps_s": t} for n, w, t in zip(steps, wall, stepped, strict=True)
+        },
+        "threads": threads,
+        "steps": plan,
+        "total_steps": total,
+        "hours_per_store": per_step * total / 3600,
+        "core_hours_per_store": per_step * total * threads / 3600,
+    }
