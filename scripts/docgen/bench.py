@@ -329,9 +329,10 @@ def reference_cost(d: dict) -> str:
     rows = [
         [
             f"`{r['option']}`",
-            f(r["interleaved_step_s"], 2),
-            f(r["interleaved_ratio"], 3),
-            f(r["median_step_s"], 1),
+            f(r["interleaved_step_s"], 2) if "interleaved_step_s" in r else "—",
+            f(r["interleaved_ratio"], 3) if "interleaved_ratio" in r else "—",
+            f(r["median_step_s"], 2),
+            f(r["time_ratio"], 3),
             f"{r['peak_rss_mb']:.0f}",
             f(r["mem_ratio"], 3),
             f(r["setup_s"], 1),
@@ -344,6 +345,7 @@ def reference_cost(d: dict) -> str:
         "fwd/bwd s (interleaved)",
         "× trl",
         "step s (own run)",
+        "× trl",
         "peak RSS MB",
         "× trl",
         "setup s",
