@@ -74,6 +74,7 @@ def headline(paths: dict) -> str:
     serve = paths["benchmarks/results/serve_load.json"]
     par = paths["benchmarks/results/parallel.json"]
     big = paths["benchmarks/results/scale.json"]
+    ref = {r["option"]: r for r in paths["benchmarks/results/reference_cost.json"]["rows"]}
     demo_total = paths["benchmarks/results/demo.json"]["total"]
     cola_time = next(r["time_ratio"] for r in cost["rows"] if r["config"].startswith("cola 3"))
     nested_run = "results/routing_holdout/nested_agreement_rounds_9/nested.json"
@@ -108,6 +109,12 @@ def headline(paths: dict) -> str:
             f"`{GAP_CELLS}`",
         ],
         ["COLA (3 links) / LoRA training time", f"{cola_time:.3f}", "`benchmarks/results/cola_cost.json`"],
+        [
+            "DPO with a 3-link chain, its reference kept, in TRL's DPOTrainer / TRL with one LoRA: "
+            "step time, peak RSS",
+            f"{ref['path']['time_ratio']:.3f}, {ref['path']['mem_ratio']:.2f}",
+            "`benchmarks/results/reference_cost.json`",
+        ],
         [
             "bf16 / fp32 step time",
             f"{prec['step_time_ratio_bf16']:.2f}",
@@ -158,6 +165,7 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
             "benchmarks/results/parallel.json",
             "benchmarks/results/scale.json",
             "benchmarks/results/demo.json",
+            "benchmarks/results/reference_cost.json",
             "results/routing_holdout/nested_agreement_rounds_9/nested.json",
             GAP_CELLS,
         ],
