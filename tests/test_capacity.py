@@ -142,6 +142,39 @@ def test_the_gap_closed_in_pairs_memorised():
     assert closed(chosen, "c", "full", "lora", "chain") == "no gap"
 
 
+def test_the_lr_choice_takes_the_lowest_validation_nll():
+    from lorachain.experiment.capacity import lr_choice, lr_section
+
+    def row(method, lr, nll, char, task="capacity"):
+        return {
+            "task": task,
+            "method": method,
+            "lr": lr,
+            "val": {"ref_nll": nll, "char_acc": char, "em": 0.0},
+        }
+
+    results = [
+        row("full", 5e-5, 2.9, 0.074),  # flat at chance: greedy accuracy cannot tell these apart,
+        row("full", 2e-4, 1.7, 0.070),  # but the NLL already does
+        row("lora", 2e-3, 2.5, 0.080),
+        row("lora", 8e-3, 2.5, 0.090),  # an NLL tie goes to the higher character accuracy
+        row("one_lr", 1e-3, 1.0, 0.5),  # a single lr: nothing to choose
+        row("sst2_method", 1e-3, 1.0, 0.5, "sst2"),
+        row("sst2_method", 2e-3, 0.9, 0.4, "sst2"),  # not a memorisation task
+    ]
+    choice = lr_choice(results)
+    assert set(choice) == {("capacity", "full"), ("capacity", "lora")}
+    assert (
+        choice[("capacity", "full")]["chosen"] == 2e-4
+        and choice[("capacity", "full")]["score_choice"] == 5e-5
+    )
+    assert choice[("capacity", "lora")]["chosen"] == 8e-3
+    text = lr_section(results)
+    assert "| capacity | `full` | 0.0002 | 1.700 | 7.0 | 0.0 | **yes** |" in text
+    assert "would have chosen otherwise for: full." in text
+    assert lr_section(results[4:5]) == ""
+
+
 def test_a_knot_on_an_eval_step_is_evaluated_once(tmp_path, char_model_dir, monkeypatch):
     import lorachain.training.loop as loop
 
