@@ -10,12 +10,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tokenizer, tiny_model, write_jsonl
+from safetensors.torch import save_file
 from test_nested import grouped_rows
 from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.config import ConfigError, from_dict
 from lorachain.metrics import paired_bootstrap
+from lorachain.routing.arrow import ADAPTER_WEIGHTS, arrow_scores, prototypes
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.eval.answers import AnswerCache, CacheError, row_key
 from lorachain.routing.eval.compare import (
@@ -147,7 +150,8 @@ def test_compare_writes_json_and_renders_table_and_png_from_it(store, tmp_path):
     rows = held_out()
     got = compare(r, rows, tmp_path / "cache", tmp_path / "out", max_new_tokens=3, rows_from="test rows")
     opts = got["options"]
-    assert list(opts) == ["routed", "gated", "top1", "oracle", "mixed", "base"] and got["gate_margin"] == 0.25
+    assert list(opts) == ["routed", "gated", "top1", "arrow", "arrow_gated", "oracle", "mixed", "base"]
+    assert got["gate_margin"] == 0.25 and got["labels"]["arrow"]["coverage"] == 1.0
     assert got["covered"] == ["alpha", "beta"] and got["per_task_rows"] == {"alpha": 4, "beta": 4, "other": 2}
     other = opts["oracle"]["other"]  # no adapter for `other`: the oracle falls back to mixed
     assert {k: other[k] for k in opts["mixed"]["other"]} == opts["mixed"]["other"]
@@ -248,3 +252,28 @@ def test_the_lockbox_opens_only_through_its_seal(tmp_path):
     assert (
         len(open_half(box, "B", "A failed", after_a_failed=True)) == json.loads(before)["halves"]["B"]["rows"]
     )
+
+
+def test_arrow_prototypes_and_scores(tmp_path):
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    save_file({"m.proj.lora_A.weight": a, "m.proj.lora_B.weight": b}, str(tmp_path / ADAPTER_WEIGHTS))
+    v = prototypes(tmp_path)["m.proj"]
+    top = torch.linalg.svd(b @ a).Vh[0]
+    assert torch.allclose(v.abs(), top.abs(), atol=1e-5) and abs(float(v @ top)) == pytest.approx(
+        1.0, abs=1e-5
+    )
+
+    class Toy(torch.nn.Module):  # token i embeds as the i-th basis vector; one hooked module
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding.from_pretrained(torch.eye(4))
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, input_ids, attention_mask):
+            return self.proj(self.emb(input_ids))
+
+    e = torch.eye(4)
+    protos = {"x": {"proj": e[0]}, "y": {"proj": e[1]}}
+    scores = arrow_scores(Toy(), [[0, 0, 2], [1, 1], [1, 0, 1, 1]], protos, pad_id=3)  # (3, 2)
+    assert scores.argmax(-1).tolist() == [0, 1, 1] and torch.allclose(scores.sum(-1), torch.ones(3))

@@ -91,9 +91,8 @@ def test_route_folds_estimate_times_steps_and_extrapolates(setup, capsys):
     got = json.loads((tmp / "est" / "estimate.json").read_text())
     assert got["seconds_per_step"] > 0 and set(got["timed_runs"]) == {"2", "4"}
     assert got["total_steps"] == sum(got["steps"].values())
-    assert got["core_hours_per_store"] == pytest.approx(
-        got["seconds_per_step"] * got["total_steps"] * got["threads"] / 3600
-    )
+    seconds = got["seconds_per_step"] * got["total_steps"] + got["fixed_seconds_per_adapter"] * 4
+    assert got["core_hours_per_store"] == pytest.approx(seconds * got["threads"] / 3600)
     assert got["core_hours_all_folds"] == pytest.approx(3 * got["core_hours_per_store"])
 
 

@@ -4,7 +4,8 @@ For held-out rows labelled by task type (a lockbox half, a fold store's held-out
 user's own file), each option names one adapter per row: `routed` (the store's selector with its
 fallback, no gate), `gated` (routed, then the likelihood gate at a margin), `top1` (the selector's
 top label, no fallback), `oracle` (the row's own task adapter; the mixed one for a type the store
-has no adapter for, e.g. `other`), `mixed` and `base` (adapters off). Per task type: ROUGE-L and
+has no adapter for, e.g. `other`), `mixed` and `base` (adapters off); `arrow` (the training-free
+router of `routing.arrow`, always routing) and `arrow_gated` (it, then the gate). Per task type: ROUGE-L and
 exact match of greedy answers, the reference answer's perplexity, and 95% paired bootstrap
 intervals of each option's ROUGE-L minus the mixed adapter's (the target: lower bound >= -0.02).
 The margin is chosen on reference perplexity only (`choose_margin`), so no answer is generated
@@ -21,13 +22,14 @@ from pathlib import Path
 from lorachain.data import DataError
 from lorachain.io import write_json, write_text
 from lorachain.metrics import exact_match, paired_bootstrap, perplexity, rouge_l
+from lorachain.routing.arrow import arrow_scores, prototypes
 from lorachain.routing.eval.answers import AnswerCache
 from lorachain.routing.eval.plots import plot_comparison
-from lorachain.routing.eval.store import BASE, batched
+from lorachain.routing.eval.store import BASE, batched, using
 from lorachain.routing.gate import gain
 from lorachain.store import MIXED
 
-OPTIONS = ("routed", "gated", "top1", "oracle", "mixed", "base")
+OPTIONS = ("routed", "gated", "top1", "arrow", "arrow_gated", "oracle", "mixed", "base")
 FLOOR = -0.02  # the issue's target: lower 95% bound of option - mixed ROUGE-L per covered type
 MARGINS = (-0.5, -0.2, -0.1, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)  # nats/token; inf: never route
 
@@ -51,6 +53,19 @@ def gated(cache: AnswerCache, rows: list[dict], chosen: list[str], margin: float
     return out
 
 
+def arrow_choices(router, rows: list[dict]) -> list[str]:
+    """Each row's task adapter by Arrow (`routing.arrow`: no training, the adapters' own weights)."""
+    names = list(router.adapters.values())
+    protos = {a: prototypes(router.root / router.manifest.adapters[a]["path"]) for a in names}
+    out = []
+    with using(router, BASE):
+        for chunk in batched(rows, 8):
+            prompts = [router.answer_prompt(r.get("messages", [])[:-1] or r["instruction"]) for r in chunk]
+            scores = arrow_scores(router.model, prompts, protos, router.tok.pad_token_id)  # (B, K)
+            out += [names[k] for k in scores.argmax(-1).tolist()]
+    return out
+
+
 def options(router, rows: list[dict], sels: list, cache: AnswerCache, margin: float | None) -> dict:
     """Option -> the adapter each row gets (BASE: none)."""
     n, fallback = len(rows), router.fallback
@@ -60,11 +75,14 @@ def options(router, rows: list[dict], sels: list, cache: AnswerCache, margin: fl
         "oracle": [router.adapters.get(r["task"], MIXED) for r in rows],
         "mixed": [MIXED] * n,
         "base": [BASE] * n,
+        "arrow": arrow_choices(router, rows),
     }
     if margin is not None:
-        cache.fill_pairs([(r, a) for r, a in zip(rows, got["routed"], strict=True) if a != MIXED], "instr")
+        for k in ("routed", "arrow"):
+            cache.fill_pairs([(r, a) for r, a in zip(rows, got[k], strict=True) if a != MIXED], "instr")
         cache.fill(rows, [MIXED], "instr")
         got["gated"] = gated(cache, rows, got["routed"], margin)
+        got["arrow_gated"] = gated(cache, rows, got["arrow"], margin)
     return {k: got[k] for k in OPTIONS if k in got}
 
 
@@ -172,7 +190,7 @@ def tabulate(base: dict, tasks: list[str], per_row: dict) -> dict:
         "options": summarise(tasks, per_row),
         "labels": {
             k: label_report(per_row[k]["adapter"], per_row[k]["right"])
-            for k in ("routed", "gated", "top1")
+            for k in ("routed", "gated", "top1", "arrow", "arrow_gated")
             if k in per_row
         },
     }
@@ -267,7 +285,7 @@ def markdown(result: dict) -> str:
     the routed (and gated) minus mixed ROUGE-L with 95% intervals; the labels' coverage/precision."""
     opts = result["options"]
     kinds = list(opts)
-    diffs = [k for k in ("routed", "gated", "oracle") if k in opts]
+    diffs = [k for k in ("routed", "gated", "arrow_gated", "oracle") if k in opts]
     tasks = [*result["per_task_rows"], "all"]
     lines = [
         f"Rows: {result['rows']} from {result['rows_from']}; covered task types: "

@@ -138,9 +138,10 @@ def budget_steps(cfg: RouteConfig) -> dict[str, int]:
 
 
 def estimate_store(cfg: RouteConfig, work: str | Path, steps: tuple[int, int] = (2, 8)) -> dict:
-    """Seconds per optimizer step of one task adapter on the real base, from two short runs (their
-    difference cancels loading and evaluation), times the store's steps: core-hours per store (LoRA
-    training only; an encoder selector's fit is not included)."""
+    """Seconds per optimizer step of the mixed adapter (every task type's rows) on the real base,
+    from two short runs (their difference cancels setup and evaluation), times the store's steps,
+    plus each adapter's fixed cost: core-hours per store. LoRA training only: an encoder or
+    embedding selector's fit (and its second opinion's) is not included."""
     from lorachain.routing.runs import adapter_runs
     from lorachain.training.loop import train
     from lorachain.training.setup import load_base
@@ -151,7 +152,7 @@ def estimate_store(cfg: RouteConfig, work: str | Path, steps: tuple[int, int] = 
     write_splits(cfg, work, split, labels, [])
     model = load_base(cfg.model)
     pristine = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    name, (_, run) = next(iter(adapter_runs(cfg, work, labels).items()))
+    name, (_, run) = MIXED, adapter_runs(cfg, work, labels)[MIXED]  # every task type, shuffled
     wall, stepped = [], []
     for n in steps:
         budget = dataclasses.replace(run.train, max_steps=n, epochs=None, save_every=10**9)
@@ -169,14 +170,17 @@ def estimate_store(cfg: RouteConfig, work: str | Path, steps: tuple[int, int] = 
     plan = budget_steps(cfg)
     threads = torch.get_num_threads()
     total = sum(plan.values())
+    fixed = wall[0] - stepped[0]  # per adapter: its run's setup, final evaluation and save
+    seconds = per_step * total + fixed * len(plan)
     return {
         "seconds_per_step": per_step,
+        "fixed_seconds_per_adapter": fixed,
         "timed_runs": {
             str(n): {"wall_s": w, "steps_s": t} for n, w, t in zip(steps, wall, stepped, strict=True)
         },
         "threads": threads,
         "steps": plan,
         "total_steps": total,
-        "hours_per_store": per_step * total / 3600,
-        "core_hours_per_store": per_step * total * threads / 3600,
+        "hours_per_store": seconds / 3600,
+        "core_hours_per_store": seconds * threads / 3600,
     }
