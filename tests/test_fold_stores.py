@@ -105,6 +105,14 @@ def test_route_eval_prints_the_answer_table_for_your_rows_and_the_lockbox(setup,
     assert main([*args, "--held-out", str(mine), "--out", str(tmp / "mine")]) == 0
     out = capsys.readouterr().out
     assert "| other | 2 |" in out and "routed − mixed" in out and "right when routed" in out
+    assert "gated" not in json.loads((tmp / "mine" / "compare.json").read_text())["options"]  # no gate
+    assert main([*args, "--held-out", str(mine), "--out", str(tmp / "g"), "--gate-margin", "0.1"]) == 0
+    got = json.loads((tmp / "g" / "compare.json").read_text())
+    assert got["gate_margin"] == 0.1 and "gated − mixed" in capsys.readouterr().out
+    assert (
+        got["options"]["routed"]
+        == json.loads((tmp / "mine" / "compare.json").read_text())["options"]["routed"]
+    )
     box = fake_lockbox(tmp / "box")
     assert main([*args, "--lockbox", str(box), "--half", "B", "--reason", "x"]) == 2
     assert "half B stays sealed" in capsys.readouterr().err

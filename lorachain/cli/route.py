@@ -302,9 +302,6 @@ def add_parser(sub) -> None:
     rc.add_argument("--reason", default=None, help="lockbox: why it is opened (logged in its seal)")
     rc.add_argument("--after-a-failed", action="store_true", help="lockbox: allow half B (A failed once)")
     rc.add_argument("--cache", default=None, help="the answer cache folder (default STORE/answers)")
-    rc.add_argument(
-        "--gate-margin", type=float, default=None, help="the likelihood gate's margin (default: the store's)"
-    )
     rc.add_argument("--no-answers", action="store_true", help="reference perplexity only, no generation")
     re_.set_defaults(func=_route_eval)
     _folds_parser(rsub)

@@ -14,12 +14,21 @@ def router_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--mode", choices=["score", "generate"], default="score", help="task selection mode")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument(
+        "--gate-margin",
+        type=float,
+        default=None,
+        help="the likelihood gate (selector.gate) at this margin, nats/token (default: the store's)",
+    )
 
 
 def router_from_args(args: argparse.Namespace):
     from lorachain.serve.router import Router
 
-    return Router.from_store(args.store, mode=args.mode, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    gate = "store" if args.gate_margin is None else args.gate_margin
+    return Router.from_store(
+        args.store, mode=args.mode, top_k=args.top_k, max_new_tokens=args.max_new_tokens, gate_margin=gate
+    )
 
 
 def _ask(args: argparse.Namespace) -> int:

@@ -115,7 +115,8 @@ class SelectorConfig:
     # answer-side evidence (routing.gate): `likelihood` answers with the chosen task adapter only when
     # it finds the instruction likelier than the mixed adapter does, by more than `gate_margin` nats
     # per token (one teacher-forced pass per adapter), else with the mixed adapter; `none`: no gate.
-    # Choose the margin on the nested folds (`lorachain route folds --compare`), never on the lockbox
+    # Choose the margin on the nested folds (`lorachain route folds --compare`), never on the lockbox.
+    # `none` stays the default until the folds have measured the gate: switching it is this one line
     gate: str = "none"
     gate_margin: float = 0.0  # likelihood gate: nats per instruction token the task adapter must win by
 
