@@ -114,7 +114,14 @@ def test_the_estimate_holds_a_shard_and_two_gathered_units_per_rank(tmp_path, to
     two = estimate(cfg, LLAMA_1B, world=2)
     layer = 4 * (2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632 + 2 * 2048)  # q, o, k, v, MLP, norms
     assert layer < 4 * 32000 * 2048  # the embeddings are the largest unit
-    assert two.weights == pytest.approx(one.weights / 2 + 2 * 4 * 32000 * 2048)
+    arena = 0 if torch.cuda.is_available() else 3 * 4 * 32000 * 2048 / 2  # shared-memory slots, a host
+    assert two.weights == pytest.approx(one.weights / 2 + 2 * 4 * 32000 * 2048 + arena)
+    raw["train"].update(fsdp_all_gather="process_group")
+    gloo = estimate(from_dict(RunConfig, raw), LLAMA_1B, world=2)
+    assert gloo.weights == pytest.approx(one.weights / 2 + 2 * 4 * 32000 * 2048)
+    raw["train"].update(fsdp_reshard_after_forward=False)  # every unit gathered at the forward's end
+    kept = estimate(from_dict(RunConfig, raw), LLAMA_1B, world=2)
+    assert kept.weights == pytest.approx(one.weights / 2 + one.weights)
     assert 4.0 * GIB < one.weights < 4.2 * GIB and two.activations == pytest.approx(one.activations / 2)
     assert two.lora == one.lora  # the LoRA factors and their AdamW state stay whole on every rank
     with pytest.raises(ConfigError) as e:

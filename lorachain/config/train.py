@@ -43,6 +43,12 @@ class TrainConfig:
     # fsdp: how each rank gets its rows of the base's safetensors: map (the file's pages, shared by the
     # ranks, copied where a knot writes) | read (into its own memory) | broadcast (rank 0 reads, sends)
     fsdp_load: str = "map"
+    # fsdp: how the ranks gather a unit of the base: shared_memory (CPU ranks on one host: through a
+    # /dev/shm arena, no socket) | process_group (gloo, NCCL) | auto (shared_memory where it applies)
+    fsdp_all_gather: str = "auto"
+    # fsdp: free each gathered unit after its forward and gather it again for its backward; false
+    # keeps it until its backward (one all-gather a step instead of two; the whole model on each rank)
+    fsdp_reshard_after_forward: bool = True
     # sft (the LM loss on targets) | dpo (preference pairs {prompt, chosen, rejected}; see `dpo:`)
     objective: str = "sft"
     # experiment trackers rank 0 logs to: tensorboard (tb/ in the run folder), wandb, mlflow (`pip
@@ -66,6 +72,11 @@ class TrainConfig:
         check(
             self.fsdp_load in ("map", "read", "broadcast"),
             f"train.fsdp_load: expected map, read or broadcast, got {self.fsdp_load!r}",
+        )
+        check(
+            self.fsdp_all_gather in ("auto", "shared_memory", "process_group"),
+            "train.fsdp_all_gather: expected auto, shared_memory or process_group, "
+            f"got {self.fsdp_all_gather!r}",
         )
         if isinstance(self.report_to, str):  # as Trainer's report_to: "wandb", "none"
             self.report_to = [] if self.report_to == "none" else [self.report_to]

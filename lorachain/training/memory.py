@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorachain.config import ConfigError, RunConfig
+from lorachain.training.fsdp_gather import SLOTS
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -64,14 +65,19 @@ def estimate(
 ) -> Estimate:
     """Peak memory of training `cfg` on a model of transformers `config`, per process of `world`
     (each takes batch_size / world rows; under fsdp it holds 1/world of the weights and gathers
-    two units, a layer and the next, at a time), with micro-batches `seq` tokens wide (default
-    `data.max_length`; the loop passes its longest row)."""
+    two units, a layer and the next, at a time, or all of them with `fsdp_reshard_after_forward`
+    false; on CPUs its share of the shared-memory all-gather arena), with micro-batches `seq` tokens
+    wide (default `data.max_length`; the loop passes its longest row)."""
     model = model if model is not None else meta_model(config)
     m, t = cfg.model, cfg.train
     sharded = t.parallel == "fsdp" and world > 1
     weights = weight_bytes(model, cfg, copies=not sharded)
     if sharded:
-        weights = weights / world + 2 * max(unit_bytes(model, DTYPE_BYTES[m.dtype]), default=0.0)
+        biggest = max(unit_bytes(model, DTYPE_BYTES[m.dtype]), default=0.0)
+        gathered = weights if not t.fsdp_reshard_after_forward else 2 * biggest
+        shm = t.fsdp_all_gather != "process_group" and not torch.cuda.is_available()
+        arena = SLOTS * biggest / world if shm else 0.0  # one arena a host, shared by the ranks
+        weights = weights / world + gathered + arena
     rank = max(link.rank for link in cfg.chain.links)
     targets = cfg.chain.target_modules or _default_targets(model)
     lora = sum(

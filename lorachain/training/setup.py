@@ -34,6 +34,7 @@ from lorachain.models import (
 )
 from lorachain.training.checkpointing import check_checkpointing
 from lorachain.training.dpo import reference_logps
+from lorachain.training.fsdp_gather import schedule
 from lorachain.training.memory import check_before_load
 from lorachain.training.parallel import Dist, check_parallel, init_dist, shard_base
 from lorachain.training.precision import Precision, attention, compute_copies, resolve
@@ -105,9 +106,12 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
     n_params = sum(p.numel() for p in model.parameters())
     if dist.sharded and not is_sharded(model):
         shard_base(model, cfg.train.fsdp_offload)
+    t, gather = cfg.train, ""
+    if dist.sharded:  # how and when the units gather (training/fsdp_gather.py)
+        gather = schedule(model, dist.world, t.fsdp_all_gather, t.fsdp_reshard_after_forward)
     add_reference(cfg, model, data, prec, tokenizer.pad_token_id)
     return Setup(
-        dist, tokenizer, data, model, merge, prec, attn, targets, fan, masters, n_params, notes(prec)
+        dist, tokenizer, data, model, merge, prec, attn, targets, fan, masters, n_params, notes(prec, gather)
     )
 
 
@@ -203,7 +207,10 @@ def check_model(model: nn.Module, cfg: RunConfig, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def notes(prec: Precision) -> list[str]:
+def notes(prec: Precision, gather: str = "") -> list[str]:
+    lines = [gather] if gather else []
     if not prec.emulate:
-        return []
-    return [f"{prec.name} matmuls emulated in fp32 (same numbers): this CPU has no native {prec.name} matmul"]
+        return lines
+    return lines + [
+        f"{prec.name} matmuls emulated in fp32 (same numbers): this CPU has no native {prec.name} matmul"
+    ]

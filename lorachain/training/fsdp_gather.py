@@ -1,0 +1,182 @@
+"""How an fsdp rank gathers a unit of the base (`train.fsdp_all_gather`), and which units gather when.
+
+- `process_group`: FSDP2's all-gather through the process group (NCCL on GPUs, gloo on CPUs).
+- `shared_memory`: CPU ranks on one host gather through a shared-memory arena. FSDP2 copies each
+  rank's shard into its slot of the all-gather buffer; here that buffer is a slot of a `/dev/shm`
+  mapping every rank shares, so after one barrier every rank reads the whole unit from it: no bytes
+  go through a socket. gloo moves them over loopback TCP, measured at 0.22-0.44 GiB/s a rank on
+  this repository's 2-core machine (the same tensors copy at ~6 GiB/s), which made an fsdp step
+  5-8x a ddp step (benchmarks/results/parallel.json).
+- `auto`: shared memory when the shards are on the CPU, every rank runs on this host and FSDP2
+  takes a custom all-gather (torch >= 2.9); else the process group.
+
+The arena holds `SLOTS` buffers of the largest unit, used in turn. A buffer is written again three
+gathers later, and FSDP2 copies a gather out before it issues the one after next (one prefetch at
+most), so no rank overwrites a buffer another still reads. It is unlinked once every rank has mapped
+it: the memory goes when the last rank exits, killed or not. Its pages are shared (RssShmem), not
+anonymous; a unit bigger than a slot, or a gather off the CPU, goes through the process group.
+
+`schedule` also sets what gathers when: the input embeddings are not gathered again for the
+backward (fsdp trains LoRA factors on a frozen base, and a frozen embedding's backward does not
+read its weight; PEFT makes their output require grad, which made FSDP2 gather them), and
+`train.fsdp_reshard_after_forward: false` keeps every unit gathered from its forward to its backward
+(one all-gather a step instead of two, but the whole model on every rank at the end of the forward).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorachain.config import ConfigError
+
+ALL_GATHERS = ("auto", "shared_memory", "process_group")
+SLOTS = 3
+SHM = Path("/dev/shm")
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units of `model` (every `fully_shard`ed module), the root first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def gathered_bytes(model: nn.Module, world: int) -> list[int]:
+    """Bytes of each unit's all-gather buffer: its own sharded parameters (not a nested unit's),
+    each padded to ceil(rows / world) rows on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    owned: set[int] = set()
+    sizes = []
+    for unit in units(model)[::-1]:  # nested units before the ones that hold them
+        size = 0
+        for p in unit.parameters():
+            if id(p) in owned or not isinstance(p, DTensor):
+                continue
+            owned.add(id(p))
+            rows = p.shape[0] if p.dim() else 1
+            size += -(-rows // world) * (p.numel() // max(rows, 1)) * p.element_size() * world
+        sizes.append(size)
+    return sizes
+
+
+try:  # FSDP2's custom all-gather interface (torch >= 2.9)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
+
+    CUSTOM = hasattr(FSDPModule, "set_custom_all_gather")
+except ImportError:
+    AllGather, CUSTOM = object, False
+
+
+def on_one_host() -> bool:
+    """Whether every rank of the default process group runs on this host (same name, same boot).
+    Collective."""
+    import torch.distributed as dist
+
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    me = (socket.gethostname(), boot.read_text().strip() if boot.is_file() else "")
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, me)
+    return len(set(hosts)) == 1
+
+
+def shared_memory_reason(model: nn.Module) -> str:
+    """Why the shared-memory all-gather cannot serve `model`'s ranks ('' when it can). Collective."""
+    same = on_one_host()  # every rank calls it, whatever the answer
+    if not CUSTOM:
+        return f"torch {torch.__version__} has no custom all-gather for FSDP2 (needs >= 2.9)"
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return "the shards are not on the CPU (GPUs gather with NCCL)"
+    if not same:
+        return "the ranks run on more than one host"
+    if not (SHM.is_dir() and os.access(SHM, os.W_OK)):
+        return f"{SHM} is not a writable directory"
+    return ""
+
+
+class SharedMemoryGather(AllGather):
+    """FSDP2 all-gather buffers in a shared arena: the copy-in writes this rank's slot, a barrier
+    completes the gather. A buffer that does not fit a slot goes through the process group."""
+
+    def __init__(self, arena: torch.Tensor, slot: int, slots: int = SLOTS) -> None:
+        self.arena, self.slot, self.slots, self.turn = arena, slot, slots, 0
+        self.base = arena.untyped_storage().data_ptr()
+        self.shared = 0  # gathers served through the arena
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        nbytes = math.prod(int(s) for s in size) * torch.empty((), dtype=dtype).element_size()
+        if device.type != "cpu" or nbytes > self.slot:
+            return torch.empty(*size, dtype=dtype, device=device)
+        start = (self.turn % self.slots) * self.slot
+        self.turn += 1
+        return self.arena[start : start + nbytes].view(dtype).view(*size)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        import torch.distributed as dist
+
+        if output_tensor.untyped_storage().data_ptr() == self.base:
+            self.shared += 1
+            dist.barrier(group=group)  # every rank has written its slot
+            return None
+        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+
+
+def shared_memory_gather(slot_bytes: int, slots: int = SLOTS) -> SharedMemoryGather:
+    """A `SharedMemoryGather` over `slots` slots of `slot_bytes` in one mapping of a `/dev/shm` file
+    every rank maps, made by rank 0 and unlinked once all have mapped it. Collective."""
+    import torch.distributed as dist
+
+    slot = -(-slot_bytes // 4096) * 4096  # page-aligned slots: any dtype's view is aligned
+    path: list = [None]
+    if dist.get_rank() == 0:
+        fd, name = tempfile.mkstemp(prefix="lorachain-fsdp-", dir=SHM)
+        os.ftruncate(fd, slot * slots)
+        os.close(fd)
+        path[0] = name
+    try:
+        dist.broadcast_object_list(path, src=0)
+        arena = torch.from_file(path[0], shared=True, size=slot * slots, dtype=torch.uint8)  # MAP_SHARED
+        dist.barrier()
+    finally:
+        if dist.get_rank() == 0:
+            Path(path[0]).unlink(missing_ok=True)  # mapped by every rank: freed when the last exits
+    return SharedMemoryGather(arena, slot, slots)
+
+
+def schedule(
+    model: nn.Module, world: int, all_gather: str = "auto", reshard_after_forward: bool = True
+) -> str:
+    """Set how and when the units of the sharded `model` gather (see the module docstring); returns
+    a line for the run's log. Collective: every rank calls it."""
+    if all_gather not in ALL_GATHERS:
+        raise ConfigError(f"train.fsdp_all_gather: expected one of {ALL_GATHERS}, got {all_gather!r}")
+    found = units(model)
+    if not found:
+        return ""
+    inp = model.get_input_embeddings()
+    for unit in found[1:]:  # (FSDP2 never reshards the root after its forward)
+        if not reshard_after_forward:
+            unit.set_reshard_after_forward(False, recurse=False)
+        if unit is inp and hasattr(unit, "set_unshard_in_backward"):
+            unit.set_unshard_in_backward(False)  # the frozen embeddings' backward reads no weight
+    how = "process group"
+    if all_gather != "process_group":
+        why = shared_memory_reason(model)
+        if why and all_gather == "shared_memory":
+            raise ConfigError(f"train.fsdp_all_gather: shared_memory is not available here: {why}")
+        if not why:
+            biggest = max(gathered_bytes(model, world))
+            comm = shared_memory_gather(biggest)
+            for unit in found:
+                unit.set_custom_all_gather(comm)
+            how = f"shared memory ({SLOTS} x {biggest / 1024**2:.0f} MiB in {SHM})"
+    when = "" if reshard_after_forward else ", kept gathered from forward to backward"
+    return f"fsdp all-gather: {how}{when}"
