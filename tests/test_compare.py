@@ -83,7 +83,8 @@ def test_the_gate_routes_when_the_task_adapter_is_likelier_and_falls_back_when_m
     own = [instruction_logprobs(r, [x], a)[0] for x, a in zip(asks, routed, strict=True)]
     gains = [gain(o, m) for o, m in zip(own, mixed, strict=True)]
     assert len(set(round(g, 6) for g in gains)) > 1
-    for margin in (min(gains) - 1e-4, sorted(gains)[len(gains) // 2], max(gains) + 1e-4):
+    # 0.0: the task adapter answers exactly where it finds the instruction likelier than mixed does
+    for margin in (min(gains) - 1e-4, 0.0, sorted(gains)[len(gains) // 2], max(gains) + 1e-4):
         r.gate_margin = margin
         got = r.select(asks)
         want = [a if g > margin else MIXED for a, g in zip(routed, gains, strict=True)]
