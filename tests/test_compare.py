@@ -22,6 +22,8 @@ from lorachain.routing.arrow import ADAPTER_WEIGHTS, arrow_scores, prototypes
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.eval.answers import AnswerCache, CacheError, row_key
 from lorachain.routing.eval.compare import (
+    GATED,
+    OPTIONS,
     choose_margin,
     compare,
     gated,
@@ -151,8 +153,15 @@ def test_compare_writes_json_and_renders_table_and_png_from_it(store, tmp_path):
     rows = held_out()
     got = compare(r, rows, tmp_path / "cache", tmp_path / "out", max_new_tokens=3, rows_from="test rows")
     opts = got["options"]
-    assert list(opts) == ["routed", "gated", "top1", "arrow", "arrow_gated", "oracle", "mixed", "base"]
-    assert got["gate_margin"] == 0.25 and got["labels"]["arrow"]["coverage"] == 1.0
+    assert list(opts) == [*OPTIONS] and got["gate_margin"] == {"routed": 0.25, "top1": 0.25, "arrow": 0.25}
+    assert got["labels"]["arrow"][
+        "coverage"
+    ] == 1.0 and "gate margins: gated 0.25, top1_gated 0.25" in markdown(got)
+    per_row = got["per_row"]  # each gated option: its base's adapter where the gate passes, else mixed
+    for name, base in GATED.items():
+        assert all(
+            g in (b, MIXED) for g, b in zip(per_row[name]["adapter"], per_row[base]["adapter"], strict=True)
+        )
     assert got["covered"] == ["alpha", "beta"] and got["per_task_rows"] == {"alpha": 4, "beta": 4, "other": 2}
     other = opts["oracle"]["other"]  # no adapter for `other`: the oracle falls back to mixed
     assert {k: other[k] for k in opts["mixed"]["other"]} == opts["mixed"]["other"]

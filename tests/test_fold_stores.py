@@ -70,6 +70,8 @@ def test_route_folds_builds_blind_stores_and_compares_them(setup, capsys):
     margins = json.loads((out / "compare" / "margins.json").read_text())
     pooled = json.loads((out / "compare" / "pooled" / "compare.json").read_text())
     assert pooled["gate_margin"] == margins["chosen"] and pooled["rows"] == 12
+    assert set(margins["chosen"]) == set(margins["sweep"]) == {"routed", "top1", "arrow"}
+    assert {"top1_gated", "arrow_gated", "gated"} <= set(pooled["options"])
     assert (out / "compare" / "pooled" / "compare.png").stat().st_size > 10_000
     assert {
         json.loads((out / "compare" / f"fold{k}" / "compare.json").read_text())["rows"] for k in (0, 1)
@@ -108,7 +110,8 @@ def test_route_eval_prints_the_answer_table_for_your_rows_and_the_lockbox(setup,
     assert "gated" not in json.loads((tmp / "mine" / "compare.json").read_text())["options"]  # no gate
     assert main([*args, "--held-out", str(mine), "--out", str(tmp / "g"), "--gate-margin", "0.1"]) == 0
     got = json.loads((tmp / "g" / "compare.json").read_text())
-    assert got["gate_margin"] == 0.1 and "gated − mixed" in capsys.readouterr().out
+    assert got["gate_margin"] == {"routed": 0.1, "top1": 0.1, "arrow": 0.1}
+    assert "gated − mixed" in capsys.readouterr().out
     assert (
         got["options"]["routed"]
         == json.loads((tmp / "mine" / "compare.json").read_text())["options"]["routed"]

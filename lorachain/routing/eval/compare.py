@@ -2,14 +2,14 @@
 
 For held-out rows labelled by task type (a lockbox half, a fold store's held-out data sets, a
 user's own file), each option names one adapter per row: `routed` (the store's selector with its
-fallback, no gate), `gated` (routed, then the likelihood gate at a margin), `top1` (the selector's
-top label, no fallback), `oracle` (the row's own task adapter; the mixed one for a type the store
-has no adapter for, e.g. `other`), `mixed` and `base` (adapters off); `arrow` (the training-free
-router of `routing.arrow`, always routing) and `arrow_gated` (it, then the gate). Per task type: ROUGE-L and
-exact match of greedy answers, the reference answer's perplexity, and 95% paired bootstrap
-intervals of each option's ROUGE-L minus the mixed adapter's (the target: lower bound >= -0.02).
-The margin is chosen on reference perplexity only (`choose_margin`), so no answer is generated
-to choose it. Writes compare.json, and compare.md and compare.png rendered from it (`render`).
+fallback, no gate), `top1` (the selector's top label, no fallback), `arrow` (the training-free
+router of `routing.arrow`, always routing), each also `gated` / `top1_gated` / `arrow_gated` (then
+the likelihood gate at a margin); `oracle` (the row's own task adapter; the mixed one for a type
+the store has no adapter for, e.g. `other`), `mixed` and `base` (adapters off). Per task type:
+ROUGE-L and exact match of greedy answers, the reference answer's perplexity, and 95% paired
+bootstrap intervals of each option's ROUGE-L minus the mixed adapter's (the target: lower bound
+>= -0.02). Margins are chosen on reference perplexity only (`choose_margin`), so no answer is
+generated to choose them. Writes compare.json, and compare.md and compare.png rendered from it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from lorachain.routing.eval.store import BASE, batched, using
 from lorachain.routing.gate import gain
 from lorachain.store import MIXED
 
-OPTIONS = ("routed", "gated", "top1", "arrow", "arrow_gated", "oracle", "mixed", "base")
+OPTIONS = ("routed", "gated", "top1", "top1_gated", "arrow", "arrow_gated", "oracle", "mixed", "base")
+GATED = {"gated": "routed", "top1_gated": "top1", "arrow_gated": "arrow"}  # gated option -> what it gates
 FLOOR = -0.02  # the issue's target: lower 95% bound of option - mixed ROUGE-L per covered type
 MARGINS = (-0.5, -0.2, -0.1, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)  # nats/token; inf: never route
 
@@ -66,8 +67,15 @@ def arrow_choices(router, rows: list[dict]) -> list[str]:
     return out
 
 
-def options(router, rows: list[dict], sels: list, cache: AnswerCache, margin: float | None) -> dict:
-    """Option -> the adapter each row gets (BASE: none)."""
+def margins_of(margin: float | dict | None) -> dict[str, float]:
+    """{gated option's base ("routed", "top1", "arrow"): margin}: one margin for all, or per base."""
+    if margin is None:
+        return {}
+    return dict(margin) if isinstance(margin, dict) else {base: margin for base in GATED.values()}
+
+
+def options(router, rows: list[dict], sels: list, cache: AnswerCache, margins: dict[str, float]) -> dict:
+    """Option -> the adapter each row gets (BASE: none); a gated option for each margin given."""
     n, fallback = len(rows), router.fallback
     got = {
         "routed": [s.adapter for s in sels],
@@ -77,12 +85,11 @@ def options(router, rows: list[dict], sels: list, cache: AnswerCache, margin: fl
         "base": [BASE] * n,
         "arrow": arrow_choices(router, rows),
     }
-    if margin is not None:
-        for k in ("routed", "arrow"):
-            cache.fill_pairs([(r, a) for r, a in zip(rows, got[k], strict=True) if a != MIXED], "instr")
-        cache.fill(rows, [MIXED], "instr")
-        got["gated"] = gated(cache, rows, got["routed"], margin)
-        got["arrow_gated"] = gated(cache, rows, got["arrow"], margin)
+    for name, base in GATED.items():
+        if base in margins:
+            cache.fill_pairs([(r, a) for r, a in zip(rows, got[base], strict=True) if a != MIXED], "instr")
+            cache.fill(rows, [MIXED], "instr")
+            got[name] = gated(cache, rows, got[base], margins[base])
     return {k: got[k] for k in OPTIONS if k in got}
 
 
@@ -190,7 +197,7 @@ def tabulate(base: dict, tasks: list[str], per_row: dict) -> dict:
         "options": summarise(tasks, per_row),
         "labels": {
             k: label_report(per_row[k]["adapter"], per_row[k]["right"])
-            for k in ("routed", "gated", "top1", "arrow", "arrow_gated")
+            for k in ("routed", "gated", "top1", "top1_gated", "arrow", "arrow_gated")
             if k in per_row
         },
     }
@@ -220,24 +227,25 @@ def compare(
     rows: list[dict],
     cache_dir: str | Path,
     out: str | Path,
-    margin: float | None = None,
+    margin: float | dict | None = None,
     answers: bool = True,
     rows_from: str = "held-out rows",
     max_new_tokens: int = 32,
 ) -> dict:
     """Fill the cache for `rows` (every adapter's reference and instruction likelihoods; greedy
     answers of the adapters some option picks), score every option by lookup, write
-    `out/compare.json` and render it. `margin`: the gate's (default: the store's, if any)."""
+    `out/compare.json` and render it. `margin`: the gate's, for every gated option or per option it
+    gates ({"routed": m, "top1": m, "arrow": m}); default: the store's, if any."""
     bad = [
         i for i, r in enumerate(rows) if not r.get("instruction") or "output" not in r or not r.get("task")
     ]
     if bad:
         raise DataError(f"{rows_from}: row {bad[0] + 1} needs instruction, output and task")
-    margin = router.gate_margin if margin is None else margin
+    margins = margins_of(router.gate_margin if margin is None else margin)
     cache = AnswerCache(cache_dir, router, max_new_tokens)
     cache.fill(rows, [*router.adapters.values(), MIXED, BASE], "ref")
     sels = select_all(router, rows)
-    chosen = options(router, rows, sels, cache, margin)
+    chosen = options(router, rows, sels, cache, margins)
     if answers:
         cache.fill_pairs(
             [(r, a) for per in chosen.values() for r, a in zip(rows, per, strict=True)], "answer"
@@ -245,7 +253,7 @@ def compare(
     base = {
         "rows_from": rows_from,
         "covered": sorted({r["task"] for r in rows} & set(router.adapters)),
-        "gate_margin": margin,
+        "gate_margin": margins,
         "floor": FLOOR,
         "max_new_tokens": max_new_tokens,
         "fallback_reasons": sorted({(s.fallback or "").split(":")[0] for s in sels if s.fallback}),
@@ -268,6 +276,13 @@ def no_harm(result: dict) -> dict:
     return got
 
 
+def _margins(m: dict) -> str:
+    return ", ".join(f"{GATED_NAME[k]} {v}" for k, v in m.items()) or "none (no gated option)"
+
+
+GATED_NAME = {base: name for name, base in GATED.items()}
+
+
 def _cell(d: dict) -> str:
     if "rougeL" not in d:
         return f"- / - / {d['ppl']:.2f}"
@@ -285,11 +300,11 @@ def markdown(result: dict) -> str:
     the routed (and gated) minus mixed ROUGE-L with 95% intervals; the labels' coverage/precision."""
     opts = result["options"]
     kinds = list(opts)
-    diffs = [k for k in ("routed", "gated", "arrow_gated", "oracle") if k in opts]
+    diffs = [k for k in ("routed", "gated", "top1_gated", "arrow_gated", "oracle") if k in opts]
     tasks = [*result["per_task_rows"], "all"]
     lines = [
         f"Rows: {result['rows']} from {result['rows_from']}; covered task types: "
-        f"{', '.join(result['covered']) or 'none'}; gate margin: {result['gate_margin']}.",
+        f"{', '.join(result['covered']) or 'none'}; gate margins: {_margins(result['gate_margin'])}.",
         "",
         "Cells: ROUGE-L / exact match / reference perplexity. Last columns: option − mixed ROUGE-L, "
         f"mean [95% paired bootstrap]; no harm means every covered type's lower bound ≥ {result['floor']}.",

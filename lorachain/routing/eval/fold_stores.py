@@ -25,10 +25,12 @@ from lorachain.data import DataError
 from lorachain.io import write_json
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.eval.compare import (
+    GATED,
     MARGINS,
     choose_margin,
     compare,
     margin_sweep,
+    options,
     pool,
     render,
     select_all,
@@ -83,9 +85,9 @@ def compare_folds(
     *,
     make_router,
 ) -> dict:
-    """Score each fold store (opened by `make_router(store)`) on its held-out rows, choose the
-    gate's margin on reference perplexity pooled over the folds, compare the answers at that
-    margin; writes out/compare/fold<k>/, out/compare/pooled/ and out/compare/margins.json."""
+    """Score each fold store (opened by `make_router(store)`) on its held-out rows, choose each
+    gate's margin (over routed, top1, arrow) on reference perplexity pooled over the folds, compare
+    the answers at those margins; writes out/compare/fold<k>/, pooled/ and margins.json."""
     from lorachain.routing.eval.answers import AnswerCache
 
     out = Path(out)
@@ -95,12 +97,15 @@ def compare_folds(
         router = make_router(store)
         rows = unseen_rows(store, max_per_task=max_per_task)
         cache = AnswerCache(store / "answers", router, max_new_tokens)
-        routed = [s.adapter for s in select_all(router, rows)]
-        parts.append((router, rows, cache, routed))
-    sweep = margin_sweep([(c, rows, routed) for _, rows, c, routed in parts], margins)
-    margin = choose_margin(sweep)
+        chosen = options(router, rows, select_all(router, rows), cache, {})  # ungated: routed, top1, arrow
+        parts.append((router, rows, cache, chosen))
+    sweeps = {
+        base: margin_sweep([(c, rows, chosen[base]) for _, rows, c, chosen in parts], margins)
+        for base in GATED.values()
+    }
+    picked = {base: choose_margin(sweep) for base, sweep in sweeps.items()}
     write_json(
-        out / "compare" / "margins.json", {"sweep": sweep, "chosen": margin, "rows_per_task": max_per_task}
+        out / "compare" / "margins.json", {"sweep": sweeps, "chosen": picked, "rows_per_task": max_per_task}
     )
     results = [
         compare(
@@ -108,7 +113,7 @@ def compare_folds(
             rows,
             store / "answers",
             out / "compare" / store.name,
-            margin,
+            picked,
             answers,
             f"{store.name}'s held-out data sets",
             max_new_tokens,
@@ -118,7 +123,7 @@ def compare_folds(
     pooled = pool(results, f"the held-out data sets of {n_folds} fold stores")
     write_json(out / "compare" / "pooled" / "compare.json", pooled)
     render(out / "compare" / "pooled" / "compare.json")
-    return pooled | {"margin_sweep": sweep}
+    return pooled | {"margin_sweep": sweeps}
 
 
 def budget_steps(cfg: RouteConfig) -> dict[str, int]:
