@@ -149,11 +149,13 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
     chosen = select(results)
     paths = []
     for task in sorted({t for t, _ in chosen if get_task(t).memorise}):
+        mine = sorted((m, e) for (t, m), e in chosen.items() if t == task)
+        lines = {m: e for m, e in mine if e["rows"][0].get("curve")}
+        if not lines:  # no cell recorded a curve (train.eval_every: 0)
+            continue
         fig, ax = plt.subplots(figsize=(7, 4))
-        for (t, m), entry in sorted(chosen.items()):
-            curves = [r.get("curve", []) for r in entry["rows"]]
-            if t != task or not curves[0]:
-                continue
+        for m, entry in lines.items():
+            curves = [r["curve"] for r in entry["rows"]]
             steps = [c["step"] for c in curves[0]]
             mean = [
                 statistics.fmean(c[i]["seq_acc"] for c in curves if len(c) > i) for i in range(len(steps))
