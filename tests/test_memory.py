@@ -45,16 +45,21 @@ def cfg_for(tmp_path, toy_data, **model) -> RunConfig:
 
 @pytest.mark.parametrize(
     "setting",
-    [{}, {"dtype": "bfloat16"}, {"quantization": "nf4"}, {"quantization": "fp4", "double_quant": False}],
+    [
+        {},
+        {"dtype": "bfloat16"},
+        {"quantization": "nf4"},
+        {"quantization": "fp4", "double_quant": False},
+        {"quantization": "nf4", "compute_dtype": "bfloat16"},  # embeddings and head in bf16
+    ],
 )
 def test_the_weight_estimate_is_what_a_tiny_model_holds(tmp_path, toy_data, setting):
     model = wide_llama()
     if "dtype" in setting:
         model = model.to(torch.bfloat16)
     if "quantization" in setting:
-        model = quantized_base(
-            model, qcfg(setting["quantization"], double_quant=setting.get("double_quant", True))
-        )
+        extra = {k: setting[k] for k in ("double_quant", "compute_dtype") if k in setting}
+        model = quantized_base(model, qcfg(setting["quantization"], **extra))
     est = estimate(cfg_for(tmp_path, toy_data, **setting), wide_llama().config)
     assert est.weights == pytest.approx(measured_bytes(model), rel=0.01)
     # LoRA r=4 on q_proj (64->64) and v_proj (64->32) of 2 layers: weights, grads, AdamW m and v

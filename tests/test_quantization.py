@@ -194,3 +194,42 @@ def test_a_quantized_run_from_its_folder_with_checkpointing_and_packing(tmp_path
     for key in runs[0][1]:
         torch.testing.assert_close(runs[1][1][key], runs[0][1][key], rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(logits(runs[1][0].model), logits(runs[0][0].model), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "compute", "autocast", "targets", "emb", "head"),
+    [
+        ("nf4", "bfloat16", torch.bfloat16, (), torch.bfloat16, torch.bfloat16),
+        ("fp4", "float16", torch.float16, (), torch.float16, torch.float16),
+        ("nf4", "bfloat16", None, (), torch.bfloat16, torch.float32),  # fp32 training: an fp32 head
+        ("nf4", "float32", torch.bfloat16, (), torch.float32, torch.float32),
+        ("int8", "bfloat16", torch.bfloat16, (), torch.float32, torch.float32),  # (no compute dtype)
+        ("nf4", "bfloat16", torch.bfloat16, ("q_proj", "lm_head"), torch.bfloat16, torch.float32),
+    ],
+)
+def test_a_4bit_base_holds_its_embeddings_and_head_in_the_compute_dtype(
+    kind, compute, autocast, targets, emb, head
+):
+    cfg = qcfg(kind, compute_dtype=compute)
+    model = quantized_base(wide_llama().to(torch.bfloat16), cfg, targets, autocast)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight  # (untied: both are checked)
+    assert model.model.embed_tokens.weight.dtype == emb and model.lm_head.weight.dtype == head
+    norms = (model.model.norm.weight, model.model.layers[0].input_layernorm.weight)
+    assert {w.dtype for w in norms} == {torch.float32}
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_chain_on_bf16_embeddings_and_head_stays_exact(tmp_path, toy_data, tokenizer):
+    """NF4 with compute_dtype bfloat16: the embeddings and head are bf16, the knots still add nothing
+    to the base (side path, no rounding), and the adapter on a fresh quantization is what trained."""
+    raw = run_config(tmp_path, toy_data, train__precision="bf16")
+    raw["model"] = {"name_or_path": "tiny-llama", "quantization": "nf4", "compute_dtype": "bfloat16"}
+    done = train(from_dict(RunConfig, raw), wide_llama(), tokenizer, progress=False)
+    s = done.summary
+    assert s["chain_rank"] == 6 and s["knot_rounding"]["max_rel_fro"] == 0.0
+    m = done.model
+    assert m.get_input_embeddings().weight.dtype == m.get_output_embeddings().weight.dtype == torch.bfloat16
+    base = quantized_base(wide_llama(), qcfg("nf4", compute_dtype="bfloat16"), (), torch.bfloat16)
+    fresh = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 logits: equal within a bf16 ulp or two
+        torch.testing.assert_close(logits(fresh), logits(done.model), rtol=0, atol=8e-3)

@@ -26,8 +26,8 @@ def test_prepare_lists_its_steps_in_order_in_a_few_lines():
     assert len(src.splitlines()) <= 40
     nodes = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
     calls = [n.func.id for n in sorted(nodes, key=lambda n: (n.lineno, n.col_offset))]
-    order = ["init_dist", "load_data", "check_before_load", "load_base", "quantize", "place", "resolve"]
-    order += ["set_attention", "check_model", "resolve_target_modules", "compute_copies", "shard_base"]
+    order = ["init_dist", "load_data", "check_before_load", "load_base", "resolve", "quantize", "place"]
+    order += ["set_attention", "check_model", "resolve_target_modules", "compute_copies", "shard"]
     assert [c for c in calls if c in order] == order
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from lorachain.config import ConfigError, RunConfig
 from lorachain.training.fsdp_gather import SLOTS
+from lorachain.training.quantization import compute_dtype_modules
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -94,6 +95,9 @@ def weight_bytes(model: nn.Module, cfg: RunConfig, copies: bool = True) -> float
     m, t = cfg.model, cfg.train
     q = m.quantization
     full = DTYPE_BYTES[m.dtype]
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)  # (auto: fp32, more)
+    mods = compute_dtype_modules(model, m, cfg.chain.target_modules or (), autocast)
+    low = {id(p) for mod in mods for p in mod.parameters()}
     weights, seen = 0.0, set()
     for name, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
@@ -103,8 +107,10 @@ def weight_bytes(model: nn.Module, cfg: RunConfig, copies: bool = True) -> float
             linear = type(mod) is nn.Linear and pname == "weight" and name.split(".")[-1] not in KEEP
             if q != "none" and linear:
                 weights += p.numel() * weight_bytes_per_param(q, m.double_quant, mod.in_features)
+            elif id(p) in low:  # a 4-bit base's embeddings and head: the compute dtype
+                weights += p.numel() * DTYPE_BYTES[m.compute_dtype]
             elif q != "none":
-                weights += p.numel() * 4  # prepare_model_for_kbit_training keeps the rest in fp32
+                weights += p.numel() * 4  # the rest in fp32, as prepare_model_for_kbit_training
             else:
                 weights += p.numel() * full
                 if copies and linear and t.precision in ("bf16", "fp16", "auto") and full == 4:

@@ -3,9 +3,12 @@
 Two ways in, one result: `load_kwargs` makes `from_pretrained` quantize each Linear as it loads
 (a checkpoint never sits in memory in full precision), and `quantize_model` quantizes a model given
 in memory (tests, notebooks, models built on the meta device), one layer at a time. Both quantize
-every Linear except the output head, as transformers does. `prepare` is PEFT's
-`prepare_model_for_kbit_training` (the known-good QLoRA path) without its checkpointing, which
-`training.checkpointing` does non-reentrant. Knots on such a base are `chain.sidepath`'s.
+every Linear except the output head, as transformers does. `prepare` does what PEFT's
+`prepare_model_for_kbit_training` does (the known-good QLoRA path; its checkpointing aside, which
+`training.checkpointing` does non-reentrant): freeze the base and hold the parameters it did not
+quantize in fp32, except a 4-bit base's input embeddings and (under autocast to the same dtype) its
+output head, which stay in the compute dtype (PEFT upcasts them: at the ~1B Llama shape they are
+131M parameters, 0.49 GiB in fp32 beside 0.5 GiB of NF4 Linears). Knots on such a base are `chain.sidepath`'s.
 """
 
 from __future__ import annotations
@@ -120,19 +123,52 @@ def quantize_model(
     return model
 
 
-def prepare(model: nn.Module) -> nn.Module:
-    """Freeze the base, keep norms and embeddings in fp32 (PEFT's `prepare_model_for_kbit_training`);
-    turn off bitsandbytes' CPU inference repacking, which rewrites a 4-bit weight in place the
-    first time it runs under no_grad, so that evaluation sees the weights training sees."""
-    from peft import prepare_model_for_kbit_training
+def compute_dtype_modules(
+    model: nn.Module, cfg: ModelConfig, targets=(), autocast: torch.dtype | None = None
+) -> list[nn.Module]:
+    """The modules a 4-bit base holds in `cfg.compute_dtype`: its input embeddings, and its output
+    head when the run autocasts to that dtype (`autocast`; without autocast a head's matmul needs
+    its input's dtype, fp32), but not one a LoRA of `targets` (module names) adapts: its knots add
+    into it, exact in fp32 only. None for int8 and an fp32 compute dtype."""
+    if cfg.quantization not in ("nf4", "fp4") or cfg.compute_dtype == "float32":
+        return []
+    mods = [model.get_input_embeddings()]
+    if autocast == DTYPES[cfg.compute_dtype]:
+        mods.append(model.get_output_embeddings())
+    adapted = {id(m) for n, m in model.named_modules() if n in targets or n.split(".")[-1] in targets}
+    return [m for m in mods if m is not None and id(m) not in adapted]
 
+
+def prepare(
+    model: nn.Module, cfg: ModelConfig | None = None, targets=(), autocast: torch.dtype | None = None
+) -> nn.Module:
+    """Freeze the base; hold every parameter it did not quantize in fp32 (as PEFT's
+    `prepare_model_for_kbit_training` does), but the `compute_dtype_modules` in the compute dtype;
+    turn off bitsandbytes' CPU inference repacking, which rewrites a 4-bit weight in place the first
+    time it runs under no_grad, so that evaluation sees the weights training sees."""
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    mods = compute_dtype_modules(model, cfg, targets, autocast) if cfg is not None else []
+    kept = {id(p) for m in mods for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad = False
+        if type(p).__name__ == "Params4bit" or not p.is_floating_point():
+            continue  # (quantized storage)
+        if id(p) in kept:
+            want = DTYPES[cfg.compute_dtype]
+        elif p.dtype in (torch.float16, torch.bfloat16):
+            want = torch.float32
+        else:
+            continue
+        if p.dtype != want:
+            p.data = p.data.to(want)  # one parameter at a time
+    return model
 
 
-def quantized_base(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def quantized_base(
+    model: nn.Module, cfg: ModelConfig, targets=(), autocast: torch.dtype | None = None
+) -> nn.Module:
     """`model` with its Linears quantized per `cfg` (unless `from_pretrained` already did), prepared
-    for LoRA training."""
-    return prepare(model if is_quantized(model) else quantize_model(model, cfg))
+    for LoRA training on `targets` (module names) under `autocast` (the mixed-precision dtype)."""
+    return prepare(model if is_quantized(model) else quantize_model(model, cfg), cfg, targets, autocast)

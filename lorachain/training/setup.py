@@ -1,9 +1,11 @@
 """A run's setup as one pipeline: `prepare(cfg)` turns a RunConfig into a ready model and data.
 
 The order is written once, in `prepare`, and each step is a plain function of explicit inputs:
-processes → tokenizer → data (bad rows fail before the slow part) → memory estimate → load
-(quantized as configured) → checkpointing → placement → precision → model checks (attention,
-packing, targets, bias) → frozen compute copies → sharding → (DPO) the reference's log-probs. A new
+processes → tokenizer → data (bad rows fail before the slow part) → memory estimate → load →
+precision → quantization as configured (a 4-bit base keeps its embeddings, and under autocast its
+head, in the compute dtype) → checkpointing → placement → model checks (attention, packing,
+targets, bias) → frozen compute copies → sharding and how its units gather → (DPO) the
+reference's log-probs. A new
 step (sharded loading, a reference model, a link initialisation) is a new function and one line in
 `prepare`.
 """
@@ -37,7 +39,7 @@ from lorachain.training.dpo import reference_logps
 from lorachain.training.fsdp_gather import schedule
 from lorachain.training.memory import check_before_load
 from lorachain.training.parallel import Dist, check_parallel, init_dist, shard_base
-from lorachain.training.precision import Precision, attention, compute_copies, resolve
+from lorachain.training.precision import FP32, Precision, attention, compute_copies, resolve
 from lorachain.training.quantization import is_quantized, load_kwargs, quantized_base
 from lorachain.training.sharded import is_sharded, load_sharded
 from lorachain.training.trackers import check_installed
@@ -88,11 +90,11 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
         else:
             model = load_base(cfg.model, num_labels(cfg))
     model = merge_adapter(model, cfg.model)
-    model, merge = quantize(model, cfg.model)
+    prec = resolve(cfg.train.precision, best_device())
+    model, merge = quantize(model, cfg.model, cfg.chain.target_modules or (), prec)
     if cfg.train.gradient_checkpointing:
         check_checkpointing(model)
     place(model)
-    prec = resolve(cfg.train.precision, best_device())
     attn = set_attention(model, cfg, prec)
     check_model(model, cfg, tokenizer)
     full = cfg.chain.method == "full"
@@ -104,15 +106,22 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
     # (fsdp: the fp32 shards are the masters; autocast casts each matmul's copy)
     masters = {} if full or dist.sharded else compute_copies(model, prec)
     n_params = sum(p.numel() for p in model.parameters())
-    if dist.sharded and not is_sharded(model):
-        shard_base(model, cfg.train.fsdp_offload)
-    t, gather = cfg.train, ""
-    if dist.sharded:  # how and when the units gather (training/fsdp_gather.py)
-        gather = schedule(model, dist.world, t.fsdp_all_gather, t.fsdp_reshard_after_forward)
+    gather = shard(model, cfg, dist)
     add_reference(cfg, model, data, prec, tokenizer.pad_token_id)
     return Setup(
         dist, tokenizer, data, model, merge, prec, attn, targets, fan, masters, n_params, notes(prec, gather)
     )
+
+
+def shard(model: nn.Module, cfg: RunConfig, dist: Dist) -> str:
+    """fsdp: shard the base unless it loaded sharded, and set how its units gather
+    (training/fsdp_gather.py); returns a line for the run's log."""
+    if not dist.sharded:
+        return ""
+    t = cfg.train
+    if not is_sharded(model):
+        shard_base(model, t.fsdp_offload)
+    return schedule(model, dist.world, t.fsdp_all_gather, t.fsdp_reshard_after_forward)
 
 
 def num_labels(cfg: RunConfig) -> int | None:
@@ -173,12 +182,16 @@ def load_base(mcfg: ModelConfig, labels: int | None = None) -> nn.Module:
     return load_model(mcfg, num_labels=labels, **load_kwargs(mcfg))
 
 
-def quantize(model: nn.Module, mcfg: ModelConfig) -> tuple[nn.Module, Callable]:
-    """QLoRA: the base quantized and prepared, with knots that keep the chain exact
-    (`chain.sidepath`); otherwise the model as it is, with knots added into its weights."""
+def quantize(
+    model: nn.Module, mcfg: ModelConfig, targets=(), prec: Precision = FP32
+) -> tuple[nn.Module, Callable]:
+    """QLoRA: the base quantized and prepared for LoRA on `targets` under `prec`, with knots that
+    keep the chain exact (`chain.sidepath`); otherwise the model as it is, with knots added into its
+    weights."""
     if mcfg.quantization == "none":
         return model, apply_factors
-    return quantized_base(model, mcfg), partial(merge_quantized, mode=mcfg.quantized_knot)
+    base = quantized_base(model, mcfg, targets, prec.dtype if prec.mixed else None)
+    return base, partial(merge_quantized, mode=mcfg.quantized_knot)
 
 
 def place(model: nn.Module) -> None:
