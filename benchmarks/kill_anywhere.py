@@ -1,13 +1,15 @@
 """Kill-anywhere: SIGKILL `lorachain train` at random moments, rerun, compare with an unkilled run.
 
-One command: `python benchmarks/kill_anywhere.py [--kills 20 --seed 0 --quantization nf4 --world 2]`.
+One command: `python benchmarks/kill_anywhere.py [--kills 20 --seed 0 --quantization nf4 --world 2
+--parallel ddp]`.
 A tiny random Llama saved to disk (with `--quantization`, loaded quantized: knots on the side path),
 a 2-link chain with dropout (so RNG state matters), checkpoints every 3 steps; each trial kills the
 run after a random delay (in a step, in a knot, while a checkpoint or an output is being written),
 reruns the same command until it finishes, and compares every tensor of chain.safetensors and the
 metrics rows with the reference. Prints kills tried and divergent results (goal: 0), writes JSON.
-`--world 2`: both runs are `torchrun --nproc-per-node 2 ... train.parallel=fsdp`, and each kill is a
-SIGKILL to one rank, chosen at random (the launcher then stops the other); the reference is the
+`--world 2`: both runs are `torchrun --nproc-per-node 2 ... train.parallel=fsdp` (`--parallel ddp`:
+DDP; a quantized base is not sharded, so with `--quantization` the default is ddp), and each kill is
+a SIGKILL to one rank, chosen at random (the launcher then stops the other); the reference is the
 unkilled 2-process run (same-world resume is bit-exact).
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def setup(tmp: Path, quantization: str = "none", world: int = 1) -> list[str]:
+def setup(tmp: Path, quantization: str = "none", world: int = 1, parallel: str = "fsdp") -> list[str]:
     import yaml
     from conftest import make_tokenizer, run_config, tiny_model, toy_rows, write_jsonl
 
@@ -51,7 +53,7 @@ def setup(tmp: Path, quantization: str = "none", world: int = 1) -> list[str]:
         cfg["model"]["name_or_path"] = str(model)
         cfg["model"]["quantization"] = quantization  # nf4 | fp4 | int8: knots on the side path
         if world > 1:
-            cfg["train"]["parallel"] = "fsdp"
+            cfg["train"]["parallel"] = parallel
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         cfgs.append(str(path))
@@ -111,20 +113,23 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quantization", default="none", help="a quantized base: nf4, fp4 or int8")
-    ap.add_argument("--world", type=int, default=1, help="2: torchrun, fsdp, one rank killed each time")
+    ap.add_argument("--world", type=int, default=1, help="2: torchrun, one rank killed each time")
+    ap.add_argument("--parallel", default=None, help="with --world 2: fsdp (default) or ddp (quantized)")
     ap.add_argument(
         "--out", default=None, help="default: benchmarks/results/kill_anywhere[_nf4][_world2].json"
     )
     args = ap.parse_args()
     q, world = args.quantization, args.world
+    parallel = args.parallel or ("fsdp" if q == "none" else "ddp")  # (fsdp refuses a quantized base)
     tail = ("" if q == "none" else "_" + q) + ("" if world == 1 else f"_world{world}")
+    tail += "" if world == 1 or parallel == ("fsdp" if q == "none" else "ddp") else f"_{parallel}"
     args.out = args.out or f"benchmarks/results/kill_anywhere{tail}.json"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rng = random.Random(args.seed)
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ref_cfg, cfg = setup(tmp, args.quantization, world)
+        ref_cfg, cfg = setup(tmp, args.quantization, world, parallel)
         t0 = time.perf_counter()
         assert run(ref_cfg, None, world) == 0
         duration = time.perf_counter() - t0
@@ -161,10 +166,12 @@ def main() -> None:
                 "reference_seconds": duration,
                 "quantization": args.quantization,
                 "world": world,
+                "parallel": parallel if world > 1 else "none",
                 "command": "python benchmarks/kill_anywhere.py "
                 + f"--kills {args.kills} --seed {args.seed}"
                 + ("" if q == "none" else f" --quantization {q}")
-                + ("" if world == 1 else f" --world {world}"),
+                + ("" if world == 1 else f" --world {world}")
+                + (f" --parallel {args.parallel}" if args.parallel else ""),
             },
             indent=2,
         )

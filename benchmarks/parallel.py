@@ -9,8 +9,10 @@ AdamW on its half of a global batch of 8 random 64-token rows (all tokens target
 pieces as lorachain's step (`summed_loss`, `Dist.wrap`, `shard_base`, clipping): only the gradient
 reduction differs. `hand` is the loop lorachain had before (`all_reduce` of each LoRA gradient,
 one parameter at a time, after the backward: commit 2981e74); `ddp` is DistributedDataParallel
-(bucketed, overlapped with the backward); `fsdp` shards the frozen base per decoder layer (FSDP2)
-and keeps the LoRA factors whole under DDP; `single` is one process on the whole batch. After the
+(bucketed, overlapped with the backward); `fsdp` loads the frozen base sharded per decoder layer
+(FSDP2, `training/sharded.py`: built on meta, each rank maps its rows of the safetensors), gathers
+through shared memory (`train.fsdp_all_gather: auto`) and keeps the LoRA factors whole under DDP;
+`fsdp_gloo` gathers through gloo instead; `single` is one process on the whole batch. After the
 timed steps each rank ties a knot (`tie_on_shards` under fsdp) and the bytes every collective of
 the knot moves are counted. Peak RSS per rank: during training (reset after set-up) and including
 the model load. Writes `benchmarks/results/parallel.json` and prints a table.
@@ -33,7 +35,7 @@ from pathlib import Path
 from parallel_1b import MODES_1B, keys, run, weight_bytes
 from parallel_1b import worker as worker_1b
 
-MODES = ("single", "hand", "ddp", "fsdp")
+MODES = ("single", "hand", "ddp", "fsdp", "fsdp_gloo")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,19 +75,24 @@ def worker(mode: str, model_name: str, steps: int, out: str) -> None:
     from lorachain.chain.shards import tie_on_shards
     from lorachain.config import ChainConfig, LinkConfig, ModelConfig
     from lorachain.models import load_model, resolve_target_modules
-    from lorachain.training.parallel import Dist, init_dist, shard_base
+    from lorachain.training.fsdp_gather import schedule
+    from lorachain.training.parallel import Dist, init_dist
     from lorachain.training.runfolder import reset_peak_memory
+    from lorachain.training.sharded import load_sharded
     from lorachain.training.step import summed_loss, trainable
 
     torch.set_num_threads(1)
-    dist = init_dist("fsdp" if mode == "fsdp" else "auto") if mode != "single" else Dist()
+    sharded = mode.startswith("fsdp")
+    dist = init_dist("fsdp" if sharded else "auto") if mode != "single" else Dist()
     if mode == "hand":
         dist = Dist(dist.rank, dist.world, "none")
     torch.manual_seed(0)
-    model = load_model(ModelConfig(name_or_path=model_name))
+    if sharded:  # built on meta, sharded, each rank maps its rows (as train.parallel: fsdp loads)
+        model = load_sharded(ModelConfig(name_or_path=model_name), dist)
+        schedule(model, dist.world, "process_group" if mode == "fsdp_gloo" else "auto")
+    else:
+        model = load_model(ModelConfig(name_or_path=model_name))
     targets = resolve_target_modules(model, ["q_proj", "v_proj"])
-    if mode == "fsdp":
-        shard_base(model)
     chain = ChainConfig(links=[LinkConfig(8, 16)], dropout=0.0)
     peft = extend(model, lora_config(chain.links[0], chain, targets, False, "causal_lm"), gaussian=True)
     net = dist.wrap(peft)
@@ -104,7 +111,7 @@ def worker(mode: str, model_name: str, steps: int, out: str) -> None:
             torch.distributed.barrier()
         t0 = time.perf_counter()
         loss = summed_loss(net, batch, False) / (8 * 63)
-        (loss * (world if mode in ("ddp", "fsdp") else 1)).backward()
+        (loss * (world if mode == "ddp" or sharded else 1)).backward()
         if mode == "hand":  # the old Dist.sum_grads
             for p in params:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
@@ -117,7 +124,7 @@ def worker(mode: str, model_name: str, steps: int, out: str) -> None:
     counter = [0]
     undo = count_bytes(counter) if world > 1 else (lambda: None)
     t0 = time.perf_counter()
-    if mode == "fsdp":
+    if sharded:
         knot = tie_on_shards(peft, 0, steps, 8, 16, "benchmark")
     else:
         knot = tie_knot(peft, 0, steps, 8, 16, "benchmark")
@@ -172,7 +179,9 @@ def main() -> None:
     ap.add_argument("--size", choices=("135m", "1b"), default="135m")
     ap.add_argument("--folder", default="/tmp/lorachain-bench-1b", help="--size 1b: where the model is saved")
     ap.add_argument("--modes", default=",".join(MODES_1B), help="--size 1b: modes to run")
-    ap.add_argument("--note", default="", help="--size 1b: what else ran on the machine")
+    ap.add_argument("--shape", default="1b", help="--size 1b: the shape saved (135m: a quick smoke run)")
+    ap.add_argument("--note", default="", help="what else ran on the machine")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "parallel.json"))
     args = ap.parse_args()
     if args.worker:
         if args.size == "1b":
@@ -209,20 +218,22 @@ def main() -> None:
         "model": args.model,
         "global_batch": "8 x 64 tokens",
         "lora": "r=8 on q_proj, v_proj, AdamW",
-        "machine": f"shared with 2 background experiment processes; {os.cpu_count()} CPU cores, "
+        "machine": f"{args.note or 'idle'}; {os.cpu_count()} CPU cores, "
         f"{platform.processor() or platform.machine()}, 1 thread per rank, gloo",
         "torch": __import__("torch").__version__,
         "modes": med,
         "ddp_step_time_ratio_vs_hand_allreduce": med["ddp"]["step_s"] / med["hand"]["step_s"],
         "fsdp_step_time_ratio_vs_ddp": med["fsdp"]["step_s"] / med["ddp"]["step_s"],
+        "fsdp_gloo_step_time_ratio_vs_ddp": med["fsdp_gloo"]["step_s"] / med["ddp"]["step_s"],
         "fsdp_rank_rss_ratio_world2": med["fsdp"]["train_peak_rss_mb"] / med["single"]["train_peak_rss_mb"],
         "fsdp_rank_rss_after_setup_ratio_world2": med["fsdp"]["rss_after_setup_mb"]
         / med["single"]["rss_after_setup_mb"],
         "knot_gathers_full_weight": False,
         "knot_comm_bytes_fsdp": med["fsdp"]["knot_comm_bytes"],
     }
-    path = ROOT / "benchmarks" / "results" / "parallel.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = Path(args.json)
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **result}, indent=2) + "\n")  # (the 1b keys stay)
     head = ("step s", "tok/s", "RSS setup", "RSS train", "knot s", "knot B")
     print(f"{'mode':8} " + " ".join(f"{h:>10}" for h in head))
     for mode, m in med.items():
@@ -233,6 +244,7 @@ def main() -> None:
     for key in (
         "ddp_step_time_ratio_vs_hand_allreduce",
         "fsdp_step_time_ratio_vs_ddp",
+        "fsdp_gloo_step_time_ratio_vs_ddp",
         "fsdp_rank_rss_ratio_world2",
     ):
         print(f"{key}: {result[key]:.3f}")
@@ -242,8 +254,8 @@ def main() -> None:
 def main_1b(args) -> None:
     """The 1b measurement; its keys are added to parallel.json beside the 135M ones."""
     folder = Path(args.folder)
-    med = run(folder, args.steps, args.repeats, tuple(args.modes.split(",")))
-    path = ROOT / "benchmarks" / "results" / "parallel.json"
+    med = run(folder, args.steps, args.repeats, tuple(args.modes.split(",")), args.shape)
+    path = Path(args.json)
     result = json.loads(path.read_text()) if path.is_file() else {}
     result.update(keys(med, weight_bytes(folder), args.steps, args.repeats))
     result["command_1b"] = (
