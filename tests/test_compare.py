@@ -28,6 +28,7 @@ from lorachain.routing.eval.compare import (
     compare,
     gated,
     margin_sweep,
+    margins_of,
     markdown,
     pool,
     render,
@@ -35,7 +36,7 @@ from lorachain.routing.eval.compare import (
 )
 from lorachain.routing.eval.lockbox import LockboxError, open_half
 from lorachain.routing.eval.store import BASE, answers_for, per_task_ppl
-from lorachain.routing.gate import gain, instruction_logprobs, passes
+from lorachain.routing.gate import gain, instruction_logprobs, margin_value, passes
 from lorachain.routing.train import route_train
 from lorachain.serve.router import Router
 from lorachain.store import MIXED, read_manifest
@@ -202,7 +203,7 @@ def test_margin_sweep_and_choice_on_reference_likelihood(store, tmp_path):
     assert all(p["mean"] == 0.0 and p["low"] == 0.0 for p in sweep[-1]["per_task"].values())
     assert gated(cache, rows, routed, math.inf) == [MIXED] * len(rows)
     m = choose_margin(sweep)
-    chosen = next(s for s in sweep if s["margin"] == m)
+    chosen = next(s for s in sweep if margin_value(s["margin"]) == m)
     assert all(p["low"] >= 0.0 for p in chosen["per_task"].values())
     fake = [
         {"margin": 0.0, "routed": 1.0, "per_task": {"a": {"n": 4, "mean": 0.5, "low": -0.3, "high": 1.0}}},
@@ -214,6 +215,23 @@ def test_margin_sweep_and_choice_on_reference_likelihood(store, tmp_path):
         },
     ]
     assert choose_margin(fake) == 0.2 and choose_margin(fake, tolerance=0.5) == 0.0
+
+
+def test_a_margin_of_inf_is_written_as_the_string_inf_and_read_back(store, tmp_path):
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not strict JSON")
+
+    r = router(store)
+    got = compare(r, held_out(), tmp_path / "c", tmp_path / "o", math.inf, answers=False)
+    data = json.loads((tmp_path / "o" / "compare.json").read_text(), parse_constant=refuse)
+    assert data["gate_margin"] == {"routed": "inf", "top1": "inf", "arrow": "inf"} == got["gate_margin"]
+    assert margins_of(data["gate_margin"]) == {"routed": math.inf, "top1": math.inf, "arrow": math.inf}
+    assert set(data["per_row"]["gated"]["adapter"]) == {MIXED}  # inf: never route
+    cache = AnswerCache(tmp_path / "c", r)
+    sweep = margin_sweep([(cache, held_out(), data["per_row"]["routed"]["adapter"])], margins=(0.0, math.inf))
+    assert json.loads(json.dumps(sweep), parse_constant=refuse)[-1]["margin"] == "inf"
+    assert margin_value("inf") == math.inf and margin_value(0.25) == 0.25 and margin_value(None) is None
+    assert choose_margin([{"margin": "inf", "routed": 0.0, "per_task": {}}]) == math.inf
 
 
 def test_paired_bootstrap():

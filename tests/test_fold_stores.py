@@ -15,8 +15,12 @@ from test_nested import grouped_rows
 from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.cli import main
-from lorachain.routing.eval.fold_stores import budget_steps, fold_configs, fold_plan
+from lorachain.routing.eval.fold_stores import budget_steps, fold_configs, fold_plan, read_margins
 from lorachain.routing.train import load_split
+
+
+def refuse(constant: str):
+    raise AssertionError(f"{constant} is not strict JSON")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,8 @@ def test_route_folds_builds_blind_stores_and_compares_them(setup, capsys):
     assert (
         "| all | 12 |" in printed and "gate margin chosen on reference perplexity over the folds" in printed
     )
-    margins = json.loads((out / "compare" / "margins.json").read_text())
+    margins = json.loads((out / "compare" / "margins.json").read_text(), parse_constant=refuse)
+    assert read_margins(out) == {k: math.inf if v == "inf" else v for k, v in margins["chosen"].items()}
     pooled = json.loads((out / "compare" / "pooled" / "compare.json").read_text())
     assert pooled["gate_margin"] == margins["chosen"] and pooled["rows"] == 12
     assert set(margins["chosen"]) == set(margins["sweep"]) == {"routed", "top1", "arrow"}
@@ -76,11 +81,29 @@ def test_route_folds_builds_blind_stores_and_compares_them(setup, capsys):
     assert {
         json.loads((out / "compare" / f"fold{k}" / "compare.json").read_text())["rows"] for k in (0, 1)
     } == {6}
+    # the selector variants (routing.eval.variants): fitted on each fold store's own rows only
+    assert {"other", "other_gated", "augmented", "augmented_gated"} <= set(pooled["options"])
+    assert margins["variants"] == ["other", "augmented"] and "| other − mixed |" in printed
+    for k in range(2):
+        fold_held = {f"alpha_{k}", f"beta_{k}", f"gamma_{k}"}
+        folder = out / f"fold{k}" / "variants" / "other"
+        v = json.loads((folder / "variant.json").read_text())
+        assert v["entry"]["labels"][-1] == "other" and v["held_back"]
+        assert not set(v["held_back"]) & fold_held
+        for part in ("train", "val"):
+            rows = [
+                json.loads(x)
+                for x in (folder / "splits" / "selector" / f"{part}.jsonl").read_text().splitlines()
+            ]
+            assert rows and not {r["dataset"] for r in rows} & fold_held
+    fitted = {p: p.stat().st_mtime_ns for p in out.glob("fold*/variants/*/variant.json")}
+    assert len(fitted) == 4
     cache = sorted((out / "fold0" / "answers").glob("*.json"))
     assert [p.name for p in cache] == ["alpha.json", "base.json", "beta.json", "gamma.json", "mixed.json"]
     before = {p: p.stat().st_mtime_ns for p in cache}
     assert main(cmp) == 0  # a second comparison reads the cache and writes nothing to it
     assert {p: p.stat().st_mtime_ns for p in cache} == before
+    assert {p: p.stat().st_mtime_ns for p in fitted} == fitted  # the variants are reused, not refitted
     assert (
         json.loads((out / "compare" / "pooled" / "compare.json").read_text())["options"] == pooled["options"]
     )

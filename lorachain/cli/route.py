@@ -163,8 +163,10 @@ def _route_folds(args: argparse.Namespace) -> int:
         return 0
     if args.compare:
         from lorachain.routing.eval.compare import markdown
+        from lorachain.routing.eval.variants import variant_names
         from lorachain.serve.router import Router
 
+        variants = variant_names(args.variants)
         pooled = fold_stores.compare_folds(
             out,
             args.folds,
@@ -172,6 +174,7 @@ def _route_folds(args: argparse.Namespace) -> int:
             not args.no_answers,
             max_new_tokens=args.max_new_tokens,
             make_router=lambda store: Router.from_store(store, max_new_tokens=args.max_new_tokens),
+            variants=variants,
         )
         print(markdown(pooled))
         print(f"gate margin chosen on reference perplexity over the folds: {pooled['gate_margin']}")
@@ -201,6 +204,12 @@ def _folds_parser(rsub) -> None:
     rf.add_argument("--max-per-task", type=int, default=20, help="compare: held-out rows per task type")
     rf.add_argument("--max-new-tokens", type=int, default=32)
     rf.add_argument("--no-answers", action="store_true", help="compare: reference perplexity only")
+    rf.add_argument(
+        "--variants",
+        default="other,augmented",
+        help="compare: selector variants fitted on each fold store and compared as options "
+        "(other, augmented, other_augmented; none)",
+    )
     rf.set_defaults(func=_route_folds)
 
 

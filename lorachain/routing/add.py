@@ -18,6 +18,7 @@ from lorachain.io import atomic_dir, atomic_write
 from lorachain.routing.calibrate import class_gaussian
 from lorachain.routing.confidence import fit_calibration
 from lorachain.routing.encoders import embed, load_encoder
+from lorachain.routing.other import selector_splits_dir
 from lorachain.routing.prototypes import prototype_index, stored_prototypes
 from lorachain.routing.selectors import entry_for, read_split
 from lorachain.store import (
@@ -120,7 +121,7 @@ def recalibrate(root: Path, entry: dict, enc, tok, task: str, vecs: torch.Tensor
     """The calibration of `entry` fitted again with `task`'s rows (`vecs`, one data set) added to
     the store's training rows (`fixed`: its description prototypes, kept in every fold); and the
     Mahalanobis precision matrix, if its score needs one."""
-    rows = read_split(root, "train")
+    rows = read_split(root, "train", selector_splits_dir(root))  # `other` rows included, if any
     labels = [*entry["labels"], task]
     texts = [r["instruction"] for r in rows]
     mine = embed(enc, tok, texts, entry["max_length"], entry.get("truncation", "head"))  # (N, D)

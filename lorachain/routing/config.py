@@ -119,8 +119,18 @@ class SelectorConfig:
     # `none` stays the default until the folds have measured the gate: switching it is this one line
     gate: str = "none"
     gate_margin: float = 0.0  # likelihood gate: nats per instruction token the task adapter must win by
+    # encoder, embedding (routing.other): K > 0 holds back K data sets of every task type that has more
+    # than K; they train no task adapter and the selector learns them (and the file's task types
+    # outside data.tasks) as `other`, which the mixed adapter answers. 0: off
+    other_datasets: int = 0
+    # encoder, embedding (routing.augment): re-templated copies of each selector training row
+    # (`swap`: parts reordered, `separator`: other separators, `strip`: template words dropped). 0: off
+    augment: int = 0
+    # the styles `augment` takes its copies from, one style per copy (routing.augment.STYLES)
+    augment_styles: list[str] = field(default_factory=lambda: ["swap", "separator", "strip"])
 
     def __post_init__(self) -> None:
+        from lorachain.routing.augment import STYLES
         from lorachain.routing.gate import GATES
         from lorachain.routing.selectors import kind_names
 
@@ -154,6 +164,26 @@ class SelectorConfig:
                 f"got {self.second_opinion!r}",
             )
             check(self.kind != "lora", "selector.second_opinion: the lora kind cannot take one")
+        own = ("encoder", "embedding")
+        for name in ("other_datasets", "augment"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"selector.{name}: expected a whole number >= 0 (0: off), got {value!r}",
+            )
+            check(
+                not value or self.kind in own,
+                f"selector.{name}: needs selector.kind encoder or embedding, got {self.kind!r}",
+            )
+            check(
+                not value or self.second_opinion is None,
+                f"selector.{name}: cannot be combined with selector.second_opinion",
+            )
+        bad = [x for x in self.augment_styles if x not in STYLES]
+        check(
+            bool(self.augment_styles) and not bad,
+            f"selector.augment_styles: expected some of {list(STYLES)}, got {self.augment_styles!r}",
+        )
         for task, text in (self.descriptions or {}).items():
             check(
                 isinstance(text, str) and text.strip(),

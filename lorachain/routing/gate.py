@@ -14,6 +14,21 @@ from lorachain.data import Example
 from lorachain.training.evaluate import sequence_logprobs
 
 GATES = ("none", "likelihood")
+# A margin of infinity (the gate never lets a task adapter answer: every row to the mixed adapter)
+# is written to JSON as this string: strict parsers reject `Infinity`. `margin_value` reads it back.
+NEVER = "inf"
+
+
+def margin_json(margin: float | None) -> float | str | None:
+    """A margin as JSON can hold it: infinity as NEVER, anything else as is."""
+    return NEVER if margin == float("inf") else margin
+
+
+def margin_value(margin: float | str | None) -> float | None:
+    """A margin read from JSON (`margin_json`'s output, or a number)."""
+    if margin is None:
+        return None
+    return float("inf") if margin == NEVER else float(margin)
 
 
 def gate_entry(kind: str, margin: float) -> dict:

@@ -29,6 +29,7 @@ from lorachain.config import ConfigError
 from lorachain.routing.calibrate import class_gaussian
 from lorachain.routing.confidence import centroid_scores, confidence, fit_calibration
 from lorachain.routing.encoders import clip, embed, load_encoder
+from lorachain.routing.other import OTHER, selector_splits_dir
 from lorachain.routing.prototypes import (
     description_prototypes,
     fit_prototypes,
@@ -159,8 +160,9 @@ def ranked(labels: list[str], probs: torch.Tensor) -> list[Selection]:
     return out
 
 
-def read_split(root: Path, part: str) -> list[dict]:
-    return [json.loads(x) for x in (root / "splits" / f"{part}.jsonl").read_text().splitlines() if x]
+def read_split(root: Path, part: str, folder: Path | None = None) -> list[dict]:
+    folder = folder or root / "splits"
+    return [json.loads(x) for x in (folder / f"{part}.jsonl").read_text().splitlines() if x]
 
 
 def entry_for(root: Path, kind: str, **settings) -> dict:
@@ -169,8 +171,9 @@ def entry_for(root: Path, kind: str, **settings) -> dict:
 
 
 def check_labels(root: Path, found: list[str], labels: list[str]) -> None:
-    """Refuse a selector whose label set differs from the store's task adapters."""
-    if sorted(found) != sorted(labels):
+    """Refuse a selector whose label set differs from the store's task adapters (but for `other`,
+    which the fallback answers: `selector.other_datasets`)."""
+    if sorted(x for x in found if x != OTHER) != sorted(labels):
         extra, missing = sorted(set(found) - set(labels)), sorted(set(labels) - set(found))
         raise StoreError(
             f"{root / 'manifest.json'}: the selector's labels do not match the task adapters "
@@ -195,7 +198,7 @@ def fit_embedding(cfg, root: Path, labels: list[str], model=None, tokenizer=None
     sel = cfg.selector
     t0 = time.perf_counter()
     enc, tok = load_encoder(sel.encoder)
-    rows = read_split(root, "train")
+    rows = read_split(root, "train", selector_splits_dir(root))
     vecs = embed(enc, tok, [r["instruction"] for r in rows], sel.max_length, sel.truncation)  # (N, D)
     tasks, groups = [r["task"] for r in rows], [r.get("dataset", "") for r in rows]
     unknown = sorted(set(sel.descriptions or {}) - set(labels))
@@ -274,12 +277,12 @@ def clipped_splits(root: Path, sel) -> Path:
     from lorachain.models import resolve_path
 
     if sel.truncation == "head":
-        return root / "splits"
+        return selector_splits_dir(root)
     tok = AutoTokenizer.from_pretrained(resolve_path(ModelConfig(name_or_path=sel.encoder)))
     out = root / "runs" / "_selector_encoder_splits"
     out.mkdir(parents=True, exist_ok=True)
     for part in ("train", "val"):
-        rows = read_split(root, part)
+        rows = read_split(root, part, selector_splits_dir(root))
         texts = clip(tok, [r["instruction"] for r in rows], sel.max_length, sel.truncation)
         body = "".join(json.dumps(r | {"instruction": t}) + "\n" for r, t in zip(rows, texts, strict=True))
         write_text(out / f"{part}.jsonl", body)

@@ -19,6 +19,15 @@ from lorachain.models import load_tokenizer, resolve_path
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.data import InstructionRow, read_instruction_rows, stratified_split
 from lorachain.routing.gate import gate_entry
+from lorachain.routing.other import (
+    OTHER,
+    SELECTOR_SPLITS,
+    held_back_datasets,
+    needs_own_splits,
+    record,
+    selector_labels,
+    selector_splits,
+)
 from lorachain.routing.runs import adapter_runs, chat_templates
 from lorachain.routing.second_opinion import fit_second_opinion
 from lorachain.routing.selectors import get_kind
@@ -113,7 +122,46 @@ def _text_rows(cfg: RouteConfig, rejected: list[str] | None) -> list[Instruction
     )
 
 
-def write_splits(cfg: RouteConfig, root: Path, split: dict, labels: list[str], rejected: list[str]) -> None:
+def write_selector_splits(cfg: RouteConfig, root: Path, split: dict, labels: list[str]) -> tuple:
+    """With `selector.other_datasets` or `selector.augment`: the selector's own splits
+    (`routing.other`), written under STORE/splits/selector/; (its labels, the manifest's record of
+    them, the data sets held back from the task adapters). Without: (labels, {}, [])."""
+    sel, d = cfg.selector, cfg.data
+    if not needs_own_splits(sel):
+        return labels, {}, []
+    if OTHER in labels and sel.other_datasets:
+        raise DataError(f"{d.path}: selector.other_datasets: the data already has a task named {OTHER!r}")
+    every = [r for part in split.values() for r in part]
+    held = held_back_datasets(every, sel.other_datasets, d.seed, d.path)
+    foreign = foreign_rows(cfg) if sel.other_datasets else []
+    parts, added = selector_splits(split, held, sel, d.seed, foreign)
+    for part, rows in parts.items():
+        write_rows(root.joinpath(*SELECTOR_SPLITS, f"{part}.jsonl"), rows)
+    return (
+        selector_labels(labels, parts),
+        record(parts, added, held, sel, sorted({r.task for r in foreign})),
+        held,
+    )
+
+
+def foreign_rows(cfg: RouteConfig) -> list[InstructionRow]:
+    """Rows of the file's task types outside `data.tasks` (none when it is unset), but never of
+    `data.exclude_datasets`, balanced like the store's rows: `other` rows for the selector."""
+    d = cfg.data
+    if not d.tasks:
+        return []
+    rows = [r for r in read_rows_of(cfg, []) if r.task not in set(d.tasks)]
+    rows = [r for r in rows if r.dataset not in set(d.exclude_datasets)]
+    from lorachain.routing.balance import balance_rows
+
+    return balance_rows(rows, d.balance, d.max_per_task, d.max_per_dataset, d.seed) if rows else []
+
+
+def write_splits(
+    cfg: RouteConfig, root: Path, split: dict, labels: list[str], rejected: list[str], held: list[str] = ()
+) -> None:
+    """The store's split files; rows of `held` data sets (`selector.other_datasets`) are left out of
+    the task adapters' files (`by_task/`), not of the mixed adapter's."""
     if rejected:
         write_text(root / "splits" / "rejected.txt", "".join(f"{x}\n" for x in rejected))
         print(
@@ -124,7 +172,7 @@ def write_splits(cfg: RouteConfig, root: Path, split: dict, labels: list[str], r
     for part, rows in split.items():
         write_rows(root / "splits" / f"{part}.jsonl", rows)
         for label in labels:
-            mine = [r for r in rows if r.task == label]
+            mine = [r for r in rows if r.task == label and r.dataset not in set(held)]
             write_rows(root / "splits" / "by_task" / f"{safe_name(label)}.{part}.jsonl", mine)
     write_text(root / "route_config.json", cfg.to_json() + "\n")
 
@@ -142,8 +190,10 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
     names = [safe_name(label) for label in labels]
     if len(set(names)) != len(names):
         raise ValueError(f"task labels {labels} give clashing folder names {names}")
+    sel_labels, sel_record, held = labels, {}, []
     if dist.main:
-        write_splits(cfg, root, split, labels, rejected)
+        sel_labels, sel_record, held = write_selector_splits(cfg, root, split, labels)
+        write_splits(cfg, root, split, labels, rejected, held)
     dist.barrier()  # the other ranks read the split files rank 0 wrote
     tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
     model = model if model is not None else load_base(cfg.model)
@@ -196,9 +246,10 @@ def route_train(cfg: RouteConfig, model=None, tokenizer=None, progress: bool = T
         }
         write_manifest(root, manifest)
     if selector.fit is not None and dist.main:  # (rank 0 only: the selector is small)
-        manifest.selector = _fit_selector(cfg, root, labels, (model, tokenizer), pristine, progress)
+        manifest.selector = _fit_selector(cfg, root, sel_labels, (model, tokenizer), pristine, progress)
         if not manifest.selector:
             return None  # interrupted; a rerun resumes
+        manifest.selector |= sel_record
     manifest.selector = manifest.selector | gate_entry(cfg.selector.gate, cfg.selector.gate_margin)
     manifest.complete = True
     if dist.main:

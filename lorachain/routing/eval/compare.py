@@ -26,13 +26,14 @@ from lorachain.routing.arrow import arrow_scores, prototypes
 from lorachain.routing.eval.answers import AnswerCache
 from lorachain.routing.eval.plots import plot_comparison
 from lorachain.routing.eval.store import BASE, batched, using
-from lorachain.routing.gate import gain
+from lorachain.routing.gate import gain, margin_json, margin_value
 from lorachain.store import MIXED
 
 OPTIONS = ("routed", "gated", "top1", "top1_gated", "arrow", "arrow_gated", "oracle", "mixed", "base")
 GATED = {"gated": "routed", "top1_gated": "top1", "arrow_gated": "arrow"}  # gated option -> what it gates
 FLOOR = -0.02  # the issue's target: lower 95% bound of option - mixed ROUGE-L per covered type
 MARGINS = (-0.5, -0.2, -0.1, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)  # nats/token; inf: never route
+FIXED = ("oracle", "mixed", "base")  # options that name no routing decision (no label report)
 
 
 def select_all(router, rows: list[dict]) -> list:
@@ -68,10 +69,25 @@ def arrow_choices(router, rows: list[dict]) -> list[str]:
 
 
 def margins_of(margin: float | dict | None) -> dict[str, float]:
-    """{gated option's base ("routed", "top1", "arrow"): margin}: one margin for all, or per base."""
+    """{gated option's base ("routed", "top1", "arrow"): margin}: one margin for all, or per base
+    (as JSON holds them too: `gate.margin_json`)."""
     if margin is None:
         return {}
-    return dict(margin) if isinstance(margin, dict) else {base: margin for base in GATED.values()}
+    if isinstance(margin, dict):
+        return {k: margin_value(v) for k, v in margin.items()}
+    return {base: margin_value(margin) for base in GATED.values()}
+
+
+def extra_options(cache: AnswerCache, rows: list[dict], extra: dict, margins: dict[str, float]) -> dict:
+    """Options chosen elsewhere (a selector variant's decisions, `routing.eval.variants`), each also
+    gated at the `routed` option's margin (`<name>_gated`) when it has one."""
+    got = dict(extra)
+    if "routed" in margins:
+        for name, names in extra.items():
+            cache.fill_pairs([(r, a) for r, a in zip(rows, names, strict=True) if a != MIXED], "instr")
+            cache.fill(rows, [MIXED], "instr")
+            got[f"{name}_gated"] = gated(cache, rows, names, margins["routed"])
+    return got
 
 
 def options(router, rows: list[dict], sels: list, cache: AnswerCache, margins: dict[str, float]) -> dict:
@@ -115,7 +131,7 @@ def margin_sweep(folds: list[tuple[AnswerCache, list[dict], list[str]]], margins
             for r, d in zip(rows, ref_gains(cache, rows, g), strict=True):
                 by[r["task"]].append(d)
         per = {t: paired_bootstrap(v) for t, v in sorted(by.items())}
-        out.append({"margin": m, "routed": routed / max(total, 1), "per_task": per})
+        out.append({"margin": margin_json(m), "routed": routed / max(total, 1), "per_task": per})
     return out
 
 
@@ -130,7 +146,7 @@ def choose_margin(sweep: list[dict], tolerance: float = 0.0) -> float:
         per = [p for p in s["per_task"].values() if p["n"]]
         return sum(p["mean"] * p["n"] for p in per) / max(sum(p["n"] for p in per), 1)
 
-    return max(ok, key=lambda s: (round(pooled(s), 12), s["margin"]))["margin"]
+    return margin_value(max(ok, key=lambda s: (round(pooled(s), 12), margin_value(s["margin"])))["margin"])
 
 
 def label_report(chosen: list[str], right: list[bool]) -> dict:
@@ -196,9 +212,7 @@ def tabulate(base: dict, tasks: list[str], per_row: dict) -> dict:
         "per_row": per_row,
         "options": summarise(tasks, per_row),
         "labels": {
-            k: label_report(per_row[k]["adapter"], per_row[k]["right"])
-            for k in ("routed", "gated", "top1", "top1_gated", "arrow", "arrow_gated")
-            if k in per_row
+            k: label_report(per_row[k]["adapter"], per_row[k]["right"]) for k in per_row if k not in FIXED
         },
     }
     result["no_harm"] = no_harm(result)
@@ -231,11 +245,13 @@ def compare(
     answers: bool = True,
     rows_from: str = "held-out rows",
     max_new_tokens: int = 32,
+    extra: dict[str, list[str]] | None = None,
 ) -> dict:
     """Fill the cache for `rows` (every adapter's reference and instruction likelihoods; greedy
     answers of the adapters some option picks), score every option by lookup, write
     `out/compare.json` and render it. `margin`: the gate's, for every gated option or per option it
-    gates ({"routed": m, "top1": m, "arrow": m}); default: the store's, if any."""
+    gates ({"routed": m, "top1": m, "arrow": m}); default: the store's, if any. `extra`: more
+    options, name -> adapter per row (`extra_options`)."""
     bad = [
         i for i, r in enumerate(rows) if not r.get("instruction") or "output" not in r or not r.get("task")
     ]
@@ -245,7 +261,7 @@ def compare(
     cache = AnswerCache(cache_dir, router, max_new_tokens)
     cache.fill(rows, [*router.adapters.values(), MIXED, BASE], "ref")
     sels = select_all(router, rows)
-    chosen = options(router, rows, sels, cache, margins)
+    chosen = options(router, rows, sels, cache, margins) | extra_options(cache, rows, extra or {}, margins)
     if answers:
         cache.fill_pairs(
             [(r, a) for per in chosen.values() for r, a in zip(rows, per, strict=True)], "answer"
@@ -253,7 +269,7 @@ def compare(
     base = {
         "rows_from": rows_from,
         "covered": sorted({r["task"] for r in rows} & set(router.adapters)),
-        "gate_margin": margins,
+        "gate_margin": {k: margin_json(v) for k, v in margins.items()},
         "floor": FLOOR,
         "max_new_tokens": max_new_tokens,
         "fallback_reasons": sorted({(s.fallback or "").split(":")[0] for s in sels if s.fallback}),
@@ -301,6 +317,7 @@ def markdown(result: dict) -> str:
     opts = result["options"]
     kinds = list(opts)
     diffs = [k for k in ("routed", "gated", "top1_gated", "arrow_gated", "oracle") if k in opts]
+    diffs += [k for k in opts if k not in OPTIONS]  # selector variants (`extra`)
     tasks = [*result["per_task_rows"], "all"]
     lines = [
         f"Rows: {result['rows']} from {result['rows_from']}; covered task types: "

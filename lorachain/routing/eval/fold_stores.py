@@ -14,6 +14,7 @@ core-hours of one store. Resumable: `route train` resumes a fold's store, the ca
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -37,6 +38,7 @@ from lorachain.routing.eval.compare import (
 )
 from lorachain.routing.eval.unseen import unseen_rows
 from lorachain.routing.folds import Row, make_folds
+from lorachain.routing.gate import margin_json, margin_value
 from lorachain.routing.train import load_split, read_rows_of, route_train, write_splits
 from lorachain.store import MIXED
 
@@ -84,11 +86,15 @@ def compare_folds(
     max_new_tokens: int = 32,
     *,
     make_router,
+    variants: list[str] = (),
 ) -> dict:
     """Score each fold store (opened by `make_router(store)`) on its held-out rows, choose each
     gate's margin (over routed, top1, arrow) on reference perplexity pooled over the folds, compare
-    the answers at those margins; writes out/compare/fold<k>/, pooled/ and margins.json."""
+    the answers at those margins; writes out/compare/fold<k>/, pooled/ and margins.json. Each of
+    `variants` (`routing.eval.variants`: other, augmented) is fitted on every fold store's own
+    rows and compared as one more option, ungated and gated at the routed option's margin."""
     from lorachain.routing.eval.answers import AnswerCache
+    from lorachain.routing.eval.variants import fit_variant, variant_choices
 
     out = Path(out)
     stores = [out / f"fold{k}" for k in range(n_folds)]
@@ -98,14 +104,17 @@ def compare_folds(
         rows = unseen_rows(store, max_per_task=max_per_task)
         cache = AnswerCache(store / "answers", router, max_new_tokens)
         chosen = options(router, rows, select_all(router, rows), cache, {})  # ungated: routed, top1, arrow
-        parts.append((router, rows, cache, chosen))
+        extra = {v: variant_choices(router, store, v, rows) for v in variants if fit_variant(store, v)}
+        parts.append((router, rows, cache, chosen, extra))
     sweeps = {
-        base: margin_sweep([(c, rows, chosen[base]) for _, rows, c, chosen in parts], margins)
+        base: margin_sweep([(c, rows, chosen[base]) for _, rows, c, chosen, _ in parts], margins)
         for base in GATED.values()
     }
     picked = {base: choose_margin(sweep) for base, sweep in sweeps.items()}
+    chosen_json = {k: margin_json(v) for k, v in picked.items()}  # inf: the string "inf" (gate.NEVER)
     write_json(
-        out / "compare" / "margins.json", {"sweep": sweeps, "chosen": picked, "rows_per_task": max_per_task}
+        out / "compare" / "margins.json",
+        {"sweep": sweeps, "chosen": chosen_json, "rows_per_task": max_per_task, "variants": list(variants)},
     )
     results = [
         compare(
@@ -117,13 +126,21 @@ def compare_folds(
             answers,
             f"{store.name}'s held-out data sets",
             max_new_tokens,
+            extra,
         )
-        for store, (r, rows, _, _) in zip(stores, parts, strict=True)
+        for store, (r, rows, _, _, extra) in zip(stores, parts, strict=True)
     ]
     pooled = pool(results, f"the held-out data sets of {n_folds} fold stores")
     write_json(out / "compare" / "pooled" / "compare.json", pooled)
     render(out / "compare" / "pooled" / "compare.json")
     return pooled | {"margin_sweep": sweeps}
+
+
+def read_margins(out: str | Path) -> dict[str, float]:
+    """The margins `compare_folds` chose (out/compare/margins.json), as numbers ("inf": math.inf),
+    e.g. for `compare` on a lockbox half."""
+    got = json.loads((Path(out) / "compare" / "margins.json").read_text())["chosen"]
+    return {k: margin_value(v) for k, v in got.items()}
 
 
 def budget_steps(cfg: RouteConfig) -> dict[str, int]:
