@@ -105,7 +105,7 @@ def run_lorachain(spec: dict, tmp: Path) -> dict:
     raw = {
         "model": {
             "name_or_path": f"random-llama-{spec['size']}",
-            "dtype": "bfloat16" if spec["base"] == "bf16" else "float32",
+            "dtype": "float32" if spec["base"] == "fp32" else "bfloat16",  # (nf4: the rest as loaded)
             "quantization": "nf4" if spec["base"] == "nf4" else "none",
             "compute_dtype": "bfloat16",
             "quantized_knot": spec.get("knot", "side"),
@@ -125,7 +125,8 @@ def run_lorachain(spec: dict, tmp: Path) -> dict:
     }
     raw["data"]["max_length"] = spec["seq"]
     cfg = from_dict(RunConfig, raw)
-    s = train(cfg, model, word_tokenizer(vocab), progress=False).summary
+    done = train(cfg, model, word_tokenizer(vocab), progress=False)
+    s, train_model = done.summary, done.model
     rows = s["links"]
     est = estimate(cfg, llama_config(spec["size"]))
     return {
@@ -136,6 +137,8 @@ def run_lorachain(spec: dict, tmp: Path) -> dict:
         "tokens_per_s": sum(r["tokens"] for r in rows) / sum(clock.cpu),  # per CPU second
         "knot_seconds": rows[0]["knot_seconds"] if spec["method"] == "cola" else None,
         "knot_rel_fro": s["knot_rounding"]["max_rel_fro"],
+        "embeddings_dtype": str(train_model.get_input_embeddings().weight.dtype),
+        "head_dtype": str(train_model.get_output_embeddings().weight.dtype),
         "final_loss": rows[-1]["final_loss"],
         "threads": torch.get_num_threads(),
     }

@@ -33,7 +33,8 @@ def llama_config(size: str):
 
 
 def build(size: str, base: str):
-    """A random-weight Llama of `size`: fp32, bf16, or NF4 quantized Linear by Linear from meta."""
+    """A random-weight Llama of `size`: fp32, bf16, or NF4 quantized Linear by Linear from meta (the
+    rest in bf16, as `from_pretrained(dtype=bfloat16)` of a bf16 checkpoint gives it)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -51,14 +52,12 @@ def build(size: str, base: str):
         model = LlamaForCausalLM(config)
     mcfg = ModelConfig(name_or_path="random", quantization="nf4", compute_dtype="bfloat16")
     quantize_model(model, mcfg, init=lambda lin: torch.randn(lin.out_features, lin.in_features) * 0.02)
-    for module in model.modules():  # the rest (embeddings, norms, head) materialised in place
-        if any(p.is_meta for p in module.parameters(recurse=False)):
-            module.to_empty(device="cpu", recurse=False)
-            for p in module.parameters(recurse=False):
-                with torch.no_grad():
-                    p.copy_(
-                        torch.ones_like(p) if "norm" in type(module).__name__.lower() else p.normal_(0, 0.02)
-                    )
+    for module in model.modules():  # the rest (embeddings, norms, head) in bf16, as a bf16 checkpoint
+        for name, p in list(module.named_parameters(recurse=False)):  # loads; prepare upcasts the norms
+            if p.is_meta:
+                new = torch.empty(p.shape, dtype=torch.bfloat16)
+                new = new.fill_(1.0) if "norm" in type(module).__name__.lower() else new.normal_(0, 0.02)
+                setattr(module, name, torch.nn.Parameter(new, requires_grad=False))
     model.model.rotary_emb = LlamaRotaryEmbedding(config)
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -196,20 +196,24 @@ def parallel_1b(d: dict) -> str:
         "single": "one process",
         "ddp": "ddp rank",
         "fsdp": "fsdp rank, fsdp_load: map",
+        "fsdp_gloo": "fsdp rank, map, fsdp_all_gather: process_group",
+        "fsdp_kept": "fsdp rank, map, fsdp_reshard_after_forward: false",
         "fsdp_read": "fsdp rank, read",
         "fsdp_broadcast": "fsdp rank, broadcast",
     }
+    ddp = d["modes_1b"].get("ddp", {}).get("step_s")
     rows = [
         [
             names.get(mode, mode),
             f"{m['max_rank_anon_rss_gib']:.2f}",
             f"{m['max_rank_total_rss_gib']:.2f}",
             f"{m['setup_s']:.1f}",
-            f"{m['step_s']:.1f}",
+            f"{m['step_s']:.1f}" + (f" ({m['step_s'] / ddp:.2f}×)" if ddp else ""),
         ]
         for mode, m in d["modes_1b"].items()
     ]
-    head = ["~1B fp32, global batch 2×32", "peak anon RSS GiB", "peak total RSS GiB", "set-up s", "step s"]
+    head = ["~1B fp32, global batch 2×32", "peak anon RSS GiB", "peak total RSS GiB", "set-up s"]
+    head += ["step s (× ddp)"]
     note = (
         f"Weights {d['weights_gib_1b']:.2f} GiB; target for an fsdp rank's anonymous RSS: weights/2 + 1 = "
         f"{d['fsdp_anon_target_gib_1b']:.2f} GiB (met: {d['fsdp_anon_within_target_1b']}); fsdp rank total "
