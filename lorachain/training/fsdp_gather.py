@@ -4,16 +4,17 @@
 - `shared_memory`: CPU ranks on one host gather through a shared-memory arena. FSDP2 copies each
   rank's shard into its slot of the all-gather buffer; here that buffer is a slot of a `/dev/shm`
   mapping every rank shares, so after one barrier every rank reads the whole unit from it: no bytes
-  go through a socket. gloo moves them over loopback TCP, measured at 0.22-0.44 GiB/s a rank on
-  this repository's 2-core machine (the same tensors copy at ~6 GiB/s), which made an fsdp step
-  5-8x a ddp step (benchmarks/results/parallel.json).
+  go through a socket. gloo moves them over loopback TCP, measured at 0.26-0.28 GiB/s a rank on
+  this repository's 2-core machine where a copy of the same bytes runs at 3.8-4.3 GiB/s; an fsdp
+  step was 7.3x a ddp step over gloo, 2.8x through shared memory (benchmarks/fsdp_profile.py).
 - `auto`: shared memory when the shards are on the CPU, every rank runs on this host and FSDP2
-  takes a custom all-gather (torch >= 2.9); else the process group.
+  takes a custom all-gather (`FSDPModule.set_custom_all_gather`); else the process group.
 
-The arena holds `SLOTS` buffers of the largest unit, used in turn. A buffer is written again three
-gathers later, and FSDP2 copies a gather out before it issues the one after next (one prefetch at
-most), so no rank overwrites a buffer another still reads. It is unlinked once every rank has mapped
-it: the memory goes when the last rank exits, killed or not. Its pages are shared (RssShmem), not
+The arena holds `SLOTS` buffers of the largest unit, used in turn: a buffer is written again three
+gathers later. FSDP2 copies each gather out before it issues the next one (it prefetches one unit
+at most), so two would do and the third is spare: no rank overwrites a buffer another still reads.
+The arena is unlinked once every rank has mapped it: its memory goes when the last rank exits,
+killed or not. Its pages are shared (RssShmem), not
 anonymous; a unit bigger than a slot, or a gather off the CPU, goes through the process group.
 
 `schedule` also sets what gathers when: the input embeddings are not gathered again for the
@@ -67,7 +68,7 @@ def gathered_bytes(model: nn.Module, world: int) -> list[int]:
     return sizes
 
 
-try:  # FSDP2's custom all-gather interface (torch >= 2.9)
+try:  # FSDP2's custom all-gather interface (recent torch only)
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 
@@ -92,7 +93,7 @@ def shared_memory_reason(model: nn.Module) -> str:
     """Why the shared-memory all-gather cannot serve `model`'s ranks ('' when it can). Collective."""
     same = on_one_host()  # every rank calls it, whatever the answer
     if not CUSTOM:
-        return f"torch {torch.__version__} has no custom all-gather for FSDP2 (needs >= 2.9)"
+        return f"torch {torch.__version__}'s FSDP2 takes no custom all-gather (set_custom_all_gather)"
     if any(p.device.type != "cpu" for p in model.parameters()):
         return "the shards are not on the CPU (GPUs gather with NCCL)"
     if not same:
