@@ -14,8 +14,8 @@ The arena holds `SLOTS` buffers of the largest unit, used in turn: a buffer is w
 gathers later. FSDP2 copies each gather out before it issues the next one (it prefetches one unit
 at most), so two would do and the third is spare: no rank overwrites a buffer another still reads.
 The arena is unlinked once every rank has mapped it: its memory goes when the last rank exits,
-killed or not. Its pages are shared (RssShmem), not
-anonymous; a unit bigger than a slot, or a gather off the CPU, goes through the process group.
+killed or not. Its pages are shared (RssShmem), not anonymous; a unit bigger than a slot, or a
+gather off the CPU, goes through the process group.
 
 `schedule` also sets what gathers when: the input embeddings are not gathered again for the
 backward (fsdp trains LoRA factors on a frozen base, and a frozen embedding's backward does not
