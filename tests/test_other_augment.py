@@ -188,3 +188,20 @@ def test_a_task_named_other_is_refused(tmp_path):
     ):
         route_train(cfg, tiny_model("llama"), make_tokenizer(), False)
     assert not (tmp_path / "store" / "splits").exists()
+
+
+def test_held_out_folds_fit_on_the_augmented_rows(tmp_path):
+    from lorachain.routing.folds import Fitter, Row
+
+    enc = tiny_encoder(tmp_path / "tiny-bert")
+    texts = {f"Passage: {r['instruction']}\nQuestion: which?": r for r in sourced_rows(2)}  # distinct
+    rows = [Row(t, r["task"], r["dataset"]) for t, r in texts.items()]
+    for copies in (0, 2):
+        cfg = route_cfg(tmp_path, tmp_path / "x.jsonl", "embedding", enc, augment=copies)
+        fitter = Fitter("embedding", cfg, tmp_path / "work")
+        fitter.fit(rows, list(TASKS))
+        embedded = {k for k in fitter.cache if k != "enc"}  # every text the prototypes were fitted to
+        plain = {r.text for r in rows}
+        assert plain <= embedded and len(embedded) == (len(plain) * 3 if copies else len(plain))
+        swapped = {retemplate(t, "swap", random.Random(0)) for t in plain}  # swap is not random
+        assert bool(swapped & embedded) == bool(copies)

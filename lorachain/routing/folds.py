@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from lorachain.io import write_text
+from lorachain.routing.augment import augment_rows
 from lorachain.routing.balance import balance_rows
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.encoders import embed, load_encoder
@@ -77,6 +78,9 @@ class Fitter:
         self.embed_s_per_row = 0.0
 
     def fit(self, rows: list[Row], labels: list[str]):
+        sel = self.cfg.selector
+        if sel.augment:  # re-templated copies of the training rows (routing.augment), as route train
+            rows = augment_rows(rows, sel.augment, sel.augment_styles, self.cfg.data.seed, "text")
         if self.kind.name == "embedding":
             return self._embedding(rows, labels)
         work = self.work / self.kind.name

@@ -179,6 +179,12 @@ def holdout_eval(
 
 
 def settings_of(cfg: RouteConfig, kind: str) -> dict:
+    got = _settings(cfg, kind)
+    sel = cfg.selector
+    return got | ({"augment": sel.augment, "augment_styles": sel.augment_styles} if sel.augment else {})
+
+
+def _settings(cfg: RouteConfig, kind: str) -> dict:
     sel, budget = cfg.selector, cfg.selector_train or cfg.train
     if kind == "encoder":
         budget = encoder_budget(cfg)
