@@ -130,26 +130,37 @@ class SharedMemoryGather(AllGather):
         return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
 
 
-def shared_memory_gather(slot_bytes: int, slots: int = SLOTS) -> SharedMemoryGather:
+def shared_memory_gather(slot_bytes: int, slots: int = SLOTS) -> SharedMemoryGather | None:
     """A `SharedMemoryGather` over `slots` slots of `slot_bytes` in one mapping of a `/dev/shm` file
-    every rank maps, made by rank 0 and unlinked once all have mapped it. Collective."""
+    every rank maps, made by rank 0 and unlinked once all have mapped it; None when a rank cannot
+    map it or the ranks do not see each other's writes (one host name, but separate /dev/shm, as in
+    containers). Collective."""
     import torch.distributed as dist
 
-    slot = -(-slot_bytes // 4096) * 4096  # page-aligned slots: any dtype's view is aligned
+    rank, world = dist.get_rank(), dist.get_world_size()
+    slot = -(-max(slot_bytes, 4 * world) // 4096) * 4096  # page-aligned slots: any dtype's view fits
     path: list = [None]
-    if dist.get_rank() == 0:
+    if rank == 0:
         fd, name = tempfile.mkstemp(prefix="lorachain-fsdp-", dir=SHM)
         os.ftruncate(fd, slot * slots)
         os.close(fd)
         path[0] = name
+    arena = None
     try:
         dist.broadcast_object_list(path, src=0)
-        arena = torch.from_file(path[0], shared=True, size=slot * slots, dtype=torch.uint8)  # MAP_SHARED
+        try:
+            arena = torch.from_file(path[0], shared=True, size=slot * slots, dtype=torch.uint8)  # MAP_SHARED
+            arena[: 4 * world].view(torch.int32)[rank] = rank + 1  # a mark every rank must see
+        except (OSError, RuntimeError):
+            arena = None
         dist.barrier()
+        marks = arena[: 4 * world].view(torch.int32).tolist() if arena is not None else []
+        ok = torch.tensor([int(marks == list(range(1, world + 1)))])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     finally:
-        if dist.get_rank() == 0:
+        if rank == 0:
             Path(path[0]).unlink(missing_ok=True)  # mapped by every rank: freed when the last exits
-    return SharedMemoryGather(arena, slot, slots)
+    return SharedMemoryGather(arena, slot, slots) if int(ok) else None
 
 
 def schedule(
@@ -173,9 +184,11 @@ def schedule(
         why = shared_memory_reason(model)
         if why and all_gather == "shared_memory":
             raise ConfigError(f"train.fsdp_all_gather: shared_memory is not available here: {why}")
-        if not why:
-            biggest = max(gathered_bytes(model, world))
-            comm = shared_memory_gather(biggest)
+        biggest = max(gathered_bytes(model, world))
+        comm = None if why else shared_memory_gather(biggest)
+        if comm is None and not why and all_gather == "shared_memory":
+            raise ConfigError(f"train.fsdp_all_gather: the ranks do not share {SHM} (separate containers?)")
+        if comm is not None:
             for unit in found:
                 unit.set_custom_all_gather(comm)
             how = f"shared memory ({SLOTS} x {biggest / 1024**2:.0f} MiB in {SHM})"
