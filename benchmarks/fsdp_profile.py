@@ -29,27 +29,21 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from scale_models import SHAPES as SCALE_SHAPES  # noqa: E402  the shapes of scale.py and parallel.py
+from scale_models import llama_config  # noqa: E402
+
 MODES = ("ddp", "fsdp_gloo", "fsdp_shm", "fsdp_kept")
-SHAPES = {"medium": (1024, 2816, 8, 16, 4, 32000), "1b": (2048, 5632, 22, 32, 4, 32000)}
+SHAPES = {k: SCALE_SHAPES[k] for k in ("medium", "1b")}
 GIB = 1024**3
 
 
 def build(shape: str):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    h, i, n, a, kv, v = SHAPES[shape]
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=h,
-        intermediate_size=i,
-        num_hidden_layers=n,
-        num_attention_heads=a,
-        num_key_value_heads=kv,
-        vocab_size=v,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(llama_config(shape)).eval()
 
 
 def timers(parts: dict, counts: dict, nbytes: list) -> None:

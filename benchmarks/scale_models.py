@@ -10,6 +10,7 @@ from pathlib import Path
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "135m": (576, 1536, 30, 9, 3, 49152),
+    "medium": (1024, 2816, 8, 16, 4, 32000),  # fsdp_profile.py's quick shape (0.58 GiB fp32)
     "1b": (2048, 5632, 22, 32, 4, 32000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
 }
