@@ -125,7 +125,10 @@ def extend(base: nn.Module, config: LoraConfig, gaussian: bool = False) -> PeftM
 
 def reshard(model: nn.Module) -> None:
     """Put back the sharded parameters of every FSDP2 unit of `model` that a forward without a
-    backward (an evaluation, DPO's reference pass) left gathered; nothing without FSDP2."""
+    backward left gathered (an evaluation, DPO's reference pass: the root always, every unit with
+    `train.fsdp_reshard_after_forward: false`); nothing without FSDP2."""
+    if not torch.distributed.is_available():
+        return
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():

@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from lorachain.chain.knot import Factors, Knot, KnotError, layer_factors, lora_layers
+from lorachain.chain.knot import Factors, Knot, KnotError, layer_factors, lora_layers, reshard
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -80,23 +80,10 @@ def _all_reduce(values: list[float], op: str) -> list[float]:
     return t.tolist()
 
 
-def reshard(model: nn.Module) -> None:
-    """Put every FSDP2 unit of `model` back on its shards. A unit stays gathered after a forward
-    without backward (the root always; every unit with `train.fsdp_reshard_after_forward: false`),
-    and a write into the shards would miss that gathered copy, which the next forward reads."""
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
 def apply_on_shards(base: nn.Module, factors: dict[str, Factors]) -> dict[str, float]:
     """Merge recorded factors into the local shards of `base` (plain or PEFT-wrapped, sharded or
     not); all-or-nothing on every rank. Returns the rounding like `knot.apply_factors`."""
-    reshard(base)
+    reshard(base)  # a write into the shards would miss a gathered copy, which the next forward reads
     updates = []
     bad = ""
     for name, f in factors.items():
