@@ -28,6 +28,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import lorachain  # noqa: F401  (first: its process defaults, huge pages, reach every rank as in the CLI)
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from scale_models import SHAPES as SCALE_SHAPES  # noqa: E402  the shapes of scale.py and parallel.py

@@ -35,6 +35,8 @@ from pathlib import Path
 from parallel_1b import MODES_1B, keys, run, weight_bytes
 from parallel_1b import worker as worker_1b
 
+import lorachain  # noqa: F401  (first: its process defaults, huge pages, reach every rank as in the CLI)
+
 MODES = ("single", "hand", "ddp", "fsdp", "fsdp_gloo")
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
 """lorachain: fine-tune and serve language models with chains of LoRA adapters."""
 
 import logging as _logging
+import os as _os
 
 __version__ = "0.1.0"
 
@@ -10,3 +11,10 @@ __version__ = "0.1.0"
 # spawned workers too), so those two loggers show errors only.
 for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+# Large CPU tensors on transparent huge pages: PyTorch's allocator reads THP_MEM_ALLOC_ENABLE once, at
+# its first allocation, so this takes effect where lorachain is imported before torch allocates (the
+# CLI, torchrun's workers, `python -m lorachain`). A fresh 46 MB tensor written once took 34 ms on
+# 4 KiB pages and 8 ms on 2 MiB pages here, and FSDP2 allocates every gathered weight afresh (its
+# copy-out halved: docs/guides/scale.md). Set THP_MEM_ALLOC_ENABLE=0 to keep 4 KiB pages.
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
