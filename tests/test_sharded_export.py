@@ -1,5 +1,5 @@
 """An fsdp run's merged model, gathered to rank 0 a unit at a time (training/merged_shards.py), equals
-the one-process run's; fsdp with a quantized base is refused in one line, and the ddp it points to
+the one-process run's; fsdp with a bitsandbytes base is refused in one line, and the ddp it points to
 trains a quantized base on 2 processes as one process does."""
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def test_fsdp_with_a_quantized_base_is_refused_in_one_line(tmp_path, toy_data, t
     with pytest.raises(ConfigError) as e:
         check_parallel(from_dict(RunConfig, raw), Dist(0, 2, "fsdp"))
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("model.quantization: fsdp does not shard a bitsandbytes base")
-    assert "use train.parallel: ddp" in msg
+    assert "\n" not in msg and msg.startswith("model.quant_backend: fsdp does not shard a bitsandbytes nf4")
+    assert "model.quant_backend: torchao, or train.parallel: ddp" in msg
 
 
 def test_ddp_trains_a_quantized_base_as_one_process_does(tmp_path, toy_data):

@@ -16,6 +16,7 @@ from peft import PeftModel
 from torch import nn
 
 from lorachain.chain.knot import Factors, Knot, KnotError, layer_factors, lora_layers, reshard
+from lorachain.chain.sidepath import attach, is_quantized_layer
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -82,13 +83,21 @@ def _all_reduce(values: list[float], op: str) -> list[float]:
 
 def apply_on_shards(base: nn.Module, factors: dict[str, Factors]) -> dict[str, float]:
     """Merge recorded factors into the local shards of `base` (plain or PEFT-wrapped, sharded or
-    not); all-or-nothing on every rank. Returns the rounding like `knot.apply_factors`."""
+    not); all-or-nothing on every rank. Returns the rounding like `knot.apply_factors`. A quantized
+    layer (a torchao NF4 shard) is not written: its factors join its side path (`chain.sidepath`),
+    whole on every rank, as on one process."""
     reshard(base)  # a write into the shards would miss a gathered copy, which the next forward reads
-    updates = []
+    updates, side = [], []
     bad = ""
     for name, f in factors.items():
         module = base.get_submodule(name)
         module = getattr(module, "base_layer", module)
+        if is_quantized_layer(module):
+            side.append((module, f, name))
+            parts = [t for t in (f.A, f.B, f.bias) if t is not None]
+            if not bad and not all(torch.isfinite(t).all() for t in parts):
+                bad = name
+            continue
         for key in ("weight", "bias") if f.bias is not None else ("weight",):
             target, start = local_rows(getattr(module, key))
             if key == "weight":
@@ -111,6 +120,8 @@ def apply_on_shards(base: nn.Module, factors: dict[str, Factors]) -> dict[str, f
             lost_sq += float(lost.double().square().sum())
             max_abs = max(max_abs, float(lost.abs().max()) if lost.numel() else 0.0)
             target.copy_(stored)
+    for module, f, name in side:
+        attach(module, f, name)
     lost_sq, delta_sq = _all_reduce([lost_sq, delta_sq], "sum")
     (max_abs,) = _all_reduce([max_abs], "max")
     return {"max_abs": max_abs, "rel_fro": (lost_sq / delta_sq) ** 0.5 if delta_sq else 0.0}

@@ -44,8 +44,14 @@ class SidePath(nn.Module):
         return output + side.to(output.dtype)
 
 
+def is_nf4(t) -> bool:
+    """Whether `t` (a weight, or an FSDP2 DTensor shard of one) is a torchao NF4Tensor."""
+    return type(getattr(t, "_local_tensor", t)).__name__ == "NF4Tensor"
+
+
 def is_quantized_layer(module: nn.Module) -> bool:
-    return type(module).__name__ in QUANTIZED
+    """A bitsandbytes layer, or a Linear whose weight is a torchao NF4Tensor."""
+    return type(module).__name__ in QUANTIZED or is_nf4(getattr(module, "weight", None))
 
 
 def side_path(module: nn.Module) -> SidePath | None:
@@ -66,10 +72,15 @@ def attach(module: nn.Module, f: Factors, name: str) -> None:
 
 
 def dequantized(module: nn.Module) -> torch.Tensor:
-    """The fp32 weight (out, in) a bitsandbytes layer computes with."""
+    """The fp32 weight (out, in) a bitsandbytes layer, or a Linear on a torchao NF4Tensor, computes
+    with."""
+    w = module.weight
+    if is_nf4(w):
+        if hasattr(w, "device_mesh"):
+            raise KnotError("dequantized: an NF4 weight sharded by fsdp is not whole here")
+        return w.get_original_weight().float()
     import bitsandbytes.functional as bf
 
-    w = module.weight
     if type(module).__name__ == "Linear8bitLt":
         scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB  # moved there by a forward
         return w.data.float() * (scb.float()[:, None] / 127.0)  # int8 rows times their absmax / 127
@@ -78,9 +89,15 @@ def dequantized(module: nn.Module) -> torch.Tensor:
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> None:
     """Quantize the fp32 `weight` into `module` with its own quantization settings."""
+    w, device = module.weight, module.weight.device
+    if is_nf4(w):  # torchao: its dtype and block sizes
+        from torchao.quantization import to_nf4
+
+        q = to_nf4(weight.to(device, w.dtype).contiguous(), w.block_size, w.scaler_block_size)
+        module.weight = nn.Parameter(q, requires_grad=False)
+        return
     import bitsandbytes as bnb
 
-    w, device = module.weight, module.weight.device
     if type(module).__name__ == "Linear8bitLt":
         module.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False).to(
             device

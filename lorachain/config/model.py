@@ -8,6 +8,7 @@ from lorachain.config.base import check
 
 TASKS = ("causal_lm", "classification")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+QUANT_BACKENDS = ("bitsandbytes", "torchao")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class ModelConfig:
     quantization: str = "none"
     compute_dtype: str = "float32"  # 4-bit: the dtype its matmuls run in (float32 | bfloat16 | float16)
     double_quant: bool = True  # 4-bit: quantize the quantization constants too (~0.4 bit/param less)
+    # which library holds the quantized base: bitsandbytes (all types) | torchao (nf4 only; the one
+    # train.parallel: fsdp shards; pip install torchao==0.18.0)
+    quant_backend: str = "bitsandbytes"
     # a knot on a quantized base: side (finished links kept as a fixed low-rank side path; exact)
     # | requantize (dequantize, add, quantize again; drifts, measured as knot_rounding)
     quantized_knot: str = "side"
@@ -39,6 +43,20 @@ class ModelConfig:
             self.quantization in QUANTIZATIONS,
             f"model.quantization: expected one of {QUANTIZATIONS} (the bitsandbytes types), "
             f"got {self.quantization!r}",
+        )
+        check(
+            self.quant_backend in QUANT_BACKENDS,
+            f"model.quant_backend: expected one of {QUANT_BACKENDS}, got {self.quant_backend!r}",
+        )
+        check(
+            self.quant_backend != "torchao" or self.quantization == "nf4",
+            f"model.quant_backend: torchao holds an nf4 base only, got model.quantization "
+            f"{self.quantization!r} (use nf4, or bitsandbytes for fp4/int8)",
+        )
+        check(
+            self.quant_backend != "torchao" or self.double_quant,
+            "model.double_quant: torchao's NF4 always quantizes its scalers; set it to true "
+            "(or use bitsandbytes)",
         )
         check(
             self.compute_dtype in ("float32", "bfloat16", "float16"),

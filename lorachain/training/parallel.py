@@ -7,7 +7,8 @@ processes, else `none`):
   gradients in buckets, overlapped with the backward pass.
 - `fsdp`: the frozen base is sharded per decoder layer with FSDP2 (`fully_shard`), so each rank
   holds 1/world of every base weight; the LoRA factors stay whole on every rank (they are small)
-  and are reduced by DDP as above. Knots add into each rank's local rows (`chain/shards.py`).
+  and are reduced by DDP as above. Knots add into each rank's local rows (`chain/shards.py`). A 4-bit
+  base shards as torchao NF4Tensors (`model.quant_backend: torchao`, `training/nf4_torchao.py`).
 
 Every rank takes its share of each global micro-batch. The loss is a sum over the global batch
 divided by its size; DDP averages gradients over ranks, so each rank's loss is multiplied by the
@@ -176,11 +177,17 @@ def check_parallel(cfg, dist: Dist) -> None:
         )
     if cfg.model.task == "classification":
         raise ConfigError("train.parallel: fsdp does not shard a classifier's new head yet; use ddp")
-    if cfg.model.quantization != "none":
+    m = cfg.model
+    if m.quantization != "none" and m.quant_backend != "torchao":
         raise ConfigError(
-            "model.quantization: fsdp does not shard a bitsandbytes base (FSDP2 splits Params4bit's packed "
-            "bytes without their quant state, axolotl#2992); use train.parallel: ddp (each rank holds the "
-            "whole 4-bit base), or fsdp on an unquantized base"
+            f"model.quant_backend: fsdp does not shard a bitsandbytes {m.quantization} base (FSDP2 splits "
+            "Params4bit's packed bytes without their quant state, axolotl#2992); use model.quantization: "
+            "nf4 with model.quant_backend: torchao, or train.parallel: ddp"
+        )
+    if m.quant_backend == "torchao" and m.quantized_knot != "side":
+        raise ConfigError(
+            "model.quantized_knot: under fsdp a knot on an NF4 base is a side path; requantize needs "
+            "whole weights (use side, or ddp)"
         )
     if cfg.chain.use_dora:
         raise ConfigError(

@@ -9,6 +9,7 @@ every Linear except the output head, as transformers does. `prepare` does what P
 quantize in fp32, except a 4-bit base's input embeddings and (under autocast to the same dtype) its
 output head, which stay in the compute dtype (PEFT upcasts them: at the ~1B Llama shape they are
 131M parameters, 0.49 GiB in fp32 beside 0.5 GiB of NF4 Linears). Knots on such a base are `chain.sidepath`'s.
+`model.quant_backend: torchao` holds the same Linears as torchao NF4Tensors instead (`nf4_torchao`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from lorachain.config import ConfigError, ModelConfig
+from lorachain.training.nf4_torchao import is_nf4, quantize_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KEEP = ("lm_head", "classifier", "score")  # output heads stay in full precision
@@ -38,8 +40,9 @@ def require_bnb():
 
 
 def load_kwargs(cfg: ModelConfig) -> dict:
-    """Extra `from_pretrained` arguments for `cfg.quantization` (none: no arguments)."""
-    if cfg.quantization == "none":
+    """Extra `from_pretrained` arguments for `cfg.quantization` (none: no arguments; torchao: none
+    either, its NF4 is made in memory after the load, one Linear at a time)."""
+    if cfg.quantization == "none" or cfg.quant_backend == "torchao":
         return {}
     require_bnb()
     from transformers import BitsAndBytesConfig
@@ -56,8 +59,19 @@ def load_kwargs(cfg: ModelConfig) -> dict:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether any layer of `model` holds bitsandbytes-quantized weights."""
-    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    """Whether any layer of `model` holds quantized weights (bitsandbytes layers, torchao NF4)."""
+    if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
+        return True
+    return any(is_nf4(p) for p in model.parameters())
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The Linears a quantized base holds quantized: every one but the output heads."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear and n.split(".")[-1] not in KEEP and n not in KEEP
+    ]
 
 
 def quantized_layer(linear: nn.Linear, cfg: ModelConfig, weight: torch.Tensor | None = None) -> nn.Module:
@@ -105,12 +119,7 @@ def quantize_model(
     """Replace every Linear of `model` but the heads by its quantized layer, one at a time, so
     that at most one layer is ever held in full precision. `init(linear)` gives the weight of a
     layer built on the meta device (random shapes for benchmarks)."""
-    names = [
-        n
-        for n, m in model.named_modules()
-        if type(m) is nn.Linear and n.split(".")[-1] not in KEEP and n not in KEEP
-    ]
-    for name in names:
+    for name in linear_names(model):
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         linear = getattr(owner, leaf)
@@ -153,8 +162,10 @@ def prepare(
     kept = {id(p) for m in mods for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad = False
-        if type(p).__name__ == "Params4bit" or not p.is_floating_point():
+        if type(p).__name__ == "Params4bit" or not p.is_floating_point() or is_nf4(p):
             continue  # (quantized storage)
+        if hasattr(p, "device_mesh"):
+            continue  # an fsdp shard (DTensor) stays in model.dtype: FSDP2 owns its storage
         if id(p) in kept:
             want = DTYPES[cfg.compute_dtype]
         elif p.dtype in (torch.float16, torch.bfloat16):
@@ -169,6 +180,12 @@ def prepare(
 def quantized_base(
     model: nn.Module, cfg: ModelConfig, targets=(), autocast: torch.dtype | None = None
 ) -> nn.Module:
-    """`model` with its Linears quantized per `cfg` (unless `from_pretrained` already did), prepared
-    for LoRA training on `targets` (module names) under `autocast` (the mixed-precision dtype)."""
-    return prepare(model if is_quantized(model) else quantize_model(model, cfg), cfg, targets, autocast)
+    """`model` with its Linears quantized per `cfg` (unless `from_pretrained` or the sharded load
+    already did), prepared for LoRA training on `targets` (module names) under `autocast` (the
+    mixed-precision dtype). `model.quant_backend: torchao` holds them as torchao NF4Tensors."""
+    if not is_quantized(model):
+        if cfg.quant_backend == "torchao":
+            quantize_linears(model, linear_names(model), DTYPES[cfg.compute_dtype])
+        else:
+            quantize_model(model, cfg)
+    return prepare(model, cfg, targets, autocast)

@@ -38,6 +38,7 @@ from lorachain.training.checkpointing import check_checkpointing
 from lorachain.training.dpo import reference_logps
 from lorachain.training.fsdp_gather import schedule
 from lorachain.training.memory import check_before_load
+from lorachain.training.nf4_torchao import require_torchao
 from lorachain.training.parallel import Dist, check_parallel, init_dist, shard_base
 from lorachain.training.precision import FP32, Precision, attention, compute_copies, resolve
 from lorachain.training.quantization import is_quantized, load_kwargs, quantized_base
@@ -79,6 +80,8 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
     check_installed(cfg.train.report_to)  # experiment trackers: refused before anything loads
     dist = init_dist(cfg.train.parallel)
     check_parallel(cfg, dist)
+    if cfg.model.quant_backend == "torchao":
+        require_torchao()  # one line before anything loads
     torch.manual_seed(cfg.train.seed)
     tokenizer = tokenizer or load_tokenizer(resolve_path(cfg.model))
     data = load_data(cfg, tokenizer)

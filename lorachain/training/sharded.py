@@ -14,6 +14,10 @@ own rows from the safetensors files:
 
 GGUF files and hub ids are converted or downloaded to a safetensors folder first (rank 0, then the
 others). A folder without safetensors is loaded whole and sharded after, as before.
+
+A torchao NF4 base (`model.quant_backend: torchao`) is made NF4 on the meta device before it is
+sharded, and each rank quantizes the rows it reads (`nf4_torchao.shard_of`), one weight at a time:
+no rank holds more than its rows of one weight in full precision.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from torch import nn
 from lorachain.chain.shards import local_rows
 from lorachain.config import ConfigError, ModelConfig
 from lorachain.models import DTYPES, best_device, load_model, not_loadable, resolve_path
+from lorachain.training import nf4_torchao
 from lorachain.training.parallel import Dist, shard_base
+from lorachain.training.quantization import DTYPES as COMPUTE_DTYPES
+from lorachain.training.quantization import linear_names
 
 LOADS = ("map", "read", "broadcast")
 ST_DTYPES = {
@@ -145,18 +152,49 @@ def load_sharded(mcfg: ModelConfig, dist: Dist, offload: bool = False, how: str 
         warnings.warn(
             f"{folder}: no safetensors; loading the whole model on every rank, then sharding", stacklevel=2
         )
-        return shard_base(load_model(mcfg), offload)
+        return shard_base(nf4_whole(load_model(mcfg), mcfg, dist), offload)
     return_freed_memory()
     model = build_on_meta(folder, mcfg)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
+    nf4 = set(nf4_whole(model, mcfg, dist, names=True))  # (shapes only, on meta)
     shard_base(model, offload)
     model.to_empty(device="cpu" if offload else best_device())
     with torch.no_grad():
         for name, b in model.named_buffers():  # to_empty left them uninitialised (RoPE's inv_freq)
             b.copy_(buffers[name])
     mapped = map_shards(model, entries) if how == "map" and not offload else set()
-    fill_shards(model, entries, dist, how, skip=mapped)
+    fill_shards(model, entries, dist, how, skip=mapped | nf4)
+    fill_nf4(model, entries, dist, how, nf4)
     return model
+
+
+def nf4_whole(model: nn.Module, mcfg: ModelConfig, dist: Dist, names: bool = False):
+    """`model` with its Linears as torchao NF4Tensors when `mcfg` asks for them (the model itself
+    otherwise); with `names`, the quantized parameters' names instead."""
+    done = set()
+    if mcfg.quantization != "none" and mcfg.quant_backend == "torchao":
+        dtype = COMPUTE_DTYPES[mcfg.compute_dtype]
+        done = nf4_torchao.quantize_linears(model, linear_names(model), dtype, dist.world)
+    return done if names else model
+
+
+def fill_nf4(model: nn.Module, entries: dict[str, Entry], dist: Dist, how: str, names: set[str]) -> None:
+    """Quantize this rank's rows of each NF4 weight of `names` from the checkpoint, one at a time."""
+    for name in sorted(names):
+        param = model.get_parameter(name)
+        entry = entries[checkpoint_key(model, name, entries)]
+        if tuple(entry.shape) != tuple(param.shape):
+            shapes = f"{list(entry.shape)} in the checkpoint, {list(param.shape)} here"
+            raise ConfigError(f"model.name_or_path: {name} is {shapes}")
+        local, start = local_rows(param)
+        rows = torch.empty(local.shape, dtype=entry.dtype)  # (rows / world, in), full precision
+        if how == "broadcast" and dist.world > 1:
+            scatter_rows(entry, rows, dist)
+        else:
+            read_rows(entry, start, rows)
+        shard = nf4_torchao.shard_of(param, rows.to(local.device))
+        model.load_state_dict({name: shard}, strict=False, assign=True)  # FSDP2 adopts the new shard
+        del rows, shard
 
 
 def return_freed_memory(threshold: int = 4 * 1024**2) -> None:
@@ -229,6 +267,8 @@ def map_shards(model: nn.Module, entries: dict[str, Entry]) -> set[str]:
         entry = entries.get(checkpoint_key(model, name, entries))
         if entry is None or not isinstance(t, DTensor) or uses[id(t)] > 1 or entry.dtype != t.dtype:
             continue
+        if nf4_torchao.is_nf4(t):
+            continue  # (quantized from its rows: fill_nf4)
         local, start = local_rows(t)
         if (
             local.device.type != "cpu"
