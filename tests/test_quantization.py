@@ -233,3 +233,32 @@ def test_a_chain_on_bf16_embeddings_and_head_stays_exact(tmp_path, toy_data, tok
     fresh = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter"))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 logits: equal within a bf16 ulp or two
         torch.testing.assert_close(logits(fresh), logits(done.model), rtol=0, atol=8e-3)
+
+
+@pytest.mark.parametrize(("kind", "compute"), [("nf4", "bfloat16"), ("fp4", "float16"), ("nf4", "float32")])
+def test_a_4bit_backward_dequantizes_in_the_compute_dtype_with_the_same_gradients(kind, compute):
+    """bitsandbytes' backward dequantizes to the weight's quant_state dtype, then casts to the gradient's
+    (the compute dtype): held in the compute dtype, no fp32 copy, the same gradients; the exact fp32
+    weight (`dequantized`) and a requantized weight are unchanged by it."""
+    import bitsandbytes.functional as bf
+
+    from lorachain.chain.sidepath import requantize
+
+    layer = quantized_base(wide_llama(), qcfg(kind, compute_dtype=compute)).model.layers[0].mlp.up_proj
+    want = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[compute]
+    assert layer.weight.quant_state.dtype == want
+    w0 = dequantized(layer)
+    x = torch.randn(5, 64, requires_grad=True)
+    grads = []
+    for dtype in (want, torch.float32):  # the compute dtype, then bitsandbytes' own fp32
+        layer.weight.quant_state.dtype = dtype
+        layer(x).square().sum().backward()
+        grads.append(x.grad)
+        x.grad = None
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+    assert w0.dtype == torch.float32 and torch.equal(
+        w0, bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    )
+    layer.weight.quant_state.dtype = want
+    requantize(layer, w0 + 0.01)
+    assert layer.weight.quant_state.dtype == want and dequantized(layer).dtype == torch.float32

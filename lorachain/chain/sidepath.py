@@ -11,6 +11,8 @@ Layers that are not quantized take the plain `apply_factors` merge.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -84,7 +86,9 @@ def dequantized(module: nn.Module) -> torch.Tensor:
     if type(module).__name__ == "Linear8bitLt":
         scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB  # moved there by a forward
         return w.data.float() * (scb.float()[:, None] / 127.0)  # int8 rows times their absmax / 127
-    return bf.dequantize_4bit(w.data, w.quant_state).float()
+    qs = copy.copy(w.quant_state)  # in fp32 whatever dtype the layer's backward dequantizes to
+    qs.dtype = torch.float32
+    return bf.dequantize_4bit(w.data, qs)
 
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> None:
@@ -112,6 +116,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> None:
         quant_type=qs.quant_type,
         quant_storage=w.data.dtype,
     ).to(device)
+    module.weight.quant_state.dtype = qs.dtype  # (quantized from fp32: keep the layer's dequant dtype)
     module.quant_state = module.weight.quant_state
 
 

@@ -19,6 +19,8 @@ from lorachain.data import Example, collate, micro_batches, pack
 from lorachain.models import device_of, logits_at
 from lorachain.training.parallel import Dist
 from lorachain.training.precision import FP32, Precision
+from lorachain.training.quantization import trim_heap
+from lorachain.training.sharded import return_freed_memory
 
 
 def make_optimizer(
@@ -100,6 +102,26 @@ class LMLoss:
         return {}
 
 
+def update(
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    max_norm: float,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """The optimizer update of a step: unscale (fp16), clip to `max_norm` (0: no clipping), step,
+    zero the gradients."""
+    if scaler:
+        scaler.unscale_(opt)
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if scaler:
+        scaler.step(opt)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def run_steps(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -122,10 +144,16 @@ def run_steps(
 
     The loss of a step is the sum over its global batch divided by the batch's target tokens (or
     examples), so gradient accumulation and data parallelism (`dist`) follow the same gradient.
-    Forward and loss run under `prec`'s autocast; with an fp16 `scaler` the loss is scaled."""
+    Forward and loss run under `prec`'s autocast; with an fp16 `scaler` the loss is scaled.
+    On CPU, freed memory goes back to the OS (blocks of 4 MiB and more are mmapped, the heap is trimmed
+    after each step); with glibc's defaults the heap kept what a step freed: at the ~1B Llama shape on
+    an NF4 base the RSS grew ~0.05 GiB a step and 3-step peaks varied from 1.49 to 1.77 GiB."""
     t = cfg.train
     params = trainable(model)
     device = device_of(model)
+    cpu = device.type == "cpu"
+    if cpu:  # a step's large temporaries (activations, dequantized weights) go back to the OS
+        return_freed_memory()
     model.train()
     objective = objective or LMLoss(classifier, cfg.data.packing, cfg.data.max_length)
     step = start
@@ -157,16 +185,9 @@ def run_steps(
             if mine:
                 loss_sum += loss.item()
                 tokens += objective.tokens(mine)
-        if scaler:
-            scaler.unscale_(opt)
-        if cfg.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        if scaler:
-            scaler.step(opt)  # skipped when the scaled gradients overflowed
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(opt, params, cfg.optim.max_grad_norm, scaler)
+        if cpu:  # and the heap pages the step freed: the next step starts where this one did
+            trim_heap()
         step += 1
         if on_step(step, dist.sum(loss_sum), int(dist.sum(tokens))):
             break
