@@ -1,7 +1,7 @@
 """Load a model folder sharded as a torchao NF4 base (`training/sharded.py`), for
 tests/test_nf4_torchao.py:
 
-    torchrun --standalone --nproc-per-node 2 tests/nf4_shard_run.py FOLDER OUT_DIR
+    torchrun --standalone --nproc-per-node 2 tests/nf4_shard_run.py FOLDER OUT_DIR [COMPUTE_DTYPE]
 
 Each rank writes OUT_DIR/rank<r>.json: per NF4 weight its global and local rows and whether its codes
 and scalers are those rows of the one-process quantization; the logits' max abs difference to the
@@ -38,7 +38,8 @@ def same_rows(local, whole, rank: int) -> bool:
 
 if __name__ == "__main__":
     folder, out = sys.argv[1], Path(sys.argv[2])
-    mcfg = ModelConfig(name_or_path=folder, quantization="nf4", quant_backend="torchao")
+    dtype = sys.argv[3] if len(sys.argv) > 3 else "float32"
+    mcfg = ModelConfig(name_or_path=folder, quantization="nf4", quant_backend="torchao", compute_dtype=dtype)
     dist = init_dist("fsdp")
     model = load_sharded(mcfg, dist)
     gather = schedule(model, dist.world)
@@ -56,5 +57,6 @@ if __name__ == "__main__":
     x = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16], [2, 20, 21, 22, 23, 24, 25, 26]])
     with torch.no_grad():
         diff = float((model(input_ids=x).logits - one(input_ids=x).logits).abs().max())
-    row = {"weights": weights, "logits_max_abs": diff, "gather": gather}
+    embed = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    row = {"weights": weights, "logits_max_abs": diff, "gather": gather, "embed_dtype": embed}
     (out / f"rank{dist.rank}.json").write_text(json.dumps(row))

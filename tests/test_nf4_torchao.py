@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import make_tokenizer
 from test_parallel import config, run_one, torchrun
 from test_quantization import wide_llama
@@ -80,13 +81,16 @@ def test_requantize_on_an_nf4_base_records_its_rounding():
     assert 0.0 < out["rel_fro"] and out["max_abs"] > 0.0  # 4 bits cannot hold a small update
 
 
-def test_each_rank_holds_half_of_every_nf4_weight(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_rank_holds_half_of_every_nf4_weight(tmp_path, dtype):
+    """Loaded sharded (built on meta, each rank quantizing the rows it reads): every NF4 weight is
+    half on each rank, its codes and scalers the one-process quantization's rows, the logits those of
+    the one-process NF4 model; a bf16 compute dtype holds the embeddings in bf16 there too."""
     folder = wide_dir(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SHARD_RUN]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORACHAIN_DIST_TIMEOUT": "60"}
-    proc = subprocess.run(
-        [*cmd, SHARD_RUN, str(folder), str(tmp_path)], capture_output=True, text=True, timeout=150, env=env
-    )
+    args = [str(folder), str(tmp_path), dtype]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         row = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -95,8 +99,10 @@ def test_each_rank_holds_half_of_every_nf4_weight(tmp_path):
         for name, w in weights.items():
             assert w["local_nf4"] and w["local_rows"] * 2 == w["rows"], name
             assert w["same_rows"], name  # the rows of the one-process quantization, bit for bit
+        print(f"rank {rank} ({dtype}): max abs logit difference to one process {row['logits_max_abs']:.3g}")
         assert row["logits_max_abs"] <= 1e-5
-        assert row["gather"].startswith("fsdp all-gather: shared memory")
+        assert row["gather"].startswith("fsdp all-gather: shared memory")  # composes with NF4's hooks
+        assert row["embed_dtype"] == dtype
 
 
 def nf4_runs(tmp_path, toy_data, folder, stop: str | None = None) -> tuple[Path, Path]:
@@ -138,6 +144,7 @@ def test_fsdp_on_an_nf4_base_equals_one_process(tmp_path, toy_data):
     assert json.loads((tmp_path / "two" / "config.json").read_text())["model"]["quant_backend"] == "torchao"
 
 
+@pytest.mark.slow
 def test_fsdp_on_an_nf4_base_resumes_on_one_process(tmp_path, toy_data):
     """Stopped after the knot (step 3) and a checkpoint (step 4); resumed unsharded: the knot is
     replayed as a side path on the one-process NF4 base."""
@@ -164,11 +171,7 @@ def test_refusals_name_the_field(tmp_path, toy_data, tiny_dir, monkeypatch):
         with pytest.raises(ConfigError) as e:
             ModelConfig(name_or_path="x", **over)
         assert "\n" not in str(e.value) and str(e.value).startswith(start)
-    raw = json.loads(
-        json.dumps(
-            __import__("yaml").safe_load(config(tmp_path, toy_data, tiny_dir, "q", "fsdp").read_text())
-        )
-    )
+    raw = yaml.safe_load(config(tmp_path, toy_data, tiny_dir, "q", "fsdp").read_text())
     for over, start in [
         ({"quantization": "int8"}, "model.quant_backend: fsdp does not shard a bitsandbytes int8 base"),
         ({"quantization": "fp4"}, "model.quant_backend: fsdp does not shard a bitsandbytes fp4 base"),

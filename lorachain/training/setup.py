@@ -89,7 +89,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
         if cfg.train.check_memory:
             check_before_load(cfg, max((len(e.input_ids) for e in data.train), default=None), dist.world)
         if dist.sharded:  # built on meta, sharded, each rank reads its own rows (training/sharded.py)
-            model = load_sharded(cfg.model, dist, cfg.train.fsdp_offload, cfg.train.fsdp_load)
+            model = sharded_base(cfg, dist)
         else:
             model = load_base(cfg.model, num_labels(cfg))
     model = merge_adapter(model, cfg.model)
@@ -114,6 +114,14 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer=None) -> S
     return Setup(
         dist, tokenizer, data, model, merge, prec, attn, targets, fan, masters, n_params, notes(prec, gather)
     )
+
+
+def sharded_base(cfg: RunConfig, dist: Dist) -> nn.Module:
+    """fsdp: the base built on meta and sharded, each rank reading its own rows (training/sharded.py);
+    an NF4 base's embeddings (and head) in the compute dtype, as `quantize` holds them on one process."""
+    t, prec = cfg.train, resolve(cfg.train.precision, best_device())
+    targets, autocast = cfg.chain.target_modules or (), prec.dtype if prec.mixed else None
+    return load_sharded(cfg.model, dist, t.fsdp_offload, t.fsdp_load, targets, autocast)
 
 
 def shard(model: nn.Module, cfg: RunConfig, dist: Dist) -> str:

@@ -37,7 +37,7 @@ from lorachain.models import DTYPES, best_device, load_model, not_loadable, reso
 from lorachain.training import nf4_torchao
 from lorachain.training.parallel import Dist, shard_base
 from lorachain.training.quantization import DTYPES as COMPUTE_DTYPES
-from lorachain.training.quantization import linear_names
+from lorachain.training.quantization import compute_dtype_modules, linear_names
 
 LOADS = ("map", "read", "broadcast")
 ST_DTYPES = {
@@ -142,8 +142,17 @@ def build_on_meta(folder: Path, mcfg: ModelConfig) -> nn.Module:
     return model.eval()
 
 
-def load_sharded(mcfg: ModelConfig, dist: Dist, offload: bool = False, how: str = "map") -> nn.Module:
-    """The base model `mcfg` names, sharded with FSDP2 as it loads (see the module docstring)."""
+def load_sharded(
+    mcfg: ModelConfig,
+    dist: Dist,
+    offload: bool = False,
+    how: str = "map",
+    targets=(),
+    autocast: torch.dtype | None = None,
+) -> nn.Module:
+    """The base model `mcfg` names, sharded with FSDP2 as it loads (see the module docstring). An NF4
+    base's `quantization.compute_dtype_modules` (for LoRA `targets` under `autocast`) are made in the
+    compute dtype before sharding, as `quantization.prepare` makes them on one process."""
     if how not in LOADS:
         raise ConfigError(f"train.fsdp_load: expected one of {LOADS}, got {how!r}")
     folder = weights_folder(mcfg, dist)
@@ -152,11 +161,11 @@ def load_sharded(mcfg: ModelConfig, dist: Dist, offload: bool = False, how: str 
         warnings.warn(
             f"{folder}: no safetensors; loading the whole model on every rank, then sharding", stacklevel=2
         )
-        return shard_base(nf4_whole(load_model(mcfg), mcfg, dist), offload)
+        return shard_base(nf4_whole(load_model(mcfg), mcfg, dist, targets, autocast), offload)
     return_freed_memory()
     model = build_on_meta(folder, mcfg)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    nf4 = set(nf4_whole(model, mcfg, dist, names=True))  # (shapes only, on meta)
+    nf4 = set(nf4_whole(model, mcfg, dist, targets, autocast, names=True))  # (shapes only, on meta)
     shard_base(model, offload)
     model.to_empty(device="cpu" if offload else best_device())
     with torch.no_grad():
@@ -168,13 +177,16 @@ def load_sharded(mcfg: ModelConfig, dist: Dist, offload: bool = False, how: str 
     return model
 
 
-def nf4_whole(model: nn.Module, mcfg: ModelConfig, dist: Dist, names: bool = False):
-    """`model` with its Linears as torchao NF4Tensors when `mcfg` asks for them (the model itself
-    otherwise); with `names`, the quantized parameters' names instead."""
+def nf4_whole(model: nn.Module, mcfg: ModelConfig, dist: Dist, targets=(), autocast=None, names=False):
+    """`model` with its Linears as torchao NF4Tensors and its `compute_dtype_modules` in the compute
+    dtype when `mcfg` asks for them (the model itself otherwise); with `names`, the quantized
+    parameters' names instead."""
     done = set()
     if mcfg.quantization != "none" and mcfg.quant_backend == "torchao":
         dtype = COMPUTE_DTYPES[mcfg.compute_dtype]
         done = nf4_torchao.quantize_linears(model, linear_names(model), dtype, dist.world)
+        for module in compute_dtype_modules(model, mcfg, targets, autocast):
+            module.to(dtype)
     return done if names else model
 
 
