@@ -17,7 +17,7 @@ import torch
 
 from lorachain.config import ModelConfig
 from lorachain.models import load_model
-from lorachain.training.fsdp_gather import schedule
+from lorachain.training.fsdp_gather import gathered_bytes, schedule, units
 from lorachain.training.nf4_torchao import is_nf4
 from lorachain.training.parallel import init_dist
 from lorachain.training.quantization import quantized_base
@@ -58,5 +58,9 @@ if __name__ == "__main__":
     with torch.no_grad():
         diff = float((model(input_ids=x).logits - one(input_ids=x).logits).abs().max())
     embed = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    layer = model.model.layers[0]  # the arena's slot for a decoder layer, against its fp32 size
+    fp32 = sum(p.numel() * 4 for p in layer.parameters())
+    slot = gathered_bytes(model, dist.world)[units(model).index(layer)]
     row = {"weights": weights, "logits_max_abs": diff, "gather": gather, "embed_dtype": embed}
+    row |= {"layer_gather_bytes": slot, "layer_fp32_bytes": fp32}
     (out / f"rank{dist.rank}.json").write_text(json.dumps(row))

@@ -23,7 +23,7 @@ class ModelConfig:
     # attention kernel for training: auto (the precision policy's choice) | eager | sdpa | any name
     # transformers accepts
     attn_implementation: str = "auto"
-    # frozen base held quantized by bitsandbytes (QLoRA): none | nf4 | fp4 (4-bit) | int8 (LLM.int8())
+    # frozen base held quantized (QLoRA; quant_backend picks the library): none | nf4 | fp4 (4-bit) | int8
     quantization: str = "none"
     compute_dtype: str = "float32"  # 4-bit: the dtype its matmuls run in (float32 | bfloat16 | float16)
     double_quant: bool = True  # 4-bit: quantize the quantization constants too (~0.4 bit/param less)

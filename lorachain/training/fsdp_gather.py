@@ -51,7 +51,8 @@ def units(model: nn.Module) -> list[nn.Module]:
 
 def gathered_bytes(model: nn.Module, world: int) -> list[int]:
     """Bytes of each unit's all-gather buffer: its own sharded parameters (not a nested unit's),
-    each padded to ceil(rows / world) rows on every rank."""
+    each padded to ceil(rows / world) rows on every rank; a tensor subclass that gathers its own
+    parts (torchao's NF4: codes and scalers) counts its parts' bytes."""
     from torch.distributed.tensor import DTensor
 
     owned: set[int] = set()
@@ -62,6 +63,11 @@ def gathered_bytes(model: nn.Module, world: int) -> list[int]:
             if id(p) in owned or not isinstance(p, DTensor):
                 continue
             owned.add(id(p))
+            local = p.to_local()
+            if hasattr(local, "fsdp_pre_all_gather"):  # its inner tensors, a little more than it sends
+                names, _ = local.__tensor_flatten__()
+                size += sum(getattr(local, n).nbytes for n in names) * world
+                continue
             rows = p.shape[0] if p.dim() else 1
             size += -(-rows // world) * (p.numel() // max(rows, 1)) * p.element_size() * world
         sizes.append(size)
