@@ -4,8 +4,9 @@ tests/test_nf4_torchao.py:
     torchrun --standalone --nproc-per-node 2 tests/nf4_shard_run.py FOLDER OUT_DIR [COMPUTE_DTYPE]
 
 Each rank writes OUT_DIR/rank<r>.json: per NF4 weight its global and local rows and whether its codes
-and scalers are those rows of the one-process quantization; the logits' max abs difference to the
-one-process NF4 model (the units gathered as `setup` sets them: `fsdp_gather.schedule`, auto)."""
+and scalers are those rows of the one-process quantization (also for `train.fsdp_load` read and
+broadcast); the logits' max abs difference to the one-process NF4 model (the units gathered as
+`setup` sets them: `fsdp_gather.schedule`, auto)."""
 
 from __future__ import annotations
 
@@ -63,4 +64,10 @@ if __name__ == "__main__":
     slot = gathered_bytes(model, dist.world)[units(model).index(layer)]
     row = {"weights": weights, "logits_max_abs": diff, "gather": gather, "embed_dtype": embed}
     row |= {"layer_gather_bytes": slot, "layer_fp32_bytes": fp32}
+    for how in ("read", "broadcast"):  # the other train.fsdp_load ways give the same shards
+        other = load_sharded(mcfg, dist, how=how)
+        named = [(n, p) for n, p in other.named_parameters() if is_nf4(p)]
+        row[how] = len(named) == len(weights) and all(
+            same_rows(p.to_local(), one.get_parameter(n), dist.rank) for n, p in named
+        )
     (out / f"rank{dist.rank}.json").write_text(json.dumps(row))

@@ -102,7 +102,7 @@ def test_each_rank_holds_half_of_every_nf4_weight(tmp_path, dtype):
         print(f"rank {rank} ({dtype}): max abs logit difference to one process {row['logits_max_abs']:.3g}")
         assert row["logits_max_abs"] <= 1e-5
         assert row["gather"].startswith("fsdp all-gather: shared memory")  # composes with NF4's hooks
-        assert row["embed_dtype"] == dtype
+        assert row["embed_dtype"] == dtype and row["read"] and row["broadcast"]
         assert row["layer_gather_bytes"] < row["layer_fp32_bytes"] / 5  # a layer gathers codes and scalers
 
 
