@@ -106,9 +106,9 @@ def test_each_rank_holds_half_of_every_nf4_weight(tmp_path, dtype):
         assert row["layer_gather_bytes"] < row["layer_fp32_bytes"] / 5  # a layer gathers codes and scalers
 
 
-def nf4_runs(tmp_path, toy_data, folder, stop: str | None = None) -> tuple[Path, Path]:
+def nf4_runs(tmp_path, toy_data, folder, stop: str | None = None, parallel="fsdp") -> tuple[Path, Path]:
     one = edit(config(tmp_path, toy_data, folder, "one", "auto"), model=TORCHAO)
-    two = edit(config(tmp_path, toy_data, folder, "two", "fsdp"), model=TORCHAO)
+    two = edit(config(tmp_path, toy_data, folder, "two", parallel), model=TORCHAO)
     run_one(one)
     proc = torchrun(str(two), *([stop] if stop else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -127,7 +127,7 @@ def chain_logits(folder: Path, run: Path) -> torch.Tensor:
 def assert_same_logits(folder: Path, one: Path, two: Path) -> float:
     a, b = chain_logits(folder, one), chain_logits(folder, two)
     diff = float((a - b).abs().max())
-    print(f"max abs logit difference, 2-rank fsdp vs one process (NF4 torchao): {diff:.3g}")
+    print(f"max abs logit difference, 2 ranks vs one process (NF4 torchao): {diff:.3g}")
     assert diff <= 1e-3
     with torch.no_grad():
         base = nf4_base(folder)(input_ids=X).logits
@@ -138,9 +138,10 @@ def assert_same_logits(folder: Path, one: Path, two: Path) -> float:
     return diff
 
 
-def test_fsdp_on_an_nf4_base_equals_one_process(tmp_path, toy_data):
+@pytest.mark.parametrize("parallel", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
+def test_fsdp_on_an_nf4_base_equals_one_process(tmp_path, toy_data, parallel):
     folder = wide_dir(tmp_path)
-    one, two = nf4_runs(tmp_path, toy_data, folder)
+    one, two = nf4_runs(tmp_path, toy_data, folder, parallel=parallel)
     assert_same_logits(folder, tmp_path / "one", tmp_path / "two")
     assert json.loads((tmp_path / "two" / "config.json").read_text())["model"]["quant_backend"] == "torchao"
 
