@@ -135,4 +135,3 @@ def shard_of(param, rows: torch.Tensor):
     return DTensor.from_local(
         q, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
-
