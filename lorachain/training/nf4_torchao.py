@@ -6,8 +6,9 @@ implements FSDP2's all-gather hooks: a rank holds its rows' codes and scalers, a
 those (about 0.52 bytes a weight) rather than fp32. Its matmul dequantizes the weight to the dtype it
 was quantized from (`model.compute_dtype`) and runs in the input's dtype.
 
-Sizes: torchao's blocks of 64 and groups of 256 blocks, but a weight of under 8·256 blocks (131k
-weights: tiny test models) takes the largest power-of-two group that still leaves 8 groups, so every
+Sizes: torchao's blocks of 64 and groups of 256 blocks, but a weight whose block count is not a
+multiple of 8·256 (any under 131k weights: tiny test models) takes the largest power-of-two group
+that leaves a multiple of 8 groups, so every
 weight splits into whole groups over up to 8 ranks; the rule does not depend on the world size, so
 one process and N ranks quantize alike.
 
