@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import lorachain  # noqa: F401  (first: its process defaults, huge pages, reach every spawned run)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cola_cost import interleaved, print_table  # noqa: E402  the same fresh-process runner and table
 
