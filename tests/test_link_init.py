@@ -128,6 +128,24 @@ def test_a_gradient_link_first_step_moves_along_the_top_singular_direction(tmp_p
         assert float(U[:, 0] @ delta @ Vh[0]) * float(Ug[:, 0] @ -grads[name] @ Vhg[0]) > 0  # downhill
 
 
+def test_layer_gradients_take_only_the_target_weights_gradients(tmp_path, toy_data, tokenizer):
+    """A base with every parameter trainable (the first link's) gets no other gradient computed or
+    left behind; its flags and any `.grad` it had are as before, and G is the frozen base's, bit for bit."""
+    cfg = _cfg(tmp_path, toy_data, "g", chain__init="gradient", chain__init_batches=2)
+    examples = load_examples(cfg.data.train, cfg.data, tokenizer, False)
+    model, frozen = tiny_model("llama"), tiny_model("llama").requires_grad_(False)
+    embed = model.get_input_embeddings().weight
+    kept = torch.ones_like(embed)
+    embed.grad = kept
+    grads = layer_gradients(model, ["q_proj", "v_proj"], examples, cfg, 0, FP32, tokenizer.pad_token_id)
+    same = layer_gradients(frozen, ["q_proj", "v_proj"], examples, cfg, 0, FP32, tokenizer.pad_token_id)
+    assert sorted(grads) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert all(torch.equal(grads[n], same[n]) and grads[n].abs().sum() > 0 for n in grads)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert embed.grad is kept and all(p.grad is None for p in model.parameters() if p is not embed)
+
+
 def test_link_kinds_refuse_what_they_cannot_do(tmp_path, toy_data):
     with pytest.raises(ConfigError, match=r"^chain\.init: .*full-precision base; model.quantization nf4"):
         _cfg(tmp_path, toy_data, "q", chain__init="pissa", model__quantization="nf4")

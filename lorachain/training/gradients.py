@@ -2,7 +2,8 @@
 where the gradient points (`chain.init: gradient`, chain/init.py).
 
 The gradient of a whole weight costs that weight's memory: only the target layers' weights take a
-gradient, and the run is refused in one line before it starts when those gradients cannot fit.
+gradient (every other parameter is frozen for the pass, whatever it was), and the run is refused in
+one line before it starts when those gradients cannot fit.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from lorachain.data import collate, micro_batches
 from lorachain.models import device_of
 from lorachain.training.memory import GIB, available_bytes
 from lorachain.training.precision import Precision
+from lorachain.training.quantization import trim_heap
+from lorachain.training.sharded import return_freed_memory
 from lorachain.training.step import loss_units, summed_loss
 
 
@@ -48,14 +51,25 @@ def layer_gradients(
     pad_id: int,
 ) -> dict[str, torch.Tensor]:
     """Mean loss gradient (fp32) w.r.t. each target weight over the `chain.init_batches` training
-    batches from `step` on: the batches the link will train on first, the same on every rank."""
+    batches from `step` on: the batches the link will train on first, the same on every rank.
+
+    Only the target weights require a gradient during the pass: the first link's base arrives with
+    every parameter trainable (PEFT freezes it when the link wraps it), and a backward then also
+    computed, and left behind, the gradients of the embeddings and every other weight (SmolLM2-135M:
+    0.28 GiB held through the whole run). Requirements and `.grad` are restored as they were; on CPU
+    freed memory goes back to the OS as in `step.run_steps`."""
     t, classifier = cfg.train, cfg.model.task == "classification"
     weights = target_weights(model, targets)
     device = device_of(model)
-    was = {n: w.requires_grad for n, w in weights.items()}
-    for w in weights.values():
-        w.requires_grad_(True)
-        w.grad = None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    was = {n: (p.requires_grad, p.grad) for n, p in params.items()}
+    ids = {id(w) for w in weights.values()}
+    cpu = device.type == "cpu"
+    if cpu:
+        return_freed_memory()
+    for p in params.values():
+        p.requires_grad_(id(p) in ids)
+        p.grad = None
     try:
         batches = [
             chunk
@@ -71,6 +85,8 @@ def layer_gradients(
                 loss.backward()
         return {n: w.grad.detach().float().cpu() for n, w in weights.items() if w.grad is not None}
     finally:
-        for n, w in weights.items():
-            w.grad = None
-            w.requires_grad_(was[n])
+        for n, p in params.items():
+            p.requires_grad_(was[n][0])
+            p.grad = was[n][1]
+        if cpu:
+            trim_heap()
