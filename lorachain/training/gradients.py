@@ -14,10 +14,9 @@ from torch import nn
 from lorachain.config import ConfigError, RunConfig
 from lorachain.data import collate, micro_batches
 from lorachain.models import device_of
+from lorachain.training.heap import return_freed_memory, trim_heap
 from lorachain.training.memory import GIB, available_bytes
 from lorachain.training.precision import Precision
-from lorachain.training.quantization import trim_heap
-from lorachain.training.sharded import return_freed_memory
 from lorachain.training.step import loss_units, summed_loss
 
 

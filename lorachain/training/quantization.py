@@ -14,7 +14,6 @@ output head, which stay in the compute dtype (PEFT upcasts them: at the ~1B Llam
 
 from __future__ import annotations
 
-import ctypes
 import gc
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from lorachain.config import ConfigError, ModelConfig
+from lorachain.training.heap import trim_heap
 from lorachain.training.nf4_torchao import is_nf4, quantize_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,14 +108,6 @@ def release_memory() -> None:
     weights behind (measured: +0.46 GiB over the 135M shape's 106M quantized weights)."""
     gc.collect()
     trim_heap()
-
-
-def trim_heap() -> None:
-    """glibc's `malloc_trim`: give the free pages of its heap back to the OS (a few ms)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def quantize_model(

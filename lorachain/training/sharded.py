@@ -35,6 +35,7 @@ from lorachain.chain.shards import local_rows
 from lorachain.config import ConfigError, ModelConfig
 from lorachain.models import DTYPES, best_device, load_model, not_loadable, resolve_path
 from lorachain.training import nf4_torchao
+from lorachain.training.heap import return_freed_memory
 from lorachain.training.parallel import Dist, shard_base
 from lorachain.training.quantization import DTYPES as COMPUTE_DTYPES
 from lorachain.training.quantization import compute_dtype_modules, linear_names
@@ -207,23 +208,6 @@ def fill_nf4(model: nn.Module, entries: dict[str, Entry], dist: Dist, how: str, 
         shard = nf4_torchao.shard_of(param, rows.to(local.device))
         model.load_state_dict({name: shard}, strict=False, assign=True)  # FSDP2 adopts the new shard
         del rows, shard
-
-
-def return_freed_memory(threshold: int = 4 * 1024**2) -> None:
-    """Make glibc serve every allocation of `threshold` bytes or more with its own mmap, given back
-    when freed. FSDP gathers and frees a whole unit (hundreds of MB) per use; by default glibc raises
-    its mmap threshold as big blocks are freed (up to 32 MiB) and then keeps freed memory in its heap,
-    where it stays in the RSS (measured at the 1b shape: 0.5-0.7 GiB more per rank). No-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixed from now on)
-    except OSError:
-        pass
 
 
 def checkpoint_key(model: nn.Module, name: str, entries: dict[str, Entry]) -> str:

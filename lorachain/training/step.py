@@ -17,10 +17,9 @@ from torch import nn
 from lorachain.config import OptimConfig, RunConfig
 from lorachain.data import Example, collate, micro_batches, pack
 from lorachain.models import device_of, logits_at
+from lorachain.training.heap import return_freed_memory, trim_heap
 from lorachain.training.parallel import Dist
 from lorachain.training.precision import FP32, Precision
-from lorachain.training.quantization import trim_heap
-from lorachain.training.sharded import return_freed_memory
 
 
 def make_optimizer(
