@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from lorachain.chain.sidepath import is_nf4
 from lorachain.config import ModelConfig
 from lorachain.models import load_model
 from lorachain.training.fsdp_gather import gathered_bytes, schedule, units
-from lorachain.training.nf4_torchao import is_nf4
 from lorachain.training.parallel import init_dist
 from lorachain.training.quantization import quantized_base
 from lorachain.training.sharded import load_sharded

@@ -19,7 +19,7 @@ from test_quantization import wide_llama
 from test_sharded_export import X, edit
 
 from lorachain.chain.knot import Factors
-from lorachain.chain.sidepath import dequantized, is_quantized_layer, merge_quantized
+from lorachain.chain.sidepath import dequantized, is_nf4, is_quantized_layer, merge_quantized
 from lorachain.config import ConfigError, ModelConfig, RunConfig, from_dict
 from lorachain.training import nf4_torchao
 from lorachain.training.parallel import Dist, check_parallel
@@ -52,10 +52,8 @@ def test_knots_on_an_nf4_base_are_exact_on_one_process():
     NF4 base plus s·B·A, within fp32 rounding."""
     model = nf4_base()
     names = linear_names(model)
-    assert len(names) == 14 and all(nf4_torchao.is_nf4(model.get_submodule(n).weight) for n in names)
-    assert not nf4_torchao.is_nf4(model.lm_head.weight) and not nf4_torchao.is_nf4(
-        model.model.embed_tokens.weight
-    )
+    assert len(names) == 14 and all(is_nf4(model.get_submodule(n).weight) for n in names)
+    assert not is_nf4(model.lm_head.weight) and not is_nf4(model.model.embed_tokens.weight)
     name = "model.layers.0.mlp.down_proj"
     layer = model.get_submodule(name)
     assert is_quantized_layer(layer)
@@ -77,7 +75,7 @@ def test_requantize_on_an_nf4_base_records_its_rounding():
     g = torch.Generator().manual_seed(1)
     f = Factors(A=torch.randn(2, 64, generator=g), B=torch.randn(64, 2, generator=g), scale=0.01)
     out = merge_quantized(model, {name: f}, mode="requantize")
-    assert nf4_torchao.is_nf4(model.get_submodule(name).weight)
+    assert is_nf4(model.get_submodule(name).weight)
     assert 0.0 < out["rel_fro"] and out["max_abs"] > 0.0  # 4 bits cannot hold a small update
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from functools import cache
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number
 
 
+@cache
 def _libc():
+    """The C library, looked up once (`find_library` runs `ldconfig`; `trim_heap` runs every step)."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name) if name else None

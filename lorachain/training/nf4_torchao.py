@@ -8,9 +8,8 @@ was quantized from (`model.compute_dtype`) and runs in the input's dtype.
 
 Sizes: torchao's blocks of 64 and groups of 256 blocks, but a weight whose block count is not a
 multiple of 8·256 (any under 131k weights: tiny test models) takes the largest power-of-two group
-that leaves a multiple of 8 groups, so every
-weight splits into whole groups over up to 8 ranks; the rule does not depend on the world size, so
-one process and N ranks quantize alike.
+that leaves a multiple of 8 groups, so every weight splits into whole groups over up to 8 ranks;
+the rule does not depend on the world size, so one process and N ranks quantize alike.
 
 Under fsdp each rank quantizes only its own rows (`shard_of`): the per-block absmaxes (1/64 of the
 weight) are all-gathered for the one mean over the whole weight, the rest is local, so the shards
@@ -45,11 +44,6 @@ def require_torchao():
     finally:
         log.setLevel(level)
     return nf4_tensor
-
-
-def is_nf4(t) -> bool:
-    """Whether `t` (a weight, or an FSDP2 DTensor shard of one) holds a torchao NF4Tensor."""
-    return type(getattr(t, "_local_tensor", t)).__name__ == "NF4Tensor"
 
 
 def scaler_block_size(numel: int) -> int:

@@ -20,9 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lorachain.chain.sidepath import is_nf4
 from lorachain.config import ConfigError, ModelConfig
 from lorachain.training.heap import trim_heap
-from lorachain.training.nf4_torchao import is_nf4, quantize_linears
+from lorachain.training.nf4_torchao import quantize_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KEEP = ("lm_head", "classifier", "score")  # output heads stay in full precision

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorachain.chain.shards import local_rows
+from lorachain.chain.sidepath import is_nf4
 from lorachain.config import ConfigError, ModelConfig
 from lorachain.models import DTYPES, best_device, load_model, not_loadable, resolve_path
 from lorachain.training import nf4_torchao
@@ -162,11 +163,13 @@ def load_sharded(
         warnings.warn(
             f"{folder}: no safetensors; loading the whole model on every rank, then sharding", stacklevel=2
         )
-        return shard_base(nf4_whole(load_model(mcfg), mcfg, dist, targets, autocast), offload)
+        model = load_model(mcfg)
+        make_nf4(model, mcfg, dist, targets, autocast)
+        return shard_base(model, offload)
     return_freed_memory()
     model = build_on_meta(folder, mcfg)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    nf4 = set(nf4_whole(model, mcfg, dist, targets, autocast, names=True))  # (shapes only, on meta)
+    nf4 = make_nf4(model, mcfg, dist, targets, autocast)  # (shapes only, on meta)
     shard_base(model, offload)
     model.to_empty(device="cpu" if offload else best_device())
     with torch.no_grad():
@@ -178,17 +181,17 @@ def load_sharded(
     return model
 
 
-def nf4_whole(model: nn.Module, mcfg: ModelConfig, dist: Dist, targets=(), autocast=None, names=False):
-    """`model` with its Linears as torchao NF4Tensors and its `compute_dtype_modules` in the compute
-    dtype when `mcfg` asks for them (the model itself otherwise); with `names`, the quantized
-    parameters' names instead."""
-    done = set()
-    if mcfg.quantization != "none" and mcfg.quant_backend == "torchao":
-        dtype = COMPUTE_DTYPES[mcfg.compute_dtype]
-        done = nf4_torchao.quantize_linears(model, linear_names(model), dtype, dist.world)
-        for module in compute_dtype_modules(model, mcfg, targets, autocast):
-            module.to(dtype)
-    return done if names else model
+def make_nf4(model: nn.Module, mcfg: ModelConfig, dist: Dist, targets=(), autocast=None) -> set[str]:
+    """When `mcfg` asks for a torchao NF4 base: its Linears as NF4Tensors and its
+    `compute_dtype_modules` in the compute dtype, in place. Returns the quantized parameters' names
+    (none otherwise)."""
+    if mcfg.quantization == "none" or mcfg.quant_backend != "torchao":
+        return set()
+    dtype = COMPUTE_DTYPES[mcfg.compute_dtype]
+    done = nf4_torchao.quantize_linears(model, linear_names(model), dtype, dist.world)
+    for module in compute_dtype_modules(model, mcfg, targets, autocast):
+        module.to(dtype)
+    return done
 
 
 def fill_nf4(model: nn.Module, entries: dict[str, Entry], dist: Dist, how: str, names: set[str]) -> None:
@@ -263,7 +266,7 @@ def map_shards(model: nn.Module, entries: dict[str, Entry]) -> set[str]:
         entry = entries.get(checkpoint_key(model, name, entries))
         if entry is None or not isinstance(t, DTensor) or uses[id(t)] > 1 or entry.dtype != t.dtype:
             continue
-        if nf4_torchao.is_nf4(t):
+        if is_nf4(t):
             continue  # (quantized from its rows: fill_nf4)
         local, start = local_rows(t)
         if (
