@@ -23,6 +23,7 @@ from lorachain.chain.knot import ADAPTER, extend, lora_config, lora_layers  # no
 from lorachain.chain.shards import shard_factors, sharded  # noqa: E402
 from lorachain.config import ChainConfig, from_dict  # noqa: E402
 from lorachain.integrations import ChainCallback  # noqa: E402
+from lorachain.training.parallel import end_launch  # noqa: E402
 
 CHAIN = {"links": [{"rank": 4, "alpha": 8, "steps": 3}, {"rank": 4, "alpha": 8}], "dropout": 0.0}
 
@@ -75,8 +76,7 @@ def main(out: str) -> None:
             "gathered_A_shapes": sorted({tuple(s) for s in ends.values()}),
         }
         Path(out).write_text(json.dumps(result))
-    dist.barrier()  # no rank tears gloo down while another still talks to it (a SIGABRT in CI)
-    dist.destroy_process_group()
+    end_launch(0)  # barrier, destroy, exit without the interpreter teardown (a SIGABRT in CI)
 
 
 if __name__ == "__main__":

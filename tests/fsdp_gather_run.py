@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorachain.chain.knot import Factors, apply_factors
 from lorachain.chain.shards import apply_on_shards
 from lorachain.training.fsdp_gather import schedule, units
-from lorachain.training.parallel import init_dist, shard_base
+from lorachain.training.parallel import end_launch, init_dist, shard_base
 
 
 def llama() -> LlamaForCausalLM:
@@ -110,4 +110,4 @@ if __name__ == "__main__":
     result["arena_maps"] = sorted({m for m in maps if "lorachain-fsdp-" in m})
     with open(f"{out}.rank{dist.rank}.json", "w") as f:
         json.dump(result, f)
-    torch.distributed.destroy_process_group()
+    end_launch(0)

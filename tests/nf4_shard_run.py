@@ -20,7 +20,7 @@ from lorachain.chain.sidepath import is_nf4
 from lorachain.config import ModelConfig
 from lorachain.models import load_model
 from lorachain.training.fsdp_gather import gathered_bytes, schedule, units
-from lorachain.training.parallel import init_dist
+from lorachain.training.parallel import end_launch, init_dist
 from lorachain.training.quantization import quantized_base
 from lorachain.training.sharded import load_sharded
 
@@ -71,3 +71,4 @@ if __name__ == "__main__":
             same_rows(p.to_local(), one.get_parameter(n), dist.rank) for n, p in named
         )
     (out / f"rank{dist.rank}.json").write_text(json.dumps(row))
+    end_launch(0)

@@ -14,6 +14,7 @@ import yaml
 
 from lorachain.config import RunConfig, from_dict
 from lorachain.training import base_checkpoint, loop
+from lorachain.training.parallel import end_launch
 
 
 def _dying(*args, **kwargs):
@@ -36,3 +37,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 3 and os.environ.get("RANK") == sys.argv[3]:
         loop.tie_on_shards = _dying
     print(loop.train(cfg, stop_after=stop, progress=False).summary["status"])
+    end_launch(0)  # as `lorachain train` ends under torchrun

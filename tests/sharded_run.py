@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorachain.config import ModelConfig
-from lorachain.training.parallel import init_dist
+from lorachain.training.parallel import end_launch, init_dist
 from lorachain.training.sharded import load_sharded
 
 if __name__ == "__main__":
@@ -51,4 +51,4 @@ if __name__ == "__main__":
     }
     with open(f"{out}.rank{dist.rank}.json", "w") as f:
         json.dump(result, f)
-    torch.distributed.destroy_process_group()
+    end_launch(0)

@@ -180,3 +180,42 @@ def test_fsdp_resume_is_bit_exact_and_one_to_two_continues(tmp_path, toy_data, t
     proc = torchrun(str(config(tmp_path, toy_data, tiny_dir, "grown", "fsdp")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(tmp_path / "straight", tmp_path / "grown")
+
+
+END_SCRIPT = """
+import atexit, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from lorachain.training.parallel import end_launch
+
+out = Path(sys.argv[1])
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+atexit.register(lambda: (out / f"atexit{rank}").write_text("ran"))
+t = torch.ones(1000)
+work = dist.all_reduce(t, async_op=True)  # a tensor gloo's worker thread holds
+work.wait()
+end_launch(int(sys.argv[2]))
+(out / f"after{rank}").write_text("must not run")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU")
+@pytest.mark.parametrize("code", [0, 3])
+def test_end_launch_ends_every_rank_with_its_code_after_the_atexit_handlers(tmp_path, code):
+    """Under torchrun, `end_launch` destroys the group, runs the atexit handlers (trackers flush)
+    and exits with the given status without the interpreter teardown; without a group it returns."""
+    from lorachain.training.parallel import end_launch
+
+    assert end_launch(5) == 5  # no process group in this process
+    script = tmp_path / "end.py"
+    script.write_text(END_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, str(script), str(tmp_path), str(code)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert (proc.returncode == 0) == (code == 0), proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "end.py") == ["atexit0", "atexit1"]
+    if code:
+        assert f"exitcode  : {code}" in proc.stderr

@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     # the errors that mean bad input from the user: printed as one line
     user_errors = (ConfigError, DataError, KnotError, StoreError, JudgeError, FileNotFoundError)
     try:
-        return args.func(args)
+        code = args.func(args)
     except user_errors as e:
         print(f"lorachain: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    if "torch.distributed" in sys.modules:  # under torchrun: a clean end on every rank
+        from lorachain.training.parallel import end_launch
+
+        code = end_launch(code)
+    return code

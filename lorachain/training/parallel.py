@@ -18,9 +18,12 @@ global batch. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +129,29 @@ def init_dist(parallel: str = "auto") -> Dist:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     mode = "ddp" if parallel == "auto" else parallel
     return Dist(dist.get_rank(), dist.get_world_size(), mode)
+
+
+def end_launch(code: int) -> int:
+    """End this process of a distributed launch with exit status `code`; `code` itself when there is
+    no process group. All ranks meet at a barrier (after success), the group is destroyed and the
+    atexit handlers run (trackers flush), then the process exits without Python's interpreter
+    teardown: there, gloo's worker threads may still free tensors, which needs the GIL of a
+    finalizing interpreter, and glibc aborts ("terminate called without an active exception", seen on
+    rank 1 in CI; pytorch/pytorch#179291)."""
+    if "torch.distributed" not in sys.modules:
+        return code
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    if code == 0:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+    dist.destroy_process_group()
+    gc.collect()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
