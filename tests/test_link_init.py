@@ -146,6 +146,31 @@ def test_layer_gradients_take_only_the_target_weights_gradients(tmp_path, toy_da
     assert embed.grad is kept and all(p.grad is None for p in model.parameters() if p is not embed)
 
 
+def test_layer_gradients_of_bf16_weights_are_summed_in_fp32(tmp_path, toy_data, tokenizer):
+    """Over several batches the micro-batch gradients of bf16 weights add up in fp32: G is the fp32
+    sum of each batch's own bf16 gradient, not a sum rounded to bf16 after every batch."""
+    cfg = _cfg(tmp_path, toy_data, "g", chain__init="gradient", chain__init_batches=4)
+    cfg.train.grad_accum = 1
+    examples = load_examples(cfg.data.train, cfg.data, tokenizer, False)
+    model = tiny_model("llama").to(torch.bfloat16)
+    grads = layer_gradients(model, ["q_proj", "v_proj"], examples, cfg, 0, FP32, tokenizer.pad_token_id)
+    chunks = [
+        c for k in range(4) for c in micro_batches(examples, k, cfg.train.batch_size, 1, cfg.train.seed)
+    ]
+    units = sum(loss_units(e, False) for c in chunks for e in c)
+    want, rounded = {}, {}
+    for chunk in chunks:
+        model.zero_grad()
+        (summed_loss(model, collate(chunk, tokenizer.pad_token_id, False), False) / units).backward()
+        for n in grads:
+            g = model.get_submodule(n).weight.grad
+            want[n] = want.get(n, 0) + g.float()
+            rounded[n] = rounded.get(n, 0) + g  # what bf16 accumulation gives
+    assert all(grads[n].dtype == torch.float32 for n in grads)
+    assert max(float((grads[n] - want[n]).abs().max()) for n in grads) < 1e-6
+    assert max(float((want[n] - rounded[n].float()).abs().max()) for n in grads) > 0  # it matters here
+
+
 def test_link_kinds_refuse_what_they_cannot_do(tmp_path, toy_data):
     with pytest.raises(ConfigError, match=r"^chain\.init: .*full-precision base; model.quantization nf4"):
         _cfg(tmp_path, toy_data, "q", chain__init="pissa", model__quantization="nf4")

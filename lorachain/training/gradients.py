@@ -76,13 +76,19 @@ def layer_gradients(
             for chunk in micro_batches(examples, step + k, t.batch_size, t.grad_accum, t.seed)
         ]
         units = max(1, sum(loss_units(e, classifier) for chunk in batches for e in chunk))
+        acc: dict[str, torch.Tensor] = {}  # summed in fp32 whatever the weights' dtype
         for chunk in batches:
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id, classifier).items()}
             with prec.autocast():
                 loss = summed_loss(model, batch, classifier) / units
             with prec.matmuls():
                 loss.backward()
-        return {n: w.grad.detach().float().cpu() for n, w in weights.items() if w.grad is not None}
+            for n, w in weights.items():
+                if w.grad is not None:
+                    g = w.grad.detach().float()
+                    acc[n] = acc[n].add_(g) if n in acc else g
+                    w.grad = None
+        return {n: g.cpu() for n, g in acc.items()}
     finally:
         for n, p in params.items():
             p.requires_grad_(was[n][0])
