@@ -88,9 +88,13 @@ def plot_comparison(result: dict, path: Path) -> Path:
     answered = "rougeL" in opts["mixed"]["all"]
     fig, axes = plt.subplots(2, 1, figsize=(2.5 + 1.2 * len(tasks), 7.5), sharex=True)
     width = 0.8 / len(kinds)
+    colours = plt.get_cmap("tab20").colors  # one colour per option (up to 20), the same in both panels
     for j, kind in enumerate(kinds):
         xs = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(tasks))]
-        axes[0].bar(xs, [opts[kind][t]["rougeL" if answered else "ppl"] for t in tasks], width, label=kind)
+        c = colours[j % len(colours)]
+        axes[0].bar(
+            xs, [opts[kind][t]["rougeL" if answered else "ppl"] for t in tasks], width, label=kind, color=c
+        )
         ci = [opts[kind][t].get("vs_mixed") for t in tasks]
         if any(c and c["mean"] is not None for c in ci):
             mean = [c["mean"] if c and c["mean"] is not None else 0.0 for c in ci]
@@ -101,7 +105,7 @@ def plot_comparison(result: dict, path: Path) -> Path:
                     for m, c in zip(mean, ci, strict=True)
                 ],
             ]
-            axes[1].errorbar(xs, mean, yerr=err, fmt="o", capsize=3, label=kind)
+            axes[1].errorbar(xs, mean, yerr=err, fmt="o", capsize=3, label=kind, color=c)
     axes[0].set(ylabel="ROUGE-L (higher is better)" if answered else "reference perplexity (lower is better)")
     axes[0].legend(fontsize=8, ncol=3)
     axes[0].set_title(f"{result['rows']} rows from {result['rows_from']}", fontsize=9)
