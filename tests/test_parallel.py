@@ -20,6 +20,7 @@ from lorachain.chain.knot import Factors, apply_factors
 from lorachain.chain.shards import apply_on_shards, local_rows
 from lorachain.config import ConfigError, RunConfig, from_dict
 from lorachain.training.loop import train
+from lorachain.training.parallel import end_launch
 
 RUN = str(Path(__file__).parent / "parallel_run.py")
 TOL = {"rtol": 1e-4, "atol": 1e-5}  # fp32: the ranks' partial sums are added in another order
@@ -193,7 +194,7 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 atexit.register(lambda: (out / f"atexit{rank}").write_text("ran"))
 t = torch.ones(1000)
-work = dist.all_reduce(t, async_op=True)  # a tensor gloo's worker thread holds
+work = dist.all_reduce(t, async_op=True)  # an async collective on gloo's worker thread
 work.wait()
 end_launch(int(sys.argv[2]))
 (out / f"after{rank}").write_text("must not run")
@@ -205,8 +206,6 @@ end_launch(int(sys.argv[2]))
 def test_end_launch_ends_every_rank_with_its_code_after_the_atexit_handlers(tmp_path, code):
     """Under torchrun, `end_launch` destroys the group, runs the atexit handlers (trackers flush)
     and exits with the given status without the interpreter teardown; without a group it returns."""
-    from lorachain.training.parallel import end_launch
-
     assert end_launch(5) == 5  # no process group in this process
     script = tmp_path / "end.py"
     script.write_text(END_SCRIPT)

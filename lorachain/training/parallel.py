@@ -138,8 +138,6 @@ def end_launch(code: int) -> int:
     teardown: there, gloo's worker threads may still free tensors, which needs the GIL of a
     finalizing interpreter, and glibc aborts ("terminate called without an active exception", seen on
     rank 1 in CI; pytorch/pytorch#179291)."""
-    if "torch.distributed" not in sys.modules:
-        return code
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
