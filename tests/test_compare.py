@@ -154,7 +154,8 @@ def test_compare_writes_json_and_renders_table_and_png_from_it(store, tmp_path):
     rows = held_out()
     got = compare(r, rows, tmp_path / "cache", tmp_path / "out", max_new_tokens=3, rows_from="test rows")
     opts = got["options"]
-    assert list(opts) == [*OPTIONS] and got["gate_margin"] == {"routed": 0.25, "top1": 0.25, "arrow": 0.25}
+    assert list(opts) == [o for o in OPTIONS if o != "evidence"]  # this store has no evidence rule
+    assert got["gate_margin"] == {"routed": 0.25, "top1": 0.25, "arrow": 0.25}
     assert got["labels"]["arrow"][
         "coverage"
     ] == 1.0 and "gate margins: gated 0.25, top1_gated 0.25" in markdown(got)

@@ -15,7 +15,13 @@ from test_nested import grouped_rows
 from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.cli import main
-from lorachain.routing.eval.fold_stores import budget_steps, fold_configs, fold_plan, read_margins
+from lorachain.routing.eval.fold_stores import (
+    budget_steps,
+    first_per_task,
+    fold_configs,
+    fold_plan,
+    read_margins,
+)
 from lorachain.routing.train import load_split
 
 
@@ -107,6 +113,35 @@ def test_route_folds_builds_blind_stores_and_compares_them(setup, capsys):
     assert (
         json.loads((out / "compare" / "pooled" / "compare.json").read_text())["options"] == pooled["options"]
     )
+
+
+def test_first_per_task_keeps_file_order():
+    rows = [{"task": t, "i": i} for i, t in enumerate("aabab")]
+    assert [r["i"] for r in first_per_task(rows, 2)] == [0, 1, 2, 4]
+    assert [r["i"] for r in first_per_task(rows, 1)] == [0, 2]
+    assert first_per_task(rows, None) == rows
+
+
+def test_route_folds_in_distribution_scores_each_store_on_its_own_test_split(setup, capsys):
+    tmp, _ = setup
+    out = tmp / "folds"
+    args = ["route", "folds", str(tmp / "route.yaml"), "--folds", "2", "--out", str(out)]
+    assert main(args) == 0  # resumes (or builds) the fold stores
+    capsys.readouterr()
+    got = [*args, "--in-distribution", "--gate-margin", "0.1", "--max-per-task", "1", "--max-new-tokens", "2"]
+    assert main(got) == 0
+    assert "gated − mixed" in capsys.readouterr().out
+    pooled = json.loads((out / "compare_in" / "pooled" / "compare.json").read_text())
+    assert pooled["rows"] == 6 and pooled["rows_from"].startswith("the test splits of 2 fold stores")
+    assert pooled["gate_margin"] == {"routed": 0.1, "top1": 0.1, "arrow": 0.1}
+    for k in range(2):
+        fold = json.loads((out / "compare_in" / f"fold{k}" / "compare.json").read_text())
+        assert fold["per_task_rows"] == {"alpha": 1, "beta": 1, "gamma": 1}
+        assert fold["rows_from"] == f"fold{k}'s test split"
+        test = [json.loads(x) for x in (out / f"fold{k}" / "splits" / "test.jsonl").read_text().splitlines()]
+        held = {f"alpha_{k}", f"beta_{k}", f"gamma_{k}"}
+        assert test and not {r["dataset"] for r in test} & held  # rows of data sets the store trained on
+    assert (out / "compare_in" / "pooled" / "compare.png").stat().st_size > 10_000
 
 
 def test_route_folds_estimate_times_steps_and_extrapolates(setup, capsys):

@@ -27,6 +27,29 @@ def _route_train(args: argparse.Namespace) -> int:
     if manifest is None:
         return 130
     print(f"store: {cfg.output_dir} ({len(manifest.adapters)} adapters)")
+    if cfg.selector.evidence == "validation" and int(os.environ.get("RANK", "0")) == 0:
+        _print_evidence(_evidence(cfg.output_dir))
+    return 0
+
+
+def _evidence(store: str) -> dict:
+    """Measure a store's `selector.evidence` on its validation rows and write it to its manifest."""
+    from lorachain.routing.eval.evidence import add_evidence
+    from lorachain.serve.router import Router
+
+    return add_evidence(store, Router.from_store(store, gate_margin=None, evidence=False))
+
+
+def _print_evidence(got: dict) -> None:
+    for task, p in got["per_task"].items():
+        verdict = "routes" if p["routes"] else "answered by the mixed adapter"
+        gap = f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]"
+        print(f"evidence: {task}: {gap} nats/token over mixed on {p['n']} {got['split']} rows: {verdict}")
+
+
+def _route_evidence(args: argparse.Namespace) -> int:
+    """`route evidence STORE`: measure (or re-measure) an existing store's evidence."""
+    _print_evidence(_evidence(args.store))
     return 0
 
 
@@ -99,6 +122,11 @@ def _route_compare(args: argparse.Namespace) -> int:
         from lorachain.data import read_rows
 
         rows, source = [r for _, r in read_rows(args.held_out)], args.held_out
+        if args.max_per_task:
+            from lorachain.routing.eval.fold_stores import first_per_task
+
+            rows = first_per_task(rows, args.max_per_task)
+            source += f" (the first {args.max_per_task} rows of each task type)"
     store = Path(args.store)
     result = compare(
         router_from_args(args),
@@ -161,6 +189,21 @@ def _route_folds(args: argparse.Namespace) -> int:
         write_json(out / "estimate.json", got)
         print(json.dumps(got, indent=2))
         return 0
+    if args.in_distribution:
+        from lorachain.routing.eval.compare import markdown
+        from lorachain.serve.router import Router
+
+        pooled = fold_stores.compare_in_distribution(
+            out,
+            args.folds,
+            args.gate_margin,
+            args.max_per_task,
+            not args.no_answers,
+            args.max_new_tokens,
+            make_router=lambda store: Router.from_store(store, max_new_tokens=args.max_new_tokens),
+        )
+        print(markdown(pooled))
+        return 0
     if args.compare:
         from lorachain.routing.eval.compare import markdown
         from lorachain.routing.eval.variants import variant_names
@@ -203,6 +246,13 @@ def _folds_parser(rsub) -> None:
     rf.add_argument("--compare", action="store_true", help="score the trained fold stores (answer cache)")
     rf.add_argument("--max-per-task", type=int, default=20, help="compare: held-out rows per task type")
     rf.add_argument("--max-new-tokens", type=int, default=32)
+    rf.add_argument(
+        "--in-distribution",
+        action="store_true",
+        help="score each fold store on its own test split (--max-per-task rows per type) with the "
+        "gate at --gate-margin: does that margin keep routing's gain where the store was trained?",
+    )
+    rf.add_argument("--gate-margin", type=float, default=0.2, help="in-distribution: the gate's margin")
     rf.add_argument("--no-answers", action="store_true", help="compare: reference perplexity only")
     rf.add_argument(
         "--variants",
@@ -211,6 +261,13 @@ def _folds_parser(rsub) -> None:
         "(other, augmented, other_augmented; none)",
     )
     rf.set_defaults(func=_route_folds)
+    rv = rsub.add_parser(
+        "evidence",
+        help="which task adapters beat the mixed adapter on their own validation rows "
+        "(selector.evidence: written to the store's manifest)",
+    )
+    rv.add_argument("store")
+    rv.set_defaults(func=_route_evidence)
 
 
 def _route_add(args: argparse.Namespace) -> int:
@@ -240,7 +297,9 @@ def add_parser(sub) -> None:
     re_ = rsub.add_parser("eval", help="perplexity, selector accuracy, answer quality on the test split")
     router_args(re_, 32)
     re_.add_argument("--out", default=None, help="report folder (default STORE/eval)")
-    re_.add_argument("--max-per-task", type=int, default=None, help="test rows per task")
+    re_.add_argument(
+        "--max-per-task", type=int, default=None, help="test rows per task (--held-out: the first N of each)"
+    )
     re_.add_argument("--modes", default="score,generate")
     re_.add_argument(
         "--unseen",

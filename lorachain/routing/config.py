@@ -119,6 +119,11 @@ class SelectorConfig:
     # `none` stays the default until the folds have measured the gate: switching it is this one line
     gate: str = "none"
     gate_margin: float = 0.0  # likelihood gate: nats per instruction token the task adapter must win by
+    # `validation` (routing.eval.evidence): when the store is built, each task adapter and the mixed
+    # adapter score the reference answers of the adapter's own validation rows; the task adapter may
+    # answer only where the 95% lower bound of its gain over mixed is above 0, else the mixed adapter
+    # answers (no cost per request). `none`: every task adapter may answer
+    evidence: str = "none"
     # encoder, embedding (routing.other): K > 0 holds back K data sets of every task type that has more
     # than K; they train no task adapter and the selector learns them (and the file's task types
     # outside data.tasks) as `other`, which the mixed adapter answers. 0: off
@@ -131,10 +136,14 @@ class SelectorConfig:
 
     def __post_init__(self) -> None:
         from lorachain.routing.augment import STYLES
-        from lorachain.routing.gate import GATES
+        from lorachain.routing.gate import EVIDENCE, GATES
         from lorachain.routing.selectors import kind_names
 
         check(self.gate in GATES, f"selector.gate: expected one of {list(GATES)}, got {self.gate!r}")
+        check(
+            self.evidence in EVIDENCE,
+            f"selector.evidence: expected one of {list(EVIDENCE)}, got {self.evidence!r}",
+        )
         check(
             math.isfinite(self.gate_margin),
             f"selector.gate_margin: expected a number, got {self.gate_margin}",

@@ -14,6 +14,7 @@ from lorachain.data import Example
 from lorachain.training.evaluate import sequence_logprobs
 
 GATES = ("none", "likelihood")
+EVIDENCE = ("none", "validation")  # selector.evidence (routing.eval.evidence)
 # A margin of infinity (the gate never lets a task adapter answer: every row to the mixed adapter)
 # is written to JSON as this string: strict parsers reject `Infinity`. `margin_value` reads it back.
 NEVER = "inf"
@@ -76,3 +77,17 @@ def apply_gate(router, sels: list, instructions: list, fallback: str, margin: fl
                 sels[
                     i
                 ].fallback = f"gate: {name!r} gains {g:+.3f} nats/token over {fallback!r} <= margin {margin}"
+
+
+def routes_of(selector: dict) -> set[str] | None:
+    """The adapters a store's evidence lets answer (None: the store has no evidence rule)."""
+    got = selector.get("evidence")
+    return None if not got else set(got["routes"])
+
+
+def apply_evidence(sels: list, routes: set[str], fallback: str) -> None:
+    """Send each selection routed to an adapter without evidence back to `fallback`, saying why."""
+    for s in sels:
+        if s.adapter != fallback and s.adapter not in routes:
+            s.fallback = f"evidence: {s.adapter!r} did not beat {fallback!r} on its validation rows"
+            s.adapter = fallback

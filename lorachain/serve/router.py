@@ -20,7 +20,7 @@ from lorachain.data import prompt_ids
 from lorachain.data.chat import chat_template, generation_ids, selector_text
 from lorachain.models import best_device, device_of, load_model, load_tokenizer, resolve_path
 from lorachain.routing.confidence import calibrated_msp
-from lorachain.routing.gate import apply_gate
+from lorachain.routing.gate import apply_evidence, apply_gate, routes_of
 from lorachain.routing.select import Selection, decide, match_labels
 from lorachain.routing.selectors import get_kind, label_ids, score_labels
 from lorachain.serve.adapter_file import WEIGHTS
@@ -72,6 +72,7 @@ class Router:
         max_new_tokens: int = 64,
         score_batch: int = 8,
         gate_margin: float | None | str = "store",
+        evidence: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -92,6 +93,8 @@ class Router:
         if gate_margin == "store":  # the store's `selector.gate` (routing.gate), if it has one
             gate_margin = (manifest.selector.get("gate") or {}).get("margin")
         self.gate_margin = gate_margin  # None: no answer-side gate
+        # the adapters the store's `selector.evidence` lets answer (routing.evidence); None: no rule
+        self.evidence = routes_of(manifest.selector) if evidence else None
         self.slots = AdapterSlots(model, cache_size)  # resident task/mixed adapters (LRU), PEFT slots
         self.labels = manifest.labels
         t = manifest.templates
@@ -219,6 +222,8 @@ class Router:
             decide(sel, set(self.adapters), self.fallback, *floors)
             if sel.adapter in self.adapters:
                 sel.adapter = self.adapters[sel.adapter]
+        if self.evidence is not None:
+            apply_evidence(sels, self.evidence, self.fallback)
         if self.gate_margin is not None:
             apply_gate(self, sels, instructions, self.fallback, self.gate_margin)
         if torch.cuda.is_available():

@@ -1,15 +1,16 @@
 """Answer quality of every way of choosing an adapter, scored by lookup in the answer cache.
 
-For held-out rows labelled by task type (a lockbox half, a fold store's held-out data sets, a
-user's own file), each option names one adapter per row: `routed` (the store's selector with its
-fallback, no gate), `top1` (the selector's top label, no fallback), `arrow` (the training-free
+For held-out rows labelled by task type (a lockbox half, a fold store's held-out data sets, a user's
+own file), each option names one adapter per row: `routed` (the store's selector with its fallback,
+no gate), `evidence` (routed, but only to adapters the store's `selector.evidence` lets answer:
+`routing.eval.evidence`), `top1` (the selector's top label, no fallback), `arrow` (the training-free
 router of `routing.arrow`, always routing), each also `gated` / `top1_gated` / `arrow_gated` (then
-the likelihood gate at a margin); `oracle` (the row's own task adapter; the mixed one for a type
-the store has no adapter for, e.g. `other`), `mixed` and `base` (adapters off). Per task type:
-ROUGE-L and exact match of greedy answers, the reference answer's perplexity, and 95% paired
-bootstrap intervals of each option's ROUGE-L minus the mixed adapter's (the target: lower bound
->= -0.02). Margins are chosen on reference perplexity only (`choose_margin`), so no answer is
-generated to choose them. Writes compare.json, and compare.md and compare.png rendered from it.
+the likelihood gate at a margin); `oracle` (the row's own task adapter; the mixed one for a type the
+store has no adapter for, e.g. `other`), `mixed` and `base` (adapters off). Per task type: ROUGE-L
+and exact match of greedy answers, the reference answer's perplexity, and 95% paired bootstrap
+intervals of each option's ROUGE-L minus the mixed adapter's (the target: lower bound >= -0.02).
+Margins are chosen on reference perplexity only (`choose_margin`), so no answer is generated to
+choose them. Writes compare.json, and compare.md and compare.png rendered from it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from lorachain.io import write_json, write_text
 from lorachain.metrics import exact_match, paired_bootstrap, perplexity, rouge_l
 from lorachain.routing.arrow import arrow_scores, prototypes
 from lorachain.routing.eval.answers import AnswerCache
+from lorachain.routing.eval.evidence import evidence_choices
 from lorachain.routing.eval.plots import plot_comparison
 from lorachain.routing.eval.store import BASE, batched, using
-from lorachain.routing.gate import gain, margin_json, margin_value
+from lorachain.routing.gate import gain, margin_json, margin_value, routes_of
 from lorachain.store import MIXED
 
-OPTIONS = ("routed", "gated", "top1", "top1_gated", "arrow", "arrow_gated", "oracle", "mixed", "base")
+OPTIONS = (
+    *("routed", "evidence", "gated", "top1", "top1_gated", "arrow", "arrow_gated"),
+    *("oracle", "mixed", "base"),
+)
 GATED = {"gated": "routed", "top1_gated": "top1", "arrow_gated": "arrow"}  # gated option -> what it gates
 FLOOR = -0.02  # the issue's target: lower 95% bound of option - mixed ROUGE-L per covered type
 MARGINS = (-0.5, -0.2, -0.1, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)  # nats/token; inf: never route
@@ -37,13 +42,15 @@ FIXED = ("oracle", "mixed", "base")  # options that name no routing decision (no
 
 
 def select_all(router, rows: list[dict]) -> list:
-    """The selector's decisions with the store's fallback but no gate (gated is scored by lookup)."""
+    """The selector's decisions with the store's fallback but no gate and no evidence rule (both
+    are scored by lookup)."""
     keep, router.gate_margin = router.gate_margin, None
+    keep_ev, router.evidence = getattr(router, "evidence", None), None
     try:
         asks = [r["instruction"] for r in rows]
         return [s for chunk in batched(asks, 8) for s in router.select(chunk)]
     finally:
-        router.gate_margin = keep
+        router.gate_margin, router.evidence = keep, keep_ev
 
 
 def gated(cache: AnswerCache, rows: list[dict], chosen: list[str], margin: float) -> list[str]:
@@ -101,6 +108,9 @@ def options(router, rows: list[dict], sels: list, cache: AnswerCache, margins: d
         "base": [BASE] * n,
         "arrow": arrow_choices(router, rows),
     }
+    routes = routes_of(router.manifest.selector)  # the store's evidence (routing.eval.evidence)
+    if routes is not None:
+        got["evidence"] = evidence_choices(got["routed"], routes)
     for name, base in GATED.items():
         if base in margins:
             cache.fill_pairs([(r, a) for r, a in zip(rows, got[base], strict=True) if a != MIXED], "instr")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lorachain.data import DataError
+from lorachain.data import DataError, read_rows
 from lorachain.io import write_json
 from lorachain.routing.config import RouteConfig
 from lorachain.routing.eval.compare import (
@@ -134,6 +134,46 @@ def compare_folds(
     write_json(out / "compare" / "pooled" / "compare.json", pooled)
     render(out / "compare" / "pooled" / "compare.json")
     return pooled | {"margin_sweep": sweeps}
+
+
+def first_per_task(rows: list[dict], n: int | None) -> list[dict]:
+    """The first `n` rows of each task type, in file order (all rows when `n` is None)."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        seen[r["task"]] = seen.get(r["task"], 0) + 1
+        if n is None or seen[r["task"]] <= n:
+            out.append(r)
+    return out
+
+
+def compare_in_distribution(
+    out: str | Path,
+    n_folds: int,
+    margin: float | dict,
+    max_per_task: int | None = 8,
+    answers: bool = True,
+    max_new_tokens: int = 32,
+    *,
+    make_router,
+) -> dict:
+    """Score each fold store on its own test split (data sets it trained on) with the gate at
+    `margin`: does a margin that does no harm on unseen data sets keep routing's gain in
+    distribution? Nothing is chosen here. Writes out/compare_in/fold<k>/ and pooled/."""
+    out = Path(out)
+    results = []
+    for k in range(n_folds):
+        store = out / f"fold{k}"
+        rows = first_per_task([r for _, r in read_rows(store / "splits" / "test.jsonl")], max_per_task)
+        dest = out / "compare_in" / store.name
+        src = f"{store.name}'s test split"
+        results.append(
+            compare(make_router(store), rows, store / "answers", dest, margin, answers, src, max_new_tokens)
+        )
+    pooled = pool(results, f"the test splits of {n_folds} fold stores (data sets they trained on)")
+    write_json(out / "compare_in" / "pooled" / "compare.json", pooled)
+    render(out / "compare_in" / "pooled" / "compare.json")
+    return pooled
 
 
 def read_margins(out: str | Path) -> dict[str, float]:
