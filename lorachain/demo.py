@@ -149,7 +149,9 @@ def routing_config(
         "train": budget,
         "selector_train": budget,
         "mixed_train": budget,
-        "selector": {"kind": "lora"},  # the paper's task-selection LoRA, trained like the adapters
+        # the paper's task-selection LoRA, trained like the adapters; every task adapter may answer
+        # (the paper's routing in distribution: the demo shows it, not the evidence rule)
+        "selector": {"kind": "lora", "evidence": "none"},
         "output_dir": str(out),
     }
 

@@ -48,7 +48,13 @@ def with_routes(store, routes: list[str]) -> None:
 
 
 def test_evidence_is_the_paired_gain_on_each_adapters_own_validation_rows(store, tmp_path):
-    assert router(store).evidence is None  # no evidence measured yet: every adapter may answer
+    assert from_dict(
+        RouteConfig, {"model": {"name_or_path": "x"}, "data": {"path": "x"}}
+    ).selector.evidence == (
+        "validation"  # the default since issue 43's folds
+    )
+    with pytest.warns(UserWarning, match=r"store has none measured, so every task adapter may answer"):
+        assert router(store).evidence is None  # `route_train` alone measures none: every adapter answers
     got = add_evidence(store, router(store, evidence=False))
     val = [json.loads(x) for x in (store / "splits" / "val.jsonl").read_text().splitlines()]
     r = router(store, evidence=False)

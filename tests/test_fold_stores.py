@@ -23,6 +23,7 @@ from lorachain.routing.eval.fold_stores import (
     read_margins,
 )
 from lorachain.routing.train import load_split
+from lorachain.store import read_manifest
 
 
 def refuse(constant: str):
@@ -160,6 +161,9 @@ def test_route_eval_prints_the_answer_table_for_your_rows_and_the_lockbox(setup,
     tmp, cfg = setup
     assert main(["route", "train", str(tmp / "route.yaml")]) == 0
     store = cfg.output_dir
+    printed = capsys.readouterr().out  # `route train` measures the default selector.evidence
+    per = read_manifest(store).selector["evidence"]["per_task"]
+    assert set(per) == {"alpha", "beta", "gamma"} and printed.count("\nevidence: ") == 3
     mine = write_jsonl(tmp / "mine.jsonl", held_out())
     args = ["route", "eval", store, "--max-new-tokens", "2"]
     assert main([*args, "--held-out", str(mine), "--out", str(tmp / "mine")]) == 0

@@ -8,7 +8,9 @@ and generates the answers greedily, batched per adapter.
 
 from __future__ import annotations
 
+import json
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,6 +53,14 @@ class Answer:
     fallback: str | None = None
     selector_output: str = ""
     timings: dict = field(default_factory=dict)  # select_s, swap_s, generate_s (per batch)
+
+
+def asks_evidence(path: str | Path) -> bool:
+    """Whether the store's config asks for `selector.evidence: validation` (routing.eval.evidence)."""
+    cfg = Path(path) / "route_config.json"
+    if not cfg.is_file():
+        return False
+    return (json.loads(cfg.read_text()).get("selector") or {}).get("evidence") == "validation"
 
 
 class Router:
@@ -146,6 +156,12 @@ class Router:
         except (RuntimeError, ValueError, KeyError) as e:  # shapes or names that do not fit the base
             raise StoreError(f"{folder}: does not fit the base model ({short_reason(e)})") from None
         router = cls(path, manifest, peft, tokenizer, **kwargs)
+        if router.evidence is None and kwargs.get("evidence", True) and asks_evidence(path):
+            warnings.warn(
+                f"{path}: selector.evidence is 'validation' but the store has none measured, so every task "
+                f"adapter may answer; run `lorachain route evidence {path}`",
+                stacklevel=2,
+            )
         if kind.load is not None:
             router.slots.adopt(MIXED, folder)
             router.selector_fn = kind.load(router, verify_selector(path, manifest), manifest.selector)
