@@ -150,8 +150,8 @@ def routing_config(
         "selector_train": budget,
         "mixed_train": budget,
         # the paper's task-selection LoRA, trained like the adapters; every task adapter may answer
-        # (the paper's routing in distribution: the demo shows it, not the evidence rule)
-        "selector": {"kind": "lora", "evidence": "none"},
+        # (the paper's routing in distribution: the demo shows it, without issue 43's gate)
+        "selector": {"kind": "lora", "gate": "none"},
         "output_dir": str(out),
     }
 

@@ -44,7 +44,15 @@ from docgen.cola import (
 from docgen.common import ROOT, exists, load, signed, table
 from docgen.preference import dpo_gsm8k
 from docgen.reference import cli_reference, config_reference
-from docgen.routing import agreement, holdout, nested, route_eval, unseen_answers, variants
+from docgen.routing import (
+    agreement,
+    answer_options,
+    holdout,
+    nested,
+    route_eval,
+    unseen_answers,
+    variants,
+)
 
 GAP_CELLS = "results/cola_gap_smollm2/cells/*/*/*/*/result.json"
 MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
@@ -297,6 +305,22 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "results/routing_unseen/*/route_eval.json",
         "lorachain route eval stores/t0_smollm2_unseen [--unseen] --max-per-task 20 (results/README.md)",
         unseen_answers,
+    ),
+    "routing-folds": (
+        "results/routing_folds/compare/pooled/compare.json",
+        "lorachain route folds configs/route/t0_smollm2_folds.yaml --compare",
+        answer_options,
+    ),
+    "routing-in-distribution": (
+        "results/routing_folds/compare_in/pooled/compare.json",
+        "lorachain route folds configs/route/t0_smollm2_folds.yaml --in-distribution --max-per-task 8",
+        answer_options,
+    ),
+    "routing-lockbox": (
+        "results/routing_lockbox/half_a/compare.json",
+        "lorachain route eval stores/full --lockbox data/lockbox --half A --gate-margin 0.2 "
+        "(results/routing_lockbox/README.md)",
+        answer_options,
     ),
     "reference-cost": (
         "benchmarks/results/reference_cost.json",

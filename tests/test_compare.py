@@ -72,7 +72,8 @@ def test_the_gate_is_a_store_option_the_router_reads(store):
     base = {"model": {"name_or_path": "x"}, "data": {"path": "x.jsonl"}}
     with pytest.raises(ConfigError, match=r"selector.gate: expected one of \['none', 'likelihood'\]"):
         from_dict(RouteConfig, base | {"selector": {"gate": "maybe"}})
-    assert from_dict(RouteConfig, base).selector.gate == "none"  # the default until measured
+    default = from_dict(RouteConfig, base).selector  # issue 43's default, chosen on the fold stores
+    assert (default.gate, default.gate_margin, default.evidence) == ("likelihood", 0.2, "none")
 
 
 def test_the_gate_routes_when_the_task_adapter_is_likelier_and_falls_back_when_mixed_is(store):

@@ -31,7 +31,7 @@ def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evidence")
     enc = tiny_encoder(tmp / "tiny-bert")
     data = write_jsonl(tmp / "rows.jsonl", grouped_rows())
-    cfg = route_cfg(tmp, data, "embedding", enc)
+    cfg = route_cfg(tmp, data, "embedding", enc, evidence="validation")
     cfg.data.exclude_datasets = ["alpha_0", "beta_0"]
     assert route_train(cfg, tiny_model("llama"), make_tokenizer(), False)
     return tmp / "store"
@@ -48,11 +48,6 @@ def with_routes(store, routes: list[str]) -> None:
 
 
 def test_evidence_is_the_paired_gain_on_each_adapters_own_validation_rows(store, tmp_path):
-    assert from_dict(
-        RouteConfig, {"model": {"name_or_path": "x"}, "data": {"path": "x"}}
-    ).selector.evidence == (
-        "validation"  # the default since issue 43's folds
-    )
     with pytest.warns(UserWarning, match=r"store has none measured, so every task adapter may answer"):
         assert router(store).evidence is None  # `route_train` alone measures none: every adapter answers
     got = add_evidence(store, router(store, evidence=False))

@@ -48,7 +48,15 @@ def route_cfg(tmp: Path, data: Path, kind: str, encoder: Path, **selector) -> Ro
             "optim": {"lr": 0.02},
             "train": {"epochs": 1, "batch_size": 4},
             "selector_train": {"epochs": 8, "batch_size": 4},
-            "selector": {"kind": kind, "encoder": str(encoder), "max_length": 16, "lr": 1e-3, **selector},
+            # no likelihood gate (the default): these stores test selection; test_compare the gate
+            "selector": {
+                "kind": kind,
+                "encoder": str(encoder),
+                "max_length": 16,
+                "lr": 1e-3,
+                "gate": "none",
+                **selector,
+            },
             "output_dir": str(tmp / "store"),
         },
     )

@@ -115,17 +115,19 @@ class SelectorConfig:
     # answer-side evidence (routing.gate): `likelihood` answers with the chosen task adapter only when
     # it finds the instruction likelier than the mixed adapter does, by more than `gate_margin` nats
     # per token (one teacher-forced pass per adapter), else with the mixed adapter; `none`: no gate.
-    # Choose the margin on the nested folds (`lorachain route folds --compare`), never on the lockbox.
-    # `none` stays the default until the folds have measured the gate: switching it is this one line
-    gate: str = "none"
-    gate_margin: float = 0.0  # likelihood gate: nats per instruction token the task adapter must win by
+    # The default since issue 43 (results/routing_folds/README.md): at 0.2, the smallest margin at
+    # which no type's reference likelihood fell below mixed on 14 unseen data sets, the gate routed
+    # none of them and answered in distribution slightly better than mixed, never worse on a type.
+    # It costs two teacher-forced passes per routed request. Choose a margin on folds, not a lockbox
+    gate: str = "likelihood"
+    gate_margin: float = 0.2  # likelihood gate: nats per instruction token the task adapter must win by
     # `validation` (routing.eval.evidence): when the store is built, each task adapter and the mixed
     # adapter score the reference answers of the adapter's own validation rows; the task adapter may
     # answer only where the 95% lower bound of its gain over mixed is above 0, else the mixed adapter
-    # answers (no cost per request). `none`: every task adapter may answer. `lorachain route train`
-    # measures it (`route_train` alone does not: then `lorachain route evidence STORE`). The default
-    # since issue 43: no gate margin did less harm on 14 unseen data sets (results/routing_folds/)
-    evidence: str = "validation"
+    # answers (no cost per request). `lorachain route train` measures it (`route_train` alone does
+    # not: then `lorachain route evidence STORE`). Not the default: on the fold stores one adapter of
+    # 24 had evidence, and its routes answered worse in distribution. `none`: no evidence rule
+    evidence: str = "none"
     # encoder, embedding (routing.other): K > 0 holds back K data sets of every task type that has more
     # than K; they train no task adapter and the selector learns them (and the file's task types
     # outside data.tasks) as `other`, which the mixed adapter answers. 0: off

@@ -192,3 +192,33 @@ def agreement(runs: dict) -> str:
 def variants(d: dict) -> str:
     rows = [[r["truncation"], r["scoring"], f(r["top1"])] for r in d["results"]]
     return table(["truncation", "scoring", "held-out top-1"], rows)
+
+
+ANSWER_OPTIONS = ("evidence", "routed", "gated", "oracle", "mixed", "base")
+
+
+def _vs_mixed(x: dict) -> str:
+    v = x.get("vs_mixed")
+    if not v or not v["n"]:
+        return f"{x['rougeL']:.3f}"
+    return f"{x['rougeL']:.3f} ({v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}])".replace("-", "−")
+
+
+def answer_options(d: dict) -> str:
+    """A `route eval --held-out/--lockbox` or `route folds --compare` JSON: per task type, each
+    option's ROUGE-L and, in brackets, its difference from the mixed adapter with the 95% interval."""
+    opts = [o for o in ANSWER_OPTIONS if o in d["options"]]
+    rows = [
+        [t, d["options"]["mixed"][t]["n"], *(_vs_mixed(d["options"][o][t]) for o in opts)]
+        for t in [*d["per_task_rows"], "all"]
+    ]
+    labels = d.get("labels", {})
+    rows.append(["routed to a task adapter / right when routed", "", *(_label(labels.get(o)) for o in opts)])
+    return table(["task type", "rows", *opts], rows)
+
+
+def _label(lab: dict | None) -> str:
+    if not lab:
+        return ""
+    p = "–" if lab["precision"] is None else f"{lab['precision'] * 100:.1f}%"
+    return f"{lab['coverage'] * 100:.1f}% / {p}"
