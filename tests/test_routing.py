@@ -36,7 +36,7 @@ def route_cfg(tmp: Path, data: Path) -> RouteConfig:
             "selector_chain": {"links": [{"rank": 4, "alpha": 8}, {"rank": 2, "alpha": 4}], "dropout": 0.0},
             "optim": {"lr": 0.02},
             "train": {"epochs": 3, "batch_size": 4},
-            "selector": {"kind": "lora"},
+            "selector": {"kind": "lora", "gate": "none"},  # the mechanics of selection: no gate
             "output_dir": str(tmp / "store"),
         },
     )
