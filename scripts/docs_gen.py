@@ -49,6 +49,7 @@ from docgen.routing import (
     answer_options,
     holdout,
     nested,
+    rouge_diff,
     route_eval,
     unseen_answers,
     variants,
@@ -62,12 +63,6 @@ MARK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 def interval(s: dict) -> str:
     """A paired difference in points: mean [95% CI]."""
     return f"{signed(s['mean'])} points [{signed(s['ci'][0])}, {signed(s['ci'][1])}]"
-
-
-def rouge_diff(x: dict) -> str:
-    """An option's ROUGE-L minus the mixed adapter's: mean [95% paired bootstrap]."""
-    v = x["vs_mixed"]
-    return f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]".replace("-", "−")
 
 
 def headline(paths: dict) -> str:

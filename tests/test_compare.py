@@ -42,15 +42,19 @@ from lorachain.serve.router import Router
 from lorachain.store import MIXED, read_manifest
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compare")
+def blind_store(tmp: Path, **selector) -> Path:
+    """A tiny embedding store that never saw data sets alpha_0 and beta_0 (`held_out`'s rows)."""
     enc = tiny_encoder(tmp / "tiny-bert")
     data = write_jsonl(tmp / "rows.jsonl", grouped_rows())
-    cfg = route_cfg(tmp, data, "embedding", enc, gate="likelihood", gate_margin=0.25)
+    cfg = route_cfg(tmp, data, "embedding", enc, **selector)
     cfg.data.exclude_datasets = ["alpha_0", "beta_0"]
     assert route_train(cfg, tiny_model("llama"), make_tokenizer(), False)
     return tmp / "store"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return blind_store(tmp_path_factory.mktemp("compare"), gate="likelihood", gate_margin=0.25)
 
 
 def router(store, **kw) -> Router:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_tokenizer, tiny_model, write_jsonl
-from test_compare import held_out
+from conftest import make_tokenizer, tiny_model
+from test_compare import blind_store, held_out, router
 from test_nested import grouped_rows
-from test_selectors import route_cfg, tiny_encoder
 
 from lorachain.cli import main
 from lorachain.config import ConfigError, from_dict
@@ -21,24 +20,12 @@ from lorachain.routing.eval.answers import AnswerCache
 from lorachain.routing.eval.compare import compare, select_all
 from lorachain.routing.eval.evidence import add_evidence, evidence_choices
 from lorachain.routing.gate import gain
-from lorachain.routing.train import route_train
-from lorachain.serve.router import Router
 from lorachain.store import MIXED, read_manifest, write_manifest
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("evidence")
-    enc = tiny_encoder(tmp / "tiny-bert")
-    data = write_jsonl(tmp / "rows.jsonl", grouped_rows())
-    cfg = route_cfg(tmp, data, "embedding", enc, evidence="validation")
-    cfg.data.exclude_datasets = ["alpha_0", "beta_0"]
-    assert route_train(cfg, tiny_model("llama"), make_tokenizer(), False)
-    return tmp / "store"
-
-
-def router(store, **kw) -> Router:
-    return Router.from_store(store, model=tiny_model("llama"), tokenizer=make_tokenizer(), **kw)
+    return blind_store(tmp_path_factory.mktemp("evidence"), evidence="validation")
 
 
 def with_routes(store, routes: list[str]) -> None:
