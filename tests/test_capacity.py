@@ -197,3 +197,36 @@ def test_a_knot_on_an_eval_step_is_evaluated_once(tmp_path, char_model_dir, monk
     assert [m["step"] for m in curve] == [3] and summary["links"][0]["end_step"] == 3  # the knot's step
     assert curve[0]["eval"] == summary["links"][0]["eval"]  # the knot's evaluation, not a second one
     assert len(calls) == 2  # the two knots (steps 3 and 6), nothing else
+
+
+def test_below_the_floor_the_value_nll_orders_methods_and_the_start_is_read_at_25_percent():
+    from lorachain.experiment.capacity import closed_nll, curve_by_seed, floor_section
+
+    def entry(nll, spec=None, early=0.2):
+        rows = []
+        for seed, v in enumerate(nll):
+            curve = [
+                {"step": 25, "eval_loss": 2.8, "token_acc": early + 0.01 * seed, "seq_acc": 0.0},
+                {"step": 50, "eval_loss": 2.7, "token_acc": 0.9, "seq_acc": 0.0},  # past 25% of 100
+                {"step": 100, "eval_loss": v, "token_acc": 0.3, "seq_acc": 0.0},
+            ]
+            rows.append({"seed": seed, "spec": {"steps": 100, "ranks": [1]}, "curve": curve, "test": {}})
+        return {"rows": rows, "spec": spec or {"ranks": [1]}}
+
+    chosen = {
+        ("c", "full"): entry([0.0, 0.2, 0.1], {"method": "full"}),
+        ("c", "lora"): entry([2.5, 2.4, 2.6]),
+    }
+    chosen[("c", "chain")] = entry([2.25, 2.15, 2.35], {"ranks": [1, 1]})
+    assert curve_by_seed(chosen[("c", "lora")], "eval_loss") == {0: 2.5, 1: 2.4, 2: 2.6}
+    early = curve_by_seed(chosen[("c", "lora")], "token_acc", at=0.25)
+    assert early == pytest.approx({0: 0.2, 1: 0.21, 2: 0.22})
+    text = closed_nll(chosen, "c", "full", "lora", "chain")  # gains 0.25 each over gaps 2.5, 2.2, 2.5
+    assert text.startswith(f"{0.75 / 7.2:.3f} [")
+    lo, hi = (float(x) for x in text.split("[")[1].rstrip("]").split(","))
+    assert lo < 0.75 / 7.2 < hi
+    table = floor_section(chosen, "c", ["full", "lora", "chain"])
+    assert "| `chain` | 2.250 [" in table and f"| {0.75 / 7.2:.3f} [" in table
+    chosen[("c", "chain")] = entry([2.5, 2.4, 2.6], {"ranks": [1, 1]})
+    assert closed_nll(chosen, "c", "full", "lora", "chain").startswith("0.000 [")
+    assert "| `lora` | 2.500 [" in table and "| 21.0 [" in table  # the early token accuracy, x100

@@ -5,7 +5,11 @@ memorised (greedy exact match over every training key) and the value characters 
 mean with a 95% t-interval over seeds; the fraction of the full − LoRA gap in pairs memorised that
 each method closes (Fieller's interval, as `gap.py` does for the score); peak RSS and seconds per
 step against LoRA at the base rank; and `curves.png`, the teacher-forced share of whole values right
-on the fixed key subset every `train.eval_every` steps (exactly what greedy decoding would get there).
+on the fixed key subset every `train.eval_every` steps (exactly what greedy decoding would get there)
+beside the value NLL there. Where every low-rank method is at the floor of exact match, a second
+table orders them by the teacher-forced value NLL and token accuracy at the end of the curve, the
+share of the LoRA → full NLL gap closed, and the token accuracy at 25% of the budget (how fast a
+link init starts).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from lorachain.experiment.choose import chosen_spec, select
-from lorachain.experiment.gap import closed_fraction, test_by_seed
+from lorachain.experiment.gap import MIN_GAP, closed_fraction, fieller, test_by_seed
 from lorachain.experiment.paired import summarize
 from lorachain.tasks import get_task
 from lorachain.tasks.capacity import CHANCE
@@ -82,6 +86,67 @@ def section(chosen: dict, task: str, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def curve_by_seed(entry: dict, key: str, at: float = 1.0) -> dict[int, float]:
+    """Each seed's curve value `key` at the last point at or before `at` × its training steps."""
+    out = {}
+    for r in entry["rows"]:
+        limit = at * r["spec"].get("steps", 0) if at < 1.0 else float("inf")
+        points = [c for c in r.get("curve") or [] if c["step"] <= limit]
+        if points:
+            out[r["seed"]] = points[-1][key]
+    return out
+
+
+def closed_nll(chosen: dict, task: str, full: str, lora: str, other: str) -> str:
+    """The share of the LoRA − full gap in final value NLL that `other` closes, paired over the
+    seeds all three ran, with Fieller's 95% interval."""
+    f, lo, c = (curve_by_seed(chosen[(task, m)], "eval_loss") for m in (full, lora, other))
+    seeds = sorted(set(f) & set(lo) & set(c))
+    gaps, gains = [lo[s] - f[s] for s in seeds], [lo[s] - c[s] for s in seeds]
+    if not gaps or statistics.fmean(gaps) < MIN_GAP:
+        return "no gap"
+    mean = statistics.fmean(gains) / statistics.fmean(gaps)
+    if len(seeds) < 2:
+        return f"{mean:.3f} (1 seed)"
+    ci = fieller(gains, gaps)
+    return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{mean:.3f} (interval unbounded)"
+
+
+def _nll(values: list[float]) -> str:
+    if not values:
+        return "–"
+    s = summarize(values)
+    return f"{s['mean']:.3f}" if s["n"] < 2 else f"{s['mean']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
+
+
+def floor_section(chosen: dict, task: str, methods: list[str]) -> str:
+    """Teacher-forced figures on the curve's key subset ('' when no cell has a curve)."""
+    full, lora = roles(chosen, task, methods)
+    mine = [m for m in methods if (task, m) in chosen and curve_by_seed(chosen[(task, m)], "eval_loss")]
+    if not mine:
+        return ""
+    lines = [
+        "\n### Below the floor of exact match: teacher-forced values on the curve's keys\n",
+        "| method | value NLL at the end (nats/token) | token accuracy at the end (%) | gap closed (NLL) "
+        "| token accuracy at 25% of the budget (%) |",
+        "|" + "---|" * 5,
+    ]
+    for m in mine:
+        e = chosen[(task, m)]
+        nll, acc = (list(curve_by_seed(e, k).values()) for k in ("eval_loss", "token_acc"))
+        early = list(curve_by_seed(e, "token_acc", at=0.25).values())
+        gap = closed_nll(chosen, task, full, lora, m) if full and lora and m not in (full, lora) else ""
+        lines.append(f"| `{m}` | {_nll(nll)} | {_interval(acc)} | {gap} | {_interval(early)} |")
+    lines.append(
+        "\nThe last point of each cell's curve (the fixed key subset, teacher-forced: every value digit "
+        "and the end token given the right prefix). A method that writes hex digits but knows no pair "
+        "scores about chance on the digits here too; the NLL orders methods that greedy decoding "
+        "cannot. Gap closed: mean(LoRA − method) / mean(LoRA − full) in value NLL, Fieller's 95% "
+        "interval over seeds.\n"
+    )
+    return "\n".join(lines)
+
+
 def lr_choice(results: list[dict]) -> dict[tuple[str, str], dict]:
     """Per (task, method) with two or more lrs on a memorisation task: each lr's validation figures
     and the chosen lr, the one with the lowest teacher-forced NLL of the validation values
@@ -135,12 +200,14 @@ def render(results: list[dict], methods: list[str] | None = None) -> str:
     chosen = select(results)
     tasks = sorted({t for t, _ in chosen if get_task(t).memorise})
     order = list(dict.fromkeys([*(methods or []), *sorted({m for _, m in chosen})]))
-    return "".join(section(chosen, t, order) for t in tasks) + lr_section(results)
+    parts = [section(chosen, t, order) + floor_section(chosen, t, order) for t in tasks]
+    return "".join(parts) + lr_section(results)
 
 
 def plot_curves(results: list[dict], out: Path) -> list[Path]:
-    """`curves_<task>.png`: teacher-forced whole values right on the key subset against steps, one
-    line per method (mean over seeds at its chosen lr)."""
+    """`curves_<task>.png`: teacher-forced whole values right (left) and value NLL (right, without
+    full fine-tuning) on the key subset against steps, one line per method (mean over seeds at its
+    chosen lr)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,16 +220,22 @@ def plot_curves(results: list[dict], out: Path) -> list[Path]:
         lines = {m: e for m, e in mine if e["rows"][0].get("curve")}
         if not lines:  # no cell recorded a curve (train.eval_every: 0)
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for m, entry in lines.items():
+        full, _ = roles(chosen, task, list(lines))
+        fig, (ax, ax_nll) = plt.subplots(1, 2, figsize=(11, 4))
+        for k, (m, entry) in enumerate(lines.items()):
+            style = {"color": f"C{k % 10}", "linestyle": "-" if k < 10 else "--", "marker": "."}
             curves = [r["curve"] for r in entry["rows"]]
             steps = [c["step"] for c in curves[0]]
-            mean = [
-                statistics.fmean(c[i]["seq_acc"] for c in curves if len(c) > i) for i in range(len(steps))
-            ]
-            ax.plot(steps, [100 * v for v in mean], marker=".", label=f"{m} (lr {entry['lr']:g})")
+            for panel, key, scale in ((ax, "seq_acc", 100), (ax_nll, "eval_loss", 1)):
+                if panel is ax_nll and m == full:
+                    continue
+                mean = [statistics.fmean(c[i][key] for c in curves if len(c) > i) for i in range(len(steps))]
+                panel.plot(steps, [scale * v for v in mean], **style, label=f"{m} (lr {entry['lr']:g})")
         ax.set(xlabel="optimizer step", ylabel="whole values right (%)", title=f"{task}: memorisation")
-        ax.legend(fontsize=8)
+        title = "teacher-forced value NLL" + (f" (without {full}, which reaches ~0)" if full else "")
+        ax_nll.set(xlabel="optimizer step", ylabel="value NLL (nats/token)", title=title)
+        ax.legend(fontsize=7)
+        ax_nll.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"curves_{task}.png"
         fig.savefig(path, dpi=120)
