@@ -1,6 +1,8 @@
 """What a chain costs against LoRA at its rank, on the capacity task (issue 42's memory and time targets).
 
-One command: `python benchmarks/capacity_cost.py [--steps 40 --repeats 3]`. SmolLM2-135M-Instruct,
+One command: `python benchmarks/capacity_cost.py [--steps 40 --repeats 3 --only NAMES]`: LoRA at r and
+4r, the chain r x 4 plain and with `gradient` links, and the peers at rank r (PiSSA, DoRA, LoRA-GA,
+LoRA+) against LoRA r. SmolLM2-135M-Instruct,
 the capacity task's pairs (`k:XXXX=` -> 8 hex digits), batch 16, q_proj/v_proj, bf16 where this CPU
 has native bf16 matmuls, else fp32. Every configuration trains with lorachain's one loop for the
 same steps in a fresh process (clean peak RSS), configurations interleaved, medians over repeats;
@@ -20,16 +22,23 @@ import time
 from pathlib import Path
 
 import lorachain  # noqa: F401  (first: its process defaults, huge pages, reach every spawned run)
+from lorachain.io import atomic_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cola_cost import interleaved, print_table  # noqa: E402  the same fresh-process runner and table
 
 R = 1  # the rank of LoRA and of every link
-CONFIGS = {  # name -> chain section
-    "lora r1": {"links": [{"rank": R, "alpha": 2 * R}]},
-    "lora r4": {"links": [{"rank": 4 * R, "alpha": 8 * R}]},
-    "chain r1x4": {"links": [{"rank": R, "alpha": 2 * R}] * 4},
-    "chain r1x4 gradient": {"links": [{"rank": R, "alpha": 2 * R}] * 4, "init": "gradient"},
+LINK = {"rank": R, "alpha": 2 * R}
+CONFIGS = {  # name -> (chain section, optim section beyond the lr)
+    "lora r1": ({"links": [LINK]}, {}),
+    "lora r4": ({"links": [{"rank": 4 * R, "alpha": 8 * R}]}, {}),
+    "chain r1x4": ({"links": [LINK] * 4}, {}),
+    "chain r1x4 gradient": ({"links": [LINK] * 4, "init": "gradient"}, {}),
+    # the peers at rank r the grid screens (issue 42)
+    "pissa r1": ({"links": [LINK], "init": "pissa"}, {}),
+    "dora r1": ({"links": [LINK], "use_dora": True}, {}),
+    "lora-ga r1": ({"links": [LINK], "init": "gradient"}, {}),
+    "lora+ r1": ({"links": [LINK]}, {"loraplus_lr_ratio": 16.0}),
 }
 BASELINE = "lora r1"
 
@@ -47,12 +56,13 @@ def run_one(name: str, steps: int, out: str) -> dict:
     rows = [{"prompt": f"k:{k}=", "target": v} for k, v in pairs(Spec(n=1024, key_len=4, value_len=8))]
     path = Path(out) / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    chain = {**CONFIGS[name], "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}
+    chain, optim = CONFIGS[name]
+    chain = {**chain, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}
     raw = {
         "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
         "data": {"train": str(path), "prompt": "{prompt}", "target": "{target}", "label_field": None},
         "chain": chain,
-        "optim": {"lr": 2e-3},
+        "optim": {"lr": 2e-3, **optim},
         "train": {
             "max_steps": steps,
             "batch_size": 16,
@@ -77,8 +87,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/capacity_cost.json")
+    ap.add_argument("--only", help=f"comma-separated configurations ({BASELINE!r} always runs)")
     args = ap.parse_args()
-    runs = interleaved(run_one, list(CONFIGS), args.steps, args.repeats)
+    names = list(CONFIGS)
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",")}
+        if unknown := wanted - set(CONFIGS):
+            raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; known: {names}")
+        names = [n for n in names if n == BASELINE or n in wanted]
+    runs = interleaved(run_one, names, args.steps, args.repeats)
     med = {
         n: {k: statistics.median(r[k] for r in rs) for k in ("total_s", "step_s", "peak_rss_mb")}
         for n, rs in runs.items()
@@ -112,7 +129,7 @@ def main() -> None:
         "runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     print(f"wrote {args.out}")
 
 

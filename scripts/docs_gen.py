@@ -30,6 +30,7 @@ from docgen.bench import (
     serve_big,
     serve_load,
 )
+from docgen.capacity import capacity_cost, capacity_grid
 from docgen.cola import (
     demo,
     gap_grid,
@@ -236,6 +237,16 @@ TABLES: dict[str, tuple[str | list[str], str, Callable]] = {
         "lorachain report results/cola_gap_smollm2",
         gap_knots,
     ),
+    "capacity-grid": (
+        "results/capacity_grid/cells/*/*/*/*/result.json",
+        "lorachain report results/capacity_grid (make capacity-grid)",
+        capacity_grid,
+    ),
+    "capacity-cost": (
+        "benchmarks/results/capacity_cost.json",
+        "python benchmarks/capacity_cost.py",
+        capacity_cost,
+    ),
     "gap-precision-check": (
         "results/cola_gap_emulated_check/cells/*/*/*/*/result.json",
         "lorachain experiment configs/experiments/cola_gap_{emulated,fp32}_check.yaml",
@@ -368,6 +379,7 @@ FIGURES = {
     "docs/img/gap.png": "results/cola_gap_smollm2/gap.png",
     "docs/img/links.png": "results/cola_gap_smollm2/links.png",
     "docs/img/dpo_gsm8k.png": "benchmarks/results/dpo_gsm8k_smollm2.png",
+    "docs/img/capacity_curves.png": "results/capacity_grid/curves_capacity.png",
 }
 
 
