@@ -59,6 +59,25 @@ def test_the_gap_summary_says_how_far_the_grid_is():
     assert f"`{cells[-1].method}`." in left and f"`{cells[0].method}`" not in left
 
 
+def test_the_capacity_tables_say_how_far_the_grid_is_and_read_the_cost_json():
+    from docgen.capacity import CAPACITY_CONFIG, capacity_cost, progress
+
+    from lorachain.config import load_config
+    from lorachain.experiment.config import ExperimentConfig
+    from lorachain.experiment.runner import plan
+
+    cells = plan(load_config(CAPACITY_CONFIG, cls=ExperimentConfig))
+    rows = [{"task": c.task, "method": c.method, "seed": c.seed, "lr": c.lr} for c in cells]
+    assert progress(rows) == f"All {len(cells)} planned cells are in."
+    seed2 = [r for r in rows if r["seed"] != 2]
+    left = progress(seed2)
+    assert left.startswith(f"**Interim: {len(seed2)} of {len(cells)} planned cells are in**")
+    assert "`full`" in left and "`pissa_r1`" not in left  # screening methods have seed 0 only
+    d = docs_gen.load("benchmarks/results/capacity_cost.json")
+    d["rows"][1]["mem_ratio"] = 4.321
+    assert "| 4.32 |" in capacity_cost(d)
+
+
 def test_the_precision_check_labels_grid_cells_by_how_they_ran():
     from docgen.cola import _grid_run
 
