@@ -230,3 +230,46 @@ def test_below_the_floor_the_value_nll_orders_methods_and_the_start_is_read_at_2
     chosen[("c", "chain")] = entry([2.5, 2.4, 2.6], {"ranks": [1, 1]})
     assert closed_nll(chosen, "c", "full", "lora", "chain").startswith("0.000 [")
     assert "| `lora` | 2.500 [" in table and "| 21.0 [" in table  # the early token accuracy, x100
+
+
+def test_the_words_follow_the_intervals_the_moonshot_and_the_gradient_start():
+    from lorachain.experiment.capacity import in_words
+
+    def entry(em, nll, early, spec):
+        rows = [
+            {
+                "seed": s,
+                "spec": {"steps": 100},
+                "test": {"em": em[s]},
+                "curve": [
+                    {"step": 25, "eval_loss": 3.0, "token_acc": early[s], "seq_acc": 0.0},
+                    {"step": 100, "eval_loss": nll[s], "token_acc": 0.5, "seq_acc": em[s]},
+                ],
+            }
+            for s in range(3)
+        ]
+        return {"rows": rows, "spec": spec}
+
+    one = {"method": "lora", "ranks": [1]}
+    four = {"method": "lora", "ranks": [1, 1, 1, 1]}
+    chosen = {
+        ("c", "full"): entry(
+            [0.95, 0.96, 0.94], [0.0, 0.0, 0.0], [0.3] * 3, {"method": "full", "ranks": [8]}
+        ),
+        ("c", "lora"): entry([0.10, 0.12, 0.08], [2.0, 2.1, 1.9], [0.20, 0.21, 0.19], one),
+        ("c", "chain"): entry([0.50, 0.55, 0.60], [1.0, 1.2, 1.1], [0.20, 0.22, 0.21], four),
+        ("c", "chain_g"): entry(
+            [0.10, 0.12, 0.11], [2.0, 2.2, 2.1], [0.10, 0.11, 0.12], four | {"init": "gradient"}
+        ),
+    }
+    text = in_words(chosen, "c", ["full", "lora", "chain", "chain_g"])
+    assert "- `chain`: pairs memorised: more (+45.0 points [" in text
+    assert "; value NLL: lower (-0.900 nats [" in text
+    assert "`chain`: 5.50× the pairs, 0.53 of the gap in pairs: **met**" in text
+    assert "`chain_g`: 1.10× the pairs" in text and "**not met**" in text
+    assert "`chain_g` against `chain`: starts slower than (-10.0 points [" in text
+    assert "target 'at least as fast': **not met**" in text
+    chosen[("c", "chain_g")]["rows"][0]["curve"][0]["token_acc"] = 0.25  # one seed faster: no direction
+    assert "**not shown slower (its interval includes 0)**" in in_words(
+        chosen, "c", ["full", "lora", "chain", "chain_g"]
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lorachain.experiment.choose import chosen_spec, select
 from lorachain.experiment.gap import MIN_GAP, closed_fraction, fieller, test_by_seed
-from lorachain.experiment.paired import summarize
+from lorachain.experiment.paired import direction, summarize
 from lorachain.tasks import get_task
 from lorachain.tasks.capacity import CHANCE
 
@@ -147,6 +147,90 @@ def floor_section(chosen: dict, task: str, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+MOONSHOT_PAIRS, MOONSHOT_GAP = 2.0, 0.5  # issue 42: ≥ 2× LoRA r's pairs, ≥ 50% of the gap closed
+
+
+def paired(chosen: dict, task: str, ref: str, other: str, values) -> dict:
+    """other − ref over the seeds both ran, `values(entry) -> {seed: value}`."""
+    a, b = values(chosen[(task, ref)]), values(chosen[(task, other)])
+    return summarize([b[s] - a[s] for s in sorted(set(a) & set(b))])
+
+
+def _diff(s: dict, scale: float, unit: str, more: str, less: str) -> str:
+    """A paired difference in words: a direction only where the 95% interval excludes zero."""
+    if s["n"] == 0:
+        return "no paired seed"
+    m = f"{scale * s['mean']:+.{3 if scale == 1 else 1}f}{unit}"
+    if s["n"] < 2:
+        return f"{m} (1 seed, no interval)"
+    lo, hi = (scale * x for x in s["ci"])
+    d = direction(s)
+    word = more if d > 0 else less if d < 0 else "not shown different"
+    return f"{word} ({m} [{lo:+.3f}, {hi:+.3f}])" if scale == 1 else f"{word} ({m} [{lo:+.1f}, {hi:+.1f}])"
+
+
+def twin(chosen: dict, task: str, m: str) -> str | None:
+    """The method whose spec is `m`'s without its link init (the gaussian start it is compared to)."""
+    spec = {k: v for k, v in chosen[(task, m)]["spec"].items() if k != "init"}
+    return next((o for (t, o), e in chosen.items() if t == task and o != m and e["spec"] == spec), None)
+
+
+def in_words(chosen: dict, task: str, methods: list[str]) -> str:
+    """What the tables say, a direction named only where a 95% interval excludes zero: each method
+    against LoRA r in pairs memorised and value NLL, the moonshot for each chain of rank-r links, and
+    each `gradient` start against its gaussian twin at 25% of the budget."""
+    full, lora = roles(chosen, task, methods)
+    if not lora:
+        return ""
+    mine = [m for m in methods if (task, m) in chosen and m not in (full, lora)]
+    em = lambda e: test_by_seed(e, "em")  # noqa: E731
+    nll = lambda e: curve_by_seed(e, "eval_loss")  # noqa: E731
+    early = lambda e: curve_by_seed(e, "token_acc", at=0.25)  # noqa: E731
+    lines = ["\nIn words (against `" + lora + "`, LoRA at the base rank):\n"]
+    for m in mine:
+        pairs = _diff(paired(chosen, task, lora, m, em), 100, " points", "more", "fewer")
+        value = _diff(paired(chosen, task, lora, m, nll), 1, " nats", "higher", "lower")
+        lines.append(f"- `{m}`: pairs memorised: {pairs}; value NLL: {value}.")
+    rank = chosen[(task, lora)]["spec"]["ranks"][0]
+    chains = [
+        m
+        for m in mine
+        if len(ranks := chosen[(task, m)]["spec"].get("ranks", [])) > 1 and set(ranks) == {rank}
+    ]
+    for m in chains:
+        base_em, m_em = (statistics.fmean(em(chosen[(task, x)]).values()) for x in (lora, m))
+        ratio = (
+            "both memorise no pair"
+            if base_em == 0 and m_em == 0
+            else (f"{m_em / base_em:.2f}× the pairs" if base_em else "pairs where LoRA has none")
+        )
+        g = closed_fraction(chosen, task, full, lora, m, "em") if full else {}
+        frac = g.get("mean")
+        met = m_em > 0 and m_em >= MOONSHOT_PAIRS * base_em and frac is not None and frac >= MOONSHOT_GAP
+        gap = "no gap" if not g.get("has_gap") else f"{frac:.2f} of the gap in pairs"
+        lines.append(
+            f"- Moonshot (≥ {MOONSHOT_PAIRS:g}× LoRA r's pairs and ≥ {MOONSHOT_GAP:.0%} of the gap), `{m}`: "
+            f"{ratio}, {gap}: **{'met' if met else 'not met'}** (its memory and time ratios come from "
+            "`benchmarks/capacity_cost.py`)."
+        )
+    for m in mine:
+        plain = twin(chosen, task, m) if chosen[(task, m)]["spec"].get("init") == "gradient" else None
+        if plain:
+            s = paired(chosen, task, plain, m, early)
+            word = _diff(s, 100, " points", "starts faster than", "starts slower than")
+            if s["n"] and s["mean"] >= 0:
+                verdict = "met"
+            elif s["n"] > 1 and direction(s) == 0:
+                verdict = "not shown slower (its interval includes 0)"
+            else:
+                verdict = "not met"
+            lines.append(
+                f"- Start (token accuracy at 25% of the budget), `{m}` against `{plain}`: {word}; "
+                f"target 'at least as fast': **{verdict}**."
+            )
+    return "\n".join(lines) + "\n"
+
+
 def lr_choice(results: list[dict]) -> dict[tuple[str, str], dict]:
     """Per (task, method) with two or more lrs on a memorisation task: each lr's validation figures
     and the chosen lr, the one with the lowest teacher-forced NLL of the validation values
@@ -200,7 +284,10 @@ def render(results: list[dict], methods: list[str] | None = None) -> str:
     chosen = select(results)
     tasks = sorted({t for t, _ in chosen if get_task(t).memorise})
     order = list(dict.fromkeys([*(methods or []), *sorted({m for _, m in chosen})]))
-    parts = [section(chosen, t, order) + floor_section(chosen, t, order) for t in tasks]
+    parts = [
+        section(chosen, t, order) + floor_section(chosen, t, order) + in_words(chosen, t, order)
+        for t in tasks
+    ]
     return "".join(parts) + lr_section(results)
 
 
