@@ -273,3 +273,27 @@ def test_the_words_follow_the_intervals_the_moonshot_and_the_gradient_start():
     assert "**not shown slower (its interval includes 0)**" in in_words(
         chosen, "c", ["full", "lora", "chain", "chain_g"]
     )
+
+
+def test_peers_are_not_lora_and_a_gradient_start_is_compared_with_its_gaussian_twin():
+    from lorachain.config import RunConfig, from_dict
+    from lorachain.experiment.capacity import roles, twin
+    from lorachain.experiment.records import link_kind
+
+    def kind(chain=None, optim=None):
+        raw = {"model": {"name_or_path": "x"}, "data": {"train": "t.jsonl"}}
+        return link_kind(from_dict(RunConfig, raw | {"chain": chain or {}, "optim": optim or {}}))
+
+    assert kind({"use_dora": True}) == {"dora": True}
+    assert kind(optim={"loraplus_lr_ratio": 16.0}) == {"loraplus": 16.0}
+    assert kind({"init": "gradient"}) == {"init": "gradient"} and kind() == {}
+    one = {"method": "lora", "ranks": [1]}
+    chosen = {
+        ("c", "dora"): {"spec": one | {"dora": True}},  # listed first: order must not make it LoRA
+        ("c", "plus"): {"spec": one | {"loraplus": 16.0}},
+        ("c", "lora"): {"spec": one},
+        ("c", "ga"): {"spec": one | {"init": "gradient"}},
+        ("c", "full"): {"spec": {"method": "full", "ranks": [8]}},
+    }
+    assert roles(chosen, "c", ["dora", "plus", "lora", "ga", "full"]) == ("full", "lora")
+    assert twin(chosen, "c", "ga") == "lora"

@@ -20,6 +20,7 @@ from pathlib import Path
 from lorachain.experiment.choose import chosen_spec, select
 from lorachain.experiment.gap import MIN_GAP, closed_fraction, fieller, test_by_seed
 from lorachain.experiment.paired import direction, summarize
+from lorachain.experiment.records import PEER_KEYS
 from lorachain.tasks import get_task
 from lorachain.tasks.capacity import CHANCE
 
@@ -38,7 +39,7 @@ def roles(chosen: dict, task: str, methods: list[str]) -> tuple[str | None, str 
     mine = [m for m in methods if (task, m) in chosen]
     full = next((m for m in mine if chosen_spec(chosen, m).get("method") == "full"), None)
     singles = [m for m in mine if len(chosen_spec(chosen, m).get("ranks", [])) == 1]
-    plain = [m for m in singles if not chosen_spec(chosen, m).get("init")] or singles
+    plain = [m for m in singles if not PEER_KEYS & set(chosen_spec(chosen, m))] or singles
     lora = min(plain, key=lambda m: chosen_spec(chosen, m)["ranks"][0], default=None)
     return full, lora
 

@@ -17,6 +17,7 @@ import statistics
 
 from lorachain.experiment.choose import select
 from lorachain.experiment.paired import direction, fmt_ci, pair_diffs, summarize, t975
+from lorachain.experiment.records import PEER_KEYS
 
 MIN_GAP = 0.01  # full − LoRA below one point (of a 0–1 score): no gap to close
 
@@ -29,7 +30,7 @@ def roles(chosen: dict, methods: list[str]) -> tuple[str | None, dict[int, str],
         ranks = spec.get("ranks") or []
         if spec.get("method") == "full":
             full = full or m
-        elif len(ranks) == 1:
+        elif len(ranks) == 1 and not PEER_KEYS & set(spec):  # PiSSA, DoRA, LoRA+ ... are not LoRA
             lora.setdefault(ranks[0], m)
         elif len(ranks) > 1:
             chains[m] = ranks[0]

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from lorachain.config import RunConfig
 
+# spec keys (`link_kind`, and ReLoRA's restarts) that make a cell a peer of LoRA rather than LoRA
+PEER_KEYS = frozenset({"init", "dora", "rslora", "loraplus", "restart_per_link"})
+
 
 def link_kind(run_cfg: RunConfig) -> dict:
     """How a cell's links start and learn, where not the default (absent keys keep old cells' specs)."""
@@ -14,6 +17,8 @@ def link_kind(run_cfg: RunConfig) -> dict:
     inits = {c.link_init(i) for i in range(len(c.links))}
     if inits != {"gaussian"} and c.method == "lora":
         out["init"] = "+".join(sorted(inits))
+    if c.use_dora:
+        out["dora"] = True
     if c.use_rslora:
         out["rslora"] = True
     if run_cfg.optim.loraplus_lr_ratio:
