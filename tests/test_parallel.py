@@ -215,6 +215,11 @@ def test_end_launch_ends_every_rank_with_its_code_after_the_atexit_handlers(tmp_
         [*cmd, str(script), str(tmp_path), str(code)], capture_output=True, text=True, timeout=120, env=env
     )
     assert (proc.returncode == 0) == (code == 0), proc.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "end.py") == ["atexit0", "atexit1"]
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name != "end.py")
+    if code == 0:  # after success the ranks meet at a barrier, so every rank runs its handlers
+        assert written == ["atexit0", "atexit1"]
+    else:  # no barrier on failure (a failed rank may be alone): torchrun may stop the other rank
+        # before its handlers once the first exits, as it did under load; the first always runs them
+        assert written in (["atexit0"], ["atexit1"], ["atexit0", "atexit1"])
     if code:
         assert f"exitcode  : {code}" in proc.stderr
