@@ -18,20 +18,24 @@ import statistics
 from pathlib import Path
 
 from lorachain.experiment.choose import chosen_spec, select
-from lorachain.experiment.gap import MIN_GAP, closed_fraction, fieller, test_by_seed
+from lorachain.experiment.gap import closed_fraction, test_by_seed
 from lorachain.experiment.paired import direction, summarize
 from lorachain.experiment.records import PEER_KEYS
 from lorachain.tasks import get_task
 from lorachain.tasks.capacity import CHANCE
 
 
-def _interval(values: list[float]) -> str:
-    """mean [95% t-interval] x100, or the one value."""
+def _interval(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """mean [95% t-interval] ×scale, or the one value."""
     if not values:
         return "–"
     s = summarize(values)
-    m, (lo, hi) = 100 * s["mean"], s["ci"]
-    return f"{m:.1f}" if s["n"] < 2 else f"{m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    m, (lo, hi) = scale * s["mean"], s["ci"]
+    return (
+        f"{m:.{digits}f}"
+        if s["n"] < 2
+        else f"{m:.{digits}f} [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+    )
 
 
 def roles(chosen: dict, task: str, methods: list[str]) -> tuple[str | None, str | None]:
@@ -44,16 +48,20 @@ def roles(chosen: dict, task: str, methods: list[str]) -> tuple[str | None, str 
     return full, lora
 
 
-def closed(chosen: dict, task: str, full: str, lora: str, other: str, key: str = "em") -> str:
-    """The share of the full − LoRA gap in `key` that `other` closes, with Fieller's 95% interval
-    (`gap.closed_fraction`)."""
-    g = closed_fraction(chosen, task, full, lora, other, key)
+def closed(
+    chosen: dict, task: str, full: str, lora: str, other: str, key: str = "em", values=None, digits: int = 2
+) -> str:
+    """The share of the full − LoRA gap in `key` (or `values`, `gap.closed_fraction`) that `other`
+    closes, with Fieller's 95% interval."""
+    g = closed_fraction(chosen, task, full, lora, other, key, values)
     if not g.get("has_gap"):
         return "no gap"
     if g["n"] < 2:
-        return f"{g['mean']:.2f} (1 seed)"
+        return f"{g['mean']:.{digits}f} (1 seed)"
     ci = g["ci"]
-    return f"{g['mean']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{g['mean']:.2f} (interval unbounded)"
+    if not ci:
+        return f"{g['mean']:.{digits}f} (interval unbounded)"
+    return f"{g['mean']:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def _cost(chosen: dict, task: str, m: str) -> tuple[float, float]:
@@ -99,25 +107,12 @@ def curve_by_seed(entry: dict, key: str, at: float = 1.0) -> dict[int, float]:
 
 
 def closed_nll(chosen: dict, task: str, full: str, lora: str, other: str) -> str:
-    """The share of the LoRA − full gap in final value NLL that `other` closes, paired over the
-    seeds all three ran, with Fieller's 95% interval."""
-    f, lo, c = (curve_by_seed(chosen[(task, m)], "eval_loss") for m in (full, lora, other))
-    seeds = sorted(set(f) & set(lo) & set(c))
-    gaps, gains = [lo[s] - f[s] for s in seeds], [lo[s] - c[s] for s in seeds]
-    if not gaps or statistics.fmean(gaps) < MIN_GAP:
-        return "no gap"
-    mean = statistics.fmean(gains) / statistics.fmean(gaps)
-    if len(seeds) < 2:
-        return f"{mean:.3f} (1 seed)"
-    ci = fieller(gains, gaps)
-    return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{mean:.3f} (interval unbounded)"
+    """The share of the LoRA − full gap in final value NLL that `other` closes (`closed` on −NLL)."""
 
+    def neg_nll(entry: dict) -> dict[int, float]:
+        return {s: -v for s, v in curve_by_seed(entry, "eval_loss").items()}
 
-def _nll(values: list[float]) -> str:
-    if not values:
-        return "–"
-    s = summarize(values)
-    return f"{s['mean']:.3f}" if s["n"] < 2 else f"{s['mean']:.3f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
+    return closed(chosen, task, full, lora, other, values=neg_nll, digits=3)
 
 
 def floor_section(chosen: dict, task: str, methods: list[str]) -> str:
@@ -137,7 +132,7 @@ def floor_section(chosen: dict, task: str, methods: list[str]) -> str:
         nll, acc = (list(curve_by_seed(e, k).values()) for k in ("eval_loss", "token_acc"))
         early = list(curve_by_seed(e, "token_acc", at=0.25).values())
         gap = closed_nll(chosen, task, full, lora, m) if full and lora and m not in (full, lora) else ""
-        lines.append(f"| `{m}` | {_nll(nll)} | {_interval(acc)} | {gap} | {_interval(early)} |")
+        lines.append(f"| `{m}` | {_interval(nll, 1, 3)} | {_interval(acc)} | {gap} | {_interval(early)} |")
     lines.append(
         "\nThe last point of each cell's curve (the fixed key subset, teacher-forced: every value digit "
         "and the end token given the right prefix). A method that writes hex digits but knows no pair "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 
 from lorachain.experiment.choose import select
 from lorachain.experiment.paired import direction, fmt_ci, pair_diffs, summarize, t975
@@ -72,16 +73,23 @@ def test_by_seed(entry: dict, key: str | None = None) -> dict[int, float]:
 
 
 def closed_fraction(
-    chosen: dict, task: str, full: str, lora: str, chain: str, key: str | None = None
+    chosen: dict,
+    task: str,
+    full: str,
+    lora: str,
+    chain: str,
+    key: str | None = None,
+    values: Callable[[dict], dict[int, float]] | None = None,
 ) -> dict:
     """The gap closed, mean(chain − LoRA) / mean(full − LoRA) over the seeds all three ran, with
     Fieller's 95% interval (None: unbounded, the gap itself is not clearly above zero), the gap's own
     paired interval, and the per-seed fractions; `has_gap: False` when the mean gap is below MIN_GAP.
-    In the test score, or in `key` of the test scores (the capacity task's pairs memorised, `em`)."""
+    In the test score, in `key` of the test scores (the capacity task's pairs memorised, `em`), or in
+    `values(entry) -> {seed: value}` (higher is better)."""
     entries = [chosen.get((task, m)) for m in (full, lora, chain)]
     if not all(entries):
         return {"n": 0}
-    f, lo, c = (test_by_seed(e, key) for e in entries)
+    f, lo, c = (values(e) if values else test_by_seed(e, key) for e in entries)
     seeds = sorted(set(f) & set(lo) & set(c))
     gaps = [f[s] - lo[s] for s in seeds]
     gains = [c[s] - lo[s] for s in seeds]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from docgen.cola import planned_progress
 from docgen.common import ROOT, f, table
 
 CAPACITY_CONFIG = ROOT / "configs/experiments/capacity_grid_smollm2.yaml"
@@ -9,19 +10,11 @@ CAPACITY_CONFIG = ROOT / "configs/experiments/capacity_grid_smollm2.yaml"
 
 def progress(results: list) -> str:
     """Finished cells of those planned, and which methods still lack seeds."""
-    from lorachain.config import load_config
-    from lorachain.experiment.config import ExperimentConfig
-    from lorachain.experiment.runner import Cell, plan
-
-    cfg = load_config(CAPACITY_CONFIG, cls=ExperimentConfig)
-    cells = plan(cfg)
-    done = {Cell(r["task"], r["method"], r["seed"], r["lr"]).id for r in results}
-    missing = [c for c in cells if c.id not in done]
-    if not missing:
-        return f"All {len(cells)} planned cells are in."
-    short = sorted({c.method for c in missing}, key=list(cfg.methods).index)
+    planned, done, short, _ = planned_progress(CAPACITY_CONFIG, results)
+    if not short:
+        return f"All {planned} planned cells are in."
     return (
-        f"**Interim: {len(cells) - len(missing)} of {len(cells)} planned cells are in**; still to land: "
+        f"**Interim: {done} of {planned} planned cells are in**; still to land: "
         f"{', '.join(f'`{m}`' for m in short)}. A method with one seed has no interval yet."
     )
 
@@ -36,13 +29,7 @@ def capacity_grid(results: dict) -> str:
     methods = list(yaml.safe_load(CAPACITY_CONFIG.read_text())["methods"])
     text = capacity.render(rows, methods=methods).strip()
     text = text.split("\n", 1)[1].strip()  # without its own "## Capacity: capacity" heading
-    return (
-        progress(rows)
-        + "\n\n"
-        + text.replace("### Below the floor", "**Below the floor").replace(
-            "curve's keys\n", "curve's keys**\n", 1
-        )
-    )
+    return progress(rows) + "\n\n" + text
 
 
 def capacity_cost(d: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from docgen.common import ROOT, f, load, signed, table
 
@@ -211,23 +212,30 @@ def _gap_methods() -> list[str]:
     return list(yaml.safe_load(GAP_CONFIG.read_text())["methods"])
 
 
-def gap_progress(results: list) -> str:
-    """How far the grid is: finished cells of those planned, and whether every method has all seeds."""
+def planned_progress(config: Path, results: list) -> tuple[int, int, list[str], int]:
+    """(planned cells, cells in, the methods still short of cells in plan order, seeds) of the
+    experiment at `config`; a finished cell the plan does not list does not count."""
     from lorachain.config import load_config
     from lorachain.experiment.config import ExperimentConfig
     from lorachain.experiment.runner import Cell, plan
 
-    cfg = load_config(GAP_CONFIG, cls=ExperimentConfig)
+    cfg = load_config(config, cls=ExperimentConfig)
     cells = plan(cfg)
     done = {Cell(r["task"], r["method"], r["seed"], r["lr"]).id for r in results}
     missing = [c for c in cells if c.id not in done]
-    if not missing:
-        return f"All {len(cells)} planned cells are in: every method has {len(cfg.seeds)} seeds."
     short = sorted({c.method for c in missing}, key=list(cfg.methods).index)
+    return len(cells), len(cells) - len(missing), short, len(cfg.seeds)
+
+
+def gap_progress(results: list) -> str:
+    """How far the grid is: finished cells of those planned, and whether every method has all seeds."""
+    planned, done, short, seeds = planned_progress(GAP_CONFIG, results)
+    if not short:
+        return f"All {planned} planned cells are in: every method has {seeds} seeds."
     return (
-        f"**Interim: {len(cells) - len(missing)} of {len(cells)} planned cells are in**; still to land for "
+        f"**Interim: {done} of {planned} planned cells are in**; still to land for "
         f"{', '.join(f'`{m}`' for m in short)}. Nothing here is a conclusion until every method has "
-        f"{len(cfg.seeds)} seeds."
+        f"{seeds} seeds."
     )
 
 
