@@ -128,7 +128,6 @@ def main() -> None:
         "rows": rows,
         "runs": runs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     print(f"wrote {args.out}")
 
