@@ -484,3 +484,16 @@ def test_a_chain_with_lr_restarts_is_recorded_and_reported_as_its_own_schedule(t
     assert "`cola`" in lengths and "`cola_restart`" not in lengths  # one schedule per line of Table 3
     restarts = text.split("## Learning-rate restarts per link")[1].split("\n## ")[0]
     assert "`cola` |" in restarts and "`cola_restart` |" in restarts
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"ranks": [1], "dora": True}, "LoRA (r=1) [DoRA]"),
+        ({"ranks": [1], "init": "pissa"}, "LoRA (r=1) [pissa]"),
+        ({"ranks": [1], "rslora": True, "loraplus": 16}, "LoRA (r=1) [rsLoRA, LoRA+ x16]"),
+        ({"ranks": [1, 1], "init": "gradient", "dora": True}, "COLA (1,1) [gradient, DoRA]"),
+    ],
+)
+def test_a_method_label_names_every_peer_it_ran(spec, expected):
+    assert report.label(spec) == expected

@@ -45,7 +45,8 @@ def label(spec: dict) -> str:
         extras.append(f"{spec['knot_policy']} knots")
     if spec.get("restart_per_link"):
         extras.append("lr restarts")
-    extras += [x for x in (spec.get("init"), "rsLoRA" * bool(spec.get("rslora"))) if x]
+    peers = (spec.get("init"), "DoRA" * bool(spec.get("dora")), "rsLoRA" * bool(spec.get("rslora")))
+    extras += [x for x in peers if x]
     if spec.get("loraplus"):
         extras.append(f"LoRA+ x{spec['loraplus']:g}")
     return text + (f" [{', '.join(extras)}]" if extras else "")
