@@ -143,7 +143,7 @@ def test_the_gap_closed_in_pairs_memorised():
 
 
 def test_the_lr_choice_takes_the_lowest_validation_nll():
-    from lorachain.experiment.capacity import lr_choice, lr_section
+    from lorachain.experiment.capacity_lr import lr_choice, lr_section
 
     def row(method, lr, nll, char, task="capacity"):
         return {
@@ -232,36 +232,42 @@ def test_below_the_floor_the_value_nll_orders_methods_and_the_start_is_read_at_2
     assert "| `lora` | 2.500 [" in table and "| 21.0 [" in table  # the early token accuracy, x100
 
 
-def test_the_words_follow_the_intervals_the_moonshot_and_the_gradient_start():
-    from lorachain.experiment.capacity import in_words
+def _cell(em, nll, early, spec, seconds=100.0, rss=1000.0):
+    """A chosen grid entry over three seeds: exact match, the curve's end NLL and its 25% token acc."""
+    rows = [
+        {
+            "seed": s,
+            "spec": {"steps": 100},
+            "test": {"em": em[s]},
+            "cost": {"train_seconds": seconds},
+            "curve": [
+                {"step": 25, "eval_loss": 3.0, "token_acc": early[s], "seq_acc": 0.0},
+                {"step": 100, "eval_loss": nll[s], "token_acc": 0.5, "seq_acc": em[s]},
+            ],
+        }
+        for s in range(3)
+    ]
+    return {"rows": rows, "spec": spec, "peak_rss_mb": rss}
 
-    def entry(em, nll, early, spec):
-        rows = [
-            {
-                "seed": s,
-                "spec": {"steps": 100},
-                "test": {"em": em[s]},
-                "curve": [
-                    {"step": 25, "eval_loss": 3.0, "token_acc": early[s], "seq_acc": 0.0},
-                    {"step": 100, "eval_loss": nll[s], "token_acc": 0.5, "seq_acc": em[s]},
-                ],
-            }
-            for s in range(3)
-        ]
-        return {"rows": rows, "spec": spec}
 
+def _words_grid() -> dict:
     one = {"method": "lora", "ranks": [1]}
     four = {"method": "lora", "ranks": [1, 1, 1, 1]}
-    chosen = {
-        ("c", "full"): entry(
-            [0.95, 0.96, 0.94], [0.0, 0.0, 0.0], [0.3] * 3, {"method": "full", "ranks": [8]}
-        ),
-        ("c", "lora"): entry([0.10, 0.12, 0.08], [2.0, 2.1, 1.9], [0.20, 0.21, 0.19], one),
-        ("c", "chain"): entry([0.50, 0.55, 0.60], [1.0, 1.2, 1.1], [0.20, 0.22, 0.21], four),
-        ("c", "chain_g"): entry(
+    full = {"method": "full", "ranks": [8]}
+    return {
+        ("c", "full"): _cell([0.95, 0.96, 0.94], [0.0, 0.0, 0.0], [0.3] * 3, full, 200.0, 1500.0),
+        ("c", "lora"): _cell([0.10, 0.12, 0.08], [2.0, 2.1, 1.9], [0.20, 0.21, 0.19], one),
+        ("c", "chain"): _cell([0.50, 0.55, 0.60], [1.0, 1.2, 1.1], [0.20, 0.22, 0.21], four),
+        ("c", "chain_g"): _cell(
             [0.10, 0.12, 0.11], [2.0, 2.2, 2.1], [0.10, 0.11, 0.12], four | {"init": "gradient"}
         ),
     }
+
+
+def test_the_words_follow_the_intervals_the_moonshot_and_the_gradient_start():
+    from lorachain.experiment.capacity import in_words
+
+    chosen = _words_grid()
     text = in_words(chosen, "c", ["full", "lora", "chain", "chain_g"])
     assert "- `chain`: pairs memorised: more (+45.0 points [" in text
     assert "; value NLL: lower (-0.900 nats [" in text
@@ -272,6 +278,29 @@ def test_the_words_follow_the_intervals_the_moonshot_and_the_gradient_start():
     chosen[("c", "chain_g")]["rows"][0]["curve"][0]["token_acc"] = 0.25  # one seed faster: no direction
     assert "**not shown slower (its interval includes 0)**" in in_words(
         chosen, "c", ["full", "lora", "chain", "chain_g"]
+    )
+
+
+def test_the_advice_names_a_chain_an_init_and_what_to_use_instead_from_the_intervals():
+    from lorachain.experiment.capacity import advice
+
+    chosen, methods = _words_grid(), ["full", "lora", "chain", "chain_g"]
+    text = advice(chosen, "c", methods)
+    assert "- A chain is worth it here: `chain` beat `lora`" in text
+    assert "keep the gaussian start (the default, with no gradient pass): `gradient` was shown worse" in text
+    assert "token accuracy at 25% of the budget lower (-10.0 points [" in text
+    assert "full fine-tuning memorised at least 94.0% of the pairs on every seed" in text
+    assert "no adapter memorised more than 60.0% on any, at 1.50× `lora`'s peak RSS and 2.00×" in text
+    assert "- Among adapters, `chain` beat `lora`; the lowest mean value NLL is `chain` (1.100 nats)" in text
+    one = {"method": "lora", "ranks": [1, 1, 1, 1]}
+    chosen[("c", "chain")] = _cell([0.10, 0.13, 0.07], [2.0, 2.25, 1.8], [0.20, 0.22, 0.21], one)
+    text = advice(chosen, "c", methods)
+    assert "- A chain is not worth its knots here: no chain of rank-r links beat `lora`" in text
+    assert "(`chain`, `chain_g` with ≥ 2 seeds, so with an interval)." in text
+    assert "none was shown better than `lora`; the lowest mean value NLL is `lora` (2.000 nats)" in text
+    chosen[("c", "chain")]["rows"] = chosen[("c", "chain")]["rows"][:1]
+    assert "(`chain_g` with ≥ 2 seeds, so with an interval; `chain` with one seed)." in advice(
+        chosen, "c", methods
     )
 
 

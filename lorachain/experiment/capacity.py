@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from lorachain.experiment.capacity_lr import lr_section
 from lorachain.experiment.choose import chosen_spec, select
 from lorachain.experiment.gap import closed_fraction, test_by_seed
 from lorachain.experiment.paired import direction, summarize
@@ -171,6 +172,16 @@ def twin(chosen: dict, task: str, m: str) -> str | None:
     return next((o for (t, o), e in chosen.items() if t == task and o != m and e["spec"] == spec), None)
 
 
+def rank_chains(chosen: dict, task: str, lora: str, methods: list[str]) -> list[str]:
+    """The chains among `methods` whose every link has LoRA r's rank."""
+    rank = chosen[(task, lora)]["spec"]["ranks"][0]
+    return [
+        m
+        for m in methods
+        if len(ranks := chosen[(task, m)]["spec"].get("ranks", [])) > 1 and set(ranks) == {rank}
+    ]
+
+
 def in_words(chosen: dict, task: str, methods: list[str]) -> str:
     """What the tables say, a direction named only where a 95% interval excludes zero: each method
     against LoRA r in pairs memorised and value NLL, the moonshot for each chain of rank-r links, and
@@ -187,13 +198,7 @@ def in_words(chosen: dict, task: str, methods: list[str]) -> str:
         pairs = _diff(paired(chosen, task, lora, m, em), 100, " points", "more", "fewer")
         value = _diff(paired(chosen, task, lora, m, nll), 1, " nats", "higher", "lower")
         lines.append(f"- `{m}`: pairs memorised: {pairs}; value NLL: {value}.")
-    rank = chosen[(task, lora)]["spec"]["ranks"][0]
-    chains = [
-        m
-        for m in mine
-        if len(ranks := chosen[(task, m)]["spec"].get("ranks", [])) > 1 and set(ranks) == {rank}
-    ]
-    for m in chains:
+    for m in rank_chains(chosen, task, lora, mine):
         base_em, m_em = (statistics.fmean(em(chosen[(task, x)]).values()) for x in (lora, m))
         ratio = (
             "both memorise no pair"
@@ -227,51 +232,75 @@ def in_words(chosen: dict, task: str, methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lr_choice(results: list[dict]) -> dict[tuple[str, str], dict]:
-    """Per (task, method) with two or more lrs on a memorisation task: each lr's validation figures
-    and the chosen lr, the one with the lowest teacher-forced NLL of the validation values
-    (`val.ref_nll`; ties go to the higher character accuracy). On a short budget greedy accuracy can
-    still be at chance for every lr, while the NLL already orders them."""
-    by: dict[tuple[str, str], dict[float, list[dict]]] = {}
-    for r in results:
-        if get_task(r["task"]).memorise:
-            by.setdefault((r["task"], r["method"]), {}).setdefault(r["lr"], []).append(r)
-    out = {}
-    for key, lrs in by.items():
-        if len(lrs) < 2:
-            continue
-        val = {
-            lr: {k: statistics.fmean(r["val"][k] for r in rows) for k in ("ref_nll", "char_acc", "em")}
-            for lr, rows in lrs.items()
-        }
-        best = min(val, key=lambda lr: (val[lr]["ref_nll"], -val[lr]["char_acc"]))
-        out[key] = {"lrs": val, "chosen": best, "score_choice": max(val, key=lambda lr: val[lr]["char_acc"])}
-    return out
-
-
-def lr_section(results: list[dict]) -> str:
-    """The lr choice table ('' when no method has two lrs)."""
-    choice = lr_choice(results)
-    if not choice:
+def advice(chosen: dict, task: str, methods: list[str]) -> str:
+    """The answer to a user, from the paired differences `in_words` prints: whether a chain of
+    rank-r links is worth its knots here, which link init to use, and what to use instead."""
+    full, lora = roles(chosen, task, methods)
+    if not lora:
         return ""
-    lines = [
-        "\n## Learning-rate choice (validation keys)\n",
-        "| task | method | lr | value NLL | characters right (%) | pairs memorised (%) | chosen |",
-        "|" + "---|" * 7,
-    ]
-    for (task, m), c in sorted(choice.items()):
-        for lr, v in sorted(c["lrs"].items()):
-            mark = "**yes**" if lr == c["chosen"] else ""
+    mine = [m for m in methods if (task, m) in chosen and m not in (full, lora)]
+    em = lambda e: test_by_seed(e, "em")  # noqa: E731
+    nll = lambda e: curve_by_seed(e, "eval_loss")  # noqa: E731
+    early = lambda e: curve_by_seed(e, "token_acc", at=0.25)  # noqa: E731
+
+    def vs(ref: str, m: str) -> int:
+        """+1 where `m` is shown better than `ref` in pairs or value NLL, -1 where shown worse."""
+        d = direction(paired(chosen, task, ref, m, em)) or -direction(paired(chosen, task, ref, m, nll))
+        return d
+
+    chains = rank_chains(chosen, task, lora, mine)
+    lines = ["\nSo, for a user on this task:\n"]
+    if won := [m for m in chains if vs(lora, m) > 0]:
+        lines.append(f"- A chain is worth it here: {_names(won)} beat `{lora}`; see the cost table.")
+    elif chains:
+        seeded = [m for m in chains if len(em(chosen[(task, m)])) > 1]
+        once = sorted(set(chains) - set(seeded))
+        lines.append(
+            f"- A chain is not worth its knots here: no chain of rank-r links beat `{lora}` in pairs "
+            f"memorised or value NLL ({_names(seeded) or 'none'} with ≥ 2 seeds, so with an interval"
+            + (f"; {_names(once)} with one seed)." if once else ").")
+        )
+    for m in (m for m in mine if chosen[(task, m)]["spec"].get("init") == "gradient"):
+        plain = twin(chosen, task, m)
+        if not plain:
+            continue
+        end = paired(chosen, task, plain, m, nll)
+        start = paired(chosen, task, plain, m, early)
+        d = -direction(end) or direction(start)
+        use = (
+            "use `gradient`"
+            if d > 0
+            else "keep the gaussian start (the default, with no gradient pass): `gradient` was "
+            + ("shown worse" if d < 0 else "not shown better")
+        )
+        lines.append(
+            f"- Link init: {use}. `{m}` against `{plain}`: value NLL at the end "
+            f"{_diff(end, 1, ' nats', 'higher', 'lower')}, token accuracy at 25% of the budget "
+            f"{_diff(start, 100, ' points', 'higher', 'lower')}."
+        )
+    adapters = [m for m in mine if chosen[(task, m)]["spec"].get("method") != "full"] + [lora]
+    best = min(adapters, key=lambda m: statistics.fmean(nll(chosen[(task, m)]).values()))
+    shown = [m for m in adapters if m != lora and vs(lora, m) > 0]
+    if full:
+        top = max(max(em(chosen[(task, m)]).values()) for m in adapters)
+        low = min(em(chosen[(task, full)]).values())
+        rss, step = (a / b for a, b in zip(_cost(chosen, task, full), _cost(chosen, task, lora), strict=True))
+        if low > top:
             lines.append(
-                f"| {task} | `{m}` | {lr:g} | {v['ref_nll']:.3f} | {100 * v['char_acc']:.1f} | "
-                f"{100 * v['em']:.1f} | {mark} |"
+                f"- Instead: full fine-tuning memorised at least {100 * low:.1f}% of the pairs on every "
+                f"seed, where no adapter memorised more than {100 * top:.1f}% on any, at {rss:.2f}× "
+                f"`{lora}`'s peak RSS and {step:.2f}× its time per step (grid cells)."
             )
-    differ = [m for (_, m), c in sorted(choice.items()) if c["chosen"] != c["score_choice"]]
     lines.append(
-        "\nChosen: the lowest teacher-forced NLL of the validation values. Greedy character accuracy "
-        f"would have chosen otherwise for: {', '.join(differ) or 'none'}.\n"
+        f"- Among adapters, {_names(shown) + ' beat' if shown else 'none was shown better than'} `{lora}`; "
+        f"the lowest mean value NLL is `{best}` "
+        f"({statistics.fmean(nll(chosen[(task, best)]).values()):.3f} nats)."
     )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
+
+
+def _names(methods: list[str]) -> str:
+    return ", ".join(f"`{m}`" for m in methods)
 
 
 def render(results: list[dict], methods: list[str] | None = None) -> str:
@@ -281,7 +310,10 @@ def render(results: list[dict], methods: list[str] | None = None) -> str:
     tasks = sorted({t for t, _ in chosen if get_task(t).memorise})
     order = list(dict.fromkeys([*(methods or []), *sorted({m for _, m in chosen})]))
     parts = [
-        section(chosen, t, order) + floor_section(chosen, t, order) + in_words(chosen, t, order)
+        section(chosen, t, order)
+        + floor_section(chosen, t, order)
+        + in_words(chosen, t, order)
+        + advice(chosen, t, order)
         for t in tasks
     ]
     return "".join(parts) + lr_section(results)
