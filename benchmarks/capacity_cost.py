@@ -1,8 +1,8 @@
 """What a chain costs against LoRA at its rank, on the capacity task (issue 42's memory and time targets).
 
 One command: `python benchmarks/capacity_cost.py [--steps 40 --repeats 3 --only NAMES]`: LoRA at r and
-4r, the chain r x 4 plain and with `gradient` links, and the peers at rank r (PiSSA, DoRA, LoRA-GA,
-LoRA+) against LoRA r. SmolLM2-135M-Instruct,
+4r, the chain r x 4 plain and with `gradient` links, the peers at rank r (PiSSA, DoRA, LoRA-GA,
+LoRA+) and full fine-tuning against LoRA r. SmolLM2-135M-Instruct,
 the capacity task's pairs (`k:XXXX=` -> 8 hex digits), batch 16, q_proj/v_proj, bf16 where this CPU
 has native bf16 matmuls, else fp32. Every configuration trains with lorachain's one loop for the
 same steps in a fresh process (clean peak RSS), configurations interleaved, medians over repeats;
@@ -39,6 +39,8 @@ CONFIGS = {  # name -> (chain section, optim section beyond the lr)
     "dora r1": ({"links": [LINK], "use_dora": True}, {}),
     "lora-ga r1": ({"links": [LINK], "init": "gradient"}, {}),
     "lora+ r1": ({"links": [LINK]}, {"loraplus_lr_ratio": 16.0}),
+    # what a user would use instead where no adapter memorises (the grid's lr)
+    "full fine-tuning": ({"method": "full"}, {"lr": 2e-4}),
 }
 BASELINE = "lora r1"
 
