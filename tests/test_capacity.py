@@ -286,18 +286,29 @@ def test_the_advice_names_a_chain_an_init_and_what_to_use_instead_from_the_inter
 
     chosen, methods = _words_grid(), ["full", "lora", "chain", "chain_g"]
     text = advice(chosen, "c", methods)
-    assert "- A chain is worth it here: `chain` beat `lora`" in text
+    assert "- A chain is worth it here: `chain` memorised more pairs than `lora`." in text
     assert "keep the gaussian start (the default, with no gradient pass): `gradient` was shown worse" in text
     assert "token accuracy at 25% of the budget lower (-10.0 points [" in text
     assert "full fine-tuning memorised at least 94.0% of the pairs on every seed" in text
     assert "no adapter memorised more than 60.0% on any, at 1.50× `lora`'s peak RSS and 2.00×" in text
-    assert "- Among adapters, `chain` beat `lora`; the lowest mean value NLL is `chain` (1.100 nats)" in text
+    assert (
+        "- Among adapters, `chain` beat `lora` in pairs or value NLL; "
+        "the lowest mean value NLL is `chain` (1.100 nats)" in text
+    )
     one = {"method": "lora", "ranks": [1, 1, 1, 1]}
+    chosen[("c", "chain")] = _cell([0.10, 0.13, 0.07], [1.8, 1.85, 1.65], [0.20, 0.22, 0.21], one)
+    text = advice(chosen, "c", methods)  # the NLL lower on every seed: shown
+    assert "worth it here" not in text
+    assert "- A chain helps only below the floor of exact match: `chain` ends with a lower value NLL" in text
+    assert "(lower (-0.233 nats [" in text and "of the LoRA → full NLL gap) and is not shown" in text
     chosen[("c", "chain")] = _cell([0.10, 0.13, 0.07], [2.0, 2.25, 1.8], [0.20, 0.22, 0.21], one)
     text = advice(chosen, "c", methods)
     assert "- A chain is not worth its knots here: no chain of rank-r links beat `lora`" in text
     assert "(`chain`, `chain_g` with ≥ 2 seeds, so with an interval)." in text
-    assert "none was shown better than `lora`; the lowest mean value NLL is `lora` (2.000 nats)" in text
+    assert (
+        "none was shown better than `lora` in pairs or value NLL; "
+        "the lowest mean value NLL is `lora` (2.000 nats)" in text
+    )
     chosen[("c", "chain")]["rows"] = chosen[("c", "chain")]["rows"][:1]
     assert "(`chain_g` with ≥ 2 seeds, so with an interval; `chain` with one seed)." in advice(
         chosen, "c", methods

@@ -250,9 +250,18 @@ def advice(chosen: dict, task: str, methods: list[str]) -> str:
 
     chains = rank_chains(chosen, task, lora, mine)
     lines = ["\nSo, for a user on this task:\n"]
-    if won := [m for m in chains if vs(lora, m) > 0]:
-        lines.append(f"- A chain is worth it here: {_names(won)} beat `{lora}`; see the cost table.")
-    elif chains:
+    more = [m for m in chains if direction(paired(chosen, task, lora, m, em)) > 0]
+    lower = [m for m in chains if m not in more and vs(lora, m) > 0]
+    if more:
+        lines.append(f"- A chain is worth it here: {_names(more)} memorised more pairs than `{lora}`.")
+    for m in lower:
+        gap = f", {closed_nll(chosen, task, full, lora, m)} of the LoRA → full NLL gap" if full else ""
+        lines.append(
+            f"- A chain helps only below the floor of exact match: `{m}` ends with a lower value NLL than "
+            f"`{lora}` ({_diff(paired(chosen, task, lora, m, nll), 1, ' nats', 'higher', 'lower')}{gap}) "
+            "and is not shown to memorise more pairs: for this task's score it is not worth its knots."
+        )
+    if chains and not more and not lower:
         seeded = [m for m in chains if len(em(chosen[(task, m)])) > 1]
         once = sorted(set(chains) - set(seeded))
         lines.append(
@@ -292,7 +301,8 @@ def advice(chosen: dict, task: str, methods: list[str]) -> str:
                 f"`{lora}`'s peak RSS and {step:.2f}× its time per step (grid cells)."
             )
     lines.append(
-        f"- Among adapters, {_names(shown) + ' beat' if shown else 'none was shown better than'} `{lora}`; "
+        f"- Among adapters, {_names(shown) + ' beat' if shown else 'none was shown better than'} `{lora}` "
+        "in pairs or value NLL; "
         f"the lowest mean value NLL is `{best}` "
         f"({statistics.fmean(nll(chosen[(task, best)]).values()):.3f} nats)."
     )
