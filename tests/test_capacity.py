@@ -300,7 +300,7 @@ def test_the_advice_names_a_chain_an_init_and_what_to_use_instead_from_the_inter
     text = advice(chosen, "c", methods)  # the NLL lower on every seed: shown
     assert "worth it here" not in text
     assert "- A chain helps only below the floor of exact match: `chain` ends with a lower value NLL" in text
-    assert "(lower (-0.233 nats [" in text and "of the LoRA → full NLL gap) and is not shown" in text
+    assert "(-0.233 nats [" in text and "of the LoRA → full NLL gap) and is not shown" in text
     chosen[("c", "chain")] = _cell([0.10, 0.13, 0.07], [2.0, 2.25, 1.8], [0.20, 0.22, 0.21], one)
     text = advice(chosen, "c", methods)
     assert "- A chain is not worth its knots here: no chain of rank-r links beat `lora`" in text

@@ -256,9 +256,11 @@ def advice(chosen: dict, task: str, methods: list[str]) -> str:
         lines.append(f"- A chain is worth it here: {_names(more)} memorised more pairs than `{lora}`.")
     for m in lower:
         gap = f", {closed_nll(chosen, task, full, lora, m)} of the LoRA → full NLL gap" if full else ""
+        s = paired(chosen, task, lora, m, nll)
+        lo, hi = s["ci"]
         lines.append(
             f"- A chain helps only below the floor of exact match: `{m}` ends with a lower value NLL than "
-            f"`{lora}` ({_diff(paired(chosen, task, lora, m, nll), 1, ' nats', 'higher', 'lower')}{gap}) "
+            f"`{lora}` ({s['mean']:+.3f} nats [{lo:+.3f}, {hi:+.3f}]{gap}) "
             "and is not shown to memorise more pairs: for this task's score it is not worth its knots."
         )
     if chains and not more and not lower:
