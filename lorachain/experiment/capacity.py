@@ -107,11 +107,26 @@ def curve_by_seed(entry: dict, key: str, at: float = 1.0) -> dict[int, float]:
     return out
 
 
+def em(entry: dict) -> dict[int, float]:
+    """Each seed's pairs memorised (greedy exact match over every training key)."""
+    return test_by_seed(entry, "em")
+
+
+def nll(entry: dict) -> dict[int, float]:
+    """Each seed's value NLL at the end of its curve."""
+    return curve_by_seed(entry, "eval_loss")
+
+
+def early(entry: dict) -> dict[int, float]:
+    """Each seed's token accuracy at 25% of its budget (how fast a link init starts)."""
+    return curve_by_seed(entry, "token_acc", at=0.25)
+
+
 def closed_nll(chosen: dict, task: str, full: str, lora: str, other: str) -> str:
     """The share of the LoRA − full gap in final value NLL that `other` closes (`closed` on −NLL)."""
 
     def neg_nll(entry: dict) -> dict[int, float]:
-        return {s: -v for s, v in curve_by_seed(entry, "eval_loss").items()}
+        return {s: -v for s, v in nll(entry).items()}
 
     return closed(chosen, task, full, lora, other, values=neg_nll, digits=3)
 
@@ -119,7 +134,7 @@ def closed_nll(chosen: dict, task: str, full: str, lora: str, other: str) -> str
 def floor_section(chosen: dict, task: str, methods: list[str]) -> str:
     """Teacher-forced figures on the curve's key subset ('' when no cell has a curve)."""
     full, lora = roles(chosen, task, methods)
-    mine = [m for m in methods if (task, m) in chosen and curve_by_seed(chosen[(task, m)], "eval_loss")]
+    mine = [m for m in methods if (task, m) in chosen and nll(chosen[(task, m)])]
     if not mine:
         return ""
     lines = [
@@ -130,10 +145,9 @@ def floor_section(chosen: dict, task: str, methods: list[str]) -> str:
     ]
     for m in mine:
         e = chosen[(task, m)]
-        nll, acc = (list(curve_by_seed(e, k).values()) for k in ("eval_loss", "token_acc"))
-        early = list(curve_by_seed(e, "token_acc", at=0.25).values())
+        end, acc, start = (list(f(e).values()) for f in (nll, lambda e: curve_by_seed(e, "token_acc"), early))
         gap = closed_nll(chosen, task, full, lora, m) if full and lora and m not in (full, lora) else ""
-        lines.append(f"| `{m}` | {_interval(nll, 1, 3)} | {_interval(acc)} | {gap} | {_interval(early)} |")
+        lines.append(f"| `{m}` | {_interval(end, 1, 3)} | {_interval(acc)} | {gap} | {_interval(start)} |")
     lines.append(
         "\nThe last point of each cell's curve (the fixed key subset, teacher-forced: every value digit "
         "and the end token given the right prefix). A method that writes hex digits but knows no pair "
@@ -190,9 +204,6 @@ def in_words(chosen: dict, task: str, methods: list[str]) -> str:
     if not lora:
         return ""
     mine = [m for m in methods if (task, m) in chosen and m not in (full, lora)]
-    em = lambda e: test_by_seed(e, "em")  # noqa: E731
-    nll = lambda e: curve_by_seed(e, "eval_loss")  # noqa: E731
-    early = lambda e: curve_by_seed(e, "token_acc", at=0.25)  # noqa: E731
     lines = ["\nIn words (against `" + lora + "`, LoRA at the base rank):\n"]
     for m in mine:
         pairs = _diff(paired(chosen, task, lora, m, em), 100, " points", "more", "fewer")
@@ -239,14 +250,10 @@ def advice(chosen: dict, task: str, methods: list[str]) -> str:
     if not lora:
         return ""
     mine = [m for m in methods if (task, m) in chosen and m not in (full, lora)]
-    em = lambda e: test_by_seed(e, "em")  # noqa: E731
-    nll = lambda e: curve_by_seed(e, "eval_loss")  # noqa: E731
-    early = lambda e: curve_by_seed(e, "token_acc", at=0.25)  # noqa: E731
 
     def vs(ref: str, m: str) -> int:
         """+1 where `m` is shown better than `ref` in pairs or value NLL, -1 where shown worse."""
-        d = direction(paired(chosen, task, ref, m, em)) or -direction(paired(chosen, task, ref, m, nll))
-        return d
+        return direction(paired(chosen, task, ref, m, em)) or -direction(paired(chosen, task, ref, m, nll))
 
     chains = rank_chains(chosen, task, lora, mine)
     lines = ["\nSo, for a user on this task:\n"]
